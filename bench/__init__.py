@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark): pytest bench/ --benchmark-only"""

@@ -1,0 +1,68 @@
+"""Type stub of the C++ extension pycnn._C (csrc/).
+
+Every kernel writes into output arrays the caller allocated (never allocates), checks that
+all arrays are NumPy arrays, C-contiguous, of one dtype (float32 or float64) and of matching
+shapes (ValueError / TypeError naming the argument otherwise), and releases the GIL.
+"""
+from typing import Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Array = npt.NDArray[Union[np.float32, np.float64]]
+
+def num_threads() -> int:
+    """The number of OpenMP threads the kernels use (omp_get_max_threads)."""
+
+def set_num_threads(n: int) -> None:
+    """Set the number of OpenMP threads for kernels called from this Python thread."""
+
+# ----------------------------------------------------------------------------- relu
+def relu_forward(x: _Array, out: _Array) -> None: ...
+def relu_backward(x: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
+
+# ----------------------------------------------------------------------- leaky_relu
+def leaky_relu_forward(x: _Array, out: _Array, slope: float = 0.01) -> None: ...
+def leaky_relu_backward(x: _Array, grad_out: _Array, grad_in: _Array, slope: float = 0.01) -> None: ...
+
+# ---------------------------------------------------------------------------- prelu
+# x is (N, C, ...), weight is (C,); grad_weight is overwritten.
+def prelu_forward(x: _Array, weight: _Array, out: _Array) -> None: ...
+def prelu_backward(x: _Array, weight: _Array, grad_out: _Array, grad_in: _Array, grad_weight: _Array) -> None: ...
+
+# ---------------------------------------------------------------------------- rrelu
+# training: slope_i = 1 / (lower + (upper - lower) * counter_uniform(seed)[i]);
+# evaluation: slope = 2 / (lower + upper).  The backward regenerates the slopes from seed.
+def rrelu_forward(x: _Array, out: _Array, lower: float = 3.0, upper: float = 8.0, seed: int = 0,
+                  training: bool = False) -> None: ...
+def rrelu_backward(x: _Array, grad_out: _Array, grad_in: _Array, lower: float = 3.0, upper: float = 8.0,
+                   seed: int = 0, training: bool = False) -> None: ...
+
+# ------------------------------------------------------------------------------ elu
+def elu_forward(x: _Array, out: _Array, alpha: float = 1.0) -> None: ...
+def elu_backward(x: _Array, grad_out: _Array, grad_in: _Array, alpha: float = 1.0) -> None: ...
+
+# ------------------------------------------------------------------- random numbers
+def seed_key(seed: int) -> int:
+    """The 64-bit stream key of seed (as pycnn.ops._util.seed_key)."""
+
+def counter_uniform(seed: int, n: int, dtype: npt.DTypeLike = np.float32) -> _Array:
+    """n counter-based U[0, 1) numbers (as pycnn.ops._util.uniform); allocates (a test helper)."""
+
+# ------------------------------------------------- conv3x3 (csrc/conv3x3*.cpp)
+# x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None, y (N, K, H, W); stride 1, padding 1.
+# algo: "direct" or "winograd" (F(2x2, 3x3); grad_weight is always computed directly).
+def conv3x3_forward(x: _Array, weight: _Array, bias: _Array | None, y: _Array, algo: str = "direct") -> None: ...
+def conv3x3_backward(x: _Array, weight: _Array, grad_y: _Array, grad_x: _Array | None, grad_weight: _Array | None,
+                     grad_bias: _Array | None, algo: str = "direct") -> None:
+    """Each gradient that is not None is overwritten."""
+
+def fma_peak_gflops(iters: int = 10000000) -> float:
+    """The float32 FMA peak of the OpenMP threads in GFLOP/s (NaN without AVX-512)."""
+
+# --------------------------------------------------- 2x2 pooling (csrc/pool.cpp)
+# x (N, C, H, W) -> y (N, C, H//2, W//2); argmax is uint8 shaped like y (0..3, row-major).
+def maxpool2x2_forward(x: _Array, y: _Array, argmax: npt.NDArray[np.uint8]) -> None: ...
+def maxpool2x2_backward(grad_y: _Array, argmax: npt.NDArray[np.uint8], grad_x: _Array) -> None: ...
+def avgpool2x2_forward(x: _Array, y: _Array) -> None: ...
+def avgpool2x2_backward(grad_y: _Array, grad_x: _Array) -> None: ...
