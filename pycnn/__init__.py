@@ -1,0 +1,18 @@
+"""pycnn: compiled kernels for convolutional networks, with a thin autograd layer.
+
+    import numpy as np, pycnn
+    import pycnn.functional as F
+    x = pycnn.Tensor(np.random.rand(8, 3, 32, 32).astype(np.float32))
+    w = pycnn.Tensor(np.random.randn(16, 3, 3, 3).astype(np.float32) * 0.1, requires_grad=True)
+    loss = F.relu(F.conv3x3(x, w)).mean()
+    loss.backward()          # w.grad now holds d loss / d w
+"""
+from pycnn import ops  # noqa: F401 (declares every op)
+from pycnn._backend import BACKENDS, use_backend
+from pycnn.autograd import Function, Tensor, apply_op, is_grad_enabled, no_grad
+from pycnn.random import manual_seed
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "is_grad_enabled", "manual_seed", "no_grad",
+           "use_backend", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from pycnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,26 @@
+"""Every op of pycnn, declared once in the registry (see ``registry``).
+
+Importing this package declares the NumPy references and hooks in the backends, which
+register their implementations the first time they are asked for.
+"""
+from pycnn.ops import (activations, conv, dropout, elementwise, linear, loss, norm,  # noqa: F401 (declares)
+                       pool)
+from pycnn.ops.registry import REGISTRY, Op, Sample, all_ops, get
+
+from pycnn.ops import registry as _registry
+
+
+def _load_cpp():
+    from pycnn.ops import cpp_backend
+    cpp_backend.load()
+
+
+def _load_cuda():
+    from pycnn.ops import cuda_backend
+    cuda_backend.load()
+
+
+_registry.add_backend_loader("cpp", _load_cpp)
+_registry.add_backend_loader("cuda", _load_cuda)
+
+__all__ = ["REGISTRY", "Op", "Sample", "all_ops", "get"]

@@ -1,0 +1,146 @@
+"""Shared helpers for op implementations: argument checks, output allocation, random numbers."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import numpy as np
+
+from pycnn._backend import array_module
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# ------------------------------------------------------------------------------ arg checks
+
+
+def check_float(name: str, a) -> None:
+    """``a`` must be a float32 or float64 array."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype}")
+
+
+def check_same_dtype(**arrays) -> None:
+    dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items() if a is not None}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise TypeError(f"arguments must share one dtype, got {listed}")
+
+
+def check_ndim(name: str, a, allowed) -> None:
+    allowed = (allowed,) if isinstance(allowed, int) else tuple(allowed)
+    if a.ndim not in allowed:
+        want = " or ".join(str(n) for n in allowed)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(a.shape)}")
+
+
+def check_shape(name: str, a, expected) -> None:
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(a.shape)}")
+
+
+def check_same_device(**arrays) -> None:
+    modules = {name: array_module(a).__name__ for name, a in arrays.items() if a is not None}
+    if len(set(modules.values())) > 1:
+        listed = ", ".join(f"{n} on {m}" for n, m in modules.items())
+        raise TypeError(f"arguments must live on one device, got {listed}")
+
+
+def check_positive_number(name: str, value, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def check_finite_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+# ------------------------------------------------------------------------ output allocation
+
+_nan_fill: contextvars.ContextVar[bool] = contextvars.ContextVar("pycnn_nan_fill", default=False)
+
+
+@contextlib.contextmanager
+def nan_filled_outputs():
+    """Inside the block every op output is allocated full of NaN, so an element an
+    implementation forgot to write shows up in the comparison with the reference."""
+    token = _nan_fill.set(True)
+    try:
+        yield
+    finally:
+        _nan_fill.reset(token)
+
+
+def empty(shape, dtype, like):
+    """An uninitialised output array on the device of ``like`` (NaN-filled under test)."""
+    xp = array_module(like)
+    if _nan_fill.get():
+        return xp.full(shape, np.nan, dtype=dtype)
+    return xp.empty(shape, dtype=dtype)
+
+
+def empty_like(a):
+    return empty(a.shape, a.dtype, a)
+
+
+def contiguous(a):
+    """``a`` as a C-contiguous array (no copy when it already is one)."""
+    return array_module(a).ascontiguousarray(a)
+
+
+# ------------------------------------------------------------------ counter-based randomness
+# One formula for every backend (NumPy reference, C++, CUDA): element ``i`` of a draw with
+# seed ``s`` is output ``i`` of a splitmix64 stream keyed by ``s``.  The draw does not depend
+# on how the work is split between threads, so a seed reproduces the same numbers anywhere.
+#
+#   key = mix(s * GOLDEN + GOLDEN)
+#   z   = mix(key + (i + 1) * GOLDEN)                  (all arithmetic mod 2**64)
+#   u   = (z >> 40) * 2**-24                           (24 random bits: exact in float32)
+#   mix(z): z = (z ^ z>>30) * M1; z = (z ^ z>>27) * M2; return z ^ z>>31
+
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+
+
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
+def seed_key(seed: int) -> int:
+    """The 64-bit stream key of ``seed`` (computed once per draw)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    with np.errstate(over="ignore"):
+        z = np.array([seed], dtype=np.uint64) * np.uint64(GOLDEN) + np.uint64(GOLDEN)
+        return int(_mix64(z)[0])
+
+
+def uniform(seed: int, size: int, dtype, like=None):
+    """``size`` counter-based U[0, 1) numbers for ``seed`` (see the formula above)."""
+    xp = np if like is None else array_module(like)
+    index = xp.arange(1, size + 1, dtype=xp.uint64)
+    with np.errstate(over="ignore"):
+        z = _mix64(xp.uint64(seed_key(seed)) + index * xp.uint64(GOLDEN))
+    return ((z >> xp.uint64(40)).astype(dtype)) * dtype.type(2.0 ** -24)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if seed < 0 or seed >= 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(seed)

@@ -1,0 +1,290 @@
+"""The rectifier family and friends: NumPy references (the spec every backend matches).
+
+Subgradient convention at x == 0: every rectifier uses its negative branch (gradient 0
+for relu, the slope for leaky/prelu/rrelu, alpha for elu), as PyTorch does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pycnn._backend import array_module
+from pycnn.ops import _util
+from pycnn.ops.registry import Sample, declare
+
+
+def _elementwise_costs(flops_per_element: int, arrays_touched: int) -> dict:
+    """flops and bytes of a map over x: ``arrays_touched`` arrays of x's size read or written
+    (forward: read x, write y -> 2)."""
+    def flops(x_shape, *rest, **params):
+        return flops_per_element * int(np.prod(x_shape))
+
+    def nbytes(x_shape, *rest, itemsize=4, **params):
+        return arrays_touched * itemsize * int(np.prod(x_shape))
+    return {"flops": flops, "bytes": nbytes}
+
+
+def _check_x(x, **params):
+    _util.check_float("x", x)
+
+
+def _x_samples(rng, dtype):
+    """Odd sizes, a batch of one, 2-D and 4-D; values kept away from the kink at 0."""
+    def away_from_zero(shape):
+        v = rng.standard_normal(shape)
+        return (v + np.sign(v) * 0.05).astype(dtype)
+    return [Sample((away_from_zero((2, 3, 5, 4)),)), Sample((away_from_zero((1, 7)),)),
+            Sample((away_from_zero((3, 2, 1, 3)),))]
+
+
+# --------------------------------------------------------------------------------- relu
+
+def relu_forward(ctx, x):
+    ctx.save_for_backward(x)
+    return array_module(x).maximum(x, x.dtype.type(0))
+
+
+def relu_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return (grad * (x > 0),)
+
+
+declare("relu", forward=relu_forward, backward=relu_backward, check=_check_x,
+        **_elementwise_costs(1, 2), samples=_x_samples)
+
+
+# --------------------------------------------------------------------------- leaky_relu
+
+def _check_leaky(x, slope=0.01):
+    _check_x(x)
+    _util.check_finite_number("slope", slope)
+
+
+def leaky_relu_forward(ctx, x, slope=0.01):
+    ctx.save_for_backward(x)
+    ctx.slope = slope
+    xp = array_module(x)
+    return xp.where(x > 0, x, x * x.dtype.type(slope))
+
+
+def leaky_relu_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    xp = array_module(x)
+    return (xp.where(x > 0, grad, grad * x.dtype.type(ctx.slope)),)
+
+
+def _leaky_samples(rng, dtype):
+    return [Sample(s.inputs, {"slope": slope}) for s, slope in zip(_x_samples(rng, dtype), (0.01, 0.2, -0.5))]
+
+
+declare("leaky_relu", forward=leaky_relu_forward, backward=leaky_relu_backward, check=_check_leaky,
+        **_elementwise_costs(2, 2), samples=_leaky_samples)
+
+
+# -------------------------------------------------------------------------------- prelu
+# x is (N, C, ...) with channels on axis 1; weight is (C,): one learnable slope per channel.
+
+def _check_prelu(x, weight):
+    _util.check_float("x", x)
+    _util.check_float("weight", weight)
+    _util.check_same_dtype(x=x, weight=weight)
+    _util.check_ndim("x", x, (2, 3, 4, 5))
+    _util.check_ndim("weight", weight, 1)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must have one slope per channel of x ({x.shape[1]}), got shape {tuple(weight.shape)}")
+
+
+def _per_channel(weight, ndim):
+    """(C,) -> (1, C, 1, ...) so that it broadcasts over an ndim-dimensional x."""
+    return weight.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def prelu_forward(ctx, x, weight):
+    ctx.save_for_backward(x, weight)
+    xp = array_module(x)
+    return xp.where(x > 0, x, x * _per_channel(weight, x.ndim))
+
+
+def prelu_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    xp = array_module(x)
+    grad_x = xp.where(x > 0, grad, grad * _per_channel(weight, x.ndim))
+    axes = (0,) + tuple(range(2, x.ndim))
+    grad_weight = xp.where(x > 0, 0, grad * x).sum(axis=axes).astype(x.dtype)
+    return grad_x, grad_weight
+
+
+def _prelu_samples(rng, dtype):
+    cases = []
+    for s in _x_samples(rng, dtype)[:1] + _x_samples(rng, dtype)[2:]:
+        x = s.inputs[0]
+        cases.append(Sample((x, rng.uniform(0.05, 0.5, x.shape[1]).astype(dtype))))
+    cases.append(Sample((rng.standard_normal((4, 5)).astype(dtype) + 0.1, rng.uniform(-0.3, 0.3, 5).astype(dtype))))
+    return cases
+
+
+def _prelu_flops(x_shape, w_shape):
+    return 2 * int(np.prod(x_shape))
+
+
+def _prelu_bytes(x_shape, w_shape, itemsize=4):
+    return 2 * itemsize * int(np.prod(x_shape))
+
+
+declare("prelu", forward=prelu_forward, backward=prelu_backward, check=_check_prelu,
+        flops=_prelu_flops, bytes=_prelu_bytes, samples=_prelu_samples)
+
+
+# -------------------------------------------------------------------------------- rrelu
+# Randomized leaky ReLU (Xu et al. 2015).  Training: each element gets its own slope
+# 1/a with a ~ U(lower, upper) (default U(3, 8)), drawn afresh at every forward from the
+# counter-based stream of ``seed``.  Evaluation: the fixed slope 2 / (lower + upper).
+
+def _check_rrelu(x, lower=3.0, upper=8.0, training=False, seed=0):
+    _check_x(x)
+    lower = _util.check_positive_number("lower", lower)
+    upper = _util.check_positive_number("upper", upper)
+    if upper < lower:
+        raise ValueError(f"upper must be >= lower, got lower={lower}, upper={upper}")
+    _util.check_seed(seed)
+
+
+def rrelu_slopes(x, lower, upper, training, seed):
+    """The slope of every element of x (an array shaped like x, or a scalar in evaluation)."""
+    if not training:
+        return x.dtype.type(2.0 / (lower + upper))
+    u = _util.uniform(seed, x.size, x.dtype, like=x).reshape(x.shape)
+    dtype = x.dtype.type
+    return dtype(1) / (dtype(lower) + dtype(upper - lower) * u)
+
+
+def rrelu_forward(ctx, x, lower=3.0, upper=8.0, training=False, seed=0):
+    slopes = rrelu_slopes(x, lower, upper, training, seed)
+    ctx.save_for_backward(x, slopes)
+    return array_module(x).where(x > 0, x, x * slopes)
+
+
+def rrelu_backward(ctx, grad):
+    x, slopes = ctx.saved_tensors
+    return (array_module(x).where(x > 0, grad, grad * slopes),)
+
+
+def _rrelu_samples(rng, dtype):
+    xs = _x_samples(rng, dtype)
+    return [Sample(xs[0].inputs, {"training": True, "seed": 7}),
+            Sample(xs[1].inputs, {"training": True, "seed": 2 ** 63 + 5, "lower": 2.0, "upper": 4.0}),
+            Sample(xs[2].inputs, {"training": False})]
+
+
+declare("rrelu", forward=rrelu_forward, backward=rrelu_backward, check=_check_rrelu,
+        **_elementwise_costs(12, 2), samples=_rrelu_samples)
+
+
+# ---------------------------------------------------------------------------------- elu
+
+def _check_elu(x, alpha=1.0):
+    _check_x(x)
+    _util.check_finite_number("alpha", alpha)
+
+
+def elu_forward(ctx, x, alpha=1.0):
+    ctx.save_for_backward(x)
+    ctx.alpha = alpha
+    xp = array_module(x)
+    return xp.where(x > 0, x, x.dtype.type(alpha) * xp.expm1(xp.minimum(x, 0)))
+
+
+def elu_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    xp = array_module(x)
+    return (xp.where(x > 0, grad, grad * x.dtype.type(ctx.alpha) * xp.exp(xp.minimum(x, 0))),)
+
+
+def _elu_samples(rng, dtype):
+    return [Sample(s.inputs, {"alpha": a}) for s, a in zip(_x_samples(rng, dtype), (1.0, 0.5, 2.0))]
+
+
+declare("elu", forward=elu_forward, backward=elu_backward, check=_check_elu,
+        **_elementwise_costs(4, 2), samples=_elu_samples)
+
+
+# -------------------------------------------------------------------------- sigmoid, tanh
+
+def sigmoid_forward(ctx, x):
+    xp = array_module(x)
+    # 1 / (1 + exp(-x)) overflows exp for x << 0; the tanh form is stable everywhere
+    y = x.dtype.type(0.5) * (xp.tanh(x * x.dtype.type(0.5)) + x.dtype.type(1))
+    ctx.save_for_backward(y)
+    return y
+
+
+def sigmoid_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return (grad * y * (1 - y),)
+
+
+declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_check_x,
+        **_elementwise_costs(4, 2), samples=_x_samples)
+
+
+def tanh_forward(ctx, x):
+    y = array_module(x).tanh(x)
+    ctx.save_for_backward(y)
+    return y
+
+
+def tanh_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return (grad * (1 - y * y),)
+
+
+declare("tanh", forward=tanh_forward, backward=tanh_backward, check=_check_x,
+        **_elementwise_costs(4, 2), samples=_x_samples)
+
+
+# ------------------------------------------------------------------------------- maxout
+# Maxout over channels (Goodfellow et al. 2013): x is (N, C*k, ...); output channel j is the
+# max over the k consecutive input channels [j*k, (j+1)*k).  Ties (and NaN) go to the first.
+
+def _check_maxout(x, pieces=2):
+    _check_x(x)
+    _util.check_ndim("x", x, (2, 3, 4, 5))
+    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)) or pieces < 1:
+        raise ValueError(f"pieces must be a positive integer, got {pieces!r}")
+    if x.shape[1] % pieces:
+        raise ValueError(f"x must have a channel count divisible by pieces={pieces}, got {x.shape[1]} channels")
+
+
+def _grouped(x, pieces):
+    """(N, C*k, ...) -> (N, C, k, ...)"""
+    return x.reshape((x.shape[0], x.shape[1] // pieces, pieces) + tuple(x.shape[2:]))
+
+
+def maxout_forward(ctx, x, pieces=2):
+    xp = array_module(x)
+    groups = _grouped(x, pieces)
+    winner = xp.argmax(groups, axis=2)  # (N, C, ...), the first maximum
+    ctx.save_for_backward(winner)
+    ctx.x_shape, ctx.pieces = x.shape, pieces
+    return xp.take_along_axis(groups, xp.expand_dims(winner, 2), axis=2).squeeze(2)
+
+
+def maxout_backward(ctx, grad):
+    (winner,) = ctx.saved_tensors
+    xp = array_module(grad)
+    pieces = ctx.pieces
+    hit = xp.expand_dims(winner, 2) == xp.arange(pieces).reshape((1, 1, pieces) + (1,) * (winner.ndim - 2))
+    return ((hit * xp.expand_dims(grad, 2)).reshape(ctx.x_shape),)
+
+
+def _maxout_samples(rng, dtype):
+    return [Sample((rng.standard_normal((2, 6, 3, 5)).astype(dtype),), {"pieces": 3}),
+            Sample((rng.standard_normal((3, 8)).astype(dtype),), {"pieces": 2}),
+            Sample((rng.standard_normal((1, 4, 2, 2)).astype(dtype),), {"pieces": 4})]
+
+
+def _maxout_bytes(x_shape, itemsize=4, pieces=2):
+    return itemsize * int(np.prod(x_shape)) * (pieces + 1) // pieces
+
+
+declare("maxout", forward=maxout_forward, backward=maxout_backward, check=_check_maxout,
+        flops=lambda x_shape, pieces=2: int(np.prod(x_shape)), bytes=_maxout_bytes, samples=_maxout_samples)

@@ -1,0 +1,61 @@
+"""linear: a fully connected layer (NumPy reference).
+
+Shapes: x is (N, F), weight is (O, F) (PyTorch's layout), bias is (O,) or None; y is (N, O).
+"""
+from __future__ import annotations
+
+from pycnn.ops import _util
+from pycnn.ops.registry import Sample, declare
+
+
+def _check_linear(x, weight, bias=None):
+    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+        if a is not None:
+            _util.check_float(name, a)
+    _util.check_same_dtype(x=x, weight=weight, bias=bias)
+    _util.check_same_device(x=x, weight=weight, bias=bias)
+    _util.check_ndim("x", x, 2)
+    _util.check_ndim("weight", weight, 2)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[1]} input features but x has {x.shape[1]} "
+                         f"(x is {tuple(x.shape)}, weight is {tuple(weight.shape)})")
+    if bias is not None:
+        _util.check_shape("bias", bias, (weight.shape[0],))
+
+
+def linear_forward(ctx, x, weight, bias=None):
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+    grad_weight = grad.T @ x if ctx.needs_input_grad[1] else None
+    grad_bias = grad.sum(axis=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _linear_samples(rng, dtype):
+    def case(n, f, o, bias=True):
+        return Sample((rng.standard_normal((n, f)).astype(dtype), rng.standard_normal((o, f)).astype(dtype),
+                       rng.standard_normal(o).astype(dtype) if bias else None))
+    return [case(3, 5, 4), case(1, 7, 2), case(2, 3, 3, bias=False)]
+
+
+def _linear_flops(x_shape, w_shape, b_shape=None):
+    return 2 * x_shape[0] * w_shape[0] * w_shape[1]
+
+
+def _linear_bytes(x_shape, w_shape, b_shape=None, itemsize=4):
+    n, f = x_shape
+    o = w_shape[0]
+    return itemsize * (n * f + o * f + o + n * o)
+
+
+declare("linear", forward=linear_forward, backward=linear_backward, check=_check_linear,
+        flops=_linear_flops, bytes=_linear_bytes, samples=_linear_samples)

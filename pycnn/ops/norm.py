@@ -1,0 +1,105 @@
+"""Batch normalisation (Ioffe & Szegedy 2015), NumPy reference.
+
+Shapes: x is (N, C) or (N, C, H, W); gamma and beta are (C,).  Statistics are taken per
+channel over N (and H, W).  Training normalises with the batch mean and the biased
+variance and, where running_mean / running_var arrays are given, updates them in place:
+    running = (1 - momentum) * running + momentum * batch_statistic
+with the unbiased variance for running_var (PyTorch's convention).  Evaluation normalises
+with the running statistics.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pycnn._backend import array_module
+from pycnn.ops import _util
+from pycnn.ops.registry import Sample, declare
+
+
+def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True,
+                     momentum=0.1, eps=1e-5):
+    for name, a in (("x", x), ("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if a is not None:
+            _util.check_float(name, a)
+    _util.check_same_dtype(x=x, gamma=gamma, beta=beta)
+    _util.check_ndim("x", x, (2, 4))
+    c = x.shape[1]
+    for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        if a is not None:
+            _util.check_shape(name, a, (c,))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("evaluation mode (training=False) needs running_mean and running_var")
+    if training and x.size // c < 2:
+        raise ValueError(f"training needs more than one value per channel, got x of shape {tuple(x.shape)}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    _util.check_positive_number("eps", eps)
+
+
+def _stat_axes(x):
+    return (0,) if x.ndim == 2 else (0, 2, 3)
+
+
+def _channel(v, ndim):
+    """(C,) -> a shape that broadcasts over (N, C) or (N, C, H, W)."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def batchnorm_forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True,
+                      momentum=0.1, eps=1e-5):
+    xp = array_module(x)
+    axes = _stat_axes(x)
+    if training:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)
+        if running_mean is not None:
+            count = x.size // x.shape[1]
+            running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+            running_var[...] = (1 - momentum) * running_var + momentum * var * (count / (count - 1))
+    else:
+        mean, var = running_mean, running_var
+    inv_std = (1 / xp.sqrt(var + eps)).astype(x.dtype)
+    x_hat = (x - _channel(mean, x.ndim)) * _channel(inv_std, x.ndim)
+    ctx.save_for_backward(x_hat, gamma, inv_std)
+    ctx.training = training
+    return x_hat * _channel(gamma, x.ndim) + _channel(beta, x.ndim)
+
+
+def batchnorm_backward(ctx, grad):
+    x_hat, gamma, inv_std = ctx.saved_tensors
+    axes = _stat_axes(grad)
+    grad_beta = grad.sum(axis=axes)
+    grad_gamma = (grad * x_hat).sum(axis=axes)
+    scale = _channel(gamma * inv_std, grad.ndim)
+    if ctx.training:
+        # the batch statistics depend on x too: remove the mean and the x_hat component
+        count = grad.size // grad.shape[1]
+        grad_x = scale * (grad - _channel(grad_beta / count, grad.ndim)
+                          - x_hat * _channel(grad_gamma / count, grad.ndim))
+    else:
+        grad_x = grad * scale
+    return grad_x, grad_gamma, grad_beta
+
+
+def _bn_samples(rng, dtype):
+    def case(shape, training=True, running=True):
+        c = shape[1]
+        x = (2 * rng.standard_normal(shape) + 1).astype(dtype)
+        gamma = rng.uniform(0.5, 1.5, c).astype(dtype)
+        beta = rng.standard_normal(c).astype(dtype)
+        params = {"training": training}
+        if running:
+            params.update(running_mean=rng.standard_normal(c).astype(dtype),
+                          running_var=rng.uniform(0.5, 2, c).astype(dtype))
+        return Sample((x, gamma, beta), params)
+    return [case((4, 3)), case((2, 3, 3, 5)), case((3, 2, 2, 2), running=False),
+            case((2, 3, 4, 4), training=False), case((5, 4), training=False)]
+
+
+declare("batchnorm", forward=batchnorm_forward, backward=batchnorm_backward, check=_check_batchnorm,
+        samples=_bn_samples,
+        flops=lambda x_shape, *shapes, **p: 8 * int(np.prod(x_shape)),
+        bytes=lambda x_shape, *shapes, itemsize=4, **p: 3 * itemsize * int(np.prod(x_shape)))

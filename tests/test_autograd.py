@@ -1,0 +1,141 @@
+"""The autograd layer: graph building, accumulation, no_grad, dtypes, custom Functions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pycnn
+import pycnn.functional as F
+from pycnn import Function, Tensor
+
+
+def test_default_dtype_is_float32_and_float64_is_kept():
+    assert Tensor([1, 2, 3]).dtype == np.float32
+    assert Tensor(np.arange(3)).dtype == np.float32
+    assert Tensor(np.zeros(3, np.float64)).dtype == np.float64
+    assert Tensor(np.zeros(3, np.float64), dtype="float32").dtype == np.float32
+
+
+def test_bad_data_and_dtype_are_rejected():
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        Tensor([1.0], dtype="int32")
+    with pytest.raises(TypeError, match="numeric"):
+        Tensor(np.array(["a"]))
+
+
+def test_chain_rule_through_shared_subexpression():
+    # f(a, b) = sum((a*b + a) * a): a is used three times (a diamond in the graph)
+    a_np = np.array([1.5, -2.0, 0.5])
+    b_np = np.array([0.3, 0.7, -1.1])
+    a, b = Tensor(a_np, requires_grad=True), Tensor(b_np, requires_grad=True)
+    ((a * b + a) * a).sum().backward()
+    np.testing.assert_allclose(a.grad, 2 * a_np * b_np + 2 * a_np)
+    np.testing.assert_allclose(b.grad, a_np ** 2)
+
+
+def test_gradients_accumulate_across_backward_calls_and_zero_grad_resets():
+    w = Tensor(np.array([2.0, 3.0]), requires_grad=True)
+    (w * w).sum().backward()
+    (w * 3.0).sum().backward()
+    np.testing.assert_allclose(w.grad, 2 * np.array([2.0, 3.0]) + 3)
+    w.zero_grad()
+    assert w.grad is None
+
+
+def test_no_grad_records_nothing():
+    w = Tensor(np.ones(3), requires_grad=True)
+    with pycnn.no_grad():
+        y = (w * 2).sum()
+    assert not y.requires_grad and y.is_leaf
+    assert pycnn.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.backward()
+
+
+def test_backward_needs_scalar_or_matching_grad():
+    w = Tensor(np.ones((2, 2)), requires_grad=True)
+    y = w * 2
+    with pytest.raises(ValueError, match="scalar"):
+        y.backward()
+    with pytest.raises(ValueError, match="grad must have shape"):
+        y.backward(np.ones(3))
+    y.backward(np.ones((2, 2)))
+    np.testing.assert_allclose(w.grad, 2 * np.ones((2, 2)))
+
+
+def test_only_tensors_that_require_grad_get_gradients():
+    x = Tensor(np.ones((2, 3)))
+    w = Tensor(np.ones((4, 3)), requires_grad=True)
+    F.linear(x, w).sum().backward()
+    assert x.grad is None
+    np.testing.assert_allclose(w.grad, np.full((4, 3), 2.0))
+
+
+def test_deep_graph_does_not_hit_the_recursion_limit():
+    x = Tensor(np.array([1.0]), requires_grad=True)
+    y = x
+    for _ in range(5000):
+        y = y * 1.0001
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, [1.0001 ** 5000], rtol=1e-9)
+
+
+def test_custom_function_with_save_for_backward():
+    class Cube(Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x ** 3
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return grad * 3 * x ** 2
+
+    x = Tensor(np.array([1.0, -2.0]), requires_grad=True)
+    Cube.apply(x).sum().backward()
+    np.testing.assert_allclose(x.grad, [3.0, 12.0])
+
+
+def test_custom_function_returning_wrong_gradient_count_is_reported():
+    class Broken(Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a + b
+
+        @staticmethod
+        def backward(ctx, grad):
+            return (grad,)
+
+    a, b = Tensor(np.ones(2), requires_grad=True), Tensor(np.ones(2), requires_grad=True)
+    with pytest.raises(RuntimeError, match="returned 1 gradients for 2 inputs"):
+        Broken.apply(a, b).sum().backward()
+
+
+def test_operators_with_numbers_and_arrays():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = (2 - x) / 4 + 1 * x ** 2 - (-x) + np.array([1.0, 1.0]) * x
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, -0.25 + 2 * np.array([1.0, 2.0]) + 1 + 1)
+    assert y.dtype == np.float64
+
+
+def test_a_small_network_learns_on_the_cpu():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 1, 6, 6)).astype(np.float32)
+    labels = (x[:, 0, :3].mean(axis=(1, 2)) > x[:, 0, 3:].mean(axis=(1, 2))).astype(np.int64)
+    w1 = Tensor(rng.standard_normal((4, 1, 3, 3)).astype(np.float32) * 0.5, requires_grad=True)
+    b1 = Tensor(np.zeros(4, np.float32), requires_grad=True)
+    w2 = Tensor(rng.standard_normal((2, 36)).astype(np.float32) * 0.1, requires_grad=True)
+    losses = []
+    for _ in range(30):
+        h = F.max_pool2x2(F.relu(F.conv3x3(Tensor(x), w1, b1)))
+        loss = F.softmax_cross_entropy(F.linear(F.flatten(h), w2), labels)
+        for p in (w1, b1, w2):
+            p.zero_grad()
+        loss.backward()
+        with pycnn.no_grad():
+            for p in (w1, b1, w2):
+                p.data -= 0.3 * p.grad
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
