@@ -1,0 +1,106 @@
+"""Launch helpers shared by every kernel module: launch configurations, device views of
+arrays, the stream to launch on, and per-dtype specialisation.
+
+Arrays: anything with ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors through
+``cupy.asarray``) is wrapped with ``cuda.as_cuda_array`` (no copy); under the simulator
+(``NUMBA_ENABLE_CUDASIM=1``) NumPy arrays are passed as they are and modified in place.
+
+Streams: a kernel runs on CuPy's current stream, so it is ordered with the CuPy (and
+reference) work around it; NumPy arrays (simulator) use the default stream.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import numba
+import numpy as np
+from numba import cuda
+
+# NUMBA_ENABLE_CUDASIM=1: kernels run in numba's CUDA simulator, on NumPy arrays
+SIMULATED = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
+
+THREADS_1D = 256  # threads per block of the element-wise kernels (reductions: reduce.REDUCE_THREADS)
+
+
+def blocks_for(n: int, threads: int = THREADS_1D) -> int:
+    """Blocks of ``threads`` threads that cover ``n`` elements (at least one)."""
+    return max(1, -(-int(n) // threads))
+
+
+def config_1d(n: int, threads: int = THREADS_1D, max_blocks: int | None = None):
+    """(grid, block) of a 1-D launch over ``n`` elements; with ``max_blocks`` the kernel must
+    use a grid-stride loop."""
+    blocks = blocks_for(n, threads)
+    if max_blocks is not None:
+        blocks = min(blocks, max_blocks)
+    return (blocks,), (threads,)
+
+
+def numba_type(dtype):
+    """The numba scalar type of a NumPy dtype (float32 -> numba.float32)."""
+    return numba.from_dtype(np.dtype(dtype))
+
+
+def per_dtype(builder):
+    """Decorator: ``builder(T)`` makes the kernels for the numba scalar type ``T``; the
+    result is called with a NumPy dtype and cached, so each dtype compiles once."""
+    cached = functools.lru_cache(maxsize=None)(builder)
+
+    @functools.wraps(builder)
+    def for_dtype(dtype):
+        return cached(numba_type(dtype))
+    return for_dtype
+
+
+def on_device(a):
+    """What a kernel is launched with: a NumPy array in the simulator, else a device view."""
+    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+        return a
+    # sync=False: no host-blocking wait on the producer's stream.  The kernel runs on CuPy's
+    # current stream, after the work already queued there (arrays made on another stream,
+    # e.g. PyTorch's, must be synchronised by the caller, as in any CuPy code).
+    return cuda.as_cuda_array(a, sync=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int):
+    return cuda.external_stream(ptr)
+
+
+def stream_of(a):
+    """The stream to launch on for array ``a``: CuPy's current stream, else the default one."""
+    if isinstance(a, np.ndarray) or SIMULATED:
+        return 0
+    try:
+        import cupy
+    except ImportError:  # a CUDA array without CuPy (e.g. a numba device array)
+        return 0
+    ptr = cupy.cuda.get_current_stream().ptr
+    return _external_stream(ptr) if ptr else 0
+
+
+@contextlib.contextmanager
+def _quiet_simulator():
+    # The simulator runs kernels as Python code on NumPy scalars, where the mod-2**64
+    # arithmetic of the random-number hash warns about overflow; on a GPU it just wraps.
+    if not SIMULATED:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+        yield
+
+
+def launch(kernel, grid, block, like, *args) -> None:
+    """``kernel[grid, block, stream](*args)`` with arrays passed as device views and the
+    stream taken from ``like`` (an array the kernel works on)."""
+    stream = stream_of(like)
+    args = tuple(on_device(a) if _is_array(a) else a for a in args)
+    with _quiet_simulator():
+        kernel[grid, block, stream](*args)
+
+
+def _is_array(a) -> bool:
+    return isinstance(a, np.ndarray) or hasattr(a, "__cuda_array_interface__")

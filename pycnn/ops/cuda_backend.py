@@ -1,0 +1,272 @@
+"""The ``cuda`` backend: registry implementations on the Numba-CUDA kernels of ``pycnn.kernels``.
+
+``load()`` runs the first time the backend is asked for (``pycnn.ops`` hooks it in with
+``registry.add_backend_loader``), so importing pycnn never imports numba.  Each wrapper has
+the signature of its reference (``forward(ctx, *inputs, **params)``, ``backward(ctx, grad)``),
+allocates outputs with ``_util.empty`` on the inputs' device and launches the kernels on the
+current CuPy stream (NumPy arrays under ``NUMBA_ENABLE_CUDASIM=1``).
+
+Ops without a cuda implementation (linear, softmax_cross_entropy, batchnorm, reductions, ...)
+run their array-generic reference on the same device.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from pycnn._backend import array_module
+from pycnn.ops import _util, registry
+
+# ------------------------------------------------------------------------ finding kernels/
+
+_SOURCE_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernels_package():
+    """``pycnn.kernels``: the installed sub-package, or ``kernels/`` of a source checkout
+    (``PYTHONPATH=<repo>``), where it sits beside ``pycnn/`` and is mapped in here."""
+    try:
+        return importlib.import_module("pycnn.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pycnn.kernels" or not (_SOURCE_KERNELS / "__init__.py").is_file():
+            raise
+    spec = importlib.util.spec_from_file_location(
+        "pycnn.kernels", _SOURCE_KERNELS / "__init__.py", submodule_search_locations=[str(_SOURCE_KERNELS)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["pycnn.kernels"] = package
+    spec.loader.exec_module(package)
+    import pycnn
+    pycnn.kernels = package
+    return package
+
+
+def kernel_module(name: str):
+    """``pycnn.kernels.<name>`` (imports numba)."""
+    kernels_package()
+    return importlib.import_module(f"pycnn.kernels.{name}")
+
+
+# ----------------------------------------------------------------------------- wrappers
+# K: the kernel modules, set by load().
+
+class _Kernels:
+    conv = pool = act = dropout = reduce = None
+
+
+K = _Kernels()
+
+
+def _c(a):
+    return None if a is None else _util.contiguous(a)
+
+
+def _zeros(n, like):
+    out = _util.empty((n,), like.dtype, like)
+    K.reduce.zero(out)
+    return out
+
+
+# conv3x3 ------------------------------------------------------------------------------
+
+def conv3x3_forward(ctx, x, weight, bias=None):
+    x, weight = _c(x), _c(weight)
+    n, _, h, w = x.shape
+    k = weight.shape[0]
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    y = _util.empty((n, k, h, w), x.dtype, x)
+    K.conv.conv3x3_forward(x, weight, _c(bias) if bias is not None else _zeros(k, x), y)
+    return y
+
+
+def conv3x3_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad = _c(grad)
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _util.empty_like(x)
+        K.conv.conv3x3_grad_input(grad, weight, _zeros(x.shape[1], x), grad_x)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _util.empty_like(weight)
+        K.conv.conv3x3_grad_weight(x, grad, grad_weight)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = _util.empty((weight.shape[0],), x.dtype, x)
+        K.conv.conv3x3_grad_bias(grad, grad_bias)
+    return grad_x, grad_weight, grad_bias
+
+
+# pooling ------------------------------------------------------------------------------
+
+def _pooled_shape(x):
+    n, c, h, w = x.shape
+    return (n, c, h // 2, w // 2)
+
+
+def maxpool2x2_forward(ctx, x):
+    x = _c(x)
+    y = _util.empty(_pooled_shape(x), x.dtype, x)
+    winner = array_module(x).empty(y.shape, dtype=np.int8)  # fully written by the kernel
+    K.pool.maxpool2x2_forward(x, y, winner)
+    ctx.save_for_backward(winner)
+    ctx.x_shape = x.shape
+    return y
+
+
+def maxpool2x2_backward(ctx, grad):
+    (winner,) = ctx.saved_tensors
+    grad_x = _util.empty(ctx.x_shape, grad.dtype, grad)
+    K.pool.maxpool2x2_backward(_c(grad), winner, grad_x)
+    return (grad_x,)
+
+
+def avgpool2x2_forward(ctx, x):
+    x = _c(x)
+    y = _util.empty(_pooled_shape(x), x.dtype, x)
+    K.pool.avgpool2x2_forward(x, y)
+    ctx.x_shape = x.shape
+    return y
+
+
+def avgpool2x2_backward(ctx, grad):
+    grad_x = _util.empty(ctx.x_shape, grad.dtype, grad)
+    K.pool.avgpool2x2_backward(_c(grad), grad_x)
+    return (grad_x,)
+
+
+# element-wise activations -------------------------------------------------------------
+
+def _unary(forward_kernel, backward_kernel, saves_output=False, param_names=()):
+    """forward/backward of a map y = f(x, **params) whose gradient needs x (or y)."""
+    def forward(ctx, x, **params):
+        x = _c(x)
+        y = _util.empty_like(x)
+        values = tuple(params[name] for name in param_names)
+        getattr(K.act, forward_kernel)(x, y, *values)
+        ctx.save_for_backward(y if saves_output else x)
+        ctx.values = values
+        return y
+
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        grad_x = _util.empty_like(saved)
+        getattr(K.act, backward_kernel)(saved, _c(grad), grad_x, *ctx.values)
+        return (grad_x,)
+    return forward, backward
+
+
+def _with_defaults(forward, **defaults):
+    def wrapped(ctx, x, **params):
+        return forward(ctx, x, **{**defaults, **params})
+    return wrapped
+
+
+def prelu_forward(ctx, x, weight):
+    x, weight = _c(x), _c(weight)
+    y = _util.empty_like(x)
+    K.act.prelu_forward(x, weight, y)
+    ctx.save_for_backward(x, weight)
+    return y
+
+
+def prelu_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = _util.empty_like(x) if ctx.needs_input_grad[0] else None
+    grad_weight = _util.empty_like(weight) if ctx.needs_input_grad[1] else None
+    K.act.prelu_backward(x, weight, _c(grad), grad_x, grad_weight)
+    return grad_x, grad_weight
+
+
+def rrelu_forward(ctx, x, lower=3.0, upper=8.0, training=False, seed=0):
+    x = _c(x)
+    y = _util.empty_like(x)
+    ctx.params = (lower, upper, training, seed)  # backward draws the slopes again
+    K.act.rrelu_forward(x, y, *ctx.params)
+    ctx.save_for_backward(x)
+    return y
+
+
+def rrelu_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    grad_x = _util.empty_like(x)
+    K.act.rrelu_backward(x, _c(grad), grad_x, *ctx.params)
+    return (grad_x,)
+
+
+def maxout_forward(ctx, x, pieces=2):
+    x = _c(x)
+    out_shape = (x.shape[0], x.shape[1] // pieces) + tuple(x.shape[2:])
+    y = _util.empty(out_shape, x.dtype, x)
+    winner = array_module(x).empty(out_shape, dtype=np.int32)  # fully written by the kernel
+    K.act.maxout_forward(x, y, winner)
+    ctx.save_for_backward(winner)
+    ctx.x_shape = x.shape
+    return y
+
+
+def maxout_backward(ctx, grad):
+    (winner,) = ctx.saved_tensors
+    grad_x = _util.empty(ctx.x_shape, grad.dtype, grad)
+    K.act.maxout_backward(_c(grad), winner, grad_x)
+    return (grad_x,)
+
+
+# dropout ------------------------------------------------------------------------------
+
+def dropout_forward(ctx, x, p=0.5, training=True, seed=0):
+    if not training or p == 0:  # the identity, as the reference
+        ctx.mask = None
+        return x
+    x = _c(x)
+    y = _util.empty_like(x)
+    K.dropout.dropout_apply(x, y, p, seed)
+    ctx.mask = (p, seed)  # the mask is drawn again in backward, never stored
+    return y
+
+
+def dropout_backward(ctx, grad):
+    if ctx.mask is None:
+        return (grad,)
+    grad = _c(grad)
+    grad_x = _util.empty_like(grad)
+    K.dropout.dropout_apply(grad, grad_x, *ctx.mask)
+    return (grad_x,)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load() -> None:
+    """Import the kernels and register every cuda implementation (once, on first use)."""
+    try:
+        K.conv = kernel_module("conv3x3")
+        K.pool = kernel_module("pool")
+        K.act = kernel_module("activations")
+        K.dropout = kernel_module("dropout")
+        K.reduce = kernel_module("reduce")
+    except ImportError as exc:
+        warnings.warn(f"pycnn: the cuda backend needs numba-cuda ({exc}); CUDA arrays run on the "
+                      "array-generic references instead. Install it with `pip install 'pycnn[cuda]'`.",
+                      RuntimeWarning, stacklevel=2)
+        return
+
+    def register(name, forward, backward, **kwargs):
+        registry.get(name).register("cuda", forward=forward, backward=backward, **kwargs)
+
+    register("conv3x3", conv3x3_forward, conv3x3_backward, algo="direct")
+    register("maxpool2x2", maxpool2x2_forward, maxpool2x2_backward)
+    register("avgpool2x2", avgpool2x2_forward, avgpool2x2_backward)
+    register("relu", *_unary("relu_forward", "relu_backward"))
+    leaky_forward, leaky_backward = _unary("leaky_relu_forward", "leaky_relu_backward", param_names=("slope",))
+    register("leaky_relu", _with_defaults(leaky_forward, slope=0.01), leaky_backward)
+    register("prelu", prelu_forward, prelu_backward)
+    register("rrelu", rrelu_forward, rrelu_backward)
+    elu_forward, elu_backward = _unary("elu_forward", "elu_backward", param_names=("alpha",))
+    register("elu", _with_defaults(elu_forward, alpha=1.0), elu_backward)
+    register("sigmoid", *_unary("sigmoid_forward", "sigmoid_backward", saves_output=True))
+    register("tanh", *_unary("tanh_forward", "tanh_backward", saves_output=True))
+    register("maxout", maxout_forward, maxout_backward)
+    register("dropout", dropout_forward, dropout_backward)
