@@ -1,0 +1,347 @@
+"""Layers: modules hold parameters and buffers and call the functional ops.
+
+    net = nn.Sequential(nn.Conv3x3(3, 32), nn.BatchNorm(32), nn.ReLU(), nn.MaxPool2(),
+                        nn.Flatten(), nn.Linear(32 * 16 * 16, 10))
+    logits = net(x)                 # x: (N, 3, 32, 32)
+    net.eval()                      # batch norm, dropout and rrelu switch to evaluation
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+import pycnn.functional as F
+from pycnn import init
+from pycnn._backend import array_module
+from pycnn.autograd import Tensor
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module learns (requires_grad is on)."""
+
+    def __init__(self, data, requires_grad: bool = True):
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+
+
+class Module:
+    """Base class: parameters, buffers (state that is saved but not learned, such as batch
+    norm's running statistics) and child modules are found by attribute assignment."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        for registry in (self._parameters, self._buffers, self._modules):
+            registry.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array) -> None:
+        self._buffers[name] = array
+        object.__setattr__(self, name, array)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # ------------------------------------------------------------------------ traversal
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self):
+        for prefix, module in self.named_modules():
+            for name, p in module._parameters.items():
+                yield (f"{prefix}.{name}" if prefix else name), p
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self):
+        for prefix, module in self.named_modules():
+            for name, b in module._buffers.items():
+                yield (f"{prefix}.{name}" if prefix else name), b
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    # --------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> "Module":
+        for _, module in self.named_modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # --------------------------------------------------------------------------- state
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Every parameter and buffer by dotted name, as host (NumPy) arrays."""
+        state = OrderedDict((name, Tensor(p.data).numpy().copy()) for name, p in self.named_parameters())
+        for name, b in self.named_buffers():
+            state[name] = Tensor(b).numpy().copy()
+        return state
+
+    def load_state_dict(self, state) -> None:
+        """Copy arrays into the parameters and buffers (on their device); names and shapes
+        must match exactly."""
+        own = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        expected = set(own) | set(buffers)
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
+        for name, value in state.items():
+            target = own[name].data if name in own else buffers[name]
+            value = np.asarray(value)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"state[{name!r}] has shape {value.shape}, the model expects {tuple(target.shape)}")
+            target[...] = array_module(target).asarray(value, dtype=target.dtype)
+
+    def to(self, xp) -> "Module":
+        """Move parameters and buffers to the array module ``xp`` (numpy or cupy)."""
+        for p in self.parameters():
+            p.data = xp.asarray(p.data)
+            p.grad = None
+        for _, module in self.named_modules():
+            for name, b in list(module._buffers.items()):
+                module.register_buffer(name, xp.asarray(b))
+        return self
+
+    # ---------------------------------------------------------------------------- repr
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._modules.items():
+            child_repr = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child_repr}")
+        lines.append(f")  # {self.num_parameters():,} parameters")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"layer {i} must be a Module, got {type(layer).__name__}")
+            setattr(self, str(i), layer)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, index):
+        return list(self._modules.values())[index]
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------- layers
+
+class Conv3x3(Module):
+    """3x3 convolution, stride 1, padding 1: (N, in_channels, H, W) -> (N, out_channels, H, W).
+    He initialisation by default (the right scale in front of a rectifier)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, init_scheme: str = "he",
+                 algo: str = "auto", dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.out_channels = _check_positive_int("out_channels", out_channels)
+        self.algo = algo
+        shape = (out_channels, in_channels, 3, 3)
+        self.weight = Parameter(init.initialise(init_scheme, shape, dtype=dtype, rng=rng))
+        self.bias = Parameter(np.zeros(out_channels, dtype)) if bias else None
+
+    def forward(self, x):
+        return F.conv3x3(x, self.weight, self.bias, algo=self.algo)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"
+
+
+class Linear(Module):
+    """(N, in_features) -> (N, out_features); weight is (out_features, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_scheme: str = "he",
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        self.weight = Parameter(init.initialise(init_scheme, (out_features, in_features), dtype=dtype, rng=rng))
+        self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class MaxPool2(Module):
+    def forward(self, x):
+        return F.max_pool2x2(x)
+
+
+class AvgPool2(Module):
+    def forward(self, x):
+        return F.avg_pool2x2(x)
+
+
+class Flatten(Module):
+    def forward(self, x):
+        return F.flatten(x)
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+
+class LeakyReLU(Module):
+    def __init__(self, slope: float = 0.01):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x):
+        return F.leaky_relu(x, self.slope)
+
+    def extra_repr(self):
+        return f"slope={self.slope}"
+
+
+class PReLU(Module):
+    """Leaky ReLU whose slope is learned, one per channel (He et al. 2015; initial 0.25)."""
+
+    def __init__(self, channels: int, initial_slope: float = 0.25, dtype=np.float32):
+        super().__init__()
+        self.weight = Parameter(np.full(_check_positive_int("channels", channels), initial_slope, dtype))
+
+    def forward(self, x):
+        return F.prelu(x, self.weight)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}"
+
+
+class RReLU(Module):
+    """Randomized leaky ReLU: slopes 1/U(lower, upper) drawn per element at every training
+    forward; the fixed slope 2/(lower+upper) in evaluation."""
+
+    def __init__(self, lower: float = 3.0, upper: float = 8.0):
+        super().__init__()
+        self.lower, self.upper = lower, upper
+
+    def forward(self, x):
+        return F.rrelu(x, self.lower, self.upper, training=self.training)
+
+    def extra_repr(self):
+        return f"lower={self.lower}, upper={self.upper}"
+
+
+class ELU(Module):
+    def __init__(self, alpha: float = 1.0):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        return F.elu(x, self.alpha)
+
+    def extra_repr(self):
+        return f"alpha={self.alpha}"
+
+
+class Sigmoid(Module):
+    def forward(self, x):
+        return F.sigmoid(x)
+
+
+class Tanh(Module):
+    def forward(self, x):
+        return F.tanh(x)
+
+
+class Maxout(Module):
+    """Max over groups of ``pieces`` consecutive channels: (N, C*k, ...) -> (N, C, ...)."""
+
+    def __init__(self, pieces: int = 2):
+        super().__init__()
+        self.pieces = _check_positive_int("pieces", pieces)
+
+    def forward(self, x):
+        return F.maxout(x, self.pieces)
+
+    def extra_repr(self):
+        return f"pieces={self.pieces}"
+
+
+class BatchNorm(Module):
+    """Batch normalisation over (N, C) or (N, C, H, W) with learned scale and shift and
+    running statistics for evaluation."""
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32):
+        super().__init__()
+        channels = _check_positive_int("channels", channels)
+        self.momentum, self.eps = momentum, eps
+        self.weight = Parameter(np.ones(channels, dtype))
+        self.bias = Parameter(np.zeros(channels, dtype))
+        self.register_buffer("running_mean", np.zeros(channels, dtype))
+        self.register_buffer("running_var", np.ones(channels, dtype))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                            training=self.training, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, momentum={self.momentum}, eps={self.eps}"
+
+
+class Dropout(Module):
+    """Inverted dropout: in training zero each element with probability p and scale the rest
+    by 1/(1-p); the identity in evaluation."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, training=self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"

@@ -1,0 +1,170 @@
+"""Optimisers with the regularisers of CS231n lecture 6.
+
+The loss is a mean over the batch, so a learning rate does not depend on the batch size.
+Each parameter group may set, besides ``lr``:
+
+* ``weight_decay``: L2, adds ``weight_decay * w`` to the gradient;
+* ``l1``: L1, adds ``l1 * sign(w)`` (both together: the elastic net);
+* ``max_norm``: after each update, every neuron's / filter's incoming weight vector (a row
+  of the weight reshaped to (out, -1)) whose L2 norm exceeds ``max_norm`` is scaled back
+  onto the ball of that radius (typical values 3 to 4).
+
+``param_groups(model, ...)`` builds the usual two groups: weights regularised, biases and
+batch-norm parameters (every parameter of fewer than 2 dimensions) not.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pycnn._backend import array_module
+from pycnn.autograd import no_grad
+
+GROUP_DEFAULTS = dict(weight_decay=0.0, l1=0.0, max_norm=None)
+
+
+def param_groups(model, weight_decay: float = 0.0, l1: float = 0.0, max_norm: float | None = None,
+                 regularise_biases: bool = False) -> list[dict]:
+    """[weights with the regularisers, biases and BN parameters without] for an optimiser."""
+    weights, others = [], []
+    for _, p in model.named_parameters():
+        (weights if p.ndim > 1 or regularise_biases else others).append(p)
+    groups = [{"params": weights, "weight_decay": weight_decay, "l1": l1, "max_norm": max_norm}]
+    if others:
+        groups.append({"params": others, "weight_decay": 0.0, "l1": 0.0, "max_norm": None})
+    return groups
+
+
+def _check_group(group: dict) -> None:
+    for key in ("lr", "weight_decay", "l1"):
+        value = group[key]
+        if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            raise ValueError(f"{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value!r}")
+    if group["max_norm"] is not None and not group["max_norm"] > 0:
+        raise ValueError(f"max_norm must be > 0 or None, got {group['max_norm']!r}")
+
+
+class Optimizer:
+    """Holds parameter groups; subclasses define ``_update(p, grad, group, state)``."""
+
+    def __init__(self, params, defaults: dict):
+        params = list(params)
+        if not params:
+            raise ValueError("params must not be empty")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = []
+        for group in groups:
+            merged = {**GROUP_DEFAULTS, **defaults, **group}
+            merged["params"] = list(merged["params"])
+            _check_group(merged)
+            merged.setdefault("initial_lr", merged["lr"])
+            self.param_groups.append(merged)
+        self.state: dict[int, dict] = {}
+
+    def zero_grad(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def step(self) -> None:
+        with no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad
+                    if group["weight_decay"]:
+                        grad = grad + group["weight_decay"] * p.data
+                    if group["l1"]:
+                        grad = grad + group["l1"] * array_module(p.data).sign(p.data)
+                    state = self.state.setdefault(id(p), {})
+                    p.data -= self._update(p, grad, group, state).astype(p.dtype, copy=False)
+                    if group["max_norm"] is not None and p.ndim > 1:
+                        _project_rows(p.data, group["max_norm"])
+
+    def _update(self, p, grad, group, state):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --------------------------------------------------------- state, for checkpoints
+    def state_dict(self) -> dict:
+        """Learning rates and per-parameter state (by position), as host arrays."""
+        out = {"lr": [g["lr"] for g in self.param_groups]}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                for key, value in self.state.get(id(p), {}).items():
+                    out[f"{gi}.{pi}.{key}"] = value.get() if hasattr(value, "get") and not isinstance(
+                        value, (np.ndarray, np.generic, int, float)) else value
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        lrs = list(state["lr"])
+        if len(lrs) != len(self.param_groups):
+            raise ValueError(f"state has {len(lrs)} parameter groups, the optimiser {len(self.param_groups)}")
+        for group, lr in zip(self.param_groups, lrs):
+            group["lr"] = float(lr)
+        self.state = {}
+        for key, value in state.items():
+            if key == "lr":
+                continue
+            gi, pi, name = key.split(".", 2)
+            p = self.param_groups[int(gi)]["params"][int(pi)]
+            xp = array_module(p.data)
+            self.state.setdefault(id(p), {})[name] = xp.asarray(value) if np.ndim(value) else value
+
+
+def _project_rows(weight, max_norm: float) -> None:
+    """Scale each row of weight.reshape(out, -1) down to L2 norm max_norm where it exceeds it."""
+    xp = array_module(weight)
+    rows = weight.reshape(weight.shape[0], -1)
+    norms = xp.sqrt((rows.astype(xp.float64) ** 2).sum(axis=1, keepdims=True))
+    scale = xp.minimum(1.0, max_norm / xp.maximum(norms, 1e-12)).astype(weight.dtype)
+    rows *= scale
+
+
+class SGD(Optimizer):
+    """SGD with momentum, classical or Nesterov (PyTorch's formulation):
+        v = momentum * v + grad
+        w -= lr * (grad + momentum * v)   if nesterov, else   w -= lr * v"""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 l1: float = 0.0, max_norm: float | None = None):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      l1=l1, max_norm=max_norm))
+
+    def _update(self, p, grad, group, state):
+        momentum = group["momentum"]
+        if momentum:
+            v = state.get("velocity")
+            v = grad.copy() if v is None else momentum * v + grad
+            state["velocity"] = v
+            grad = grad + momentum * v if group["nesterov"] else v
+        return group["lr"] * grad
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015) with bias correction; weight_decay is the L2 term added to
+    the gradient (as in PyTorch's Adam, not AdamW)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 l1: float = 0.0, max_norm: float | None = None):
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1,
+                                      max_norm=max_norm))
+
+    def _update(self, p, grad, group, state):
+        beta1, beta2 = group["betas"]
+        step = state.get("step", 0) + 1
+        m = state.get("m")
+        v = state.get("v")
+        m = (1 - beta1) * grad if m is None else beta1 * m + (1 - beta1) * grad
+        v = (1 - beta2) * grad * grad if v is None else beta2 * v + (1 - beta2) * grad * grad
+        state.update(step=step, m=m, v=v)
+        m_hat = m / (1 - beta1 ** step)
+        v_hat = v / (1 - beta2 ** step)
+        return group["lr"] * m_hat / (array_module(v_hat).sqrt(v_hat) + group["eps"])

@@ -1,0 +1,135 @@
+"""Learning-rate schedules.  Each one sets ``group["lr"]`` of every parameter group of an
+optimiser as a factor of the group's ``initial_lr`` (so per-group rates keep their ratios).
+
+* ``StepLR``: multiply by ``gamma`` every ``step_size`` epochs;
+* ``CosineLR``: cosine from 1 down to ``min_factor`` over ``total_epochs``;
+* ``ReduceOnPlateau``: divide by ``factor`` (2 or 5 are the usual) when the validation
+  metric has not improved for ``patience`` epochs, never below ``min_lr``;
+Every schedule takes ``warmup_steps``: a linear warm-up of the rate from 1/warmup_steps
+to 1 over the first batches (Goyal et al. 2017).
+
+``step_batch()`` is called after every batch and ``step_epoch(metric)`` after every epoch;
+each schedule uses the one it needs.
+"""
+from __future__ import annotations
+
+import math
+
+
+class Schedule:
+    def __init__(self, optimizer, warmup_steps: int = 0):
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self.epoch = 0
+        self.batch = 0
+        self.factor = 1.0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.factor * self._warmup_factor()
+
+    def _warmup_factor(self) -> float:
+        if not self.warmup_steps:
+            return 1.0
+        return min(1.0, (self.batch + 1) / self.warmup_steps)
+
+    def step_batch(self) -> None:
+        self.batch += 1
+        self._apply()
+
+    def step_epoch(self, metric: float | None = None) -> None:
+        self.epoch += 1
+        self.factor = self._epoch_factor(metric)
+        self._apply()
+
+    def _epoch_factor(self, metric) -> float:
+        return self.factor
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # what changes while training (settings come from the constructor, so a resumed run
+    # may change them, e.g. train for more epochs)
+    _progress = ("epoch", "batch", "factor", "best", "bad_epochs")
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key) for key in self._progress if hasattr(self, key)}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+        self._apply()
+
+
+class ConstantLR(Schedule):
+    pass
+
+
+class StepLR(Schedule):
+    def __init__(self, optimizer, step_size: int, gamma: float = 0.1, warmup_steps: int = 0):
+        if step_size < 1:
+            raise ValueError(f"step_size must be >= 1, got {step_size}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        self.step_size, self.gamma = step_size, gamma
+        super().__init__(optimizer, warmup_steps)
+
+    def _epoch_factor(self, metric):
+        return self.gamma ** (self.epoch // self.step_size)
+
+
+class CosineLR(Schedule):
+    def __init__(self, optimizer, total_epochs: int, min_factor: float = 0.0, warmup_steps: int = 0):
+        if total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        if not 0 <= min_factor <= 1:
+            raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
+        self.total_epochs, self.min_factor = total_epochs, min_factor
+        super().__init__(optimizer, warmup_steps)
+
+    def _epoch_factor(self, metric):
+        progress = min(self.epoch / self.total_epochs, 1.0)
+        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ReduceOnPlateau(Schedule):
+    """Divide the rate by ``factor`` when ``metric`` has not improved by more than
+    ``threshold`` (relative) for ``patience`` epochs; ``mode='max'`` for accuracies."""
+
+    def __init__(self, optimizer, factor: float = 2.0, patience: int = 3, min_lr: float = 1e-5,
+                 mode: str = "max", threshold: float = 1e-3, warmup_steps: int = 0):
+        if factor <= 1:
+            raise ValueError(f"factor must be > 1 (the rate is divided by it), got {factor}")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        super().__init__(optimizer, warmup_steps)
+        self.divide_by, self.patience, self.min_lr = factor, patience, min_lr
+        self.mode, self.threshold = mode, threshold
+        self.best = None
+        self.bad_epochs = 0
+
+    def _improved(self, metric) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "max":
+            return metric > self.best + self.threshold * abs(self.best)
+        return metric < self.best - self.threshold * abs(self.best)
+
+    def _epoch_factor(self, metric):
+        if metric is None:
+            raise ValueError("ReduceOnPlateau.step_epoch needs the validation metric")
+        if self._improved(metric):
+            self.best, self.bad_epochs = metric, 0
+            return self.factor
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.bad_epochs = 0
+            smallest = self.min_lr / max(g["initial_lr"] for g in self.optimizer.param_groups)
+            return max(self.factor / self.divide_by, smallest)
+        return self.factor
+
