@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 
 def _bool(text: str) -> bool:
@@ -44,8 +46,14 @@ def _train(args) -> int:
     from pycnn.train import Config, run
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    saved = Path(args.run_dir) / "config.json"
     try:
-        config = Config.from_toml(args.config, **overrides) if args.config else Config(**overrides)
+        if args.config:
+            config = Config.from_toml(args.config, **overrides)
+        elif args.resume and saved.is_file():  # a resumed run keeps its settings unless a flag changes one
+            config = Config(**{**json.loads(saved.read_text()), **overrides})
+        else:
+            config = Config(**overrides)
     except (ValueError, TypeError) as exc:
         print(f"pycnn train: {exc}", file=sys.stderr)
         return 2
