@@ -417,6 +417,12 @@ def _compile_all_kernels_to_ptx() -> None:
     if not nvvm.is_available():
         print("NVVM is not available")
         sys.exit(NO_NVVM_EXIT)
+    try:  # compile_ptx also asks NVRTC which architectures it supports
+        from numba.cuda.cudadrv import nvrtc
+        nvrtc.get_supported_ccs()
+    except Exception as exc:  # noqa: BLE001 - any failure to load the library means: not available
+        print(f"NVRTC is not available: {exc}")
+        sys.exit(NO_NVVM_EXIT)
 
     # device functions are compiled for the current device: say it is an sm_90 without a driver
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
@@ -459,7 +465,7 @@ def test_kernels_compile_to_ptx():
     result = subprocess.run([sys.executable, __file__, "--compile-ptx"], env=env, capture_output=True, text=True,
                             timeout=600)
     if result.returncode == NO_NVVM_EXIT:
-        pytest.skip("NVVM is not available (pip install 'numba-cuda[cu13]')")
+        pytest.skip("NVVM or NVRTC is not available (pip install 'numba-cuda[cu13]')")
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
 

@@ -92,27 +92,3 @@ def test_initialisation_errors_and_zeros():
         init.initialise("lecun", (3, 2))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         init.initialise("he", (3,))
-
-
-def test_training_on_the_embedded_digits_reaches_high_accuracy():
-    pytest.importorskip("sklearn")
-    from pycnn import datasets, train
-
-    pycnn.manual_seed(0)
-    images, labels = datasets.digits()
-    train_x, train_y, test_x, test_y = datasets.train_test_split(images, labels, 0.2, seed=0)
-    model = train.small_cnn(1, 8, 10, width=8, rng=np.random.default_rng(0))
-    history = train.fit(model, train_x, train_y, test_x, test_y, epochs=3, batch_size=32, lr=0.05,
-                        progress=False)
-    assert history["test_accuracy"][-1] >= 0.90
-    assert len(history["batch_loss"]) == 3 * int(np.ceil(len(train_y) / 32))
-
-
-def test_cli_train_runs(capsys):
-    pytest.importorskip("sklearn")
-    from pycnn.cli import main
-
-    assert main(["train", "--epochs", "1", "--width", "4"]) == 0
-    assert "final test accuracy" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["train", "--epochs", "0"])

@@ -48,6 +48,15 @@ def check_same_device(**arrays) -> None:
         raise TypeError(f"arguments must live on one device, got {listed}")
 
 
+def check_float_arrays(**arrays) -> None:
+    """Every given array (None skipped) is float32/float64, of one dtype, on one device."""
+    for name, a in arrays.items():
+        if a is not None:
+            check_float(name, a)
+    check_same_dtype(**arrays)
+    check_same_device(**arrays)
+
+
 def check_positive_number(name: str, value, allow_zero: bool = False) -> float:
     try:
         value = float(value)

@@ -84,9 +84,7 @@ declare("leaky_relu", forward=leaky_relu_forward, backward=leaky_relu_backward, 
 # x is (N, C, ...) with channels on axis 1; weight is (C,): one learnable slope per channel.
 
 def _check_prelu(x, weight):
-    _util.check_float("x", x)
-    _util.check_float("weight", weight)
-    _util.check_same_dtype(x=x, weight=weight)
+    _util.check_float_arrays(x=x, weight=weight)
     _util.check_ndim("x", x, (2, 3, 4, 5))
     _util.check_ndim("weight", weight, 1)
     if weight.shape[0] != x.shape[1]:

@@ -14,11 +14,7 @@ from pycnn.ops.registry import Sample, declare
 
 
 def _check_conv3x3(x, weight, bias=None):
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is not None:
-            _util.check_float(name, a)
-    _util.check_same_dtype(x=x, weight=weight, bias=bias)
-    _util.check_same_device(x=x, weight=weight, bias=bias)
+    _util.check_float_arrays(x=x, weight=weight, bias=bias)
     _util.check_ndim("x", x, 4)
     _util.check_ndim("weight", weight, 4)
     if tuple(weight.shape[2:]) != (3, 3):

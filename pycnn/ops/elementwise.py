@@ -24,10 +24,7 @@ def unbroadcast(grad, shape):
 
 
 def _check_binary(a, b):
-    _util.check_float("a", a)
-    _util.check_float("b", b)
-    _util.check_same_dtype(a=a, b=b)
-    _util.check_same_device(a=a, b=b)
+    _util.check_float_arrays(a=a, b=b)
     try:
         np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
     except ValueError:

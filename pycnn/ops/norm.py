@@ -18,11 +18,7 @@ from pycnn.ops.registry import Sample, declare
 
 def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True,
                      momentum=0.1, eps=1e-5):
-    for name, a in (("x", x), ("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if a is not None:
-            _util.check_float(name, a)
-    _util.check_same_dtype(x=x, gamma=gamma, beta=beta)
+    _util.check_float_arrays(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     _util.check_ndim("x", x, (2, 4))
     c = x.shape[1]
     for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
