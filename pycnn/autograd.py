@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 
 import numpy as np
 
@@ -274,11 +275,65 @@ class OpFunction(Function):
     def forward(cls, ctx, *inputs, algo="auto", **params):
         backend, algorithm, impl = cls.op.resolve(inputs, params, algo)
         ctx.backend, ctx.algo, ctx.impl = backend, algorithm, impl
-        return impl.forward(ctx, *inputs, **params)
+        profile = _profile.get()
+        if profile is None:
+            return impl.forward(ctx, *inputs, **params)
+        start = time.perf_counter()
+        out = impl.forward(ctx, *inputs, **params)
+        profile.add(cls.op.name, backend, algorithm, "forward", time.perf_counter() - start)
+        return out
 
     @classmethod
     def backward(cls, ctx, grad_output):
-        return ctx.impl.backward(ctx, grad_output)
+        profile = _profile.get()
+        if profile is None:
+            return ctx.impl.backward(ctx, grad_output)
+        start = time.perf_counter()
+        grads = ctx.impl.backward(ctx, grad_output)
+        profile.add(cls.op.name, ctx.backend, ctx.algo, "backward", time.perf_counter() - start)
+        return grads
+
+
+class Profile:
+    """Seconds and calls per (op, backend, algorithm, pass), collected by ``profile()``.
+    Times are host wall-clock: CUDA kernels are asynchronous, so on a GPU they measure
+    launches unless the array module is synchronised."""
+
+    def __init__(self):
+        self.seconds: dict[tuple, float] = {}
+        self.calls: dict[tuple, int] = {}
+
+    def add(self, op, backend, algo, phase, seconds) -> None:
+        key = (op, backend, algo, phase)
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def table(self, top: int = 20) -> str:
+        total = self.total() or 1.0
+        lines = [f"{'op':<22}{'backend':<8}{'algo':<10}{'pass':<9}{'calls':>7}{'seconds':>10}{'share':>7}"]
+        for key, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:top]:
+            op, backend, algo, phase = key
+            lines.append(f"{op:<22}{backend:<8}{algo:<10}{phase:<9}{self.calls[key]:>7}{secs:>10.3f}"
+                         f"{secs / total:>7.1%}")
+        lines.append(f"{'all ops':<56}{total:>10.3f}")
+        return "\n".join(lines)
+
+
+_profile: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("pycnn_profile", default=None)
+
+
+@contextlib.contextmanager
+def profile():
+    """Time every op call inside the block: ``with pycnn.profile() as p: ...; print(p.table())``."""
+    result = Profile()
+    token = _profile.set(result)
+    try:
+        yield result
+    finally:
+        _profile.reset(token)
 
 
 _op_functions: dict[str, type] = {}

@@ -1,6 +1,6 @@
 """The ``pycnn`` command.
 
-    pycnn train [--config FILE.toml] [--KEY VALUE ...] [--run-dir DIR] [--resume]
+    pycnn train [--config FILE.toml] [--KEY VALUE ...] [--run-dir DIR] [--resume] [--profile]
         train a CNN (default: the embedded handwritten digits, offline) and write a run
         directory with config, history, checkpoints and figures
     pycnn evaluate CHECKPOINT [--dataset NAME] [--split test|train]
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -57,11 +58,16 @@ def _train(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"pycnn train: {exc}", file=sys.stderr)
         return 2
+    import pycnn
+
     try:
-        history = run(config, args.run_dir, resume=args.resume)
+        with pycnn.profile() if args.profile else contextlib.nullcontext() as timings:
+            history = run(config, args.run_dir, resume=args.resume)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pycnn train: {exc}", file=sys.stderr)
         return 2
+    if timings is not None:
+        print(f"time spent in ops (training and validation):\n{timings.table()}")
     if history["stopped"]:
         print(f"stopped early: {history['stopped']}")
         return 1
@@ -88,6 +94,7 @@ def main(argv=None) -> int:
     train.add_argument("--config", help="a TOML file whose keys are the flags below (flags override it)")
     train.add_argument("--run-dir", default="runs/latest", help="where to write the run (default: runs/latest)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --run-dir")
+    train.add_argument("--profile", action="store_true", help="print the time spent in each op at the end")
     _add_config_flags(train)
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split")

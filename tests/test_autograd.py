@@ -139,3 +139,14 @@ def test_a_small_network_learns_on_the_cpu():
                 p.data -= 0.3 * p.grad
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_profile_counts_every_op_call():
+    x = Tensor(np.ones((2, 3, 4, 4), np.float32))
+    w = Tensor(np.ones((2, 3, 3, 3), np.float32), requires_grad=True)
+    with pycnn.profile() as p:
+        F.relu(F.conv3x3(x, w)).sum().backward()
+    ops = {key[0]: calls for key, calls in p.calls.items() if key[3] == "forward"}
+    assert ops == {"conv3x3": 1, "relu": 1, "sum": 1}
+    assert sum(calls for key, calls in p.calls.items() if key[3] == "backward") == 3
+    assert p.total() > 0 and "conv3x3" in p.table()

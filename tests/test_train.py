@@ -98,11 +98,12 @@ def test_cli_train_config_file_and_evaluate(tmp_path, capsys):
 def test_cli_resume_keeps_the_saved_settings(tmp_path, capsys):
     run_dir = str(tmp_path / "r")
     assert cli.main(["train", "--epochs", "1", "--widths", "4,8", "--limit", "200", "--run-dir", run_dir]) == 0
-    assert cli.main(["train", "--resume", "--epochs", "2", "--run-dir", run_dir]) == 0
+    assert cli.main(["train", "--resume", "--epochs", "2", "--run-dir", run_dir, "--profile"]) == 0
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["widths"] == [4, 8] and config["limit"] == 200 and config["epochs"] == 2
     assert (tmp_path / "r" / "checkpoints" / "epoch_002.npz").is_file()
-    assert "resumed from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "time spent in ops" in out and "conv3x3" in out
 
 
 def test_cli_rejects_bad_settings(tmp_path, capsys):
