@@ -15,6 +15,8 @@ namespace py = pybind11;
 // ------------------------------------------------------------------ module registration
 // module.cpp calls one of these per source file; a new file adds its declaration here.
 void register_activations(py::module_& m);
+void register_conv3x3(py::module_& m);  // conv3x3.cpp (+ conv3x3_winograd.cpp)
+void register_pool2x2(py::module_& m);  // pool.cpp
 
 namespace pycnn {
 

@@ -17,4 +17,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), "Set the number of OpenMP threads for kernels called from this Python thread.");
 
     register_activations(m);
+    register_conv3x3(m);
+    register_pool2x2(m);
 }

@@ -1,0 +1,617 @@
+// conv3x3, stride 1, zero padding 1: direct convolution (forward, grad_input, grad_weight,
+// grad_bias) and the Python bindings of both algorithms ("direct", "winograd").
+// The NumPy reference in pycnn/ops/conv.py is the spec.
+//
+// Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), bias is (K,), y is (N, K, H, W), P = H*W.
+//
+// float32, direct (AVX-512): each image plane is treated as a flat vector of P pixels.  A
+// zmm register holds 16 consecutive pixels (which may span several rows when W < 16); tap
+// (i, j) of the filter is the same plane shifted by (i-1)*W + (j-1), read with a *masked*
+// load whose mask zeroes the lanes that fall into the zero padding (left/right column,
+// top/bottom row) or past the end of the plane.  The masks depend on H and W only and are
+// computed once per call (TapMasks).  No padded copy of x is made, any H and W vectorise
+// fully (W = 8 too), and y is stored straight into NCHW.
+//   forward micro-kernel: 6 output channels x 4 pixel vectors = 24 zmm accumulators; per
+//   (input channel, tap): 4 masked loads of x, 6 broadcasts of weights, 24 FMAs (3 x 8 when
+//   there are at most 3 output channels).  Threads split the (image, channel block) pairs.
+//   grad_input: the same kernel with the filter flipped and transposed (K -> C channels).
+//   grad_weight, C >= 16: x is transposed to zero-padded channels-last planes, then a block
+//   of 6 output x 64 input channels accumulates, for one tap, gy[k, p] (broadcast) times the
+//   64 channels of x at the tapped pixel: 6 broadcasts + 4 loads per 24 FMAs, no masks and
+//   no horizontal sums.  C < 16 (a first layer): 3 output channels x 9 taps = 27
+//   accumulators for one input channel, vectorised over pixels with the tap masks, summed
+//   horizontally once per chunk of images.  Threads split the (k, c) blocks, which own their
+//   outputs: nothing is merged, the result does not depend on the thread count.
+// float64 (and float32 without AVX-512): plain loops, for gradient checks.
+#include "common.hpp"
+#include "conv3x3.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PYCNN_CONV_AVX512 1
+#else
+#define PYCNN_CONV_AVX512 0
+#endif
+
+namespace pycnn {
+namespace conv {
+
+namespace {
+
+// ------------------------------------------------------------------------- plain paths
+// y[n, k] = b[k] + sum_{c, t} w[k, c, t] * x[n, c, shifted by t]    (any T)
+template <typename T>
+void forward_plain(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
+                   int64_t W) {
+    const int64_t P = H * W;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < K; ++k) {
+            T* yp = y + (n * K + k) * P;
+            const T bk = b ? b[k] : T(0);
+            for (int64_t p = 0; p < P; ++p) yp[p] = bk;
+            for (int64_t c = 0; c < C; ++c) {
+                const T* xp = x + (n * C + c) * P;
+                const T* wp = w + (k * C + c) * 9;
+                for (int64_t h = 0; h < H; ++h) {
+                    for (int i = 0; i < 3; ++i) {
+                        const int64_t hi = h + i - 1;
+                        if (hi < 0 || hi >= H) continue;
+                        const T* xr = xp + hi * W;
+                        T* yr = yp + h * W;
+                        for (int j = 0; j < 3; ++j) {
+                            const T wt = wp[3 * i + j];
+                            const int64_t lo = std::max<int64_t>(0, 1 - j), hi_w = std::min<int64_t>(W, W + 1 - j);
+                            for (int64_t ww = lo; ww < hi_w; ++ww) yr[ww] += wt * xr[ww + j - 1];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+void grad_weight_plain(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
+    const int64_t P = H * W;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < C; ++c) {
+            for (int t = 0; t < 9; ++t) {
+                const int i = t / 3, j = t % 3;
+                T acc = T(0);
+                for (int64_t n = 0; n < N; ++n) {
+                    const T* xp = x + (n * C + c) * P;
+                    const T* gp = gy + (n * K + k) * P;
+                    for (int64_t h = 0; h < H; ++h) {
+                        const int64_t hi = h + i - 1;
+                        if (hi < 0 || hi >= H) continue;
+                        const int64_t lo = std::max<int64_t>(0, 1 - j), hi_w = std::min<int64_t>(W, W + 1 - j);
+                        for (int64_t ww = lo; ww < hi_w; ++ww) acc += gp[h * W + ww] * xp[hi * W + ww + j - 1];
+                    }
+                }
+                gw[(k * C + c) * 9 + t] = acc;
+            }
+        }
+    }
+}
+
+#if PYCNN_CONV_AVX512
+// ------------------------------------------------------------------------- tap masks
+// For pixel vector v (pixels 16v .. 16v+15 of the flat plane): mask[v][t] has bit l set
+// where pixel 16v+l exists and its tap t lies inside the plane; mask[v][9] marks the pixels
+// that exist.  Vectors past the plane (padding up to a multiple of kVecPad) have all-zero masks.
+constexpr int kMaskStride = 10;
+
+struct TapMasks {
+    int64_t nvec = 0;              // ceil(P / 16), rounded up to a multiple of `pad`
+    std::vector<uint16_t> m;       // [nvec][kMaskStride]
+    int64_t off[9];                // flat offset of tap t: (i-1)*W + (j-1)
+    TapMasks(int64_t H, int64_t W, int64_t pad) {
+        const int64_t P = H * W;
+        nvec = (P + 15) / 16;
+        nvec = (nvec + pad - 1) / pad * pad;
+        m.assign(static_cast<size_t>(nvec * kMaskStride), 0);
+        for (int t = 0; t < 9; ++t) off[t] = (t / 3 - 1) * W + (t % 3 - 1);
+        for (int64_t p = 0; p < P; ++p) {
+            const int64_t h = p / W, w = p % W, v = p / 16;
+            const int lane = static_cast<int>(p % 16);
+            uint16_t* mv = &m[static_cast<size_t>(v * kMaskStride)];
+            mv[9] |= static_cast<uint16_t>(1u << lane);
+            for (int t = 0; t < 9; ++t) {
+                const int64_t hi = h + t / 3 - 1, wi = w + t % 3 - 1;
+                if (hi >= 0 && hi < H && wi >= 0 && wi < W) mv[t] |= static_cast<uint16_t>(1u << lane);
+            }
+        }
+    }
+    const uint16_t* at(int64_t v) const { return &m[static_cast<size_t>(v * kMaskStride)]; }
+};
+
+// Masked loads never touch the masked-off lanes (AVX-512 fault suppression), so the
+// shifted addresses may point before or past the plane.  The address is formed with
+// integer arithmetic to keep the C++ pointer rules out of it.
+inline __m512 load_masked(__mmask16 mask, const float* base, int64_t offset) {
+    const float* p = reinterpret_cast<const float*>(reinterpret_cast<std::uintptr_t>(base) + offset * 4);
+    return _mm512_maskz_loadu_ps(mask, p);
+}
+
+// ------------------------------------------------------------- forward micro-kernel
+// Blocks of KB output channels x NV pixel vectors (KB * NV = 24 accumulators): 6 x 4 in
+// general, 3 x 8 for at most 3 output channels (grad_input of a first layer, C = 3).
+constexpr int kPixelPad = 8;  // the mask table is padded to a multiple of every NV
+
+// Packed filter of one block of KB output channels: wp[c][t][kb] (zero rows past K).
+template <int KB>
+std::vector<float> pack_forward_weights(const float* w, int64_t C, int64_t K) {
+    const int64_t kblocks = (K + KB - 1) / KB;
+    std::vector<float> wp(static_cast<size_t>(kblocks * C * 9 * KB));
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+        for (int64_t c = 0; c < C; ++c)
+            for (int t = 0; t < 9; ++t)
+                for (int r = 0; r < KB; ++r) {
+                    const int64_t k = kb * KB + r;
+                    wp[static_cast<size_t>(((kb * C + c) * 9 + t) * KB + r)] = k < K ? w[(k * C + c) * 9 + t] : 0.0f;
+                }
+    return wp;
+}
+
+// y[k0 + r, pixels of vectors v0 .. v0+NV-1] for r < nk; x is one image (C, P), y one image (K, P).
+template <int KB, int NV>
+inline void forward_block(const float* x, const float* wp, const float* b, float* y, int nk, int64_t C, int64_t P,
+                          const TapMasks& tm, int64_t v0) {
+    __m512 acc[KB][NV];
+    for (int r = 0; r < KB; ++r) {
+        const __m512 init = _mm512_set1_ps(b && r < nk ? b[r] : 0.0f);
+        for (int v = 0; v < NV; ++v) acc[r][v] = init;
+    }
+    const uint16_t* mk[NV];
+    for (int v = 0; v < NV; ++v) mk[v] = tm.at(v0 + v);
+    const float* xbase = x + v0 * 16;
+    for (int64_t c = 0; c < C; ++c) {
+        const float* xc = xbase + c * P;
+        const float* wc = wp + c * 9 * KB;
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) {
+            __m512 xv[NV];
+            for (int v = 0; v < NV; ++v) xv[v] = load_masked(mk[v][t], xc + 16 * v, tm.off[t]);
+            for (int r = 0; r < KB; ++r) {
+                const __m512 wr = _mm512_set1_ps(wc[t * KB + r]);
+                for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < nk; ++r)
+        for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(y + r * P + (v0 + v) * 16, mk[v][9], acc[r][v]);
+}
+
+template <int KB, int NV>
+void forward_blocked(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
+                     int64_t H, int64_t W) {
+    const int64_t P = H * W;
+    const TapMasks tm(H, W, kPixelPad);
+    const int64_t kblocks = (K + KB - 1) / KB;
+    const std::vector<float> wpack = pack_forward_weights<KB>(w, C, K);
+    const float* wp = wpack.data();
+    const int64_t nvec = (P + 15) / 16;  // vectors past it are all-masked: stores skip them
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        for (int64_t kb = 0; kb < kblocks; ++kb) {
+            const int nk = static_cast<int>(std::min<int64_t>(KB, K - kb * KB));
+            const float* xn = x + n * C * P;
+            float* yn = y + (n * K + kb * KB) * P;
+            const float* bb = b ? b + kb * KB : nullptr;
+            for (int64_t v0 = 0; v0 < nvec; v0 += NV)
+                forward_block<KB, NV>(xn, wp + kb * C * 9 * KB, bb, yn, nk, C, P, tm, v0);
+        }
+    }
+}
+
+void forward_avx512(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
+                    int64_t H, int64_t W) {
+    if (K <= 3) return forward_blocked<3, 8>(x, w, b, y, N, C, K, H, W);
+    forward_blocked<6, 4>(x, w, b, y, N, C, K, H, W);
+}
+
+// ----------------------------------------------------------- grad_weight micro-kernel
+constexpr int kGKB = 3;  // output channels per block (x 9 taps = 27 accumulators)
+
+// Sum of the 16 lanes (once per result; _mm512_reduce_add_ps trips gcc 12's -Wmaybe-uninitialized).
+inline float hsum(__m512 v) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, v);
+    float s = 0.0f;
+    for (int l = 0; l < 16; ++l) s += lanes[l];
+    return s;
+}
+
+// sums[r][t] = sum over images n0 .. n1-1 and pixels of gy[n, k0+r] * x[n, c shifted by tap t].
+// (A function of its own: inside the OpenMP loop gcc 12 kept the accumulators in memory.)
+inline void grad_weight_block(const float* x, const float* gy, int64_t n0, int64_t n1, int64_t C, int64_t K,
+                              int64_t P, int64_t c, int64_t k0, const uint16_t* krow, const TapMasks& tm,
+                              float sums[kGKB][9]) {
+    __m512 acc[kGKB][9];
+    for (int r = 0; r < kGKB; ++r)
+        for (int t = 0; t < 9; ++t) acc[r][t] = _mm512_setzero_ps();
+    int64_t off[9];
+    for (int t = 0; t < 9; ++t) off[t] = tm.off[t];
+    for (int64_t n = n0; n < n1; ++n) {
+        const float* xc = x + (n * C + c) * P;
+        const float* g0 = gy + (n * K + k0) * P;
+        for (int64_t v = 0; v < tm.nvec; ++v) {
+            const uint16_t* mv = tm.at(v);
+            __m512 g[kGKB];  // rows past K read nothing (mask 0)
+            for (int r = 0; r < kGKB; ++r)
+                g[r] = load_masked(static_cast<__mmask16>(mv[9] & krow[r]), g0 + 16 * v, r * P);
+#pragma GCC unroll 9
+            for (int t = 0; t < 9; ++t) {
+                const __m512 xv = load_masked(mv[t], xc + 16 * v, off[t]);
+                for (int r = 0; r < kGKB; ++r) acc[r][t] = _mm512_fmadd_ps(g[r], xv, acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < kGKB; ++r)
+        for (int t = 0; t < 9; ++t) sums[r][t] = hsum(acc[r][t]);
+}
+
+// --------------------------------------------- grad_weight, channels-last (C >= 16)
+// x is first transposed to zero-padded channels-last planes xt[n][(H+2)*(W+2)][Cp] (Cp = C
+// rounded up to 16); then for a block of 6 output channels and 64 input channels and one tap
+// t = (i, j):  acc[r][c..c+63] += gy[n, k0+r, h, w] * xt[n][(h+i)*(W+2) + w+j][c..c+63]
+// over every pixel: 6 broadcasts + 4 loads per 24 FMAs, no masks, no horizontal sums.
+constexpr int64_t kGradWeightChannelsLastMinC = 16;  // below: the pixel-vectorised kernel
+constexpr int kWKB = 6;   // output channels per block
+constexpr int kWCV = 4;   // zmm vectors of input channels per block (64 channels)
+
+// xt[n] (padded channels-last) from x[n] (C, H, W): borders and channels past C are zero.
+void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W) {
+    const int64_t Wp = W + 2;
+    for (int64_t p = 0; p < Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);                   // top row
+    for (int64_t p = (H + 1) * Wp; p < (H + 2) * Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);  // bottom
+    for (int64_t h = 0; h < H; ++h) {
+        float* row = xt + (h + 1) * Wp * Cp;
+        std::memset(row, 0, sizeof(float) * Cp);                    // left column
+        std::memset(row + (W + 1) * Cp, 0, sizeof(float) * Cp);     // right column
+        for (int64_t w0 = 0; w0 < W; w0 += 16) {
+            const int64_t nw = std::min<int64_t>(16, W - w0);
+            for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
+                float tile[16][16];  // [w][c]
+                for (int64_t cc = 0; cc < 16; ++cc) {
+                    const int64_t c = c0 + cc;
+                    if (c < C) {
+                        const float* src = x + (c * H + h) * W + w0;
+                        for (int64_t ww = 0; ww < nw; ++ww) tile[ww][cc] = src[ww];
+                    } else {
+                        for (int64_t ww = 0; ww < nw; ++ww) tile[ww][cc] = 0.0f;
+                    }
+                }
+                for (int64_t ww = 0; ww < nw; ++ww) std::memcpy(row + (w0 + ww + 1) * Cp + c0, tile[ww], sizeof(tile[ww]));
+            }
+        }
+    }
+}
+
+// acc (kWKB x NV vectors, in memory) += sum over the H x W pixels of g[r][h * gstride + w]
+// (broadcast) times the padded channels-last plane xt shifted by `toff` floats.
+template <int NV>
+inline void grad_weight_cl_block(const float* const* g, int64_t gstride, const float* xt, int64_t toff, int64_t Cp,
+                                 int64_t H, int64_t W, float* acc_mem) {
+    __m512 acc[kWKB][NV];
+    for (int r = 0; r < kWKB; ++r)
+        for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_loadu_ps(acc_mem + (r * kWCV + q) * 16);
+    const int64_t Wp = W + 2;
+    for (int64_t h = 0; h < H; ++h) {
+        const float* xr = xt + h * Wp * Cp + toff;
+        const int64_t p0 = h * gstride;
+        for (int64_t w = 0; w < W; ++w) {
+            __m512 xv[NV];
+            for (int q = 0; q < NV; ++q) xv[q] = _mm512_loadu_ps(xr + w * Cp + 16 * q);
+            for (int r = 0; r < kWKB; ++r) {
+                const __m512 gr = _mm512_set1_ps(g[r][p0 + w]);
+                for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_fmadd_ps(gr, xv[q], acc[r][q]);
+            }
+        }
+    }
+    for (int r = 0; r < kWKB; ++r)
+        for (int q = 0; q < NV; ++q) _mm512_storeu_ps(acc_mem + (r * kWCV + q) * 16, acc[r][q]);
+}
+
+void grad_weight_channels_last(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K,
+                               int64_t H, int64_t W) {
+    const int64_t P = H * W, Cp = (C + 15) / 16 * 16, Pp = (H + 2) * (W + 2);
+    std::unique_ptr<float[]> xt(new float[static_cast<size_t>(N * Pp * Cp)]);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) to_padded_channels_last(x + n * C * P, xt.get() + n * Pp * Cp, C, Cp, H, W);
+    const std::vector<float> zeros(static_cast<size_t>(P), 0.0f);  // the gy rows past K
+    const int64_t kblocks = (K + kWKB - 1) / kWKB, cblocks = (Cp + 16 * kWCV - 1) / (16 * kWCV);
+    // Items (k block, c block) own their outputs: no merging, independent of the thread count.
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+        for (int64_t cb = 0; cb < cblocks; ++cb) {
+            const int64_t k0 = kb * kWKB, c0 = cb * 16 * kWCV;
+            const int nv = static_cast<int>(std::min<int64_t>(kWCV, (Cp - c0) / 16));
+            alignas(64) float acc[9][kWKB * kWCV * 16] = {};
+            for (int64_t n = 0; n < N; ++n) {
+                const float* g[kWKB];
+                for (int r = 0; r < kWKB; ++r) g[r] = k0 + r < K ? gy + (n * K + k0 + r) * P : zeros.data();
+                const float* xn = xt.get() + n * Pp * Cp + c0;
+                for (int t = 0; t < 9; ++t) {
+                    const int64_t toff = ((t / 3) * (W + 2) + t % 3) * Cp;
+                    switch (nv) {
+                        case 4: grad_weight_cl_block<4>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        case 3: grad_weight_cl_block<3>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        case 2: grad_weight_cl_block<2>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        default: grad_weight_cl_block<1>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                    }
+                }
+            }
+            for (int r = 0; r < kWKB && k0 + r < K; ++r)
+                for (int64_t c = c0; c < std::min(C, c0 + 16 * kWCV); ++c)
+                    for (int t = 0; t < 9; ++t) gw[((k0 + r) * C + c) * 9 + t] = acc[t][r * kWCV * 16 + (c - c0)];
+        }
+    }
+}
+
+
+// ------------------------------------- grad_weight, pixel-vectorised (few input channels)
+void grad_weight_avx512(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K, int64_t H,
+                        int64_t W) {
+    const int64_t P = H * W;
+    const TapMasks tm(H, W, 1);
+    const int64_t kblocks = (K + kGKB - 1) / kGKB;
+    // Images are taken in chunks whose x fits in L2 (~512 KiB): every (k-block, c) item
+    // re-reads the chunk's x plane of channel c, from cache.  Items own their outputs:
+    // the first chunk writes gw, later ones add to it.
+    const int64_t nb = std::max<int64_t>(1, (int64_t(1) << 19) / (C * P * 4));
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t n1 = std::min(N, n0 + nb);
+#pragma omp parallel for collapse(2) schedule(static)
+        for (int64_t kb = 0; kb < kblocks; ++kb) {
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t k0 = kb * kGKB;
+                const int nk = static_cast<int>(std::min<int64_t>(kGKB, K - k0));
+                uint16_t krow[kGKB];
+                for (int r = 0; r < kGKB; ++r) krow[r] = r < nk ? 0xFFFF : 0;
+                float sums[kGKB][9];
+                grad_weight_block(x, gy, n0, n1, C, K, P, c, k0, krow, tm, sums);
+                for (int r = 0; r < nk; ++r) {
+                    float* out = gw + ((k0 + r) * C + c) * 9;
+                    for (int t = 0; t < 9; ++t) out[t] = (n0 == 0 ? 0.0f : out[t]) + sums[r][t];
+                }
+            }
+        }
+    }
+}
+#endif  // PYCNN_CONV_AVX512
+
+}  // namespace
+
+// --------------------------------------------------------------------- entry points
+template <typename T>
+void direct_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
+                    int64_t W) {
+#if PYCNN_CONV_AVX512
+    if constexpr (std::is_same_v<T, float>) return forward_avx512(x, w, b, y, N, C, K, H, W);
+#endif
+    forward_plain(x, w, b, y, N, C, K, H, W);
+}
+
+template <typename T>
+void direct_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
+    const std::vector<T> wt = flip_transpose(w, C, K);  // (C, K, 3, 3)
+    direct_forward<T>(gy, wt.data(), nullptr, gx, N, K, C, H, W);
+}
+
+template <typename T>
+void direct_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
+#if PYCNN_CONV_AVX512
+    if constexpr (std::is_same_v<T, float>) {
+        if (C >= kGradWeightChannelsLastMinC) return grad_weight_channels_last(x, gy, gw, N, C, K, H, W);
+        return grad_weight_avx512(x, gy, gw, N, C, K, H, W);
+    }
+#endif
+    grad_weight_plain(x, gy, gw, N, C, K, H, W);
+}
+
+// gb[k] = sum over n, p of gy[n, k, p], summed in double per (n, k) row, rows added in order of n.
+template <typename T>
+void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P) {
+#pragma omp parallel for schedule(static) if (N * K * P >= kParallelMinElements)
+    for (int64_t k = 0; k < K; ++k) {
+        double total = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+            const T* g = gy + (n * K + k) * P;
+            double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t p = 0; p < P; ++p) acc += static_cast<double>(g[p]);
+            total += acc;
+        }
+        gb[k] = static_cast<T>(total);
+    }
+}
+
+#define PYCNN_INSTANTIATE(T)                                                                                  \
+    template void direct_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t); \
+    template void direct_grad_input<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t);         \
+    template void direct_grad_weight<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t);        \
+    template void grad_bias<T>(const T*, T*, int64_t, int64_t, int64_t);
+PYCNN_INSTANTIATE(float)
+PYCNN_INSTANTIATE(double)
+#undef PYCNN_INSTANTIATE
+
+}  // namespace conv
+}  // namespace pycnn
+
+// --------------------------------------------------------------------------- bindings
+namespace {
+
+using pycnn::as_array_like;
+using pycnn::as_float_array;
+using pycnn::shape_str;
+using std::int64_t;
+
+struct ConvDims { int64_t N, C, K, H, W; };
+
+void require_shape(const char* fn, const char* name, const py::array& a, const std::vector<py::ssize_t>& shape) {
+    if (pycnn::shape_of(a) != shape) {
+        std::string want = "(";
+        for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+        want += shape.size() == 1 ? ",)" : ")";
+        throw py::value_error(std::string(fn) + ": " + name + " must have shape " + want + ", got " + shape_str(a));
+    }
+}
+
+ConvDims conv_dims(const char* fn, const py::array& x, const py::array& w) {
+    if (x.ndim() != 4) throw py::value_error(std::string(fn) + ": x must be (N, C, H, W), got shape " + shape_str(x));
+    if (w.ndim() != 4 || w.shape(1) != x.shape(1) || w.shape(2) != 3 || w.shape(3) != 3) {
+        throw py::value_error(std::string(fn) + ": weight must be (K, C, 3, 3) with C = " + std::to_string(x.shape(1)) +
+                              " (the channels of x), got shape " + shape_str(w));
+    }
+    if (x.size() == 0 || w.shape(0) == 0) {
+        throw py::value_error(std::string(fn) + ": x and weight must not be empty, got x " + shape_str(x) +
+                              ", weight " + shape_str(w));
+    }
+    return {x.shape(0), x.shape(1), w.shape(0), x.shape(2), x.shape(3)};
+}
+
+enum class Algo { Direct, Winograd };
+
+Algo parse_algo(const char* fn, const std::string& algo) {
+    if (algo == "direct") return Algo::Direct;
+    if (algo == "winograd") return Algo::Winograd;
+    throw py::value_error(std::string(fn) + ": algo must be 'direct' or 'winograd', got '" + algo + "'");
+}
+
+// An optional argument: None, or an array like `ref`.
+bool optional_array(const char* fn, const char* name, const py::object& obj, const py::array& ref, bool writeable,
+                    py::array& out) {
+    if (obj.is_none()) return false;
+    out = as_array_like(fn, name, obj, "x", ref, writeable);
+    return true;
+}
+
+// The peak float32 FMA rate of this machine on the OpenMP threads (GFLOP/s): 24 independent
+// zmm FMA chains per thread, `iters` times, timed.  The limit the conv benchmarks compare to.
+double fma_peak_gflops(int64_t iters) {
+#if PYCNN_CONV_AVX512 && defined(__GNUC__)
+    int threads = 1;
+    const double start = omp_get_wtime();
+#pragma omp parallel
+    {
+#pragma omp single
+        threads = omp_get_num_threads();
+        for (int64_t it = 0; it < iters; ++it) {
+            __asm__ volatile(
+#define PYCNN_FMA(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n\t"
+                PYCNN_FMA(0) PYCNN_FMA(1) PYCNN_FMA(2) PYCNN_FMA(3) PYCNN_FMA(4) PYCNN_FMA(5) PYCNN_FMA(6)
+                PYCNN_FMA(7) PYCNN_FMA(8) PYCNN_FMA(9) PYCNN_FMA(10) PYCNN_FMA(11) PYCNN_FMA(12) PYCNN_FMA(13)
+                PYCNN_FMA(14) PYCNN_FMA(15) PYCNN_FMA(16) PYCNN_FMA(17) PYCNN_FMA(18) PYCNN_FMA(19)
+                PYCNN_FMA(20) PYCNN_FMA(21) PYCNN_FMA(22) PYCNN_FMA(23)
+#undef PYCNN_FMA
+                :
+                :
+                : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+                  "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
+                  "xmm22", "xmm23");
+        }
+    }
+    const double seconds = omp_get_wtime() - start;
+    return 2.0 * 16 * 24 * static_cast<double>(iters) * threads / seconds / 1e9;
+#else
+    (void)iters;
+    return std::numeric_limits<double>::quiet_NaN();
+#endif
+}
+
+}  // namespace
+
+void register_conv3x3(py::module_& m) {
+    namespace cv = pycnn::conv;
+    m.def(
+        "fma_peak_gflops",
+        [](int64_t iters) {
+            if (iters < 1) throw py::value_error("fma_peak_gflops: iters must be >= 1, got " + std::to_string(iters));
+            py::gil_scoped_release nogil;
+            return fma_peak_gflops(iters);
+        },
+        py::arg("iters") = 10000000,
+        "The float32 FMA peak of the OpenMP threads in GFLOP/s (24 independent AVX-512 FMA chains per "
+        "thread, timed); NaN without AVX-512.  The limit bench/test_conv_pool.py compares conv3x3 to.");
+    m.def(
+        "conv3x3_forward",
+        [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& y_obj,
+           const std::string& algo_name) {
+            const char* fn = "conv3x3_forward";
+            const Algo algo = parse_algo(fn, algo_name);
+            py::array x = as_float_array(fn, "x", x_obj);
+            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
+            py::array b, y = as_array_like(fn, "y", y_obj, "x", x, /*writeable=*/true);
+            const ConvDims d = conv_dims(fn, x, w);
+            const bool has_bias = optional_array(fn, "bias", b_obj, x, false, b);
+            if (has_bias) require_shape(fn, "bias", b, {d.K});
+            require_shape(fn, "y", y, {d.N, d.K, d.H, d.W});
+            pycnn::dispatch_float(x, [&](auto zero) {
+                using T = decltype(zero);
+                const T* xp = static_cast<const T*>(x.data());
+                const T* wp = static_cast<const T*>(w.data());
+                const T* bp = has_bias ? static_cast<const T*>(b.data()) : nullptr;
+                T* yp = static_cast<T*>(y.mutable_data());
+                py::gil_scoped_release nogil;
+                if (algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W);
+                else cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W);
+            });
+        },
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("algo") = "direct",
+        "x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None -> y (N, K, H, W) (overwritten): 3x3 "
+        "cross-correlation, stride 1, zero padding 1.  algo: 'direct' or 'winograd' (F(2x2, 3x3)).");
+    m.def(
+        "conv3x3_backward",
+        [](const py::object& x_obj, const py::object& w_obj, const py::object& g_obj, const py::object& gx_obj,
+           const py::object& gw_obj, const py::object& gb_obj, const std::string& algo_name) {
+            const char* fn = "conv3x3_backward";
+            const Algo algo = parse_algo(fn, algo_name);
+            py::array x = as_float_array(fn, "x", x_obj);
+            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
+            py::array g = as_array_like(fn, "grad_y", g_obj, "x", x);
+            const ConvDims d = conv_dims(fn, x, w);
+            require_shape(fn, "grad_y", g, {d.N, d.K, d.H, d.W});
+            py::array gx, gw, gb;
+            const bool want_x = optional_array(fn, "grad_x", gx_obj, x, true, gx);
+            const bool want_w = optional_array(fn, "grad_weight", gw_obj, x, true, gw);
+            const bool want_b = optional_array(fn, "grad_bias", gb_obj, x, true, gb);
+            if (want_x) require_shape(fn, "grad_x", gx, pycnn::shape_of(x));
+            if (want_w) require_shape(fn, "grad_weight", gw, pycnn::shape_of(w));
+            if (want_b) require_shape(fn, "grad_bias", gb, {d.K});
+            pycnn::dispatch_float(x, [&](auto zero) {
+                using T = decltype(zero);
+                const T* xp = static_cast<const T*>(x.data());
+                const T* wp = static_cast<const T*>(w.data());
+                const T* gp = static_cast<const T*>(g.data());
+                T* gxp = want_x ? static_cast<T*>(gx.mutable_data()) : nullptr;
+                T* gwp = want_w ? static_cast<T*>(gw.mutable_data()) : nullptr;
+                T* gbp = want_b ? static_cast<T*>(gb.mutable_data()) : nullptr;
+                py::gil_scoped_release nogil;
+                if (gxp) {
+                    if (algo == Algo::Direct) cv::direct_grad_input<T>(gp, wp, gxp, d.N, d.C, d.K, d.H, d.W);
+                    else cv::winograd_grad_input<T>(gp, wp, gxp, d.N, d.C, d.K, d.H, d.W);
+                }
+                if (gwp) cv::direct_grad_weight<T>(xp, gp, gwp, d.N, d.C, d.K, d.H, d.W);
+                if (gbp) cv::grad_bias<T>(gp, gbp, d.N, d.K, d.H * d.W);
+            });
+        },
+        py::arg("x"), py::arg("weight"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"),
+        py::arg("grad_bias"), py::arg("algo") = "direct",
+        "Gradients of conv3x3_forward; each of grad_x, grad_weight, grad_bias is None (not computed) or "
+        "an array to overwrite.  algo 'winograd' computes grad_x by Winograd F(2x2, 3x3) with the flipped "
+        "filter; grad_weight is always computed directly.");
+}

@@ -1,0 +1,50 @@
+// Shared pieces of the conv3x3 kernels (conv3x3.cpp: direct; conv3x3_winograd.cpp: Winograd).
+//
+// Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), bias is (K,), y is (N, K, H, W); P = H * W.
+// Tap t = 3 * i + j of the 3x3 filter reads x at (h + i - 1, w + j - 1) (zero padding 1).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace pycnn {
+namespace conv {
+
+using std::int64_t;
+
+// Direct convolution, float32 (AVX-512 micro-kernels where compiled with -mavx512f) and a
+// plain path for float64.  All outputs are overwritten, never accumulated.
+//   forward:      y = conv(x, w) + b                      (b may be null)
+//   grad_input:   gx = conv(gy, flip(w)^T)                 (gy is (N, K, H, W), gx is (N, C, H, W))
+//   grad_weight:  gw[k, c, t] = sum_{n, p} gy[n, k, p] * x[n, c, p + off(t)]
+//   grad_bias:    gb[k] = sum_{n, p} gy[n, k, p]
+template <typename T>
+void direct_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+template <typename T>
+void direct_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+template <typename T>
+void direct_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+template <typename T>
+void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P);
+
+// Winograd F(2x2, 3x3) (conv3x3_winograd.cpp): forward and grad_input (a Winograd conv with
+// the flipped, transposed filter).  grad_weight uses direct_grad_weight.
+template <typename T>
+void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+template <typename T>
+void winograd_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+
+// w (K, C, 3, 3) -> (C, K, 3, 3) with each 3x3 filter rotated by 180 degrees: the filter of
+// grad_input as a forward convolution from K to C channels.
+template <typename T>
+std::vector<T> flip_transpose(const T* w, int64_t C, int64_t K) {
+    std::vector<T> out(static_cast<size_t>(C * K * 9));
+    for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c)
+            for (int t = 0; t < 9; ++t) out[(c * K + k) * 9 + t] = w[(k * C + c) * 9 + (8 - t)];
+    return out;
+}
+
+}  // namespace conv
+}  // namespace pycnn
