@@ -1,16 +1,16 @@
-"""Rectifier benchmarks: pycnn "cpp" vs its bare kernel vs the NumPy reference vs PyTorch CPU
-vs a NumPy copy of the same bytes (the memory limit of a map).
+"""Activation benchmarks (the rectifiers, sigmoid, tanh, maxout, dropout) and fancy PCA: pycnn
+"cpp" vs its bare kernel vs the NumPy reference vs PyTorch CPU vs a copy of the same bytes
+(the memory limit of a map).
 
     pytest bench/test_activations.py --benchmark-only
 
 Every case checks its result against the NumPy reference before it is timed.
 
-Bytes (float32, N = number of elements of x, 4 bytes each):
-    forward:   read x, write y                        -> 2 * 4 * N
-    backward:  read x and grad_out, write grad_in     -> 3 * 4 * N
-    fwd+bwd:   both                                   -> 5 * 4 * N
-  (prelu's weight, grad_weight and per-row sums are O(N*C) or less: left out; rrelu's slopes
-  are regenerated from the seed, never stored: no extra bytes.)
+The shapes, the torch forms of the ops and the bytes of each pass come from
+pycnn/benchmarks.py (``pycnn bench`` prints the same cases), where the byte arithmetic is
+written out in ``pass_bytes``: maps 2 * 4N (fwd) and 5 * 4N (fwd+bwd) for N elements of x,
+dropout 4 * 4N (fwd+bwd), maxout (k = 2) 6.5N and 13N with its 1-byte winners.
+    fancy PCA on uint8 images (forward only): read 1 byte, write 4 (float32) -> 5 * N
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import functools
 import numpy as np
 import pytest
 
+from pycnn import benchmarks
 from pycnn.autograd import Context
 from pycnn.ops import registry
 
-SHAPES = [(32, 64, 32, 32), (32, 128, 16, 16)]
-PHASES = ["fwd", "fwd+bwd"]
-ARRAYS_TOUCHED = {"fwd": 2, "fwd+bwd": 5}
-ITEMSIZE = 4  # float32
+SHAPES = benchmarks.MAP_SHAPES
+PHASES = list(benchmarks.PHASES)
+ITEMSIZE = benchmarks.ITEMSIZE
 ROUND_BUDGET_S = 0.3  # per case: rounds = budget / (time of one call), within ROUND_LIMITS
 ROUND_LIMITS = (5, 300)
 TOL = dict(rtol=2e-5, atol=2e-6)
@@ -42,8 +42,8 @@ def _pedantic(benchmark, fn, *args):
     benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=2)
 
 
-def _nbytes(shape, phase):
-    return ARRAYS_TOUCHED[phase] * ITEMSIZE * int(np.prod(shape))
+def _nbytes(shape, phase, op):
+    return benchmarks.pass_bytes(op, phase, shape, OPS[op]["params"])
 
 
 # ------------------------------------------------------------------------------ the ops
@@ -51,14 +51,9 @@ def _nbytes(shape, phase):
 # calls into _C (forward, backward); torch: (F, x, w) -> y.
 
 def _torch_fns():
-    return {
-        "relu": lambda F, x, w: F.relu(x),
-        "leaky_relu": lambda F, x, w: F.leaky_relu(x, 0.01),
-        "prelu": lambda F, x, w: F.prelu(x, w),
-        # torch's bounds are the slopes themselves: U(1/8, 1/3) ~ our 1 / U(3, 8)
-        "rrelu": lambda F, x, w: F.rrelu(x, 1 / 8, 1 / 3, training=True),
-        "elu": lambda F, x, w: F.elu(x, 1.0),
-    }
+    """op -> (F, x, w) -> y: the torch forms of pycnn/benchmarks.py with each op's params."""
+    return {op: functools.partial(lambda spec, F, x, w: spec.torch_fn(F, x, w, **spec.params), spec)
+            for op, spec in benchmarks.MAP_OPS.items()}
 
 
 OPS = {
@@ -77,7 +72,27 @@ OPS = {
     "elu": dict(params={"alpha": 1.0},
                 fwd=lambda C, x, w, out, p: C.elu_forward(x, out, p["alpha"]),
                 bwd=lambda C, x, w, g, gi, gw, p: C.elu_backward(x, g, gi, p["alpha"])),
+    # sigmoid, tanh: the backward pass reads the output y (out here), not x
+    "sigmoid": dict(params={},
+                    fwd=lambda C, x, w, out, p: C.sigmoid_forward(x, out),
+                    bwd=lambda C, x, w, g, gi, gw, p, out: C.sigmoid_backward(out, g, gi)),
+    "tanh": dict(params={},
+                 fwd=lambda C, x, w, out, p: C.tanh_forward(x, out),
+                 bwd=lambda C, x, w, g, gi, gw, p, out: C.tanh_backward(out, g, gi)),
+    # maxout: out is (y, winner) with y (N, C/2, H, W); w unused
+    "maxout": dict(params={"pieces": 2},
+                   fwd=lambda C, x, w, out, p: C.maxout_forward(x, out[0], out[1], p["pieces"]),
+                   bwd=lambda C, x, w, g, gi, gw, p, out: C.maxout_backward(g, out[1], gi, p["pieces"])),
+    "dropout": dict(params={"p": 0.5, "seed": 1, "training": True},
+                    fwd=lambda C, x, w, out, p: C.dropout_forward(x, out, p["p"], p["seed"]),
+                    bwd=lambda C, x, w, g, gi, gw, p: C.dropout_backward(g, gi, p["p"], p["seed"])),
 }
+UNCHECKED_TORCH = ("rrelu", "dropout")  # torch draws its own random numbers
+
+
+def _out_shape(op, shape):
+    """The shape of y (and of the upstream gradient)."""
+    return (shape[0], shape[1] // 2) + tuple(shape[2:]) if op == "maxout" else shape
 
 CASES = [(op, phase, shape) for op in OPS for phase in PHASES for shape in SHAPES]
 IDS = [f"{op}-{phase}-{'x'.join(map(str, shape))}" for op, phase, shape in CASES]
@@ -88,7 +103,7 @@ def _data(op, shape):
     """x (N, C, H, W), the prelu weight (C,) (None for the others), an upstream gradient."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
-    g = rng.standard_normal(shape, dtype=np.float32)
+    g = rng.standard_normal(_out_shape(op, shape), dtype=np.float32)
     w = rng.uniform(0.05, 0.3, shape[1]).astype(np.float32) if op == "prelu" else None
     return x, w, g
 
@@ -132,11 +147,11 @@ BENCH_IDS = [f"{case_id}-{impl}" for case_id in IDS for impl in IMPLS]
 def test_activation(benchmark, record, op, phase, shape, impl):
     benchmark.group = f"{op} {phase} {shape}"
     if impl.startswith("copy"):
-        _bench_copy(benchmark, impl.split("-")[1], phase, shape)
+        _bench_copy(benchmark, impl.split("-")[1], _nbytes(shape, phase, op))
     else:
         {"pycnn": _bench_pycnn, "kernel": _bench_kernel, "numpy": _bench_numpy, "torch": _bench_torch}[impl](
             benchmark, op, phase, shape)
-    record((op, phase, shape), impl, _nbytes(shape, phase))
+    record((op, phase, shape), impl, _nbytes(shape, phase, op))
 
 
 def _bench_pycnn(benchmark, op, phase, shape):
@@ -153,16 +168,19 @@ def _bench_kernel(benchmark, op, phase, shape):
     C = _C_module()
     x, w, g = _data(op, shape)
     spec, params = OPS[op], OPS[op]["params"]
-    out, gi = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    y = np.full(_out_shape(op, shape), np.nan, dtype=np.float32)
+    out = (y, np.empty(y.shape, np.uint8)) if op == "maxout" else y
+    gi = np.full_like(x, np.nan)
     gw = None if w is None else np.full_like(w, np.nan)
+    backward_reads_out = op in ("sigmoid", "tanh", "maxout")
 
     def run():
         spec["fwd"](C, x, w, out, params)
         if phase == "fwd+bwd":
-            spec["bwd"](C, x, w, g, gi, gw, params)
+            spec["bwd"](C, x, w, g, gi, gw, params, *((out,) if backward_reads_out else ()))
 
     run()
-    _check(op, phase, shape, out, () if phase == "fwd" else ((gi,) if w is None else (gi, gw)))
+    _check(op, phase, shape, y, () if phase == "fwd" else ((gi,) if w is None else (gi, gw)))
     _pedantic(benchmark, run)
 
 
@@ -190,16 +208,15 @@ def _bench_torch(benchmark, op, phase, shape):
         return y.detach(), (xt.grad,) if wt is None else (xt.grad, wt.grad)
 
     y, grads = run()
-    if op != "rrelu":  # torch draws its own random slopes
+    if op not in UNCHECKED_TORCH:
         _check(op, phase, shape, y.numpy(), tuple(t.numpy() for t in grads))
     _pedantic(benchmark, run)
 
 
-def _bench_copy(benchmark, impl, phase, shape):
+def _bench_copy(benchmark, impl, nbytes):
     """A copy of nbytes/2 bytes reads nbytes/2 and writes nbytes/2: the same traffic as the op.
     numpy: np.copyto (one thread); torch: Tensor.copy_ on 2 threads (skipped without torch).
     The table divides by the faster of the two."""
-    nbytes = _nbytes(shape, phase)
     src = np.random.default_rng(0).standard_normal(nbytes // 2 // ITEMSIZE, dtype=np.float32)
     dst = np.empty_like(src)
     if impl == "numpy":
@@ -224,3 +241,63 @@ def _cpp_impl(op):
     if "default" not in registry.get(op).algorithms("cpp"):
         pytest.skip("the cpp backend is not available")
     return registry.get(op).impls[("cpp", "default")]
+
+
+# ------------------------------------------------------------------------------ fancy PCA
+# A batch of uint8 RGB images -> float32 on the 0..255 scale (read 1 byte, write 4 per element).
+
+PCA_SHAPE = (256, 3, 32, 32)
+
+
+@functools.lru_cache(maxsize=1)
+def _pca_data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, PCA_SHAPE, dtype=np.uint8)
+    eigvals, eigvecs = np.linalg.eigh(np.cov(rng.uniform(0, 1, (3, 100))))
+    return images, {"eigvecs": eigvecs, "eigvals": eigvals, "alphas": rng.normal(0, 0.1, (PCA_SHAPE[0], 3))}
+
+
+@functools.lru_cache(maxsize=1)
+def _pca_expected():
+    images, params = _pca_data()
+    return registry.get("fancy_pca").reference.forward(Context((False,)), images, **params)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fancy_pca(benchmark, record, impl):
+    benchmark.group = f"fancy_pca fwd {PCA_SHAPE}"
+    nbytes = 5 * int(np.prod(PCA_SHAPE))  # uint8 in, float32 out
+    images, params = _pca_data()
+    tol = dict(rtol=1e-6, atol=1e-4)
+    if impl.startswith("copy"):
+        _bench_copy(benchmark, impl.split("-")[1], nbytes)
+    elif impl == "pycnn":
+        _C_module()
+        cpp = _cpp_impl("fancy_pca")
+
+        def run():
+            return cpp.forward(Context((False,)), images, **params)
+        np.testing.assert_allclose(run(), _pca_expected(), **tol)
+        _pedantic(benchmark, run)
+    elif impl == "kernel":
+        C = _C_module()
+        out = np.full(PCA_SHAPE, np.nan, np.float32)
+        args = (images, params["eigvecs"], params["eigvals"], params["alphas"], 255.0, out)
+        C.fancy_pca_apply(*args)
+        np.testing.assert_allclose(out, _pca_expected(), **tol)
+        _pedantic(benchmark, C.fancy_pca_apply, *args)
+    elif impl == "numpy":
+        reference = registry.get("fancy_pca").reference
+        _pedantic(benchmark, lambda: reference.forward(Context((False,)), images, **params))
+    else:  # torch: uint8 + float32 offsets promote to float32 in one kernel
+        torch = pytest.importorskip("torch")
+        torch.set_num_threads(2)
+        delta = (params["alphas"] * params["eigvals"]) @ params["eigvecs"].T * 255.0
+        xt = torch.from_numpy(images)
+
+        def run():
+            dt = torch.from_numpy(delta.astype(np.float32))[:, :, None, None]
+            return xt + dt
+        np.testing.assert_allclose(run().numpy(), _pca_expected(), **tol)
+        _pedantic(benchmark, run)
+    record(("fancy_pca", "fwd", PCA_SHAPE), impl, nbytes)

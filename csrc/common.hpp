@@ -15,8 +15,11 @@ namespace py = pybind11;
 // ------------------------------------------------------------------ module registration
 // module.cpp calls one of these per source file; a new file adds its declaration here.
 void register_activations(py::module_& m);
+void register_batchnorm(py::module_& m);     // batchnorm.cpp
 void register_conv3x3(py::module_& m);  // conv3x3.cpp (+ conv3x3_winograd.cpp)
 void register_pool2x2(py::module_& m);  // pool.cpp
+void register_maps(py::module_& m);  // maps.cpp: sigmoid, tanh, maxout, dropout
+void register_fancy_pca(py::module_& m);  // fancy_pca.cpp
 
 namespace pycnn {
 

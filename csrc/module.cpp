@@ -17,6 +17,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), "Set the number of OpenMP threads for kernels called from this Python thread.");
 
     register_activations(m);
+    register_batchnorm(m);
     register_conv3x3(m);
     register_pool2x2(m);
+    register_maps(m);
+    register_fancy_pca(m);
 }

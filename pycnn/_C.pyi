@@ -57,6 +57,19 @@ def conv3x3_backward(x: _Array, weight: _Array, grad_y: _Array, grad_x: _Array |
                      grad_bias: _Array | None, algo: str = "direct") -> None:
     """Each gradient that is not None is overwritten."""
 
+# conv3x3_act (csrc/conv3x3_act.cpp): y = act(conv3x3(x) + bias) in one pass; activation "relu",
+# "leaky_relu" (slope), "prelu" (prelu_weight (K,), None otherwise) or "elu" (alpha).  pre: None or
+# (N, K, H, W) receiving the pre-activation; backward reads `saved` = y, or the pre-activation
+# (saved_is_pre=True: required for leaky_relu slope < 0, elu alpha < 0, prelu with a slope <= 0).
+def conv3x3_act_forward(x: _Array, weight: _Array, bias: _Array | None, prelu_weight: _Array | None, y: _Array,
+                        pre: _Array | None, activation: str, slope: float = 0.01, alpha: float = 1.0,
+                        algo: str = "direct") -> None: ...
+def conv3x3_act_backward(x: _Array, weight: _Array, prelu_weight: _Array | None, saved: _Array, saved_is_pre: bool,
+                         grad_y: _Array, grad_x: _Array | None, grad_weight: _Array | None, grad_bias: _Array | None,
+                         grad_prelu_weight: _Array | None, activation: str, slope: float = 0.01, alpha: float = 1.0,
+                         algo: str = "direct") -> None:
+    """Each gradient that is not None is overwritten."""
+
 def fma_peak_gflops(iters: int = 10000000) -> float:
     """The float32 FMA peak of the OpenMP threads in GFLOP/s (NaN without AVX-512)."""
 
@@ -66,3 +79,24 @@ def maxpool2x2_forward(x: _Array, y: _Array, argmax: npt.NDArray[np.uint8]) -> N
 def maxpool2x2_backward(grad_y: _Array, argmax: npt.NDArray[np.uint8], grad_x: _Array) -> None: ...
 def avgpool2x2_forward(x: _Array, y: _Array) -> None: ...
 def avgpool2x2_backward(grad_y: _Array, grad_x: _Array) -> None: ...
+
+# ------------------------------- sigmoid, tanh, dropout, maxout (csrc/maps.cpp)
+# The backward passes of sigmoid and tanh read the forward output y, not x.
+def sigmoid_forward(x: _Array, out: _Array) -> None: ...
+def sigmoid_backward(y: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
+def tanh_forward(x: _Array, out: _Array) -> None: ...
+def tanh_backward(y: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
+# keep element i where counter_uniform(seed)[i] >= p, scaled by 1 / (1 - p); backward redraws the mask.
+def dropout_forward(x: _Array, out: _Array, p: float, seed: int) -> None: ...
+def dropout_backward(grad_out: _Array, grad_in: _Array, p: float, seed: int) -> None: ...
+# x (N, C*k, ...) -> y (N, C, ...); winner is uint8 shaped like y (k = pieces <= 256).
+def maxout_forward(x: _Array, y: _Array, winner: npt.NDArray[np.uint8], pieces: int) -> None: ...
+def maxout_backward(grad_y: _Array, winner: npt.NDArray[np.uint8], grad_x: _Array, pieces: int) -> None: ...
+
+# ------------------------------------------------ fancy PCA (csrc/fancy_pca.cpp)
+# images (N, 3, H, W) uint8 / float32 / float64 -> out float32 / float32 / float64;
+# eigvecs (3, 3), eigvals (3,), alphas (N, 3) float64: out = images + scale * eigvecs @ (alphas[n] * eigvals).
+def fancy_pca_apply(images: npt.NDArray, eigvecs: npt.NDArray[np.float64], eigvals: npt.NDArray[np.float64],
+                    alphas: npt.NDArray[np.float64], scale: float, out: _Array) -> None: ...
+def rgb_moments(images: npt.NDArray, sums: npt.NDArray[np.float64], outer: npt.NDArray[np.float64]) -> int:
+    """sums (3,) += sum of the pixels' RGB vectors x, outer (3, 3) += sum of x x^T; returns N*H*W."""

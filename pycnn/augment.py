@@ -129,6 +129,14 @@ def resize_bilinear(x, size):
     return _like_input(_bilinear(x, grid_y, grid_x, "edge"), x)
 
 
+def _rgb_moments_kernel():
+    """``pycnn._C.rgb_moments`` (sums of x and x x^T over the pixels of a batch), or None
+    where the C++ extension is not built (FancyPCA.fit then sums with NumPy)."""
+    from pycnn._backend import cpp_extension
+    C = cpp_extension()
+    return None if C is None else C.rgb_moments
+
+
 def _takes_rng(transform) -> bool:
     if isinstance(transform, Transform):
         return True
@@ -419,8 +427,9 @@ class FancyPCA(Transform):
     of the raw 0..255 values and of their products are exact integers in float64, so the
     covariance does not depend on ``batch`` and no float copy of the data set is made.
     Input RGB on [0, scale] (uint8: [0, 255], float: [0, 1] unless ``scale`` says otherwise);
-    output float on the same scale.  (The registry op ``fancy_pca``, where present, is the
-    kernel form of the same sum.)"""
+    output float on the same scale.  ``__call__`` runs the registry op ``fancy_pca``
+    (pycnn/ops/fancy_pca.py: C++ or CUDA kernels); ``fit`` sums with the C++ kernel
+    ``rgb_moments`` where the extension is built, else with NumPy (the same exact sums)."""
 
     def __init__(self, std: float = 0.1, scale=None):
         if not std >= 0:
@@ -437,9 +446,13 @@ class FancyPCA(Transform):
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         sums, products, count = np.zeros(3), np.zeros((3, 3)), 0
+        moments = _rgb_moments_kernel()
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
             chunk = np.asarray(chunk.get() if hasattr(chunk, "get") else chunk)
+            if moments is not None:  # the C++ kernel: the same exact integer sums, one pass, no float copy
+                count += moments(np.ascontiguousarray(chunk), sums, products)
+                continue
             pixels = chunk.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)  # (3, pixels)
             sums += pixels.sum(axis=1)
             products += pixels @ pixels.T
@@ -456,18 +469,29 @@ class FancyPCA(Transform):
         self.eigvals, self.eigvecs = np.linalg.eigh(cov)  # ascending eigenvalues, eigenvectors in columns
         return self
 
-    def offsets(self, n: int, rng) -> np.ndarray:
-        """The per-image RGB offsets (n, 3) on the [0, 1] scale: eigvecs @ (alpha * eigvals)."""
+    def alphas(self, n: int, rng) -> np.ndarray:
+        """The per-image draws alpha ~ N(0, std), (n, 3)."""
         if self.eigvecs is None:
             raise RuntimeError("FancyPCA is not fitted: call fit(images_uint8) first")
-        alpha = as_generator(rng).normal(0.0, self.std, size=(n, 3))
-        return (alpha * self.eigvals) @ self.eigvecs.T
+        return as_generator(rng).normal(0.0, self.std, size=(n, 3))
+
+    def offsets(self, n: int, rng) -> np.ndarray:
+        """The per-image RGB offsets (n, 3) on the [0, 1] scale: eigvecs @ (alpha * eigvals)."""
+        return (self.alphas(n, rng) * self.eigvals) @ self.eigvecs.T
 
     def __call__(self, x, rng=None):
-        xp = _check_batch(x, channels=3)
-        dtype = _work_dtype(x)
-        offset = self.offsets(len(x), rng) * _photometric_scale(x, self.scale)
-        return x.astype(dtype) + xp.asarray(offset.astype(dtype))[:, :, None, None]
+        """x + scale * eigvecs @ (alpha[n] * eigvals) per image, through the registry op
+        ``fancy_pca`` (C++ on NumPy arrays, CUDA on CuPy arrays); no autograd graph."""
+        import pycnn
+
+        _check_batch(x, channels=3)
+        alphas = self.alphas(len(x), rng)
+        if x.dtype not in (np.uint8, np.float32, np.float64):  # float16: work in float32
+            x = x.astype(np.float32)
+        with pycnn.no_grad():
+            out = pycnn.apply_op("fancy_pca", x, eigvecs=self.eigvecs, eigvals=self.eigvals, alphas=alphas,
+                                 scale=_photometric_scale(x, self.scale))
+        return out.data
 
     def state_dict(self) -> dict:
         if self.eigvecs is None:

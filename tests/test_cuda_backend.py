@@ -56,7 +56,7 @@ real_gpu_only = pytest.mark.skipif(SIMULATED or _SKIP_REASON is not None, reason
 
 # ops that the cuda backend implements (conv3x3 under algo="direct")
 CUDA_OPS = ("conv3x3", "maxpool2x2", "avgpool2x2", "relu", "leaky_relu", "prelu", "rrelu", "elu",
-            "sigmoid", "tanh", "maxout", "dropout")
+            "sigmoid", "tanh", "maxout", "dropout", "fancy_pca")
 DTYPES = (np.float32, np.float64)
 TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10)}
 
@@ -278,6 +278,26 @@ def test_fancy_pca_apply(dtype):
     inplace = to_device(images.copy())
     fancy_pca.fancy_pca_apply(inplace, to_device(eigvecs), to_device(eigvals), to_device(alphas), out=inplace)
     np.testing.assert_allclose(to_host(inplace), to_host(out), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_fancy_pca_op_on_uint8_images():
+    """The registry op on uint8 images: float32 on the 0..255 scale, no gradient."""
+    op = registry.get("fancy_pca")
+    rng = np.random.default_rng(16)
+    images = rng.integers(0, 256, (2, 3, 3, 4), dtype=np.uint8)
+    eigvals, eigvecs = np.linalg.eigh(np.cov(rng.uniform(0, 1, (3, 50))))
+    params = {"eigvecs": eigvecs, "eigvals": eigvals, "alphas": rng.normal(0, 0.1, (2, 3))}
+    expected = op.reference.forward(Context((False,)), images, **params)
+    with pycnn.use_backend("cuda"):
+        backend, _, impl = op.resolve((to_device(images),), params)
+    assert backend == "cuda"
+    ctx = Context((False,))
+    with _util.nan_filled_outputs():
+        y = to_host(impl.forward(ctx, to_device(images), **params))
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-4)
+    assert impl.backward(ctx, to_device(np.ones(images.shape, np.float32))) == (None,)
 
 
 @needs_cuda

@@ -37,10 +37,24 @@ def _maxout(x, pieces=2):
     return x.reshape((n, c // pieces, pieces) + tuple(x.shape[2:])).max(dim=2).values
 
 
+def _fancy_pca(x, eigvecs=None, eigvals=None, alphas=None, scale=None):
+    """x + scale * eigvecs @ (alphas[n] * eigvals), per image, written in torch."""
+    scale = (255.0 if x.dtype == torch.uint8 else 1.0) if scale is None else scale
+    delta = (_t(eigvecs) @ (_t(alphas) * _t(eigvals)).T).T * scale  # (N, 3)
+    return x + delta.to(x.dtype)[:, :, None, None]
+
+
 def _batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
     rm = None if running_mean is None else torch.from_numpy(running_mean)  # shares memory: updated in place
     rv = None if running_var is None else torch.from_numpy(running_var)
     return F.batch_norm(x, rm, rv, gamma, beta, training=training, momentum=momentum, eps=eps)
+
+
+def _conv3x3_act(x, w, b=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
+    z = F.conv2d(x, w, b, padding=1)
+    if activation == "prelu":
+        return F.prelu(z, prelu_weight)
+    return {"relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, slope), "elu": lambda z: F.elu(z, alpha)}[activation](z)
 
 
 def _reduce(fn):
@@ -53,6 +67,7 @@ def _reduce(fn):
 
 TORCH_EQUIVALENTS = {
     "conv3x3": lambda x, w, b=None: F.conv2d(x, w, b, padding=1),
+    "conv3x3_act": _conv3x3_act,
     "maxpool2x2": lambda x: F.max_pool2d(x, 2),
     "avgpool2x2": lambda x: F.avg_pool2d(x, 2),
     "relu": F.relu,
@@ -70,6 +85,7 @@ TORCH_EQUIVALENTS = {
         scores, torch.as_tensor(labels), margin=margin),
     "batchnorm": _batchnorm,
     "dropout": _dropout,
+    "fancy_pca": _fancy_pca,
     "add": torch.add,
     "sub": torch.sub,
     "mul": torch.mul,

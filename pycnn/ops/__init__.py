@@ -3,8 +3,8 @@
 Importing this package declares the NumPy references and hooks in the backends, which
 register their implementations the first time they are asked for.
 """
-from pycnn.ops import (activations, conv, dropout, elementwise, linear, loss, norm,  # noqa: F401 (declares)
-                       pool)
+from pycnn.ops import (activations, conv, dropout, elementwise, fancy_pca, linear, loss,  # noqa: F401 (declares)
+                       norm, pool)
 from pycnn.ops.registry import REGISTRY, Op, Sample, all_ops, get
 
 from pycnn.ops import registry as _registry

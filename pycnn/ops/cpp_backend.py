@@ -117,6 +117,107 @@ def _elu(C):
     return forward, backward
 
 
+# ------------------------------------------------- sigmoid, tanh, maxout, dropout (csrc/maps.cpp)
+
+def _saves_output(forward_kernel, backward_kernel):
+    """A map y = f(x) whose gradient is written with y (sigmoid, tanh): y is kept, not x."""
+    def forward(ctx, x):
+        x = _util.contiguous(x)
+        y = _util.empty_like(x)
+        forward_kernel(x, y)
+        ctx.save_for_backward(y)
+        return y
+
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        gx = _util.empty_like(y)
+        backward_kernel(y, _grad_like(grad, y), gx)
+        return (gx,)
+    return forward, backward
+
+
+def _sigmoid(C):
+    return _saves_output(C.sigmoid_forward, C.sigmoid_backward)
+
+
+def _tanh(C):
+    return _saves_output(C.tanh_forward, C.tanh_backward)
+
+
+def _maxout(C):
+    import numpy as np
+
+    # x (N, C*k, ...) -> y (N, C, ...); the winner of each group (uint8, 0..k-1) is kept.
+    # The kernel stores the winner in a uint8: more than 256 pieces run on the reference.
+    reference = registry.get("maxout").reference
+
+    def forward(ctx, x, pieces=2):
+        if pieces > 256:
+            ctx.fallback = True
+            return reference.forward(ctx, x, pieces=pieces)
+        ctx.fallback = False
+        x = _util.contiguous(x)
+        out_shape = (x.shape[0], x.shape[1] // pieces) + tuple(x.shape[2:])
+        y = _util.empty(out_shape, x.dtype, x)
+        winner = np.empty(out_shape, dtype=np.uint8)  # fully written by the kernel
+        C.maxout_forward(x, y, winner, int(pieces))
+        ctx.save_for_backward(winner)
+        ctx.x_shape, ctx.dtype, ctx.pieces = x.shape, x.dtype, int(pieces)
+        return y
+
+    def backward(ctx, grad):
+        if ctx.fallback:
+            return reference.backward(ctx, grad)
+        (winner,) = ctx.saved_tensors
+        gx = _util.empty(ctx.x_shape, ctx.dtype, grad)
+        grad = _util.contiguous(grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype))
+        C.maxout_backward(grad, winner, gx, ctx.pieces)
+        return (gx,)
+    return forward, backward
+
+
+def _dropout(C):
+    # the mask is not stored: backward draws it again from (p, seed)
+    def forward(ctx, x, p=0.5, training=True, seed=0):
+        if not training or p == 0:  # the identity, as the reference
+            ctx.dropout = None
+            return x
+        x = _util.contiguous(x)
+        y = _util.empty_like(x)
+        ctx.dropout = (float(p), int(seed))
+        C.dropout_forward(x, y, *ctx.dropout)
+        ctx.dtype = x.dtype
+        return y
+
+    def backward(ctx, grad):
+        if ctx.dropout is None:
+            return (grad,)
+        grad = _util.contiguous(grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype))
+        gx = _util.empty_like(grad)
+        C.dropout_backward(grad, gx, *ctx.dropout)
+        return (gx,)
+    return forward, backward
+
+
+def _fancy_pca(C):
+    import numpy as np
+
+    from pycnn.ops import fancy_pca as spec
+
+    # images (N, 3, H, W) uint8 / float32 / float64 -> out float32 / float32 / float64 (csrc/fancy_pca.cpp)
+    def forward(ctx, images, eigvecs, eigvals, alphas, scale=None):
+        images = _util.contiguous(images)
+        out = _util.empty(images.shape, spec.output_dtype(images), images)
+        params = (np.ascontiguousarray(a, dtype=np.float64) for a in (eigvecs, eigvals, alphas))
+        C.fancy_pca_apply(images, *params, spec.pixel_scale(images, scale), out)
+        ctx.differentiable = images.dtype != np.uint8
+        return out
+
+    def backward(ctx, grad):
+        return (grad if ctx.differentiable else None,)  # the identity; uint8 images: no gradient
+    return forward, backward
+
+
 # ------------------------------------------------------------- conv3x3 and 2x2 pooling
 # csrc/conv3x3.cpp, csrc/conv3x3_winograd.cpp, csrc/pool.cpp
 
@@ -140,6 +241,49 @@ def _conv3x3(C, algo):
         if gx is not None or gw is not None or gb is not None:
             C.conv3x3_backward(x, weight, _grad_like(grad, x), gx, gw, gb, algo)
         return gx, gw, gb
+    return forward, backward
+
+
+def keeps_preactivation(activation, slope=0.01, alpha=1.0, prelu_weight=None) -> bool:
+    """Whether conv3x3_act's backward needs the pre-activation z, not just the output y:
+    y > 0 exactly when z > 0 for relu, leaky_relu with slope >= 0, elu with alpha >= 0 (elu's
+    derivative is then y + alpha) and prelu with every slope > 0 (its weight gradient is then
+    sum(g * y) / a); a negative slope or alpha, or a prelu slope <= 0, breaks that
+    (csrc/conv3x3_act.cpp)."""
+    if activation == "prelu":
+        return not bool((prelu_weight > 0).all())
+    return (activation == "leaky_relu" and slope < 0) or (activation == "elu" and alpha < 0)
+
+
+def _conv3x3_act(C, algo):
+    # x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None, prelu_weight (K,) or None
+    #   -> y = act(conv3x3(x, weight) + bias) (N, K, H, W)
+    def forward(ctx, x, weight, bias=None, prelu_weight=None, *, activation="relu", slope=0.01, alpha=1.0):
+        x = _util.contiguous(x)
+        weight = _util.contiguous(weight)
+        bias = None if bias is None else _util.contiguous(bias)
+        prelu_weight = None if prelu_weight is None else _util.contiguous(prelu_weight)
+        shape = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
+        y = _util.empty(shape, x.dtype, x)
+        training = any(_needs_grad(ctx, i) for i in range(4))
+        keep_pre = training and keeps_preactivation(activation, slope, alpha, prelu_weight)
+        pre = _util.empty(shape, x.dtype, x) if keep_pre else None
+        C.conv3x3_act_forward(x, weight, bias, prelu_weight, y, pre, activation, float(slope), float(alpha), algo)
+        ctx.save_for_backward(x, weight, prelu_weight, pre if keep_pre else y)
+        ctx.saved_is_pre, ctx.has_bias = keep_pre, bias is not None
+        ctx.act_params = (activation, float(slope), float(alpha))
+        return y
+
+    def backward(ctx, grad):
+        x, weight, prelu_weight, saved = ctx.saved_tensors
+        gx = _util.empty_like(x) if _needs_grad(ctx, 0) else None
+        gw = _util.empty_like(weight) if _needs_grad(ctx, 1) else None
+        gb = _util.empty((weight.shape[0],), x.dtype, x) if ctx.has_bias and _needs_grad(ctx, 2) else None
+        ga = _util.empty_like(prelu_weight) if prelu_weight is not None and _needs_grad(ctx, 3) else None
+        if any(g is not None for g in (gx, gw, gb, ga)):
+            C.conv3x3_act_backward(x, weight, prelu_weight, saved, ctx.saved_is_pre, _grad_like(grad, x),
+                                   gx, gw, gb, ga, *ctx.act_params, algo)
+        return gx, gw, gb, ga
     return forward, backward
 
 
@@ -199,12 +343,51 @@ def _avgpool2x2(C):
     return forward, backward
 
 
+def _batchnorm(C):
+    import numpy as np
+
+    from pycnn.ops.norm import update_running_stats
+
+    # x (N, C) or (N, C, H, W); gamma, beta and the statistics (C,)
+    def forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
+        x = _util.contiguous(x)
+        channels = x.shape[1]
+        if training:
+            mean, var = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+            C.batchnorm_stats(x, mean, var)
+            if running_mean is not None:
+                update_running_stats(running_mean, running_var, mean, var, x.size // channels, momentum)
+        else:
+            mean, var = _util.contiguous(running_mean), running_var
+        invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
+        gamma = _util.contiguous(gamma)
+        y = _util.empty_like(x)
+        C.batchnorm_apply(x, mean, gamma * invstd, _util.contiguous(beta), y)
+        ctx.save_for_backward(x, mean, invstd, gamma)
+        ctx.training = training
+        return y
+
+    def backward(ctx, grad):
+        x, mean, invstd, gamma = ctx.saved_tensors
+        gx = _util.empty_like(x)
+        ggamma, gbeta = _util.empty(gamma.shape, x.dtype, x), _util.empty(gamma.shape, x.dtype, x)
+        C.batchnorm_backward(x, mean, invstd, gamma, _grad_like(grad, x), gx, ggamma, gbeta, ctx.training)
+        return tuple(g if _needs_grad(ctx, i) else None for i, g in enumerate((gx, ggamma, gbeta)))
+    return forward, backward
+
+
 _OPS = {
+    "batchnorm": _batchnorm,
     "relu": _relu,
     "leaky_relu": _leaky_relu,
     "prelu": _prelu,
     "rrelu": _rrelu,
     "elu": _elu,
+    "sigmoid": _sigmoid,
+    "tanh": _tanh,
+    "maxout": _maxout,
+    "dropout": _dropout,
+    "fancy_pca": _fancy_pca,
 }
 
 
@@ -221,6 +404,11 @@ def load() -> None:
         forward, backward = _conv3x3(C, algo)
         conv.register("cpp", forward=forward, backward=backward, algo=algo)
     conv.choose_algo = choose_conv3x3_algo
+    conv_act = registry.get("conv3x3_act")
+    for algo in ("direct", "winograd"):
+        forward, backward = _conv3x3_act(C, algo)
+        conv_act.register("cpp", forward=forward, backward=backward, algo=algo)
+    conv_act.choose_algo = choose_conv3x3_algo
     for name, make in (("maxpool2x2", _maxpool2x2), ("avgpool2x2", _avgpool2x2)):
         forward, backward = make(C)
         registry.get(name).register("cpp", forward=forward, backward=backward)

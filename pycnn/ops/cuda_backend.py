@@ -55,7 +55,7 @@ def kernel_module(name: str):
 # K: the kernel modules, set by load().
 
 class _Kernels:
-    conv = pool = act = dropout = reduce = None
+    conv = pool = act = dropout = reduce = fancy_pca = None
 
 
 K = _Kernels()
@@ -237,6 +237,30 @@ def dropout_backward(ctx, grad):
     return (grad_x,)
 
 
+# fancy PCA ----------------------------------------------------------------------------
+
+def fancy_pca_forward(ctx, images, eigvecs, eigvals, alphas, scale=None):
+    """images (N, 3, H, W) uint8 / float32 / float64 -> float32 / float32 / float64 (see
+    pycnn/ops/fancy_pca.py); the kernel works in the output dtype, so uint8 images are
+    converted first and offset in place."""
+    from pycnn.ops import fancy_pca as spec
+    xp = array_module(images)
+    dtype = spec.output_dtype(images)
+    images = _c(images)
+    scaled = xp.asarray(eigvals, dtype=np.float64) * spec.pixel_scale(images, scale)
+    ctx.differentiable = images.dtype != np.uint8
+    if images.dtype == np.uint8:
+        out = images.astype(dtype)
+        K.fancy_pca.fancy_pca_apply(out, eigvecs, scaled, alphas, out=out)
+    else:
+        out = K.fancy_pca.fancy_pca_apply(images, eigvecs, scaled, alphas)
+    return out
+
+
+def fancy_pca_backward(ctx, grad):
+    return (grad if ctx.differentiable else None,)  # the identity; uint8 images: no gradient
+
+
 # ----------------------------------------------------------------------------- loading
 
 def load() -> None:
@@ -247,6 +271,7 @@ def load() -> None:
         K.act = kernel_module("activations")
         K.dropout = kernel_module("dropout")
         K.reduce = kernel_module("reduce")
+        K.fancy_pca = kernel_module("fancy_pca")
     except ImportError as exc:
         warnings.warn(f"pycnn: the cuda backend needs numba-cuda ({exc}); CUDA arrays run on the "
                       "array-generic references instead. Install it with `pip install 'pycnn[cuda]'`.",
@@ -270,3 +295,4 @@ def load() -> None:
     register("tanh", *_unary("tanh_forward", "tanh_backward", saves_output=True))
     register("maxout", maxout_forward, maxout_backward)
     register("dropout", dropout_forward, dropout_backward)
+    register("fancy_pca", fancy_pca_forward, fancy_pca_backward)

@@ -44,6 +44,13 @@ def _channel(v, ndim):
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """In place: running = (1 - momentum) * running + momentum * batch statistic, with the
+    unbiased variance (``count`` values per channel)."""
+    running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+    running_var[...] = (1 - momentum) * running_var + momentum * var * (count / (count - 1))
+
+
 def batchnorm_forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True,
                       momentum=0.1, eps=1e-5):
     xp = array_module(x)
@@ -52,9 +59,7 @@ def batchnorm_forward(ctx, x, gamma, beta, running_mean=None, running_var=None, 
         mean = x.mean(axis=axes)
         var = x.var(axis=axes)
         if running_mean is not None:
-            count = x.size // x.shape[1]
-            running_mean[...] = (1 - momentum) * running_mean + momentum * mean
-            running_var[...] = (1 - momentum) * running_var + momentum * var * (count / (count - 1))
+            update_running_stats(running_mean, running_var, mean, var, x.size // x.shape[1], momentum)
     else:
         mean, var = running_mean, running_var
     inv_std = (1 / xp.sqrt(var + eps)).astype(x.dtype)
