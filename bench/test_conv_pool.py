@@ -8,39 +8,35 @@ of the batch: the reference takes seconds on the whole batch), then times the fu
 through the registry implementation as autograd calls it (wrappers and output allocation
 included).  Times are medians.
 
-conv3x3, batch 32, float32.  FLOPs are those of the direct convolution:
-    forward   2 * N * K * C * 9 * H * W
-    fwd+bwd   3x that (grad_x and grad_weight cost the same as the forward; grad_bias ~0)
-  limit: the FMA peak of the 2 OpenMP threads, measured by _C.fma_peak_gflops (24 independent
-  AVX-512 FMA chains per thread).  Winograd does fewer FLOPs than it is credited with.
-
-Pooling, float32; E = elements of x (4 bytes each), y has E/4 elements:
-    maxpool fwd:      read x, write y, write argmax (1 byte)   -> 4E + E + E/4
-    maxpool fwd+bwd:  + read grad_y and argmax, write grad_x    -> 10.5 E
-    avgpool fwd:      read x, write y                           -> 5E
-    avgpool fwd+bwd:  + read grad_y, write grad_x               -> 10E
-  limit: a copy of the same bytes (np.copyto, 1 thread, or torch copy_, 2 threads; the
-  faster), in the table of bench/conftest.py.
+The shapes, data, checks, FLOP and byte counts are those of ``pycnn bench``
+(pycnn/benchmarks.py, where the arithmetic is written out):
+  conv3x3, batch 32, float32: direct-convolution FLOPs (fwd+bwd: 3x the forward); limit: the
+  FMA peak of the 2 OpenMP threads, measured by _C.fma_peak_gflops (24 independent AVX-512
+  FMA chains per thread).  Winograd does fewer FLOPs than it is credited with.
+  conv3x3_act (conv3x3 + bias + relu fused) next to the unfused pair and torch.
+  Pooling: bytes read + written (maxpool 5.25E fwd, 10.5E fwd+bwd with its 1-byte winners;
+  avgpool 5E, 10E; E = elements of x); limit: a copy of the same bytes (np.copyto, 1
+  thread, or torch copy_, 2 threads; the faster), in the table of bench/conftest.py.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 import pytest
 
+from pycnn import benchmarks
 from pycnn.autograd import Context
+from pycnn.benchmarks import conv_data as _conv_data
+from pycnn.benchmarks import run_impl
 from pycnn.ops import registry
 
-N = 32
-CONV_SHAPES = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8)]  # (C, K, H=W)
+N = benchmarks.N
+CONV_SHAPES = benchmarks.CONV_SHAPES  # (C, K, H=W)
 CONV_IMPLS = ["auto", "direct", "winograd", "torch"]
-PHASES = ["fwd", "fwd+bwd"]
-POOL_SHAPES = [(32, 64, 32, 32), (32, 128, 16, 16)]
-POOL_OPS = ["maxpool2x2", "avgpool2x2"]
-POOL_BYTES_PER_ELEMENT = {("maxpool2x2", "fwd"): 5.25, ("maxpool2x2", "fwd+bwd"): 10.5,
-                          ("avgpool2x2", "fwd"): 5.0, ("avgpool2x2", "fwd+bwd"): 10.0}
+PHASES = list(benchmarks.PHASES)
+POOL_SHAPES = benchmarks.MAP_SHAPES
+POOL_OPS = list(benchmarks.POOL_OPS)
 
 
 ROUND_BUDGET_S = 0.25  # per case: rounds = budget / (time of one call), within ROUND_LIMITS
@@ -125,48 +121,23 @@ def conv_table(request, C):
 
 
 def _conv_flops(shape, phase):
-    c, k, h = shape
-    fwd = 2 * N * k * c * 9 * h * h
-    return fwd if phase == "fwd" else 3 * fwd
-
-
-@functools.lru_cache(maxsize=2)
-def _conv_data(shape):
-    """x (N, C, H, W), weight (K, C, 3, 3), bias (K,), an upstream gradient (N, K, H, W)."""
-    c, k, h = shape
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((N, c, h, h), dtype=np.float32)
-    w = (rng.standard_normal((k, c, 3, 3), dtype=np.float32) / np.float32(np.sqrt(9 * c)))
-    b = rng.standard_normal(k, dtype=np.float32)
-    g = rng.standard_normal((N, k, h, h), dtype=np.float32)
-    return x, w, b, g
+    return benchmarks.conv_flops(shape, phase)
 
 
 def _run_conv(impl, phase, x, w, b, g):
-    ctx = Context((True, True, True))
-    y = impl.forward(ctx, x, w, b)
-    return y, (impl.backward(ctx, g) if phase == "fwd+bwd" else ())
+    return run_impl(impl, phase, (x, w, b), {}, g)
 
 
-def _conv_impl(algo, shape):
-    op = registry.get("conv3x3")
-    if "direct" not in op.algorithms("cpp"):
-        pytest.skip("the cpp backend is not available")
-    if algo == "auto":
-        c, k, h = shape
-        algo = op.choose_algo("cpp", [(N, c, h, h), (k, c, 3, 3), (k,)], {})
-    return op.impls[("cpp", algo)]
+def _conv_impl(algo, shape, op="conv3x3"):
+    c, k, h = shape
+    impl = benchmarks.cpp_impl(op, algo, [(N, c, h, h), (k, c, 3, 3), (k,)])
+    if impl is None:
+        pytest.skip(f"the cpp backend has no {op}")
+    return impl
 
 
 def _check_conv(impl, phase, x, w, b, g):
-    """impl vs the NumPy reference (float64) on the first 2 images; errors relative to the largest value."""
-    sub = (x[:2], w, b, g[:2])
-    y, grads = _run_conv(impl, phase, *sub)
-    y_ref, grads_ref = _run_conv(registry.get("conv3x3").reference, phase,
-                                 *(a.astype(np.float64) for a in sub))
-    for name, got, want in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), (y_ref, *grads_ref)):
-        error = np.abs(got - want).max() / np.abs(want).max()
-        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    benchmarks.check_conv(impl, phase, x, w, b, g)
 
 
 CONV_CASES = [(shape, phase, impl) for shape in CONV_SHAPES for phase in PHASES for impl in CONV_IMPLS]
@@ -210,14 +181,11 @@ def test_conv3x3(benchmark, conv_table, C, shape, phase, impl):
 
 # ------------------------------------------------------------------------------ pooling
 def _pool_bytes(op, phase, shape):
-    return int(POOL_BYTES_PER_ELEMENT[op, phase] * np.prod(shape))
+    return benchmarks.pass_bytes(op, phase, shape)
 
 
-@functools.lru_cache(maxsize=2)
 def _pool_data(shape):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    g = rng.standard_normal((shape[0], shape[1], shape[2] // 2, shape[3] // 2), dtype=np.float32)
+    (x,), g = benchmarks.map_data("maxpool2x2", shape)  # the same arrays for both pooling ops
     return x, g
 
 
@@ -312,3 +280,33 @@ def test_pool_copy_limit(benchmark, record, op, phase, shape, impl):
     benchmark.group = f"copy {nbytes} bytes"
     _pedantic(benchmark, copy, *args)
     record((op, phase, shape), f"copy-{impl}", nbytes)  # the row of the pooling pass in the table
+
+
+# ------------------------------------------------------------ conv3x3 + relu, fused or not
+FUSED_CASES = [(shape, phase, impl) for shape in benchmarks.FUSED_SHAPES for phase in PHASES
+               for impl in ("fused", "unfused", "torch")]
+
+
+@pytest.mark.parametrize("shape, phase, impl", FUSED_CASES,
+                         ids=[f"conv3x3_act-{p}-C{s[0]}K{s[1]}H{s[2]}-{i}" for s, p, i in FUSED_CASES])
+def test_conv3x3_relu(benchmark, C, shape, phase, impl):
+    """relu(conv3x3(x) + b): one conv3x3_act call, conv3x3 then relu, or torch (conv2d, relu)."""
+    x, w, b, g = _conv_data(shape)
+    benchmark.group = f"conv3x3+relu {phase} {shape}"
+    if impl == "torch":
+        run = benchmarks.torch_conv_runner(_torch(), phase, x, w, b, g, activation="relu")
+        y_ours, _ = run_impl(_conv_impl("auto", shape, "conv3x3_act"), "fwd", (x, w, b, None),
+                             {"activation": "relu"}, g)
+        np.testing.assert_allclose(run().numpy(), y_ours, rtol=1e-4, atol=1e-4)
+    elif impl == "fused":
+        fused = _conv_impl("auto", shape, "conv3x3_act")
+        benchmarks.check_conv(fused, phase, x, w, b, g, op="conv3x3_act", params={"activation": "relu"})
+
+        def run():
+            return run_impl(fused, phase, (x, w, b, None), {"activation": "relu"}, g)
+    else:
+        conv, relu = _conv_impl("auto", shape), benchmarks.cpp_impl("relu")
+
+        def run():
+            return benchmarks.run_unfused(conv, relu, phase, x, w, b, g)
+    _pedantic(benchmark, run)

@@ -53,7 +53,7 @@ namespace {
 // y[n, k] = b[k] + sum_{c, t} w[k, c, t] * x[n, c, shifted by t]    (any T)
 template <typename T>
 void forward_plain(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
-                   int64_t W) {
+                   int64_t W, const Epilogue<T>& ep) {
     const int64_t P = H * W;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
@@ -78,6 +78,7 @@ void forward_plain(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
                     }
                 }
             }
+            if (ep.active()) ep.apply(yp, (n * K + k) * P, k, P);
         }
     }
 }
@@ -197,7 +198,7 @@ inline void forward_block(const float* x, const float* wp, const float* b, float
 
 template <int KB, int NV>
 void forward_blocked(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
-                     int64_t H, int64_t W) {
+                     int64_t H, int64_t W, const Epilogue<float>& ep) {
     const int64_t P = H * W;
     const TapMasks tm(H, W, kPixelPad);
     const int64_t kblocks = (K + KB - 1) / KB;
@@ -211,16 +212,24 @@ void forward_blocked(const float* x, const float* w, const float* b, float* y, i
             const float* xn = x + n * C * P;
             float* yn = y + (n * K + kb * KB) * P;
             const float* bb = b ? b + kb * KB : nullptr;
-            for (int64_t v0 = 0; v0 < nvec; v0 += NV)
+            for (int64_t v0 = 0; v0 < nvec; v0 += NV) {
                 forward_block<KB, NV>(xn, wp + kb * C * 9 * KB, bb, yn, nk, C, P, tm, v0);
+                if (!ep.active()) continue;
+                // the epilogue on the pixels just stored (nk x up to 16 * NV floats, in L1)
+                const int64_t p0 = v0 * 16, np = std::min<int64_t>(P, (v0 + NV) * 16) - p0;
+                for (int r = 0; r < nk; ++r) {
+                    const int64_t k = kb * KB + r;
+                    ep.apply(yn + r * P + p0, (n * K + k) * P + p0, k, np);
+                }
+            }
         }
     }
 }
 
 void forward_avx512(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
-                    int64_t H, int64_t W) {
-    if (K <= 3) return forward_blocked<3, 8>(x, w, b, y, N, C, K, H, W);
-    forward_blocked<6, 4>(x, w, b, y, N, C, K, H, W);
+                    int64_t H, int64_t W, const Epilogue<float>& ep) {
+    if (K <= 3) return forward_blocked<3, 8>(x, w, b, y, N, C, K, H, W, ep);
+    forward_blocked<6, 4>(x, w, b, y, N, C, K, H, W, ep);
 }
 
 // ----------------------------------------------------------- grad_weight micro-kernel
@@ -399,11 +408,11 @@ void grad_weight_avx512(const float* x, const float* gy, float* gw, int64_t N, i
 // --------------------------------------------------------------------- entry points
 template <typename T>
 void direct_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
-                    int64_t W) {
+                    int64_t W, const Epilogue<T>& ep) {
 #if PYCNN_CONV_AVX512
-    if constexpr (std::is_same_v<T, float>) return forward_avx512(x, w, b, y, N, C, K, H, W);
+    if constexpr (std::is_same_v<T, float>) return forward_avx512(x, w, b, y, N, C, K, H, W, ep);
 #endif
-    forward_plain(x, w, b, y, N, C, K, H, W);
+    forward_plain(x, w, b, y, N, C, K, H, W, ep);
 }
 
 template <typename T>
@@ -440,8 +449,22 @@ void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P) {
     }
 }
 
+template <typename T>
+void backward(bool winograd, const T* x, const T* w, const T* gy, T* gx, T* gw, T* gb, int64_t N, int64_t C,
+              int64_t K, int64_t H, int64_t W) {
+    if (gx) {
+        if (winograd) winograd_grad_input<T>(gy, w, gx, N, C, K, H, W);
+        else direct_grad_input<T>(gy, w, gx, N, C, K, H, W);
+    }
+    if (gw) direct_grad_weight<T>(x, gy, gw, N, C, K, H, W);
+    if (gb) grad_bias<T>(gy, gb, N, K, H * W);
+}
+
 #define PYCNN_INSTANTIATE(T)                                                                                  \
-    template void direct_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t); \
+    template void direct_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                    const Epilogue<T>&);                                                      \
+    template void backward<T>(bool, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,  \
+                              int64_t);                                                                       \
     template void direct_grad_input<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t);         \
     template void direct_grad_weight<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t);        \
     template void grad_bias<T>(const T*, T*, int64_t, int64_t, int64_t);
@@ -498,6 +521,37 @@ bool optional_array(const char* fn, const char* name, const py::object& obj, con
     if (obj.is_none()) return false;
     out = as_array_like(fn, name, obj, "x", ref, writeable);
     return true;
+}
+
+using pycnn::conv::Activation;
+
+Activation parse_activation(const char* fn, const std::string& name) {
+    if (name == "relu") return Activation::Relu;
+    if (name == "leaky_relu") return Activation::LeakyRelu;
+    if (name == "prelu") return Activation::Prelu;
+    if (name == "elu") return Activation::Elu;
+    throw py::value_error(std::string(fn) + ": activation must be 'relu', 'leaky_relu', 'prelu' or 'elu', got '" +
+                          name + "'");
+}
+
+// Whether the backward pass of conv3x3_act needs the pre-activation z rather than the output
+// (conv3x3_act.cpp explains why); `prelu` holds the K slopes of activation 'prelu'.
+template <typename T>
+bool needs_preactivation(Activation act, double slope, double alpha, const T* prelu, int64_t K) {
+    if (act == Activation::Prelu) return !std::all_of(prelu, prelu + K, [](T a) { return a > T(0); });
+    return (act == Activation::LeakyRelu && slope < 0) || (act == Activation::Elu && alpha < 0);
+}
+
+// The prelu weight (K,): required for prelu, refused otherwise.
+bool prelu_weight_arg(const char* fn, Activation act, const py::object& obj, const py::array& x, int64_t K,
+                      py::array& out) {
+    const bool has = optional_array(fn, "prelu_weight", obj, x, false, out);
+    if (has != (act == Activation::Prelu)) {
+        throw py::value_error(std::string(fn) + (has ? ": prelu_weight must be None unless activation is 'prelu'"
+                                                     : ": activation 'prelu' needs prelu_weight of shape (K,)"));
+    }
+    if (has) require_shape(fn, "prelu_weight", out, {K});
+    return has;
 }
 
 // The peak float32 FMA rate of this machine on the OpenMP threads (GFLOP/s): 24 independent
@@ -601,12 +655,7 @@ void register_conv3x3(py::module_& m) {
                 T* gwp = want_w ? static_cast<T*>(gw.mutable_data()) : nullptr;
                 T* gbp = want_b ? static_cast<T*>(gb.mutable_data()) : nullptr;
                 py::gil_scoped_release nogil;
-                if (gxp) {
-                    if (algo == Algo::Direct) cv::direct_grad_input<T>(gp, wp, gxp, d.N, d.C, d.K, d.H, d.W);
-                    else cv::winograd_grad_input<T>(gp, wp, gxp, d.N, d.C, d.K, d.H, d.W);
-                }
-                if (gwp) cv::direct_grad_weight<T>(xp, gp, gwp, d.N, d.C, d.K, d.H, d.W);
-                if (gbp) cv::grad_bias<T>(gp, gbp, d.N, d.K, d.H * d.W);
+                cv::backward<T>(algo == Algo::Winograd, xp, wp, gp, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
             });
         },
         py::arg("x"), py::arg("weight"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"),
@@ -614,4 +663,110 @@ void register_conv3x3(py::module_& m) {
         "Gradients of conv3x3_forward; each of grad_x, grad_weight, grad_bias is None (not computed) or "
         "an array to overwrite.  algo 'winograd' computes grad_x by Winograd F(2x2, 3x3) with the flipped "
         "filter; grad_weight is always computed directly.");
+    m.def(
+        "conv3x3_act_forward",
+        [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& a_obj,
+           const py::object& y_obj, const py::object& pre_obj, const std::string& activation, double slope,
+           double alpha, const std::string& algo_name) {
+            const char* fn = "conv3x3_act_forward";
+            const Algo algo = parse_algo(fn, algo_name);
+            const Activation act = parse_activation(fn, activation);
+            py::array x = as_float_array(fn, "x", x_obj);
+            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
+            py::array b, a, pre, y = as_array_like(fn, "y", y_obj, "x", x, /*writeable=*/true);
+            const ConvDims d = conv_dims(fn, x, w);
+            const bool has_bias = optional_array(fn, "bias", b_obj, x, false, b);
+            if (has_bias) require_shape(fn, "bias", b, {d.K});
+            const bool has_prelu = prelu_weight_arg(fn, act, a_obj, x, d.K, a);
+            const bool keep_pre = optional_array(fn, "pre", pre_obj, x, true, pre);
+            require_shape(fn, "y", y, {d.N, d.K, d.H, d.W});
+            if (keep_pre) require_shape(fn, "pre", pre, {d.N, d.K, d.H, d.W});
+            pycnn::dispatch_float(x, [&](auto zero) {
+                using T = decltype(zero);
+                cv::Epilogue<T> ep;
+                ep.act = act;
+                ep.slope = static_cast<T>(slope);
+                ep.alpha = static_cast<T>(alpha);
+                ep.prelu = has_prelu ? static_cast<const T*>(a.data()) : nullptr;
+                ep.pre = keep_pre ? static_cast<T*>(pre.mutable_data()) : nullptr;
+                const T* xp = static_cast<const T*>(x.data());
+                const T* wp = static_cast<const T*>(w.data());
+                const T* bp = has_bias ? static_cast<const T*>(b.data()) : nullptr;
+                T* yp = static_cast<T*>(y.mutable_data());
+                py::gil_scoped_release nogil;
+                if (algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+                else cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+            });
+        },
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("y"), py::arg("pre"),
+        py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0, py::arg("algo") = "direct",
+        "y = act(conv3x3(x, weight) + bias) in one pass (y overwritten).  activation: 'relu', 'leaky_relu' "
+        "(slope), 'prelu' (prelu_weight (K,)) or 'elu' (alpha); prelu_weight is None for the others.  pre: "
+        "None or an array (N, K, H, W) that receives the pre-activation (needed by the backward pass for "
+        "leaky_relu with slope < 0, elu with alpha < 0 and prelu with a slope <= 0).");
+    m.def(
+        "conv3x3_act_backward",
+        [](const py::object& x_obj, const py::object& w_obj, const py::object& a_obj, const py::object& s_obj,
+           bool saved_is_pre, const py::object& g_obj, const py::object& gx_obj, const py::object& gw_obj,
+           const py::object& gb_obj, const py::object& ga_obj, const std::string& activation, double slope,
+           double alpha, const std::string& algo_name) {
+            const char* fn = "conv3x3_act_backward";
+            const Algo algo = parse_algo(fn, algo_name);
+            const Activation act = parse_activation(fn, activation);
+            py::array x = as_float_array(fn, "x", x_obj);
+            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
+            py::array saved = as_array_like(fn, "saved", s_obj, "x", x);
+            py::array g = as_array_like(fn, "grad_y", g_obj, "x", x);
+            const ConvDims d = conv_dims(fn, x, w);
+            require_shape(fn, "saved", saved, {d.N, d.K, d.H, d.W});
+            require_shape(fn, "grad_y", g, {d.N, d.K, d.H, d.W});
+            py::array a, gx, gw, gb, ga;
+            const bool has_prelu = prelu_weight_arg(fn, act, a_obj, x, d.K, a);
+            const bool want_x = optional_array(fn, "grad_x", gx_obj, x, true, gx);
+            const bool want_w = optional_array(fn, "grad_weight", gw_obj, x, true, gw);
+            const bool want_b = optional_array(fn, "grad_bias", gb_obj, x, true, gb);
+            const bool want_a = optional_array(fn, "grad_prelu_weight", ga_obj, x, true, ga);
+            if (want_x) require_shape(fn, "grad_x", gx, pycnn::shape_of(x));
+            if (want_w) require_shape(fn, "grad_weight", gw, pycnn::shape_of(w));
+            if (want_b) require_shape(fn, "grad_bias", gb, {d.K});
+            if (want_a) {
+                if (!has_prelu) throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless "
+                                                      "activation is 'prelu'");
+                require_shape(fn, "grad_prelu_weight", ga, {d.K});
+            }
+            pycnn::dispatch_float(x, [&](auto zero) {
+                using T = decltype(zero);
+                cv::Epilogue<T> ep;
+                ep.act = act;
+                ep.slope = static_cast<T>(slope);
+                ep.alpha = static_cast<T>(alpha);
+                ep.prelu = has_prelu ? static_cast<const T*>(a.data()) : nullptr;
+                const T* xp = static_cast<const T*>(x.data());
+                const T* wp = static_cast<const T*>(w.data());
+                const T* sp = static_cast<const T*>(saved.data());
+                const T* gp = static_cast<const T*>(g.data());
+                T* gxp = want_x ? static_cast<T*>(gx.mutable_data()) : nullptr;
+                T* gwp = want_w ? static_cast<T*>(gw.mutable_data()) : nullptr;
+                T* gbp = want_b ? static_cast<T*>(gb.mutable_data()) : nullptr;
+                T* gap = want_a ? static_cast<T*>(ga.mutable_data()) : nullptr;
+                if (!saved_is_pre && needs_preactivation<T>(act, slope, alpha, ep.prelu, d.K)) {
+                    throw py::value_error(std::string(fn) + ": activation '" + activation +
+                                          "' with these parameters needs the pre-activation (saved_is_pre=True): "
+                                          "the output does not tell the branches apart");
+                }
+                py::gil_scoped_release nogil;
+                const int64_t P = d.H * d.W;
+                // gz: the gradient of the pre-activation (N, K, H, W), read by all three conv gradients
+                std::unique_ptr<T[]> gz(new T[static_cast<size_t>(d.N * d.K * P)]);
+                cv::activation_grad<T>(ep, sp, saved_is_pre, gp, gz.get(), gap, d.N, d.K, P);
+                cv::backward<T>(algo == Algo::Winograd, xp, wp, gz.get(), gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+            });
+        },
+        py::arg("x"), py::arg("weight"), py::arg("prelu_weight"), py::arg("saved"), py::arg("saved_is_pre"),
+        py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
+        py::arg("grad_prelu_weight"), py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0,
+        py::arg("algo") = "direct",
+        "Gradients of conv3x3_act_forward.  saved is the output y (saved_is_pre=False: relu, leaky_relu with "
+        "slope >= 0, elu with alpha >= 0, prelu with every slope > 0) or the pre-activation (saved_is_pre=True, "
+        "required otherwise).  Each gradient is None (not computed) or an array to overwrite.");
 }

@@ -129,7 +129,8 @@ int64_t chunk_rows(int64_t tw) {
 }
 
 template <typename T>
-void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
+void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
+              const Epilogue<T>& ep) {
     const int64_t th = (H + 1) / 2, tw = (W + 1) / 2;
     // A tile row of the chunk is one strip of pw = 2 * (tw + 1) padded columns: [0, x row, 0 (, 0)].
     // Column j of V is tile (row j / tq, tx = j % tq) with tq = tw + 1 and reads strip columns
@@ -220,9 +221,14 @@ void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, in
                         o1[2 * tx] = s[1][0] + s[1][1] + s[1][2] + bk;
                         o1[2 * tx + 1] = s[1][1] - s[1][2] - s[1][3] + bk;
                     }
-                    T* yp = y + ((n * K + k) * H + 2 * ty) * W;
+                    const int64_t at = ((n * K + k) * H + 2 * ty) * W;
+                    T* yp = y + at;
                     std::memcpy(yp, o0, sizeof(T) * W);
-                    if (2 * ty + 1 < H) std::memcpy(yp + W, o1, sizeof(T) * W);
+                    if (ep.active()) ep.apply(yp, at, k, W);  // the fused epilogue (conv3x3.hpp), in L1
+                    if (2 * ty + 1 < H) {
+                        std::memcpy(yp + W, o1, sizeof(T) * W);
+                        if (ep.active()) ep.apply(yp + W, at + W, k, W);
+                    }
                 }
             }
         }
@@ -233,20 +239,20 @@ void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, in
 
 template <typename T>
 void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
-                      int64_t W) {
-    winograd<T>(x, w, b, y, N, C, K, H, W);
+                      int64_t W, const Epilogue<T>& ep) {
+    winograd<T>(x, w, b, y, N, C, K, H, W, ep);
 }
 
 template <typename T>
 void winograd_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
     const std::vector<T> wt = flip_transpose(w, C, K);  // (C, K, 3, 3)
-    winograd<T>(gy, wt.data(), nullptr, gx, N, K, C, H, W);
+    winograd<T>(gy, wt.data(), nullptr, gx, N, K, C, H, W, Epilogue<T>());
 }
 
 template void winograd_forward<float>(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
-                                      int64_t, int64_t);
+                                      int64_t, int64_t, const Epilogue<float>&);
 template void winograd_forward<double>(const double*, const double*, const double*, double*, int64_t, int64_t,
-                                       int64_t, int64_t, int64_t);
+                                       int64_t, int64_t, int64_t, const Epilogue<double>&);
 template void winograd_grad_input<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                                          int64_t);
 template void winograd_grad_input<double>(const double*, const double*, double*, int64_t, int64_t, int64_t,

@@ -5,6 +5,9 @@
         directory with config, history, checkpoints and figures
     pycnn evaluate CHECKPOINT [--dataset NAME] [--split test|train]
         score a checkpoint
+    pycnn bench [--quick] [--ops relu,conv3x3] [--json PATH] [--no-torch]
+        check, then time the C++ kernels against PyTorch CPU and the machine's limits
+        (2 threads each) and print one table
 """
 from __future__ import annotations
 
@@ -86,6 +89,23 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pycnn import benchmarks
+
+    ops = [name.strip() for name in args.ops.split(",") if name.strip()] if args.ops else None
+    log = (lambda message: print(f"  {message}", file=sys.stderr, flush=True)) if args.verbose else None
+    try:
+        rows, facts = benchmarks.run(quick=args.quick, ops=ops, use_torch=not args.no_torch, log=log)
+    except (ValueError, RuntimeError) as exc:
+        print(f"pycnn bench: {exc}", file=sys.stderr)
+        return 2
+    print(benchmarks.table(rows, facts))
+    if args.json:
+        Path(args.json).write_text(json.dumps([row.as_json() for row in rows], indent=1) + "\n")
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,8 +122,15 @@ def main(argv=None) -> int:
     evaluate.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
     evaluate.add_argument("--split", choices=("test", "train"), default="test")
 
+    bench = commands.add_parser("bench", help="time the C++ kernels against PyTorch CPU and the machine's limits")
+    bench.add_argument("--quick", action="store_true", help="one shape per op and few repeats (a smoke test)")
+    bench.add_argument("--ops", help="comma-separated ops to run, e.g. relu,conv3x3 (default: all)")
+    bench.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list of objects")
+    bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out (its columns stay empty)")
+    bench.add_argument("--verbose", action="store_true", help="name each case on stderr as it runs")
+
     args = parser.parse_args(argv)
-    return {"train": _train, "evaluate": _evaluate}[args.command](args)
+    return {"train": _train, "evaluate": _evaluate, "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":

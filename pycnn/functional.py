@@ -13,6 +13,14 @@ def conv3x3(x, weight, bias=None, algo: str = "auto") -> Tensor:
     return apply_op("conv3x3", x, weight, bias, algo=algo)
 
 
+def conv3x3_act(x, weight, bias=None, prelu_weight=None, activation: str = "relu", slope: float = 0.01,
+                alpha: float = 1.0, algo: str = "auto") -> Tensor:
+    """act(conv3x3(x, weight, bias)) in one pass: activation 'relu', 'leaky_relu' (slope),
+    'prelu' (prelu_weight, (K,)) or 'elu' (alpha).  Same result as the two calls."""
+    return apply_op("conv3x3_act", x, weight, bias, prelu_weight, algo=algo, activation=activation,
+                    slope=slope, alpha=alpha)
+
+
 def max_pool2x2(x) -> Tensor:
     """2x2 max pooling, stride 2: (N, C, H, W) -> (N, C, H//2, W//2)."""
     return apply_op("maxpool2x2", x)

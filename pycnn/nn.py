@@ -143,12 +143,19 @@ class Module:
 
 
 class Sequential(Module):
-    def __init__(self, *layers: Module):
+    """Layers applied in order.  A Conv3x3 directly followed by a ReLU, LeakyReLU, PReLU or
+    ELU runs as one fused call (``F.conv3x3_act``: the activation is applied where the
+    convolution stores its output) when the backend that would run the convolution
+    implements the fused op; the result is that of the two layers.  ``fuse=False`` (or
+    setting ``.fuse``) runs every layer on its own."""
+
+    def __init__(self, *layers: Module, fuse: bool = True):
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"layer {i} must be a Module, got {type(layer).__name__}")
             setattr(self, str(i), layer)
+        self.fuse = fuse
 
     def __iter__(self):
         return iter(self._modules.values())
@@ -160,9 +167,35 @@ class Sequential(Module):
         return list(self._modules.values())[index]
 
     def forward(self, x):
-        for layer in self._modules.values():
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if self.fuse and i + 1 < len(layers) and _fusable(layer, layers[i + 1], x):
+                x = layers[i + 1].fused_after(layer, x)
+                i += 2
+                continue
             x = layer(x)
+            i += 1
         return x
+
+
+def _fusable(conv, act, x) -> bool:
+    """Whether ``act(conv(x))`` can run as one conv3x3_act call: exactly a Conv3x3 and one of
+    the activations below, and the backend that runs conv3x3 on x runs conv3x3_act too (so a
+    fused call never falls back to a slower backend)."""
+    if type(conv) is not Conv3x3 or type(act) not in _CONV_ACTIVATIONS:
+        return False
+    if isinstance(act, PReLU) and act.weight.shape != (conv.out_channels,):
+        return False  # the unfused path reports the mismatch
+    from pycnn.ops import registry
+    inputs = (x.data if isinstance(x, Tensor) else x, conv.weight.data)
+    try:
+        backend, _, _ = registry.get("conv3x3").resolve(inputs, {}, conv.algo)
+        fused_backend, _, _ = registry.get("conv3x3_act").resolve(inputs, {}, conv.algo)
+    except (TypeError, ValueError):
+        return False
+    return backend == fused_backend
 
 
 def _check_positive_int(name, value):
@@ -231,6 +264,10 @@ class ReLU(Module):
     def forward(self, x):
         return F.relu(x)
 
+    def fused_after(self, conv, x):
+        """self(conv(x)) in one call (nn.Sequential)."""
+        return F.conv3x3_act(x, conv.weight, conv.bias, activation="relu", algo=conv.algo)
+
 
 class LeakyReLU(Module):
     def __init__(self, slope: float = 0.01):
@@ -239,6 +276,9 @@ class LeakyReLU(Module):
 
     def forward(self, x):
         return F.leaky_relu(x, self.slope)
+
+    def fused_after(self, conv, x):
+        return F.conv3x3_act(x, conv.weight, conv.bias, activation="leaky_relu", slope=self.slope, algo=conv.algo)
 
     def extra_repr(self):
         return f"slope={self.slope}"
@@ -253,6 +293,9 @@ class PReLU(Module):
 
     def forward(self, x):
         return F.prelu(x, self.weight)
+
+    def fused_after(self, conv, x):
+        return F.conv3x3_act(x, conv.weight, conv.bias, self.weight, activation="prelu", algo=conv.algo)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}"
@@ -281,6 +324,9 @@ class ELU(Module):
     def forward(self, x):
         return F.elu(x, self.alpha)
 
+    def fused_after(self, conv, x):
+        return F.conv3x3_act(x, conv.weight, conv.bias, activation="elu", alpha=self.alpha, algo=conv.algo)
+
     def extra_repr(self):
         return f"alpha={self.alpha}"
 
@@ -307,6 +353,10 @@ class Maxout(Module):
 
     def extra_repr(self):
         return f"pieces={self.pieces}"
+
+
+# the layers nn.Sequential fuses into a preceding Conv3x3 (each has ``fused_after``)
+_CONV_ACTIVATIONS = (ReLU, LeakyReLU, PReLU, ELU)
 
 
 class BatchNorm(Module):

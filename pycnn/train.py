@@ -59,7 +59,7 @@ class Config:
     weight_decay: float = 5e-4
     l1: float = 0.0
     max_norm: float = 0.0              # 0: off
-    schedule: str = "none"             # none | step | cosine | plateau
+    schedule: str = "cosine"           # none | step | cosine | plateau
     step_size: int = 10
     gamma: float = 0.1
     plateau_factor: float = 2.0
@@ -68,7 +68,7 @@ class Config:
     loss: str = "cross_entropy"        # cross_entropy | hinge
     label_smoothing: float = 0.0
     # run
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 32
     seed: int = 0
     prefetch: int = 2
