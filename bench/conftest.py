@@ -19,6 +19,7 @@ compares, for each (op, pass, shape):
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 
@@ -37,6 +38,20 @@ def _warm_allocator():
     import numpy as np
     np.ones(24 * 2**20 // 8).sum()
     yield
+
+
+ROUND_BUDGET_S = 0.3  # per case: rounds = budget / (time of one call), within ROUND_LIMITS
+ROUND_LIMITS = (5, 300)
+
+
+def pedantic(benchmark, fn, *args):
+    """benchmark.pedantic with warm-up rounds and as many rounds as fit in ROUND_BUDGET_S."""
+    fn(*args)  # warm-up (and page-in) before the estimate
+    start = time.perf_counter()
+    fn(*args)
+    once = max(time.perf_counter() - start, 1e-6)
+    rounds = int(min(max(ROUND_BUDGET_S / once, ROUND_LIMITS[0]), ROUND_LIMITS[1]))
+    benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=2)
 
 
 @pytest.fixture

@@ -22,24 +22,14 @@ import pytest
 from pycnn import benchmarks
 from pycnn.autograd import Context
 from pycnn.ops import registry
+from bench.conftest import pedantic  # noqa: E402
 
 SHAPES = benchmarks.MAP_SHAPES
 PHASES = list(benchmarks.PHASES)
 ITEMSIZE = benchmarks.ITEMSIZE
-ROUND_BUDGET_S = 0.3  # per case: rounds = budget / (time of one call), within ROUND_LIMITS
-ROUND_LIMITS = (5, 300)
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
-def _pedantic(benchmark, fn, *args):
-    """benchmark.pedantic with warm-up rounds and as many rounds as fit in ROUND_BUDGET_S."""
-    import time
-    fn(*args)  # warm-up (and page-in) before the estimate
-    start = time.perf_counter()
-    fn(*args)
-    once = max(time.perf_counter() - start, 1e-6)
-    rounds = int(min(max(ROUND_BUDGET_S / once, ROUND_LIMITS[0]), ROUND_LIMITS[1]))
-    benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=2)
 
 
 def _nbytes(shape, phase, op):
@@ -160,7 +150,7 @@ def _bench_pycnn(benchmark, op, phase, shape):
     impl = _cpp_impl(op)
     x, w, g = _data(op, shape)
     _check(op, phase, shape, *_run(impl, op, phase, x, w, g))
-    _pedantic(benchmark, _run, impl, op, phase, x, w, g)
+    pedantic(benchmark, _run, impl, op, phase, x, w, g)
 
 
 def _bench_kernel(benchmark, op, phase, shape):
@@ -181,12 +171,12 @@ def _bench_kernel(benchmark, op, phase, shape):
 
     run()
     _check(op, phase, shape, y, () if phase == "fwd" else ((gi,) if w is None else (gi, gw)))
-    _pedantic(benchmark, run)
+    pedantic(benchmark, run)
 
 
 def _bench_numpy(benchmark, op, phase, shape):
     x, w, g = _data(op, shape)
-    _pedantic(benchmark, _run, registry.get(op).reference, op, phase, x, w, g)
+    pedantic(benchmark, _run, registry.get(op).reference, op, phase, x, w, g)
 
 
 def _bench_torch(benchmark, op, phase, shape):
@@ -210,7 +200,7 @@ def _bench_torch(benchmark, op, phase, shape):
     y, grads = run()
     if op not in UNCHECKED_TORCH:
         _check(op, phase, shape, y.numpy(), tuple(t.numpy() for t in grads))
-    _pedantic(benchmark, run)
+    pedantic(benchmark, run)
 
 
 def _bench_copy(benchmark, impl, nbytes):
@@ -227,7 +217,7 @@ def _bench_copy(benchmark, impl, nbytes):
         copy, args = torch.Tensor.copy_, (torch.from_numpy(dst), torch.from_numpy(src))
     copy(*args)
     np.testing.assert_array_equal(dst, src)
-    _pedantic(benchmark, copy, *args)
+    pedantic(benchmark, copy, *args)
 
 
 def _C_module():
@@ -278,17 +268,17 @@ def test_fancy_pca(benchmark, record, impl):
         def run():
             return cpp.forward(Context((False,)), images, **params)
         np.testing.assert_allclose(run(), _pca_expected(), **tol)
-        _pedantic(benchmark, run)
+        pedantic(benchmark, run)
     elif impl == "kernel":
         C = _C_module()
         out = np.full(PCA_SHAPE, np.nan, np.float32)
         args = (images, params["eigvecs"], params["eigvals"], params["alphas"], 255.0, out)
         C.fancy_pca_apply(*args)
         np.testing.assert_allclose(out, _pca_expected(), **tol)
-        _pedantic(benchmark, C.fancy_pca_apply, *args)
+        pedantic(benchmark, C.fancy_pca_apply, *args)
     elif impl == "numpy":
         reference = registry.get("fancy_pca").reference
-        _pedantic(benchmark, lambda: reference.forward(Context((False,)), images, **params))
+        pedantic(benchmark, lambda: reference.forward(Context((False,)), images, **params))
     else:  # torch: uint8 + float32 offsets promote to float32 in one kernel
         torch = pytest.importorskip("torch")
         torch.set_num_threads(2)
@@ -299,5 +289,5 @@ def test_fancy_pca(benchmark, record, impl):
             dt = torch.from_numpy(delta.astype(np.float32))[:, :, None, None]
             return xt + dt
         np.testing.assert_allclose(run().numpy(), _pca_expected(), **tol)
-        _pedantic(benchmark, run)
+        pedantic(benchmark, run)
     record(("fancy_pca", "fwd", PCA_SHAPE), impl, nbytes)

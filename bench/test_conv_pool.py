@@ -30,6 +30,7 @@ from pycnn.autograd import Context
 from pycnn.benchmarks import conv_data as _conv_data
 from pycnn.benchmarks import run_impl
 from pycnn.ops import registry
+from bench.conftest import pedantic  # noqa: E402
 
 N = benchmarks.N
 CONV_SHAPES = benchmarks.CONV_SHAPES  # (C, K, H=W)
@@ -39,19 +40,8 @@ POOL_SHAPES = benchmarks.MAP_SHAPES
 POOL_OPS = list(benchmarks.POOL_OPS)
 
 
-ROUND_BUDGET_S = 0.25  # per case: rounds = budget / (time of one call), within ROUND_LIMITS
-ROUND_LIMITS = (5, 200)
 
 
-def _pedantic(benchmark, fn, *args):
-    """benchmark.pedantic with warm-up rounds and as many rounds as fit in ROUND_BUDGET_S."""
-    import time
-    fn(*args)  # warm-up (and page-in) before the estimate
-    start = time.perf_counter()
-    fn(*args)
-    once = max(time.perf_counter() - start, 1e-6)
-    rounds = int(min(max(ROUND_BUDGET_S / once, ROUND_LIMITS[0]), ROUND_LIMITS[1]))
-    benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=2)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +159,7 @@ def test_conv3x3(benchmark, conv_table, C, shape, phase, impl):
 
         def run():
             return _run_conv(kernel, phase, x, w, b, g)
-    _pedantic(benchmark, run)
+    pedantic(benchmark, run)
     median = benchmark.stats.stats.median if getattr(benchmark, "stats", None) else None
     if median is not None:
         conv_table.times[shape, phase, impl] = median
@@ -255,7 +245,7 @@ def test_pool(benchmark, record, C, op, phase, shape, impl):
     for got, want in zip(grads, grads_ref):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     benchmark.group = f"{op} {phase} {shape}"
-    _pedantic(benchmark, run)
+    pedantic(benchmark, run)
     record((op, phase, shape), impl, _pool_bytes(op, phase, shape))
 
 
@@ -278,7 +268,7 @@ def test_pool_copy_limit(benchmark, record, op, phase, shape, impl):
     copy(*args)
     np.testing.assert_array_equal(dst, src)
     benchmark.group = f"copy {nbytes} bytes"
-    _pedantic(benchmark, copy, *args)
+    pedantic(benchmark, copy, *args)
     record((op, phase, shape), f"copy-{impl}", nbytes)  # the row of the pooling pass in the table
 
 
@@ -309,4 +299,4 @@ def test_conv3x3_relu(benchmark, C, shape, phase, impl):
 
         def run():
             return benchmarks.run_unfused(conv, relu, phase, x, w, b, g)
-    _pedantic(benchmark, run)
+    pedantic(benchmark, run)

@@ -2,6 +2,7 @@
 float64 finite-difference gradient check."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -57,6 +58,19 @@ def numerical_gradients(impl, sample, grad_output, eps=1e-6):
             out[j] = (plus - minus) / (2 * eps)
         grads.append(numeric)
     return grads
+
+
+@contextlib.contextmanager
+def omp_threads(n: int):
+    """Run the C++ kernels called inside the block on ``n`` OpenMP threads."""
+    from pycnn import _C
+
+    before = _C.num_threads()
+    _C.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _C.set_num_threads(before)
 
 
 @pytest.fixture

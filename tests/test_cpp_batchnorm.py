@@ -8,6 +8,7 @@ C = pytest.importorskip("pycnn._C")
 
 from pycnn.autograd import Context  # noqa: E402
 from pycnn.ops import registry  # noqa: E402
+from tests.conftest import omp_threads  # noqa: E402
 
 
 def run(impl, x, gamma, beta, **params):
@@ -33,14 +34,10 @@ def test_result_does_not_depend_on_the_thread_count():
     x = np.random.default_rng(2).standard_normal((32, 16, 16, 16)).astype(np.float32)
     gamma, beta = np.ones(16, np.float32), np.zeros(16, np.float32)
     impl = registry.get("batchnorm").impls[("cpp", "default")]
-    before = C.num_threads()
-    try:
-        C.set_num_threads(1)
+    with omp_threads(1):
         one = run(impl, x, gamma, beta)
-        C.set_num_threads(2)
+    with omp_threads(2):
         two = run(impl, x, gamma, beta)
-    finally:
-        C.set_num_threads(before)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
 

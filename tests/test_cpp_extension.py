@@ -3,7 +3,6 @@ argument checks, thread-count independence and GIL release.  (The comparison of 
 with its NumPy reference is driven by the registry in test_ops.py.)"""
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import numpy as np
@@ -12,19 +11,12 @@ import pytest
 C = pytest.importorskip("pycnn._C")
 
 from pycnn.ops import _util, registry  # noqa: E402
+from tests.conftest import omp_threads  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 SEEDS = [0, 1, 42, 2**32 + 7, 2**63 + 5, 2**64 - 1]
 
 
-@contextlib.contextmanager
-def omp_threads(n):
-    before = C.num_threads()
-    C.set_num_threads(n)
-    try:
-        yield
-    finally:
-        C.set_num_threads(before)
 
 
 # --------------------------------------------------------------------- random numbers

@@ -3,7 +3,6 @@
 every cpp implementation with its NumPy reference is registry-driven (test_ops.py)."""
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -14,19 +13,11 @@ import pycnn  # noqa: E402
 from pycnn import augment as A  # noqa: E402
 from pycnn.autograd import Context  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
-from tests.conftest import TOLERANCE  # noqa: E402
+from tests.conftest import TOLERANCE, omp_threads  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 
 
-@contextlib.contextmanager
-def omp_threads(n):
-    before = C.num_threads()
-    C.set_num_threads(n)
-    try:
-        yield
-    finally:
-        C.set_num_threads(before)
 
 
 def cpp(name):
