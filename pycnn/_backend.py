@@ -75,6 +75,19 @@ def device_of(a) -> str:
     return "cuda" if is_cuda_array(a) else "cpu"
 
 
+def to_device(a, device: str):
+    """``a`` as a NumPy array (device 'cpu') or a CuPy array (device 'cuda')."""
+    if device == "cpu":
+        return a.get() if is_cuda_array(a) and hasattr(a, "get") else np.asarray(a)
+    if device == "cuda":
+        try:
+            import cupy
+        except ImportError as exc:
+            raise RuntimeError("device 'cuda' needs CuPy and an NVIDIA GPU: pip install 'pycnn[cuda]'") from exc
+        return cupy.asarray(a)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
 # ------------------------------------------------------------------------ the C++ extension
 
 _extension = None

@@ -66,7 +66,7 @@ def _train(args) -> int:
     try:
         with pycnn.profile() if args.profile else contextlib.nullcontext() as timings:
             history = run(config, args.run_dir, resume=args.resume)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"pycnn train: {exc}", file=sys.stderr)
         return 2
     if timings is not None:

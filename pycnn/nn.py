@@ -13,7 +13,7 @@ import numpy as np
 
 import pycnn.functional as F
 from pycnn import init
-from pycnn._backend import array_module
+from pycnn._backend import array_module, to_device
 from pycnn.autograd import Tensor
 
 
@@ -117,14 +117,14 @@ class Module:
                 raise ValueError(f"state[{name!r}] has shape {value.shape}, the model expects {tuple(target.shape)}")
             target[...] = array_module(target).asarray(value, dtype=target.dtype)
 
-    def to(self, xp) -> "Module":
-        """Move parameters and buffers to the array module ``xp`` (numpy or cupy)."""
+    def to(self, device: str) -> "Module":
+        """Move parameters and buffers to ``device``: 'cpu' (NumPy) or 'cuda' (CuPy)."""
         for p in self.parameters():
-            p.data = xp.asarray(p.data)
+            p.data = to_device(p.data, device)
             p.grad = None
         for _, module in self.named_modules():
             for name, b in list(module._buffers.items()):
-                module.register_buffer(name, xp.asarray(b))
+                module.register_buffer(name, to_device(b, device))
         return self
 
     # ---------------------------------------------------------------------------- repr

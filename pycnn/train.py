@@ -72,11 +72,13 @@ class Config:
     batch_size: int = 32
     seed: int = 0
     prefetch: int = 2
+    device: str = "cpu"                # cpu (NumPy arrays) | cuda (CuPy arrays on an NVIDIA GPU)
 
     CHOICES = {"dataset": ("digits", "cifar10"), "balance": ("none", "upsample", "downsample"),
                "preprocess": ("standardise", "mean_image", "channel_mean", "minmax", "zca"),
                "activation": tuple(models.ACTIVATIONS), "optimizer": ("sgd", "adam"),
-               "schedule": ("none", "step", "cosine", "plateau"), "loss": ("cross_entropy", "hinge")}
+               "schedule": ("none", "step", "cosine", "plateau"), "loss": ("cross_entropy", "hinge"),
+               "device": ("cpu", "cuda")}
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
@@ -215,6 +217,7 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True) ->
     spec = model_spec(config, train_x.shape[1], train_x.shape[2], int(max(train_y.max(), test_y.max()) + 1))
     trainer = Trainer(model, optimiser, train_loader, test_loader, schedule=schedule, loss=config.loss,
                       label_smoothing=config.label_smoothing, checkpoint_dir=checkpoint_dir, progress=progress,
+                      device=config.device,
                       meta={"model": spec, "config": config.to_dict()},
                       attachments={f"preprocess/{k}": v for k, v in preprocessor.state_dict().items()})
     latest = latest_checkpoint(run_dir) if resume else None

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import pycnn.functional as F
 from pycnn import random as _random
+from pycnn._backend import to_device
 from pycnn.autograd import Tensor, no_grad
 
 
@@ -33,12 +34,15 @@ class Trainer:
     def __init__(self, model, optimizer, train_loader, val_loader=None, *, schedule=None, loss: str = "cross_entropy",
                  label_smoothing: float = 0.0, class_weight=None, max_loss_ratio: float = 3.0,
                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, meta: dict | None = None,
-                 attachments: dict | None = None):
+                 attachments: dict | None = None, device: str = "cpu"):
         """``meta``: JSON-able facts stored in every checkpoint (model spec, config);
-        ``attachments``: arrays stored with them (a fitted pre-processing, say)."""
+        ``attachments``: arrays stored with them (a fitted pre-processing, say);
+        ``device``: 'cpu' or 'cuda' — the model is moved there and every batch follows it,
+        so the same loop trains on NumPy or on CuPy arrays."""
         if loss not in ("cross_entropy", "hinge"):
             raise ValueError(f"loss must be 'cross_entropy' or 'hinge', got {loss!r}")
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.device = device
+        self.model, self.optimizer, self.schedule = model.to(device), optimizer, schedule
         self.train_loader, self.val_loader = train_loader, val_loader
         self.loss_name, self.label_smoothing, self.class_weight = loss, label_smoothing, class_weight
         self.max_loss_ratio = max_loss_ratio
@@ -97,6 +101,7 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self.progress,
                    unit="batch", total=_length(self.train_loader), mininterval=0.5)
         for images, labels in bar:
+            images, labels = to_device(images, self.device), to_device(labels, self.device)
             logits = self.model(Tensor(images))
             loss = self.loss(logits, labels)
             self.optimizer.zero_grad()
@@ -136,6 +141,7 @@ class Trainer:
         total_loss = correct = seen = 0
         with no_grad():
             for images, labels in loader:
+                images, labels = to_device(images, self.device), to_device(labels, self.device)
                 logits = self.model(Tensor(images))
                 total_loss += self.loss(logits, labels).item() * len(labels)
                 correct += int((_host(logits.data).argmax(axis=1) == _host(labels)).sum())

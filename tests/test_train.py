@@ -106,6 +106,16 @@ def test_cli_resume_keeps_the_saved_settings(tmp_path, capsys):
     assert "resumed from" in out and "time spent in ops" in out and "conv3x3" in out
 
 
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed: this machine may have a GPU")
+    except ImportError:
+        pass
+    assert cli.main(["train", "--device", "cuda", "--epochs", "1", "--run-dir", str(tmp_path)]) == 2
+    assert "device 'cuda' needs CuPy" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_settings(tmp_path, capsys):
     assert cli.main(["train", "--epochs", "0", "--run-dir", str(tmp_path)]) == 2
     assert "epochs must be >= 1" in capsys.readouterr().err
