@@ -75,10 +75,15 @@ def device_of(a) -> str:
     return "cuda" if is_cuda_array(a) else "cpu"
 
 
+def to_host(a) -> np.ndarray:
+    """``a`` as a NumPy array (copied from the GPU when it lives there)."""
+    return a.get() if is_cuda_array(a) and hasattr(a, "get") else np.asarray(a)
+
+
 def to_device(a, device: str):
     """``a`` as a NumPy array (device 'cpu') or a CuPy array (device 'cuda')."""
     if device == "cpu":
-        return a.get() if is_cuda_array(a) and hasattr(a, "get") else np.asarray(a)
+        return to_host(a)
     if device == "cuda":
         try:
             import cupy

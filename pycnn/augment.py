@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from pycnn import random as _random
-from pycnn._backend import array_module
+from pycnn._backend import array_module, to_host
 
 __all__ = ["Transform", "Compose", "RandomFlip", "RandomCrop", "RandomScaleCrop", "RandomRotation",
            "ColourJitter", "ColorJitter", "FancyPCA", "resize_bilinear", "rgb_to_hsv", "hsv_to_rgb",
@@ -449,7 +449,7 @@ class FancyPCA(Transform):
         moments = _rgb_moments_kernel()
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
-            chunk = np.asarray(chunk.get() if hasattr(chunk, "get") else chunk)
+            chunk = to_host(chunk)
             if moments is not None:  # the C++ kernel: the same exact integer sums, one pass, no float copy
                 count += moments(np.ascontiguousarray(chunk), sums, products)
                 continue

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pycnn._backend import array_module, device_of
+from pycnn._backend import array_module, device_of, to_host
 
 _grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("pycnn_grad_enabled", default=True)
 
@@ -84,7 +84,7 @@ class Tensor:
 
     def numpy(self) -> np.ndarray:
         """The data as a NumPy array (copied from the GPU when it lives there)."""
-        return self.data.get() if hasattr(self.data, "get") and not isinstance(self.data, np.ndarray) else self.data
+        return to_host(self.data)
 
     def item(self) -> float:
         if self.size != 1:

@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from pycnn._backend import array_module
+from pycnn._backend import array_module, to_host
 from pycnn.augment import _takes_rng
 
 __all__ = ["ArrayDataset", "BalancedSampler", "DataLoader"]
@@ -85,7 +85,7 @@ class BalancedSampler:
     def __init__(self, labels, mode: str = "upsample", seed: int = 0):
         if mode not in ("upsample", "downsample"):
             raise ValueError(f"mode must be 'upsample' or 'downsample', got {mode!r}")
-        labels = np.asarray(labels.get() if hasattr(labels, "get") else labels)
+        labels = to_host(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) == 0:
             raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {labels.shape} "
                              f"dtype {labels.dtype}")

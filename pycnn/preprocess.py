@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn._backend import array_module
+from pycnn._backend import array_module, to_host
 
 __all__ = ["Preprocessor", "SubtractMeanImage", "SubtractChannelMean", "Standardise", "MinMaxScale",
            "PCAWhiten", "ZCAWhiten", "from_state_dict"]
 
 _CLASSES: dict[str, type] = {}
-
-
-def _host(a) -> np.ndarray:
-    return np.asarray(a.get() if hasattr(a, "get") else a)
 
 
 def _check_images(images, name: str = "images"):
@@ -55,7 +51,7 @@ def _chunks(images, batch: int, index=None):
     n = len(images) if index is None else len(index)
     for start in range(0, n, batch):
         part = images[start:start + batch] if index is None else images[index[start:start + batch]]
-        yield _host(part).astype(np.float64)
+        yield to_host(part).astype(np.float64)
 
 
 class _Moments:

@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 import pycnn
 from pycnn import augment, data, datasets, models, optim, preprocess, schedules

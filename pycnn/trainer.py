@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import pycnn.functional as F
 from pycnn import random as _random
-from pycnn._backend import to_device
+from pycnn._backend import to_device, to_host
 from pycnn.autograd import Tensor, no_grad
 
 
@@ -114,7 +114,7 @@ class Trainer:
             self.history["batch_loss"].append(value)
             n = len(labels)
             total_loss += value * n
-            correct += int((_host(logits.data).argmax(axis=1) == _host(labels)).sum())
+            correct += int((to_host(logits.data).argmax(axis=1) == to_host(labels)).sum())
             seen += n
             bar.set_postfix(loss=f"{value:.3f}", acc=f"{correct / seen:.3f}",
                             lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
@@ -144,7 +144,7 @@ class Trainer:
                 images, labels = to_device(images, self.device), to_device(labels, self.device)
                 logits = self.model(Tensor(images))
                 total_loss += self.loss(logits, labels).item() * len(labels)
-                correct += int((_host(logits.data).argmax(axis=1) == _host(labels)).sum())
+                correct += int((to_host(logits.data).argmax(axis=1) == to_host(labels)).sum())
                 seen += len(labels)
         self.model.train()
         if seen == 0:
@@ -212,10 +212,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     if "meta" not in arrays:
         raise ValueError(f"{path} is not a pycnn checkpoint (no 'meta' entry)")
     return arrays, json.loads(str(arrays.pop("meta")))
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 def _length(loader):

@@ -9,7 +9,6 @@ Shapes: x is (N, C, H, W), y is (N, C, H // 2, W // 2).
 """
 from __future__ import annotations
 
-import numpy as np
 
 from pycnn._backend import array_module
 from pycnn.ops import _util
