@@ -1,12 +1,18 @@
 // Batch normalisation over x (N, C, S): S = H*W for 4-D inputs, 1 for 2-D inputs.
 //
-// Statistics are summed per (n, c) row in double, then per channel in the order of n, so
-// the result does not depend on the number of threads.  The variance is E[x^2] - E[x]^2 in
-// double: for float32 data the cancellation costs nothing unless |mean| / std > ~1e4.
+// The statistics are two-pass, in double: the mean m0 of the values, then the corrected sums
+// of d = x - m0 (Chan, Golub & LeVeque 1983):
+//   mean = m0 + sum(d) / M,   M2 = sum(d^2) - sum(d)^2 / M,   var = M2 / M
+// sum(d) is the rounding error of m0, so the correction repairs it to first order; nothing
+// subtracts two large numbers (E[x^2] - E[x]^2 loses everything once |mean| >> std).  This is
+// done per (n, c) row while it is in L1, and the rows are merged by Chan's formula
+// (stats_kernel).  Every sum has a fixed order that depends on the shape alone: the results
+// are the same on any number of OpenMP threads.
 #include "common.hpp"
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -34,42 +40,130 @@ void check_channels(const char* fn, const char* name, const py::array& a, int64_
     }
 }
 
-// Per-channel sums of f(row r, s) over the rows n*C + c, reduced in the order of n.
-// row_sums(r) fills `width` doubles for row r; the channel totals land in `out` (C x width).
-template <typename RowSums>
-void channel_sums(int64_t N, int64_t C, int64_t S, int width, RowSums row_sums, std::vector<double>& out) {
-    const int64_t rows = N * C;
-    std::vector<double> per_row(static_cast<size_t>(rows * width));
-    double* per_row_p = per_row.data();
-#pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
-    for (int64_t r = 0; r < rows; ++r) row_sums(r, per_row_p + r * width);
-    out.assign(static_cast<size_t>(C * width), 0.0);
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c)
-            for (int k = 0; k < width; ++k) out[c * width + k] += per_row_p[(n * C + c) * width + k];
+// Two per-element terms, summed per channel in double.
+struct Terms {
+    double a, b;
+};
+
+constexpr int64_t kColumnBlock = 64;  // channels per thread in the S = 1 layout
+
+// out[c] = sum over n, s of term(u[i], v[i], shift[c]), i = (n * C + c) * S + s the flat index
+// of the (N, C, S) arrays u and v; shift (C,) is a per-channel constant of the term (passed
+// by value so that it stays in a register).
+// The order of the additions depends on the shape alone, never on the thread count:
+//   S > 1:  each (n, c) row of S values is summed by one thread (SIMD lanes, then the
+//           lanes in a fixed order), then the rows of a channel are added in order of n;
+//   S = 1:  (N, C) input: each channel is summed in order of n by one thread, the loop over
+//           a block of channels vectorised (one lane per channel).
+template <typename T, typename Term>
+void channel_sums(const T* u, const T* v, const double* shift, int64_t N, int64_t C, int64_t S, Term term,
+                  std::vector<Terms>& out) {
+    out.assign(static_cast<size_t>(C), Terms{0.0, 0.0});
+    Terms* outp = out.data();
+    const bool parallel = N * C * S >= kParallelMinElements;
+    if (S > 1) {
+        const int64_t rows = N * C;
+        std::vector<Terms> per_row(static_cast<size_t>(rows));
+        Terms* rowp = per_row.data();
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t r = 0; r < rows; ++r) {
+            const double sc = shift[r % C];
+            const T* ur = u + r * S;
+            const T* vr = v + r * S;
+            double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+            for (int64_t s = 0; s < S; ++s) {
+                const Terms t = term(ur[s], vr[s], sc);
+                a += t.a;
+                b += t.b;
+            }
+            rowp[r] = Terms{a, b};
+        }
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t c = 0; c < C; ++c) {
+                outp[c].a += rowp[n * C + c].a;
+                outp[c].b += rowp[n * C + c].b;
+            }
+        return;
+    }
+    const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t c0 = blk * kColumnBlock, width = std::min(kColumnBlock, C - c0);
+        double a[kColumnBlock] = {}, b[kColumnBlock] = {};
+        for (int64_t n = 0; n < N; ++n) {
+            const T* un = u + n * C + c0;
+            const T* vn = v + n * C + c0;
+            const double* sn = shift + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) {
+                const Terms t = term(un[j], vn[j], sn[j]);
+                a[j] += t.a;
+                b[j] += t.b;
+            }
+        }
+        for (int64_t j = 0; j < width; ++j) outp[c0 + j] = Terms{a[j], b[j]};
+    }
+}
+
+// The mean and M2 = sum (x - mean)^2 of the S values of one row: two passes over the row (the
+// second from L1), m0 = sum(x) / S, then the corrected sums of d = x - m0.
+template <typename T>
+inline void row_moments(const T* xr, int64_t S, double& mean, double& m2) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < S; ++i) s += static_cast<double>(xr[i]);
+    const double m0 = s / static_cast<double>(S);
+    double sd = 0.0, sdd = 0.0;
+#pragma omp simd reduction(+ : sd, sdd)
+    for (int64_t i = 0; i < S; ++i) {
+        const double d = static_cast<double>(xr[i]) - m0;
+        sd += d;
+        sdd += d * d;
+    }
+    mean = m0 + sd / static_cast<double>(S);
+    m2 = sdd - sd * (sd / static_cast<double>(S));
 }
 
 // mean[c] and the biased var[c] of x over N and S.
+//   S > 1: the moments of each (n, c) row (row_moments, x read from memory once), merged over
+//          the rows of a channel in order of n by Chan's formula (no cancellation either);
+//   S = 1: two passes over the (N, C) array (channel_sums: vectorised across channels).
 template <typename T>
 void stats_kernel(const T* x, T* mean, T* var, int64_t N, int64_t C, int64_t S) {
-    std::vector<double> sums;
-    channel_sums(N, C, S, 2, [&](int64_t r, double* acc) {
-        const T* xr = x + r * S;
-        double s = 0.0, ss = 0.0;
-#pragma omp simd reduction(+ : s, ss)
-        for (int64_t i = 0; i < S; ++i) {
-            const double v = static_cast<double>(xr[i]);
-            s += v;
-            ss += v * v;
-        }
-        acc[0] = s;
-        acc[1] = ss;
-    }, sums);
     const double count = static_cast<double>(N * S);
-    for (int64_t c = 0; c < C; ++c) {
-        const double m = sums[2 * c] / count;
-        mean[c] = static_cast<T>(m);
-        var[c] = static_cast<T>(std::max(sums[2 * c + 1] / count - m * m, 0.0));
+    if (S > 1) {
+        const int64_t rows = N * C;
+        std::vector<double> row_mean(static_cast<size_t>(rows)), row_m2(static_cast<size_t>(rows));
+        double *rmp = row_mean.data(), *rm2p = row_m2.data();
+#pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
+        for (int64_t r = 0; r < rows; ++r) row_moments(x + r * S, S, rmp[r], rm2p[r]);
+        const double s = static_cast<double>(S);
+        for (int64_t c = 0; c < C; ++c) {
+            double n = s, m = rmp[c], m2 = rm2p[c];  // the rows n' < n of channel c, merged
+            for (int64_t k = 1; k < N; ++k) {
+                const double delta = rmp[k * C + c] - m, total = n + s;
+                m += delta * (s / total);
+                m2 += rm2p[k * C + c] + delta * delta * (n * s / total);
+                n = total;
+            }
+            mean[c] = static_cast<T>(m);
+            var[c] = static_cast<T>(std::max(m2 / count, 0.0));
+        }
+        return;
+    }
+    std::vector<Terms> sums;
+    std::vector<double> m0(static_cast<size_t>(C), 0.0);
+    channel_sums(x, x, m0.data(), N, C, S, [](T xi, T, double) { return Terms{static_cast<double>(xi), 0.0}; }, sums);
+    for (int64_t c = 0; c < C; ++c) m0[c] = sums[c].a / count;
+    channel_sums(x, x, m0.data(), N, C, S, [](T xi, T, double m) {
+        const double d = static_cast<double>(xi) - m;
+        return Terms{d, d * d};
+    }, sums);
+    for (int64_t c = 0; c < C; ++c) {  // the corrected two-pass formula (top of the file)
+        const double sd = sums[c].a, sdd = sums[c].b;
+        mean[c] = static_cast<T>(m0[c] + sd / count);
+        var[c] = static_cast<T>(std::max((sdd - sd * (sd / count)) / count, 0.0));
     }
 }
 
@@ -96,28 +190,18 @@ void apply_kernel(const T* x, const T* mean, const T* scale, const T* shift, T* 
 template <typename T>
 void backward_kernel(const T* x, const T* mean, const T* invstd, const T* gamma, const T* g, T* gx, T* ggamma,
                      T* gbeta, int64_t N, int64_t C, int64_t S, bool training) {
-    std::vector<double> sums;
-    channel_sums(N, C, S, 2, [&](int64_t r, double* acc) {
-        const int64_t c = r % C;
-        const double m = static_cast<double>(mean[c]);
-        const T* xr = x + r * S;
-        const T* gr = g + r * S;
-        double sg = 0.0, sgx = 0.0;
-#pragma omp simd reduction(+ : sg, sgx)
-        for (int64_t i = 0; i < S; ++i) {
-            const double gv = static_cast<double>(gr[i]);
-            sg += gv;
-            sgx += gv * (static_cast<double>(xr[i]) - m);
-        }
-        acc[0] = sg;
-        acc[1] = sgx;
+    std::vector<double> shift(mean, mean + C);
+    std::vector<Terms> sums;
+    channel_sums(g, x, shift.data(), N, C, S, [](T gi, T xi, double m) {
+        const double gv = static_cast<double>(gi);
+        return Terms{gv, gv * (static_cast<double>(xi) - m)};
     }, sums);
     const double count = static_cast<double>(N * S);
     std::vector<T> k0(C), k1(C), k2(C);  // grad_x = k0 * g + k1 * (x - mean) + k2
     for (int64_t c = 0; c < C; ++c) {
         const double is = static_cast<double>(invstd[c]);
-        const double sum_g = sums[2 * c];
-        const double sum_gxhat = sums[2 * c + 1] * is;
+        const double sum_g = sums[c].a;
+        const double sum_gxhat = sums[c].b * is;
         gbeta[c] = static_cast<T>(sum_g);
         ggamma[c] = static_cast<T>(sum_gxhat);
         const double scale = static_cast<double>(gamma[c]) * is;
