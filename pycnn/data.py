@@ -251,12 +251,16 @@ class DataLoader:
         self.transform, self.drop_last, self.sampler, self.prefetch = transform, bool(drop_last), sampler, int(prefetch)
         self._transform_takes_rng = transform is not None and _takes_rng(transform)
         self.epoch = 0
+        self._start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next ``iter(loader)`` runs (it then counts on from there)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch the next ``iter(loader)`` runs (it then counts on from there), and the
+        batch it starts at (to resume inside an epoch: the batches are the same as those of an
+        uninterrupted pass, since everything random depends on (seed, epoch, batch) only)."""
+        for name, value in (("epoch", epoch), ("start_batch", start_batch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        self.epoch, self._start_batch = int(epoch), int(start_batch)
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
         if self.sampler is not None:
@@ -273,14 +277,15 @@ class DataLoader:
         return self._count(n)
 
     def __iter__(self) -> _EpochIterator:
-        epoch = self.epoch
-        self.epoch += 1
+        epoch, start = self.epoch, self._start_batch
+        self.epoch, self._start_batch = self.epoch + 1, 0
         order = self._epoch_indices(epoch)
         xp = array_module(self.dataset.images) if hasattr(self.dataset, "images") else np
         dataset, transform, takes_rng = self.dataset, self.transform, self._transform_takes_rng
         seed, size = self.seed, self.batch_size
 
         def make_batch(b: int):
+            b += start
             index = order[b * size:(b + 1) * size]
             images, labels = dataset[index if xp is np else xp.asarray(index)]
             if transform is not None:
@@ -291,7 +296,7 @@ class DataLoader:
             x = images.astype(np.float32, copy=False) if images.dtype != np.float32 else images
             return x, labels.astype(np.int64, copy=False)
 
-        return _EpochIterator(make_batch, self._count(len(order)), self.prefetch)
+        return _EpochIterator(make_batch, max(self._count(len(order)) - start, 0), self.prefetch)
 
     def __repr__(self) -> str:
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, "

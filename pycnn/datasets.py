@@ -65,6 +65,65 @@ def train_test_split(images, labels, test_fraction: float, seed: int = 0):
     return images[train], labels[train], images[test], labels[test]
 
 
+def stratified_holdout(labels, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(kept indices, held-out indices), both sorted: exactly ``size`` indices held out, every
+    class in proportion to its share of ``labels`` (largest remainders get the rounding), each
+    class keeping at least one member on both sides where it has two or more."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size < n:
+        raise ValueError(f"size must be an integer in [1, {n - 1}] for {n} labels, got {size!r}")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (size / n)
+    take = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - take), kind="stable")
+    take[order[: size - take.sum()]] += 1
+    # keep a member of each class on both sides where possible, moving the surplus elsewhere
+    take = np.minimum(take, np.maximum(counts - 1, 0))
+    while take.sum() < size:
+        room = np.flatnonzero(take < counts - 1)
+        if len(room) == 0:
+            room = np.flatnonzero(take < counts)
+        take[room[np.argmax(counts[room] - take[room])]] += 1
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(n), held), held
+
+
+def stratified_folds(labels, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """``folds`` disjoint sorted index arrays covering ``labels``, every class spread over the
+    folds as evenly as possible (k-fold cross-validation: fold i validates, the rest trains)."""
+    labels = np.asarray(labels)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= len(labels):
+        raise ValueError(f"folds must be an integer in [2, {len(labels)}], got {folds!r}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(folds)]
+    offset = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for i in range(folds):  # rotate the start so that remainders do not all land in fold 0
+            parts[(i + offset) % folds].append(members[i::folds])
+        offset += len(members) % folds
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def select_classes(images, labels, classes):
+    """Only the images of ``classes`` (a sequence of labels), relabelled 0..len(classes)-1 in
+    the order given."""
+    classes = [int(c) for c in classes]
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must not repeat, got {classes}")
+    present = set(np.unique(labels).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(f"labels {missing} do not occur (the labels are {sorted(present)})")
+    mapping = np.full(int(max(present | set(classes))) + 1, -1, np.int64)
+    mapping[classes] = np.arange(len(classes))
+    keep = np.flatnonzero(mapping[labels] >= 0)
+    return images[keep], mapping[labels[keep]]
+
+
 # ------------------------------------------------------------------ CIFAR-10, official formats
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -413,3 +413,66 @@ def test_loader_with_balanced_sampler():
     assert len(loader) == 6
     y = np.concatenate([y for _, y in loader])
     np.testing.assert_array_equal(np.bincount(y), [60, 60, 60])
+
+
+# ------------------------------------------------------------ validation splits and folds
+
+def test_stratified_holdout_is_exact_disjoint_and_proportional():
+    labels = np.repeat(np.arange(5), [10, 20, 30, 40, 100])
+    kept, held = datasets.stratified_holdout(labels, 40, seed=3)
+    assert len(held) == 40 and len(kept) == 160
+    assert len(np.intersect1d(kept, held)) == 0 and len(np.union1d(kept, held)) == 200
+    np.testing.assert_array_equal(np.bincount(labels[held]), [2, 4, 6, 8, 20])  # 20% of every class
+    again = datasets.stratified_holdout(labels, 40, seed=3)[1]
+    np.testing.assert_array_equal(held, again)
+    assert not np.array_equal(held, datasets.stratified_holdout(labels, 40, seed=4)[1])
+    # rounding goes to the largest remainders, and no class is emptied on either side
+    kept, held = datasets.stratified_holdout(np.array([0, 0, 1, 1, 1, 2, 2, 2, 2]), 4)
+    assert len(held) == 4 and set(np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])[kept]) == {0, 1, 2}
+    with pytest.raises(ValueError, match="size must be an integer in"):
+        datasets.stratified_holdout(labels, 200)
+    with pytest.raises(ValueError, match="size must be an integer in"):
+        datasets.stratified_holdout(labels, 2.5)
+
+
+def test_stratified_folds_partition_the_data_evenly():
+    labels = np.repeat(np.arange(3), [9, 10, 11])
+    folds = datasets.stratified_folds(labels, 3, seed=0)
+    np.testing.assert_array_equal(np.sort(np.concatenate(folds)), np.arange(30))
+    assert [len(f) for f in folds] == [10, 10, 10]
+    for f in folds:
+        assert np.all(np.abs(np.bincount(labels[f], minlength=3) - [3, 10 / 3, 11 / 3]) <= 1)
+    with pytest.raises(ValueError, match="folds must be an integer"):
+        datasets.stratified_folds(labels, 1)
+
+
+def test_select_classes_relabels_in_the_given_order():
+    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
+    labels = np.array([0, 1, 2, 1, 0, 2])
+    x, y = datasets.select_classes(images, labels, [2, 0])
+    np.testing.assert_array_equal(x[:, 0, 0, 0], [0, 2, 4, 5])
+    np.testing.assert_array_equal(y, [1, 0, 1, 0])
+    with pytest.raises(ValueError, match=r"labels \[7\] do not occur"):
+        datasets.select_classes(images, labels, [0, 7])
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_loader_starts_inside_an_epoch_with_the_same_batches(prefetch):
+    images = np.random.default_rng(0).integers(0, 255, (50, 1, 4, 4), dtype=np.uint8)
+    labels = np.arange(50) % 5
+
+    def noisy(x, rng):
+        return x + rng.standard_normal(x.shape).astype(np.float32)
+
+    loader = DataLoader((images, labels), 8, seed=1, transform=noisy, prefetch=prefetch)
+    loader.set_epoch(3)
+    whole = list(loader)
+    loader.set_epoch(3, start_batch=4)
+    rest = list(loader)
+    assert len(rest) == len(whole) - 4
+    for (a, la), (b, lb) in zip(whole[4:], rest):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    assert loader.epoch == 4 and len(list(loader)) == len(whole)  # the next epoch starts at batch 0 again
+    with pytest.raises(ValueError, match="start_batch must be a non-negative integer"):
+        loader.set_epoch(0, start_batch=-1)
