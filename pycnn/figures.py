@@ -1,6 +1,12 @@
-"""Diagnostic figures of a training run (CS231n lecture 6): the loss per batch (its shape
-tells a learning rate too high, too low or right) and train / validation accuracy per
-epoch (their gap tells overfitting)."""
+"""Diagnostic figures of a training run (CS231n lecture 6):
+
+* ``loss.png``: the loss per batch (data + regularisation, and the data loss alone) with a
+  running mean — its shape tells a learning rate too high, too low or about right;
+* ``accuracy.png``: train / validation accuracy per epoch (their gap tells overfitting), the
+  best epoch and the test accuracy measured once at the end;
+* ``lr.png``: the learning rate per batch (warm-up, steps, cosine, plateau cuts).
+
+A run that stopped before a batch finished still gets its figures, saying so."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,39 +22,85 @@ def _pyplot():
     return plt
 
 
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} yet: the run stopped before one finished", ha="center", va="center",
+            transform=ax.transAxes)
+
+
+def _note_stop(ax, history: dict) -> None:
+    for key, label in (("stopped", "diverged"), ("early_stopped", "early stop"), ("interrupted", "interrupted")):
+        if history.get(key):
+            ax.set_title(f"{ax.get_title()} ({label})")
+
+
 def plot_history(history: dict, out_dir) -> list[Path]:
-    """Write loss.png and accuracy.png into ``out_dir``; returns their paths."""
+    """Write loss.png, accuracy.png and lr.png into ``out_dir``; returns their paths."""
     plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    losses = np.asarray(history["batch_loss"], dtype=float)
+    losses = np.asarray(history.get("batch_loss", []), dtype=float)
+    data_losses = np.asarray(history.get("batch_data_loss", []), dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.6, alpha=0.5, label="batch loss")
-    if len(losses) >= 20:
-        window = max(5, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window} batches")
     ax.set(xlabel="batch", ylabel="loss", title="Training loss per batch")
-    if len(losses) and losses.min() > 0:
-        ax.set_yscale("log")
-    ax.legend()
+    if len(losses):
+        steps = np.arange(1, len(losses) + 1)
+        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="loss (data + regularisation)")
+        if len(data_losses) == len(losses) and not np.allclose(data_losses, losses):
+            ax.plot(steps, data_losses, lw=0.6, alpha=0.5, label="data loss")
+        if len(losses) >= 20:
+            window = max(5, len(losses) // 50)
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window} batches")
+        if losses.min() > 0 and np.isfinite(losses).all():
+            ax.set_yscale("log")
+        ax.legend()
+    else:
+        _empty(ax, "batch")
+    _note_stop(ax, history)
     fig.tight_layout()
     paths.append(out_dir / "loss.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    epochs = np.arange(1, len(history["train_accuracy"]) + 1)
-    ax.plot(epochs, history["train_accuracy"], marker="o", label="train")
-    if history.get("val_accuracy"):
-        ax.plot(epochs[:len(history["val_accuracy"])], history["val_accuracy"], marker="o", label="validation")
     ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch", ylim=(0, 1))
+    train = history.get("train_accuracy", [])
+    if train:
+        epochs = np.arange(1, len(train) + 1)
+        ax.plot(epochs, train, marker="o", label="train")
+        val = history.get("val_accuracy", [])
+        if val:
+            ax.plot(epochs[:len(val)], val, marker="o", label="validation")
+        best = history.get("best_epoch")
+        if best and val:
+            ax.axvline(best, color="grey", ls=":", label=f"best epoch ({best})")
+        test = history.get("test")
+        if test:
+            ax.plot([test["epoch"]], [test["accuracy"]], marker="*", ms=14, ls="none", color="black",
+                    label=f"test, once: {test['accuracy']:.3f}")
+        ax.legend(loc="lower right")
+    else:
+        _empty(ax, "epoch")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _note_stop(ax, history)
     fig.tight_layout()
     paths.append(out_dir / "accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.set(xlabel="batch", ylabel="learning rate", title="Learning rate per batch")
+    rates = np.asarray(history.get("batch_lr", []), dtype=float)
+    if len(rates):
+        ax.plot(np.arange(1, len(rates) + 1), rates, lw=1.2)
+        ax.set_ylim(bottom=0)
+    else:
+        _empty(ax, "batch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "lr.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths

@@ -1,20 +1,43 @@
 """The training loop: epochs of mini-batch updates with a tqdm progress bar (loss, accuracy,
 learning rate, images/s), validation after every epoch, a history, atomic checkpoints that
-resume exactly, and early stopping when the loss becomes NaN or exceeds
-``max_loss_ratio`` x its initial value (the CS231n sanity rule: the run has exploded).
+resume exactly, and three ways to stop early:
+
+* the loss becomes NaN or exceeds ``max_loss_ratio`` x its initial value (the CS231n sanity
+  rule: the run has exploded; ``history["stopped"]``);
+* the validation score has not improved for ``early_stop`` epochs (``history["early_stopped"]``);
+* Ctrl-C (SIGINT): the current batch is finished, a checkpoint of the position inside the
+  epoch is written (``epoch_NNN_part_BBBBB.npz``) and ``fit`` returns with
+  ``history["interrupted"]`` set; resuming from it gives the run an uninterrupted one would
+  have given.  A second Ctrl-C quits at once (``KeyboardInterrupt``).
+
+The logged training loss is the objective the optimiser descends: the data loss (cross-
+entropy or hinge, a mean over the batch) plus the regularisation term of the optimiser's
+parameter groups, ``0.5 * weight_decay * |w|^2 + l1 * |w|_1`` (its gradient is what the
+optimiser adds); both parts are logged too.  The validation loss is the data loss alone.
+
+After every epoch the validation accuracy (ties: the lower validation loss) chooses the best
+epoch (``history["best_epoch"]``, 1-based; ``best_state()`` gives its weights).
 
 Checkpoints are one ``.npz`` per epoch (no pickle: ``np.load(..., allow_pickle=False)``):
 model parameters and buffers under ``model/``, optimiser state under ``optim/``, and a JSON
 document under ``meta`` (epoch, history, schedule state, random-generator state, the model
-spec and the run config).
+spec and the run config).  ``read_checkpoint`` turns any unreadable file into one
+``CheckpointError`` naming the file.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import re
+import signal
 import tempfile
+import threading
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +45,7 @@ from tqdm import tqdm
 
 import pycnn.functional as F
 from pycnn import random as _random
-from pycnn._backend import to_device, to_host
+from pycnn._backend import array_module, to_device, to_host
 from pycnn.autograd import Tensor, no_grad
 
 
@@ -30,15 +53,49 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or grew past max_loss_ratio x its initial value."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or not a pycnn checkpoint."""
+
+
+def _new_history() -> dict:
+    return {"batch_loss": [], "batch_data_loss": [], "batch_lr": [],
+            "train_loss": [], "train_data_loss": [], "train_reg_loss": [], "train_accuracy": [],
+            "val_loss": [], "val_accuracy": [], "lr": [], "epoch_seconds": [], "images_per_second": [],
+            "best_epoch": None, "stopped": None, "early_stopped": None, "interrupted": None, "test": None}
+
+
+def regularisation_loss(optimizer) -> float:
+    """The regularisation term of the optimiser's groups at the current weights:
+    sum of ``0.5 * weight_decay * |w|^2 + l1 * |w|_1`` over the parameters it updates."""
+    total = 0.0
+    for group in optimizer.param_groups:
+        decay, l1 = group.get("weight_decay", 0.0), group.get("l1", 0.0)
+        if not (decay or l1):
+            continue
+        for p in group["params"]:
+            if not getattr(p, "requires_grad", True):
+                continue
+            flat = p.data.reshape(-1)
+            if decay:
+                total += 0.5 * decay * float(array_module(flat).dot(flat, flat))
+            if l1:
+                total += l1 * float(array_module(flat).abs(flat).sum())
+    return total
+
+
 class Trainer:
     def __init__(self, model, optimizer, train_loader, val_loader=None, *, schedule=None, loss: str = "cross_entropy",
                  label_smoothing: float = 0.0, class_weight=None, max_loss_ratio: float = 3.0,
                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, meta: dict | None = None,
-                 attachments: dict | None = None, device: str = "cpu"):
-        """``meta``: JSON-able facts stored in every checkpoint (model spec, config);
+                 attachments: dict | None = None, device: str = "cpu", early_stop: int = 0,
+                 on_first_batch=None):
+        """``val_loader``: the validation set (never the test set): it drives the plateau
+        schedule, early stopping and the choice of the best epoch;
+        ``meta``: JSON-able facts stored in every checkpoint (model spec, config);
         ``attachments``: arrays stored with them (a fitted pre-processing, say);
-        ``device``: 'cpu' or 'cuda' — the model is moved there and every batch follows it,
-        so the same loop trains on NumPy or on CuPy arrays."""
+        ``device``: 'cpu' or 'cuda' — the model is moved there and every batch follows it;
+        ``early_stop``: stop after this many epochs without a better validation score (0: off);
+        ``on_first_batch(data_loss, reg_loss)``: called once after the run's first batch."""
         if loss not in ("cross_entropy", "hinge"):
             raise ValueError(f"loss must be 'cross_entropy' or 'hinge', got {loss!r}")
         self.device = device
@@ -50,9 +107,13 @@ class Trainer:
         self.progress = progress
         self.meta = dict(meta or {})
         self.attachments = dict(attachments or {})
+        self.early_stop = int(early_stop)
+        self.on_first_batch = on_first_batch
         self.epoch = 0
-        self.history = {"batch_loss": [], "train_loss": [], "train_accuracy": [], "val_loss": [],
-                        "val_accuracy": [], "lr": [], "epoch_seconds": [], "images_per_second": [], "stopped": None}
+        self.history = _new_history()
+        self._position = None          # (batches done, partial sums) inside the current epoch
+        self._best_state = None
+        self._interrupt_requested = False
 
     # --------------------------------------------------------------------------- loss
     def loss(self, logits, labels):
@@ -66,65 +127,168 @@ class Trainer:
         """Train until ``epochs`` epochs are done in total (a resumed trainer continues)."""
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        while self.epoch < epochs and self.history["stopped"] is None:
-            try:
-                self._train_epoch(epochs)
-            except TrainingDiverged as exc:
-                self.history["stopped"] = str(exc)
-                if self.progress:
-                    tqdm.write(f"stopped: {exc}")
-                break
-            if self.val_loader is not None:
-                val_loss, val_accuracy = self.evaluate(self.val_loader)
-                self.history["val_loss"].append(val_loss)
-                self.history["val_accuracy"].append(val_accuracy)
-            if self.schedule is not None:
-                metric = self.history["val_accuracy"][-1] if self.val_loader is not None else \
-                    self.history["train_accuracy"][-1]
-                self.schedule.step_epoch(metric)
-            self.epoch += 1
-            if self.progress:
-                val = (f", validation loss {self.history['val_loss'][-1]:.4f} accuracy "
-                       f"{self.history['val_accuracy'][-1]:.4f}") if self.val_loader is not None else ""
-                tqdm.write(f"epoch {self.epoch}: train loss {self.history['train_loss'][-1]:.4f} accuracy "
-                           f"{self.history['train_accuracy'][-1]:.4f}{val}")
-            if self.checkpoint_dir is not None:
-                self.save_checkpoint(self.checkpoint_dir / f"epoch_{self.epoch:03d}.npz")
-        return self.history
+        h = self.history
+        self._interrupt_requested = False
+        with self._catch_interrupt():
+            while (self.epoch < epochs and h["stopped"] is None and h["early_stopped"] is None
+                   and h["interrupted"] is None):
+                if self._interrupt_requested:
+                    h["interrupted"] = str(self._latest_path()) if self._latest_path() else f"epoch {self.epoch}"
+                    break
+                try:
+                    finished = self._train_epoch(epochs)
+                except TrainingDiverged as exc:
+                    h["stopped"] = str(exc)
+                    if self.progress:
+                        tqdm.write(f"stopped: {exc}")
+                    break
+                if not finished:
+                    break
+                self._end_epoch()
+        return h
 
-    def _train_epoch(self, epochs: int) -> None:
+    def _end_epoch(self) -> None:
+        h = self.history
+        if self.val_loader is not None:
+            val_loss, val_accuracy = self.evaluate(self.val_loader)
+            h["val_loss"].append(val_loss)
+            h["val_accuracy"].append(val_accuracy)
+        if self.schedule is not None:
+            self.schedule.step_epoch(h["val_accuracy"][-1] if self.val_loader is not None else h["train_accuracy"][-1])
+        self.epoch += 1
+        improved = self._update_best()
+        if self.progress:
+            val = (f", validation loss {h['val_loss'][-1]:.4f} accuracy {h['val_accuracy'][-1]:.4f}"
+                   f"{' (best)' if improved else ''}") if self.val_loader is not None else ""
+            tqdm.write(f"epoch {self.epoch}: train loss {h['train_loss'][-1]:.4f} (data {h['train_data_loss'][-1]:.4f}"
+                       f" + regularisation {h['train_reg_loss'][-1]:.4f}) accuracy {h['train_accuracy'][-1]:.4f}{val}")
+        if self.early_stop and self.val_loader is not None and self.epoch - h["best_epoch"] >= self.early_stop:
+            h["early_stopped"] = (f"no better validation accuracy for {self.early_stop} epochs after epoch "
+                                  f"{h['best_epoch']}")
+            if self.progress:
+                tqdm.write(f"early stop: {h['early_stopped']}")
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir / f"epoch_{self.epoch:03d}.npz")
+            for stale in self.checkpoint_dir.glob(f"epoch_{self.epoch:03d}_part_*.npz"):
+                stale.unlink(missing_ok=True)
+
+    def _update_best(self) -> bool:
+        h = self.history
+        if self.val_loader is None:
+            h["best_epoch"] = self.epoch  # no validation set: nothing to choose by, the last epoch counts
+            self._best_state = None
+            return False
+        best = h["best_epoch"]
+        score = (h["val_accuracy"][-1], -h["val_loss"][-1])
+        if best is None or score > (h["val_accuracy"][best - 1], -h["val_loss"][best - 1]):
+            h["best_epoch"] = self.epoch
+            self._best_state = self.model.state_dict()
+            return True
+        return False
+
+    def best_state(self) -> dict:
+        """The model state (parameters and buffers) of the best epoch: the current one where
+        there is no validation set or nothing better was seen."""
+        return self._best_state if self._best_state is not None else self.model.state_dict()
+
+    def _train_epoch(self, epochs: int) -> bool:
+        """One epoch (or the rest of one); False when it was interrupted."""
         self.model.train()
-        if hasattr(self.train_loader, "set_epoch"):
-            self.train_loader.set_epoch(self.epoch)
-        total_loss = correct = seen = 0
-        start = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self.progress,
-                   unit="batch", total=_length(self.train_loader), mininterval=0.5)
+        start_batch, sums = self._position or (0, {"loss": 0.0, "data_loss": 0.0, "correct": 0, "seen": 0,
+                                                    "seconds": 0.0})
+        self._position = None
+        batches = self._epoch_batches(start_batch)
+        h = self.history
+        start = time.perf_counter() - sums["seconds"]
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self.progress, unit="batch",
+                   total=_length(self.train_loader), initial=start_batch, mininterval=0.5)
+        done = start_batch
         for images, labels in bar:
             images, labels = to_device(images, self.device), to_device(labels, self.device)
             logits = self.model(Tensor(images))
             loss = self.loss(logits, labels)
             self.optimizer.zero_grad()
             loss.backward()
-            value = loss.item()
+            data_loss = loss.item()
+            reg_loss = regularisation_loss(self.optimizer)
+            value = data_loss + reg_loss
             self._check_divergence(value)
+            h["batch_lr"].append(self.optimizer.param_groups[0]["lr"])
             self.optimizer.step()
             if self.schedule is not None:
                 self.schedule.step_batch()
-            self.history["batch_loss"].append(value)
+            h["batch_loss"].append(value)
+            h["batch_data_loss"].append(data_loss)
             n = len(labels)
-            total_loss += value * n
-            correct += int((to_host(logits.data).argmax(axis=1) == to_host(labels)).sum())
-            seen += n
-            bar.set_postfix(loss=f"{value:.3f}", acc=f"{correct / seen:.3f}",
+            sums["loss"] += value * n
+            sums["data_loss"] += data_loss * n
+            sums["correct"] += int((to_host(logits.data).argmax(axis=1) == to_host(labels)).sum())
+            sums["seen"] += n
+            done += 1
+            if len(h["batch_loss"]) == 1 and self.on_first_batch is not None:
+                self.on_first_batch(data_loss, reg_loss)
+            seconds = time.perf_counter() - start
+            bar.set_postfix(loss=f"{value:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
                             lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+                            img_s=f"{sums['seen'] / max(seconds, 1e-9):.0f}", refresh=False)
+            if self._interrupt_requested:
+                bar.close()
+                sums["seconds"] = time.perf_counter() - start
+                self._position = (done, sums)
+                path = None
+                if self.checkpoint_dir is not None:
+                    path = self.save_checkpoint(self.checkpoint_dir / f"epoch_{self.epoch + 1:03d}_part_{done:05d}.npz")
+                h["interrupted"] = str(path) if path else f"epoch {self.epoch + 1} after batch {done}"
+                return False
+        seen = max(sums["seen"], 1)
         seconds = time.perf_counter() - start
-        self.history["train_loss"].append(total_loss / max(seen, 1))
-        self.history["train_accuracy"].append(correct / max(seen, 1))
-        self.history["lr"].append(self.optimizer.param_groups[0]["lr"])
-        self.history["epoch_seconds"].append(seconds)
-        self.history["images_per_second"].append(seen / seconds if seconds else 0.0)
+        h["train_loss"].append(sums["loss"] / seen)
+        h["train_data_loss"].append(sums["data_loss"] / seen)
+        h["train_reg_loss"].append((sums["loss"] - sums["data_loss"]) / seen)
+        h["train_accuracy"].append(sums["correct"] / seen)
+        h["lr"].append(self.optimizer.param_groups[0]["lr"])
+        h["epoch_seconds"].append(seconds)
+        h["images_per_second"].append(sums["seen"] / seconds if seconds else 0.0)
+        return True
+
+    def _epoch_batches(self, start_batch: int):
+        """The training batches of the current epoch from ``start_batch`` on."""
+        loader = self.train_loader
+        if hasattr(loader, "set_epoch"):
+            try:
+                loader.set_epoch(self.epoch, start_batch=start_batch)
+                return loader
+            except TypeError:  # a loader without start_batch: skip the batches already done
+                loader.set_epoch(self.epoch)
+        return itertools.islice(iter(loader), start_batch, None)
+
+    @contextlib.contextmanager
+    def _catch_interrupt(self):
+        """While training, the first SIGINT asks to stop after the current batch; the second
+        raises KeyboardInterrupt as usual.  Only in the main thread (where signals arrive)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            if self.progress:
+                tqdm.write("interrupted: finishing the current batch and saving a checkpoint "
+                           "(Ctrl-C again to quit at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def _latest_path(self):
+        if self.checkpoint_dir is None or self.epoch == 0:
+            return None
+        path = self.checkpoint_dir / f"epoch_{self.epoch:03d}.npz"
+        return path if path.is_file() else None
 
     def _check_divergence(self, value: float) -> None:
         if not math.isfinite(value):
@@ -136,7 +300,7 @@ class Trainer:
                                    f"{initial:.4g} at epoch {self.epoch + 1}: lower the learning rate")
 
     def evaluate(self, loader) -> tuple[float, float]:
-        """(mean loss, accuracy) over a loader, in evaluation mode and without a graph."""
+        """(mean data loss, accuracy) over a loader, in evaluation mode and without a graph."""
         self.model.eval()
         total_loss = correct = seen = 0
         with no_grad():
@@ -160,6 +324,7 @@ class Trainer:
             arrays[f"optim/{key}"] = np.asarray(value)
         meta = {
             "epoch": self.epoch,
+            "position": None if self._position is None else {"batch": self._position[0], "sums": self._position[1]},
             "history": self.history,
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "rng": _random.generator().bit_generator.state,
@@ -188,30 +353,88 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
-        """Restore model, optimiser, schedule, history and random state; returns the meta."""
+        """Restore model, optimiser, schedule, history, random state and the position inside
+        an interrupted epoch; returns the meta.  Raises CheckpointError when the file does
+        not fit this trainer (its model, its optimiser)."""
         arrays, meta = read_checkpoint(path)
-        self.model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
-        optim_state = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
-        optim_state["lr"] = [float(x) for x in optim_state["lr"]]
-        self.optimizer.load_state_dict(optim_state)
-        if self.schedule is not None and meta.get("schedule") is not None:
-            self.schedule.load_state_dict(meta["schedule"])
-        self.history = meta["history"]
-        self.epoch = int(meta["epoch"])
-        _random.generator().bit_generator.state = meta["rng"]
+        try:
+            self.model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
+            optim_state = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+            optim_state["lr"] = [float(x) for x in optim_state["lr"]]
+            self.optimizer.load_state_dict(optim_state)
+            if self.schedule is not None and meta.get("schedule") is not None:
+                self.schedule.load_state_dict(meta["schedule"])
+            history = _new_history()
+            history.update(meta["history"])
+            epoch = int(meta["epoch"])
+            position = meta.get("position")
+            _random.generator().bit_generator.state = meta["rng"]
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path} does not fit this run ({type(exc).__name__}: {exc})") from None
+        history["interrupted"] = None
+        self.history, self.epoch = history, epoch
+        self._position = None if position is None else (int(position["batch"]), dict(position["sums"]))
+        self._best_state = None
+        best = history.get("best_epoch")
+        if best is not None and self.val_loader is not None and self.checkpoint_dir is not None:
+            best_path = self.checkpoint_dir / f"epoch_{best:03d}.npz"
+            with contextlib.suppress(CheckpointError):
+                best_arrays, _ = read_checkpoint(best_path)
+                self._best_state = {k[len("model/"):]: v for k, v in best_arrays.items() if k.startswith("model/")}
         return meta
 
 
+_CHECKPOINT_NAME = re.compile(r"epoch_(\d+)(?:_part_(\d+))?\.npz$")
+
+
+def checkpoint_order(path) -> tuple:
+    """Sort key of a checkpoint file name: epoch_NNN.npz (end of epoch NNN) comes after
+    epoch_NNN_part_BBBBB.npz (epoch NNN interrupted after BBBBB batches)."""
+    match = _CHECKPOINT_NAME.search(Path(path).name)
+    if match is None:
+        return (-1, -1)
+    return (int(match.group(1)), math.inf if match.group(2) is None else int(match.group(2)))
+
+
+def list_checkpoints(checkpoint_dir) -> list[Path]:
+    """The checkpoints of a folder, oldest first."""
+    found = [p for p in Path(checkpoint_dir).glob("epoch_*.npz") if _CHECKPOINT_NAME.search(p.name)]
+    return sorted(found, key=checkpoint_order)
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(arrays by name, meta dict) of a checkpoint written by ``Trainer.save_checkpoint``."""
+    """(arrays by name, meta dict) of a checkpoint written by ``Trainer.save_checkpoint``.
+    Raises CheckpointError (one message naming the file) when it is missing, truncated,
+    corrupt or not a pycnn checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+        raise CheckpointError(f"{path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if not magic:
+        raise CheckpointError(f"{path} is empty, not a pycnn checkpoint")
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{path} is not a pycnn checkpoint (not an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     if "meta" not in arrays:
-        raise ValueError(f"{path} is not a pycnn checkpoint (no 'meta' entry)")
-    return arrays, json.loads(str(arrays.pop("meta")))
+        raise CheckpointError(f"{path} is not a pycnn checkpoint (no 'meta' entry)")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except ValueError as exc:
+        raise CheckpointError(f"{path} has a corrupt 'meta' entry ({exc})") from None
+    missing = [key for key in ("epoch", "history", "rng") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is not a pycnn checkpoint (meta lacks {missing})")
+    return arrays, meta
 
 
 def _length(loader):
