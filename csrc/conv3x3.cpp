@@ -539,7 +539,8 @@ Activation parse_activation(const char* fn, const std::string& name) {
 template <typename T>
 bool needs_preactivation(Activation act, double slope, double alpha, const T* prelu, int64_t K) {
     if (act == Activation::Prelu) return !std::all_of(prelu, prelu + K, [](T a) { return a > T(0); });
-    return (act == Activation::LeakyRelu && slope < 0) || (act == Activation::Elu && alpha < 0);
+    (void)alpha;  // elu: alpha * exp(z) can't be read off y without cancellation, whatever alpha
+    return (act == Activation::LeakyRelu && slope < 0) || act == Activation::Elu;
 }
 
 // The prelu weight (K,): required for prelu, refused otherwise.
@@ -703,7 +704,7 @@ void register_conv3x3(py::module_& m) {
         "y = act(conv3x3(x, weight) + bias) in one pass (y overwritten).  activation: 'relu', 'leaky_relu' "
         "(slope), 'prelu' (prelu_weight (K,)) or 'elu' (alpha); prelu_weight is None for the others.  pre: "
         "None or an array (N, K, H, W) that receives the pre-activation (needed by the backward pass for "
-        "leaky_relu with slope < 0, elu with alpha < 0 and prelu with a slope <= 0).");
+        "leaky_relu with slope < 0, elu and prelu with a slope <= 0).");
     m.def(
         "conv3x3_act_backward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& a_obj, const py::object& s_obj,
@@ -767,6 +768,6 @@ void register_conv3x3(py::module_& m) {
         py::arg("grad_prelu_weight"), py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0,
         py::arg("algo") = "direct",
         "Gradients of conv3x3_act_forward.  saved is the output y (saved_is_pre=False: relu, leaky_relu with "
-        "slope >= 0, elu with alpha >= 0, prelu with every slope > 0) or the pre-activation (saved_is_pre=True, "
-        "required otherwise).  Each gradient is None (not computed) or an array to overwrite.");
+        "slope >= 0, prelu with every slope > 0) or the pre-activation (saved_is_pre=True, required otherwise: "
+        "elu always).  Each gradient is None (not computed) or an array to overwrite.");
 }

@@ -68,9 +68,8 @@ struct Epilogue {
 };
 
 // The gradient of the activation: gz = g * act'(z), from `saved` = z (saved_is_pre) or
-// y = act(z) (the output: enough for relu, leaky_relu with slope >= 0, elu with alpha >= 0
-// and prelu with slopes > 0, where y > 0 exactly when z > 0; elu's act'(z) = y + alpha for
-// z <= 0).  prelu: gprelu[k] = sum over n, p with z <= 0 of g * z (overwritten; may be null;
+// y = act(z) (the output: enough for relu, leaky_relu with slope >= 0 and prelu with slopes
+// > 0, where y > 0 exactly when z > 0; elu always needs z, conv3x3_act.cpp says why).  prelu: gprelu[k] = sum over n, p with z <= 0 of g * z (overwritten; may be null;
 // from y: that sum with y in place of z, divided by the slope).  Arrays are (N, K, P), gprelu is (K,).
 template <typename T>
 void activation_grad(const Epilogue<T>& ep, const T* saved, bool saved_is_pre, const T* g, T* gz, T* gprelu,

@@ -8,13 +8,15 @@
 // backward of the chosen algorithm on gz.
 //
 // What is saved for the backward pass (pycnn/ops/cpp_backend.py decides, conv3x3.cpp checks):
-//   relu, leaky_relu with slope >= 0, elu with alpha >= 0, prelu with every slope > 0: the
-//     output y alone.  y > 0 exactly when z > 0, so the mask is y > 0; elu's derivative on
-//     z <= 0 is alpha*exp(z) = y + alpha; prelu's weight gradient sum_{z<=0} g*z is
+//   relu, leaky_relu with slope >= 0, prelu with every slope > 0: the output y alone.  y > 0
+//     exactly when z > 0, so the mask is y > 0; prelu's weight gradient sum_{z<=0} g*z is
 //     (sum_{y<=0} g*y) / a[k], one division per channel.
-//   leaky_relu with slope < 0, elu with alpha < 0, prelu with a slope <= 0: y >= 0 on both
-//     branches (or y = 0 on the negative one), the output no longer tells the branches apart
-//     or gives z back, so the pre-activation z is kept as well (one more array).
+//   elu (any alpha): the pre-activation z.  Its derivative alpha*exp(z) can't be read off
+//     y = alpha*expm1(z): y + alpha cancels as y -> -alpha (z = -20: y rounds to -alpha in
+//     float32, and y + alpha = 0 where alpha*exp(z) = 2e-9).
+//   leaky_relu with slope < 0, prelu with a slope <= 0: y >= 0 on both branches (or y = 0 on
+//     the negative one), the output no longer tells the branches apart or gives z back, so
+//     the pre-activation z is kept.
 // Shapes: g, gz, saved are (N, K, P) with P = H * W; gprelu is (K,).
 #include "conv3x3.hpp"
 
@@ -65,18 +67,13 @@ void activation_grad(const Epilogue<T>& ep, const T* saved, bool saved_is_pre, c
                 row_sum_p[r] = acc;
                 break;
             }
-            case Activation::Elu: {
+            case Activation::Elu: {  // s is z (the binding refuses y: see the top of the file)
                 const T alpha = ep.alpha;
-                if (saved_is_pre) {
 #pragma omp simd
-                    for (int64_t p = 0; p < P; ++p) {
-                        const T z = s[p];
-                        const T neg = gr[p] * alpha * exp_nonpositive<T>(z > T(0) ? T(0) : z);
-                        out[p] = z > T(0) ? gr[p] : neg;
-                    }
-                } else {
-#pragma omp simd
-                    for (int64_t p = 0; p < P; ++p) out[p] = s[p] > T(0) ? gr[p] : gr[p] * (s[p] + alpha);
+                for (int64_t p = 0; p < P; ++p) {
+                    const T z = s[p];
+                    const T neg = gr[p] * alpha * exp_nonpositive<T>(z > T(0) ? T(0) : z);
+                    out[p] = z > T(0) ? gr[p] : neg;
                 }
                 break;
             }

@@ -57,8 +57,8 @@ def test_cpp_matches_the_composition_on_larger_shapes(rng, shape, activation, pa
             if e is not None:
                 np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max(),
                                            err_msg=f"{algo} gradient {i}")
-        negative = params.get("slope", 0) < 0 or params.get("alpha", 1) < 0
-        assert ctx.saved_is_pre == ((activation == "prelu" and not positive) or negative), "what backward keeps"
+        keeps_z = params.get("slope", 0) < 0 or activation == "elu"  # elu: y + alpha cancels for z << 0
+        assert ctx.saved_is_pre == ((activation == "prelu" and not positive) or keeps_z), "what backward keeps"
 
 
 def test_inference_keeps_no_preactivation(rng):

@@ -246,13 +246,13 @@ def _conv3x3(C, algo):
 
 def keeps_preactivation(activation, slope=0.01, alpha=1.0, prelu_weight=None) -> bool:
     """Whether conv3x3_act's backward needs the pre-activation z, not just the output y:
-    y > 0 exactly when z > 0 for relu, leaky_relu with slope >= 0, elu with alpha >= 0 (elu's
-    derivative is then y + alpha) and prelu with every slope > 0 (its weight gradient is then
-    sum(g * y) / a); a negative slope or alpha, or a prelu slope <= 0, breaks that
-    (csrc/conv3x3_act.cpp)."""
+    y > 0 exactly when z > 0 for relu, leaky_relu with slope >= 0 and prelu with every slope
+    > 0 (its weight gradient is then sum(g * y) / a); a negative slope or a prelu slope <= 0
+    breaks that.  elu always keeps z: its derivative alpha * exp(z) read off the output as
+    y + alpha cancels for z << 0 (csrc/conv3x3_act.cpp)."""
     if activation == "prelu":
         return not bool((prelu_weight > 0).all())
-    return (activation == "leaky_relu" and slope < 0) or (activation == "elu" and alpha < 0)
+    return (activation == "leaky_relu" and slope < 0) or activation == "elu"
 
 
 def _conv3x3_act(C, algo):
