@@ -9,8 +9,12 @@
 //   sigmoid(x) = 1 / (1 + e)       for x >= 0,  e = exp(-|x|) <= 1: never overflows
 //              = e / (1 + e)       for x <  0
 //   tanh(x)    = sign(x) * -m / (2 + m),   m = expm1(-2|x|) in (-1, 0]: no cancellation near 0
-//   Both backward passes read the saved output y:  sigmoid' = y (1 - y),  tanh' = 1 - y^2.
-//   exp / expm1 on x <= 0 come from vecmath.hpp (shared with elu).
+//   Both backward passes read the saved input x, not the output y: y (1 - y) and 1 - y^2
+//   cancel where y rounds to 1 (sigmoid'(20) = 2e-9, tanh'(10) = 8e-9 would be 0 in float32).
+//     sigmoid'(x) = e / (1 + e)^2,      e = exp(-|x|)     (sigmoid' is even)
+//     tanh'(x)    = 4 e / (1 + e)^2,    e = exp(-2|x|)
+//   Products and quotients only: relatively accurate everywhere.  exp / expm1 on x <= 0 come
+//   from vecmath.hpp (shared with elu).
 //
 //   dropout: element i is kept when uniform01(seed_key(seed), i) >= p (in T, as the
 //   reference), kept elements are scaled by 1 / (1 - p): y = x * (keep ? scale : 0).  The
@@ -52,11 +56,15 @@ void sigmoid_forward_kernel(const T* x, T* y, int64_t n) {
     }
 }
 
-// grad_in = grad_out * y * (1 - y), y the saved output (evaluated left to right, as NumPy)
+// grad_in = grad_out * sigmoid'(x), x the saved input (the formula at the top)
 template <typename T>
-void sigmoid_backward_kernel(const T* y, const T* g, T* gi, int64_t n) {
+void sigmoid_backward_kernel(const T* x, const T* g, T* gi, int64_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= kParallelMinElements)
-    for (int64_t i = 0; i < n; ++i) gi[i] = g[i] * y[i] * (T(1) - y[i]);
+    for (int64_t i = 0; i < n; ++i) {
+        const T e = pycnn::exp_nonpositive<T>(-std::fabs(x[i]));
+        const T s = T(1) / (T(1) + e);
+        gi[i] = g[i] * (e * s * s);
+    }
 }
 
 template <typename T>
@@ -69,10 +77,15 @@ void tanh_forward_kernel(const T* x, T* y, int64_t n) {
     }
 }
 
+// grad_in = grad_out * tanh'(x), x the saved input (the formula at the top)
 template <typename T>
-void tanh_backward_kernel(const T* y, const T* g, T* gi, int64_t n) {
+void tanh_backward_kernel(const T* x, const T* g, T* gi, int64_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= kParallelMinElements)
-    for (int64_t i = 0; i < n; ++i) gi[i] = g[i] * (T(1) - y[i] * y[i]);
+    for (int64_t i = 0; i < n; ++i) {
+        const T e = pycnn::exp_nonpositive<T>(T(-2) * std::fabs(x[i]));
+        const T s = T(1) / (T(1) + e);
+        gi[i] = g[i] * (T(4) * e * s * s);
+    }
 }
 
 // out = v * (keep_i ? scale : 0): x in the forward pass, the incoming gradient in the backward.
@@ -159,23 +172,23 @@ void map_call(const char* fn, const char* a_name, const py::object& a_obj, const
     });
 }
 
-// grad_in = f(y, grad_out): all three shaped like y, the saved output.
+// grad_in = f(x, grad_out): all three shaped like x, the saved input.
 template <typename Launch>
-void output_backward_call(const char* fn, const py::object& y_obj, const py::object& g_obj, const py::object& gi_obj,
-                          Launch launch) {
-    py::array y = as_float_array(fn, "y", y_obj);
-    py::array g = as_array_like(fn, "grad_out", g_obj, "y", y);
-    py::array gi = as_array_like(fn, "grad_in", gi_obj, "y", y, /*writeable=*/true);
-    check_same_shape(fn, "grad_out", g, "y", y);
-    check_same_shape(fn, "grad_in", gi, "y", y);
-    const int64_t n = static_cast<int64_t>(y.size());
-    dispatch_float(y, [&](auto zero) {
+void input_backward_call(const char* fn, const py::object& x_obj, const py::object& g_obj, const py::object& gi_obj,
+                         Launch launch) {
+    py::array x = as_float_array(fn, "x", x_obj);
+    py::array g = as_array_like(fn, "grad_out", g_obj, "x", x);
+    py::array gi = as_array_like(fn, "grad_in", gi_obj, "x", x, /*writeable=*/true);
+    check_same_shape(fn, "grad_out", g, "x", x);
+    check_same_shape(fn, "grad_in", gi, "x", x);
+    const int64_t n = static_cast<int64_t>(x.size());
+    dispatch_float(x, [&](auto zero) {
         using T = decltype(zero);
-        const T* yp = in_ptr<T>(y);
+        const T* xp = in_ptr<T>(x);
         const T* gp = in_ptr<T>(g);
         T* gip = out_ptr<T>(gi);
         py::gil_scoped_release nogil;
-        launch(yp, gp, gip, n);
+        launch(xp, gp, gip, n);
     });
 }
 
@@ -249,14 +262,13 @@ void register_maps(py::module_& m) {
         py::arg("x"), py::arg("out"), "out = 1 / (1 + exp(-x)) (finite for every finite x).");
     m.def(
         "sigmoid_backward",
-        [](const py::object& y, const py::object& grad_out, const py::object& grad_in) {
-            output_backward_call("sigmoid_backward", y, grad_out, grad_in,
-                                 [](auto yp, auto gp, auto gip, int64_t n) {
-                                     sigmoid_backward_kernel(yp, gp, gip, n);
-                                 });
+        [](const py::object& x, const py::object& grad_out, const py::object& grad_in) {
+            input_backward_call("sigmoid_backward", x, grad_out, grad_in,
+                                [](auto xp, auto gp, auto gip, int64_t n) { sigmoid_backward_kernel(xp, gp, gip, n); });
         },
-        py::arg("y"), py::arg("grad_out"), py::arg("grad_in"),
-        "y is the forward output: grad_in = grad_out * y * (1 - y).");
+        py::arg("x"), py::arg("grad_out"), py::arg("grad_in"),
+        "x is the forward input: grad_in = grad_out * sigmoid(x) * sigmoid(-x) = grad_out * e / (1 + e)^2, "
+        "e = exp(-|x|).");
 
     // ------------------------------------------------------------------------ tanh
     m.def(
@@ -268,12 +280,13 @@ void register_maps(py::module_& m) {
         py::arg("x"), py::arg("out"), "out = tanh(x).");
     m.def(
         "tanh_backward",
-        [](const py::object& y, const py::object& grad_out, const py::object& grad_in) {
-            output_backward_call("tanh_backward", y, grad_out, grad_in,
-                                 [](auto yp, auto gp, auto gip, int64_t n) { tanh_backward_kernel(yp, gp, gip, n); });
+        [](const py::object& x, const py::object& grad_out, const py::object& grad_in) {
+            input_backward_call("tanh_backward", x, grad_out, grad_in,
+                                [](auto xp, auto gp, auto gip, int64_t n) { tanh_backward_kernel(xp, gp, gip, n); });
         },
-        py::arg("y"), py::arg("grad_out"), py::arg("grad_in"),
-        "y is the forward output: grad_in = grad_out * (1 - y^2).");
+        py::arg("x"), py::arg("grad_out"), py::arg("grad_in"),
+        "x is the forward input: grad_in = grad_out * (1 - tanh(x)^2) = grad_out * 4 e / (1 + e)^2, "
+        "e = exp(-2|x|).");
 
     // --------------------------------------------------------------------- dropout
     m.def(

@@ -209,15 +209,21 @@ declare("elu", forward=elu_forward, backward=elu_backward, check=_check_elu,
 
 def sigmoid_forward(ctx, x):
     xp = array_module(x)
-    # 1 / (1 + exp(-x)) overflows exp for x << 0; the tanh form is stable everywhere
-    y = x.dtype.type(0.5) * (xp.tanh(x * x.dtype.type(0.5)) + x.dtype.type(1))
-    ctx.save_for_backward(y)
-    return y
+    one = x.dtype.type(1)
+    # e = exp(-|x|) <= 1 never overflows, and both branches are quotients, so small outputs are
+    # relatively accurate too (0.5 * (tanh(x / 2) + 1) rounds sigmoid(-20) = 2.06e-9 to 0 in float32)
+    e = xp.exp(-xp.abs(x))
+    ctx.save_for_backward(x)
+    return xp.where(x >= 0, one, e) / (one + e)
 
 
 def sigmoid_backward(ctx, grad):
-    (y,) = ctx.saved_tensors
-    return (grad * y * (1 - y),)
+    (x,) = ctx.saved_tensors
+    xp = array_module(x)
+    # sigmoid'(x) = sigmoid(x) sigmoid(-x) = e / (1 + e)^2 from x: y * (1 - y) cancels where y rounds to 1
+    e = xp.exp(-xp.abs(x))
+    s = x.dtype.type(1) / (x.dtype.type(1) + e)
+    return (grad * (e * s * s),)
 
 
 declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_check_x,
@@ -225,14 +231,17 @@ declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_ch
 
 
 def tanh_forward(ctx, x):
-    y = array_module(x).tanh(x)
-    ctx.save_for_backward(y)
-    return y
+    ctx.save_for_backward(x)
+    return array_module(x).tanh(x)
 
 
 def tanh_backward(ctx, grad):
-    (y,) = ctx.saved_tensors
-    return (grad * (1 - y * y),)
+    (x,) = ctx.saved_tensors
+    xp = array_module(x)
+    # 1 - tanh(x)^2 = 4 e / (1 + e)^2, e = exp(-2|x|), from x: 1 - y * y cancels where y rounds to +-1
+    e = xp.exp(x.dtype.type(-2) * xp.abs(x))
+    s = x.dtype.type(1) / (x.dtype.type(1) + e)
+    return (grad * (x.dtype.type(4) * e * s * s),)
 
 
 declare("tanh", forward=tanh_forward, backward=tanh_backward, check=_check_x,

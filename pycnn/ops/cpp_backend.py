@@ -119,29 +119,30 @@ def _elu(C):
 
 # ------------------------------------------------- sigmoid, tanh, maxout, dropout (csrc/maps.cpp)
 
-def _saves_output(forward_kernel, backward_kernel):
-    """A map y = f(x) whose gradient is written with y (sigmoid, tanh): y is kept, not x."""
+def _map(forward_kernel, backward_kernel):
+    """A map y = f(x) whose gradient is computed from x (sigmoid, tanh: from y it would cancel
+    where y rounds to 1, csrc/maps.cpp)."""
     def forward(ctx, x):
         x = _util.contiguous(x)
         y = _util.empty_like(x)
         forward_kernel(x, y)
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(x)
         return y
 
     def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        gx = _util.empty_like(y)
-        backward_kernel(y, _grad_like(grad, y), gx)
+        (x,) = ctx.saved_tensors
+        gx = _util.empty_like(x)
+        backward_kernel(x, _grad_like(grad, x), gx)
         return (gx,)
     return forward, backward
 
 
 def _sigmoid(C):
-    return _saves_output(C.sigmoid_forward, C.sigmoid_backward)
+    return _map(C.sigmoid_forward, C.sigmoid_backward)
 
 
 def _tanh(C):
-    return _saves_output(C.tanh_forward, C.tanh_backward)
+    return _map(C.tanh_forward, C.tanh_backward)
 
 
 def _maxout(C):
