@@ -1,13 +1,22 @@
 """The ``pycnn`` command.
 
-    pycnn train [--config FILE.toml] [--KEY VALUE ...] [--run-dir DIR] [--resume] [--profile]
+    pycnn train [--config FILE.toml] [--KEY VALUE ...] [--run-dir DIR] [--resume] [--checks on|off]
         train a CNN (default: the embedded handwritten digits, offline) and write a run
-        directory with config, history, checkpoints and figures
-    pycnn evaluate CHECKPOINT [--dataset NAME] [--split test|train]
-        score a checkpoint
+        directory with config, history, checkpoints and figures; validation accuracy per
+        epoch, the test accuracy once at the end; Ctrl-C saves and stops (--resume continues)
+    pycnn check [--config FILE.toml] [--KEY VALUE ...]
+        the sanity checks of a config before training: initial loss against ln(C), the
+        regularisation term, overfitting a tiny subset, a gradient check of the whole model
+    pycnn evaluate CHECKPOINT [--split test|val|train] [--dataset NAME]
+        score a checkpoint on the data and pre-processing recorded in it
+    pycnn finetune CHECKPOINT --preset NAME [--classes 5,6,7,8,9] [--layer K] [--probe softmax|svm] ...
+        transfer a trained network to new data with one of the four strategies of the tips
+        (small/large data x similar/different task)
     pycnn bench [--quick] [--ops relu,conv3x3] [--json PATH] [--no-torch]
         check, then time the C++ kernels against PyTorch CPU and the machine's limits
         (2 threads each) and print one table
+
+Bad input ends with one line naming the argument and exit status 2; Ctrl-C with 130.
 """
 from __future__ import annotations
 
@@ -15,9 +24,26 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the flag and what it expected), exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _fail(command: str, message, status: int = EXIT_BAD_INPUT) -> int:
+    print(f"pycnn {command}: {message}", file=sys.stderr)
+    return status
+
+
+# ------------------------------------------------------------------------- flag types
 
 def _bool(text: str) -> bool:
     lowered = text.lower()
@@ -28,64 +54,207 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _widths(text: str) -> tuple:
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> tuple:
+    if text.strip() == "":
+        return ()
     try:
         return tuple(int(w) for w in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}") from None
 
 
+_widths = _int_list  # the name earlier versions used
+
+
+def _size(text: str):
+    return "auto" if text == "auto" else _int(text)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from pycnn.train import Config
+    from pycnn.config import Config
 
     for field in dataclasses.fields(Config):
-        kind = {bool: _bool, tuple: _widths}.get(type(field.default), type(field.default))
+        if field.name == "fold":
+            continue  # set by the k-fold driver
+        if field.name == "val_size":
+            kind, metavar = _size, "auto|N"
+        elif isinstance(field.default, bool):
+            kind, metavar = _bool, "true|false"
+        elif isinstance(field.default, tuple):
+            kind, metavar = _int_list, "N,N,..."
+        elif field.name in Config.INTEGERS:
+            kind, metavar = _int, "N"
+        elif field.name in Config.NUMBERS:
+            kind, metavar = _number, "X"
+        else:
+            kind, metavar = str, field.name.upper()
         choices = Config.CHOICES.get(field.name)
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind, default=None,
-                            choices=choices, metavar=None if choices else field.name.upper(),
+                            choices=choices, metavar=None if choices else metavar,
                             help=f"(default: {field.default})")
 
 
-def _train(args) -> int:
-    from pycnn.train import Config, run
+def _config(args, command: str):
+    """The Config of the flags (over --config, or over a resumed run's config.json)."""
+    from pycnn.config import Config, ConfigError
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    saved = Path(args.run_dir) / "config.json"
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if getattr(args, f.name, None) is not None}
+    saved = Path(args.run_dir) / "config.json" if getattr(args, "run_dir", None) else None
+    if getattr(args, "config", None):
+        try:
+            return Config.from_toml(args.config, **overrides)
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {args.config} ({exc.strerror or exc})") from None
+    if getattr(args, "resume", False) and saved is not None and saved.is_file():
+        try:  # a resumed run keeps its settings unless a flag changes one
+            values = json.loads(saved.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--resume: {saved} is unreadable ({exc})") from None
+        return Config.from_dict(values, **overrides)
+    return Config(**overrides)
+
+
+# ---------------------------------------------------------------------------- commands
+
+def _train(args) -> int:
+    from pycnn.config import ConfigError
+    from pycnn.trainer import CheckpointError
+
     try:
-        if args.config:
-            config = Config.from_toml(args.config, **overrides)
-        elif args.resume and saved.is_file():  # a resumed run keeps its settings unless a flag changes one
-            config = Config(**{**json.loads(saved.read_text()), **overrides})
-        else:
-            config = Config(**overrides)
-    except (ValueError, TypeError) as exc:
-        print(f"pycnn train: {exc}", file=sys.stderr)
-        return 2
+        config = _config(args, "train")
+    except ConfigError as exc:
+        return _fail("train", exc)
     import pycnn
+    from pycnn.train import RunDirError, run, run_folds
 
     try:
         with pycnn.profile() if args.profile else contextlib.nullcontext() as timings:
-            history = run(config, args.run_dir, resume=args.resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"pycnn train: {exc}", file=sys.stderr)
-        return 2
+            if config.folds:
+                summary = run_folds(config, args.run_dir, resume=args.resume, checks=args.checks == "on")
+            else:
+                history = run(config, args.run_dir, resume=args.resume, checks=args.checks == "on")
+    except (ConfigError, RunDirError, CheckpointError, FileNotFoundError) as exc:
+        return _fail("train", exc)
+    except RuntimeError as exc:  # e.g. device 'cuda' without CuPy
+        return _fail("train", exc)
+    except KeyboardInterrupt:
+        return _fail("train", f"interrupted twice: stopped at once; the newest checkpoint in {args.run_dir} "
+                              "is intact (--resume continues from it)", EXIT_INTERRUPTED)
+    except OSError as exc:
+        return _fail("train", f"cannot write the run ({exc})", 1)
     if timings is not None:
         print(f"time spent in ops (training and validation):\n{timings.table()}")
+    if config.folds:
+        return _report_folds(summary, args.run_dir)
+    return _report_run(history, args.run_dir)
+
+
+def _report_run(history: dict, run_dir) -> int:
+    if history["interrupted"]:
+        return _fail("train", f"interrupted: saved {history['interrupted']}, the history and the figures; "
+                              f"continue with: pycnn train --run-dir {run_dir} --resume", EXIT_INTERRUPTED)
     if history["stopped"]:
         print(f"stopped early: {history['stopped']}")
         return 1
     seconds = sum(history["epoch_seconds"])
     images = sum(s * r for s, r in zip(history["epoch_seconds"], history["images_per_second"]))
-    print(f"final test accuracy {history['val_accuracy'][-1]:.4f} after {len(history['train_loss'])} epochs "
-          f"({seconds:.1f} s training, {images / max(seconds, 1e-9):.0f} images/s); run directory {args.run_dir}")
+    best, test = history["best_epoch"], history["test"]
+    if history["val_accuracy"]:
+        print(f"best validation accuracy {history['val_accuracy'][best - 1]:.4f} at epoch {best} of "
+              f"{len(history['train_loss'])}" + (f" ({history['early_stopped']})" if history["early_stopped"] else ""))
+    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) on {test['images']} test images, measured "
+          f"once with the weights of epoch {test['epoch']} ({test['chosen_by']})")
+    print(f"{len(history['train_loss'])} epochs, {seconds:.1f} s training, {images / max(seconds, 1e-9):.0f} "
+          f"images/s; run directory {run_dir}")
     return 0
 
 
-def _evaluate(args) -> int:
-    from pycnn.train import evaluate_checkpoint
+def _report_folds(summary: dict, run_dir) -> int:
+    if summary["interrupted"]:
+        return _fail("train", f"interrupted: saved {summary['interrupted']}; continue with: pycnn train "
+                              f"--run-dir {run_dir} --resume", EXIT_INTERRUPTED)
+    if summary["stopped"]:
+        print(f"stopped early: {summary['stopped']}")
+        return 1
+    scores = ", ".join(f"{s:.4f}" for s in summary["val_accuracy"])
+    print(f"{summary['folds']}-fold cross-validation: best validation accuracy per fold {scores}; mean "
+          f"{summary['mean']:.4f} +- {summary['std']:.4f} (the test set was not used: choose settings by this, then "
+          f"train once with a validation split for the test accuracy); run directory {run_dir}")
+    return 0
 
-    loss, accuracy = evaluate_checkpoint(args.checkpoint, args.dataset, args.split)
-    print(f"{args.checkpoint}: {args.dataset} {args.split} loss {loss:.4f}, accuracy {accuracy:.4f}")
+
+def _check(args) -> int:
+    from pycnn.config import ConfigError
+
+    try:
+        config = _config(args, "check")
+        from pycnn import checks
+        from pycnn.train import split_data
+
+        report = checks.run_checks(config, split_data(config), overfit_images=args.images, steps=args.steps)
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        return _fail("check", exc)
+    except KeyboardInterrupt:
+        return _fail("check", "interrupted", EXIT_INTERRUPTED)
+    print(report.block())
+    return 0 if report.passed else 1
+
+
+def _evaluate(args) -> int:
+    from pycnn.config import ConfigError
+    from pycnn.train import evaluate_checkpoint
+    from pycnn.trainer import CheckpointError
+
+    try:
+        loss, accuracy = evaluate_checkpoint(args.checkpoint, args.dataset, args.split)
+    except CheckpointError as exc:
+        return _fail("evaluate", f"CHECKPOINT: {exc}")
+    except (ConfigError, FileNotFoundError) as exc:
+        return _fail("evaluate", f"--{exc}" if str(exc).startswith(("dataset", "split")) else exc)
+    except KeyboardInterrupt:
+        return _fail("evaluate", "interrupted", EXIT_INTERRUPTED)
+    from pycnn.trainer import read_checkpoint
+
+    dataset = args.dataset or read_checkpoint(args.checkpoint)[1]["config"]["dataset"]
+    print(f"{args.checkpoint}: {dataset} {args.split} loss {loss:.4f}, accuracy {accuracy:.4f}")
+    return 0
+
+
+def _finetune(args) -> int:
+    from pycnn import finetune
+    from pycnn.config import ConfigError
+    from pycnn.trainer import CheckpointError
+    from pycnn.train import RunDirError
+
+    try:
+        result = finetune.run_preset(args.checkpoint, args.preset, run_dir=args.run_dir, dataset=args.dataset,
+                                     classes=args.classes, limit=args.limit, layer=args.layer, probe=args.probe,
+                                     epochs=args.epochs, lr=args.lr, val_size=args.val_size, seed=args.seed)
+    except CheckpointError as exc:
+        return _fail("finetune", f"CHECKPOINT: {exc}")
+    except (ConfigError, RunDirError, FileNotFoundError) as exc:
+        return _fail("finetune", exc)
+    except KeyboardInterrupt:
+        return _fail("finetune", "interrupted", EXIT_INTERRUPTED)
+    print(result.summary())
     return 0
 
 
@@ -107,20 +276,47 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a CNN and write a run directory")
     train.add_argument("--config", help="a TOML file whose keys are the flags below (flags override it)")
     train.add_argument("--run-dir", default="runs/latest", help="where to write the run (default: runs/latest)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --run-dir")
     train.add_argument("--profile", action="store_true", help="print the time spent in each op at the end")
+    train.add_argument("--checks", choices=("on", "off"), default="on",
+                       help="run the sanity checks of 'pycnn check' first (default: on)")
     _add_config_flags(train)
 
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split")
+    check = commands.add_parser("check", help="sanity checks of a config before training (exit 1 when one fails)")
+    check.add_argument("--config", help="a TOML file whose keys are the flags of pycnn train")
+    check.add_argument("--images", type=_int, default=50, help="images of the overfitting check (default: 50)")
+    check.add_argument("--steps", type=_int, default=200, help="step budget of the overfitting check (default: 200)")
+    _add_config_flags(check)
+
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a split of the data it was trained on")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
-    evaluate.add_argument("--split", choices=("test", "train"), default="test")
+    evaluate.add_argument("--dataset", choices=("digits", "cifar10"), default=None,
+                          help="another dataset than the checkpoint's (default: the checkpoint's)")
+    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
+
+    from pycnn.finetune import PRESETS
+    tune = commands.add_parser("finetune", help="transfer a trained network to new data",
+                               formatter_class=argparse.RawTextHelpFormatter,
+                               description="presets (the tips' table):\n" + "\n".join(
+                                   f"  {name}: {preset.description}" for name, preset in PRESETS.items()))
+    tune.add_argument("checkpoint")
+    tune.add_argument("--preset", choices=tuple(PRESETS), required=True)
+    tune.add_argument("--dataset", choices=("digits", "cifar10"), default=None, help="(default: the checkpoint's)")
+    tune.add_argument("--classes", type=_int_list, default=None, help="labels of the new task, e.g. 5,6,7,8,9")
+    tune.add_argument("--limit", type=_int, default=None, help="use only the first N training images")
+    tune.add_argument("--layer", type=_int, default=None, help="the layer whose output the probe reads")
+    tune.add_argument("--probe", choices=("softmax", "svm"), default=None, help="linear probe loss")
+    tune.add_argument("--epochs", type=_int, default=None)
+    tune.add_argument("--lr", type=_number, default=None)
+    tune.add_argument("--val-size", type=_size, default="auto")
+    tune.add_argument("--seed", type=_int, default=0)
+    tune.add_argument("--run-dir", default="runs/finetune")
 
     bench = commands.add_parser("bench", help="time the C++ kernels against PyTorch CPU and the machine's limits")
     bench.add_argument("--quick", action="store_true", help="one shape per op and few repeats (a smoke test)")
@@ -130,7 +326,8 @@ def main(argv=None) -> int:
     bench.add_argument("--verbose", action="store_true", help="name each case on stderr as it runs")
 
     args = parser.parse_args(argv)
-    return {"train": _train, "evaluate": _evaluate, "bench": _bench}[args.command](args)
+    return {"train": _train, "check": _check, "evaluate": _evaluate, "finetune": _finetune,
+            "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":
