@@ -63,6 +63,8 @@ inline bool is_float32(const py::array& a) { return a.dtype().equal(py::dtype::o
 inline bool is_float64(const py::array& a) { return a.dtype().equal(py::dtype::of<double>()); }
 
 // `obj` as a NumPy array that is C-contiguous and aligned (writeable too where `writeable`).
+// The Python wrappers (pycnn/ops/cpp_backend.py, kernel_array) hand every kernel such arrays
+// whatever the caller passed; these checks guard direct calls of the private module.
 inline py::array as_array(const char* fn, const char* name, const py::object& obj, bool writeable = false) {
     if (!py::isinstance<py::array>(obj)) {
         throw py::type_error(std::string(fn) + ": " + name + " must be a numpy array, got " +
@@ -70,10 +72,10 @@ inline py::array as_array(const char* fn, const char* name, const py::object& ob
     }
     auto a = py::reinterpret_borrow<py::array>(obj);
     if (!(a.flags() & py::array::c_style)) {
-        throw py::value_error(std::string(fn) + ": " + name + " must be C-contiguous");
+        throw py::value_error(std::string(fn) + ": " + name + " must be C-contiguous (np.ascontiguousarray)");
     }
     if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
-        throw py::value_error(std::string(fn) + ": " + name + " must be aligned");
+        throw py::value_error(std::string(fn) + ": " + name + " must be aligned (np.require(a, None, 'CA'))");
     }
     if (writeable && !a.writeable()) {
         throw py::value_error(std::string(fn) + ": " + name + " must be writeable");
@@ -81,10 +83,19 @@ inline py::array as_array(const char* fn, const char* name, const py::object& ob
     return a;
 }
 
+// A float32 / float64 array in the other byte order: refused with its own message.
+inline void check_native_byte_order(const char* fn, const char* name, const py::array& a) {
+    if (a.dtype().kind() == 'f' && (a.itemsize() == 4 || a.itemsize() == 8) && !is_float32(a) && !is_float64(a)) {
+        throw py::type_error(std::string(fn) + ": " + name + " must be in native byte order, got " + dtype_name(a) +
+                             " (a.astype(a.dtype.newbyteorder('=')))");
+    }
+}
+
 // The first float array of a call: float32 or float64 (native byte order).
 inline py::array as_float_array(const char* fn, const char* name, const py::object& obj, bool writeable = false) {
     py::array a = as_array(fn, name, obj, writeable);
     if (!is_float32(a) && !is_float64(a)) {
+        check_native_byte_order(fn, name, a);
         throw py::type_error(std::string(fn) + ": " + name + " must be float32 or float64, got " + dtype_name(a));
     }
     return a;
@@ -95,6 +106,7 @@ inline py::array as_array_like(const char* fn, const char* name, const py::objec
                                const py::array& ref, bool writeable = false) {
     py::array a = as_array(fn, name, obj, writeable);
     if (!a.dtype().equal(ref.dtype())) {
+        check_native_byte_order(fn, name, a);
         throw py::type_error(std::string(fn) + ": " + name + " must have the same dtype as " + ref_name + " (" +
                              dtype_name(ref) + "), got " + dtype_name(a));
     }

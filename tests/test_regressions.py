@@ -5,6 +5,8 @@ and magnitudes are in test_properties.py).  Exact values come from float64 / np.
 formulas, never from the code under test."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,6 @@ C = pytest.importorskip("pycnn._C")
 import pycnn.functional as F  # noqa: E402
 from pycnn.autograd import Context, Tensor  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
-from tests.conftest import omp_threads  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 
@@ -92,36 +93,15 @@ def test_batch_norm_of_float64_data_far_from_zero(shape, centre, atol):
     np.testing.assert_allclose(y.std(axis=axes), 1.0, rtol=1e-4)  # eps = 1e-5 in the denominator
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_batch_norm_running_variance_far_from_zero(dtype):
-    x = (1e4 if dtype == np.float32 else 1e8) + np.random.default_rng(1).standard_normal((16, 3, 4, 4))
-    x = x.astype(dtype)
-    running_mean, running_var = np.zeros(3, dtype), np.ones(3, dtype)
-    run(impl("batchnorm"), (x, np.ones(3, dtype), np.zeros(3, dtype)),
+def test_batch_norm_running_variance_far_from_zero():
+    x = 1e8 + np.random.default_rng(1).standard_normal((16, 3, 4, 4))
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    run(impl("batchnorm"), (x, np.ones(3), np.zeros(3)),
         {"running_mean": running_mean, "running_var": running_var, "momentum": 0.5})
-    x64 = x.astype(np.float64)
-    np.testing.assert_allclose(running_var, 0.5 + 0.5 * x64.var(axis=(0, 2, 3), ddof=1), rtol=1e-5)
-    np.testing.assert_allclose(running_mean, 0.5 * x64.mean(axis=(0, 2, 3)), rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(700, 70), (9, 13, 33, 17)], ids=["NC", "NCHW"])
-def test_batch_norm_statistics_do_not_depend_on_the_thread_count(dtype, shape):
-    # large enough to run in parallel (>= 32768 elements); C = 70 is not a multiple of the
-    # 64-channel blocks of the (N, C) layout
-    x = (1e3 + np.random.default_rng(2).standard_normal(shape)).astype(dtype)
-    c = shape[1]
-    results = []
-    for threads in (1, 2, 3):
-        mean, var = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
-        with omp_threads(threads):
-            C.batchnorm_stats(x, mean, var)
-        results.append((mean, var))
-    for mean, var in results[1:]:
-        np.testing.assert_array_equal(mean, results[0][0])
-        np.testing.assert_array_equal(var, results[0][1])
-    axes = (0,) if len(shape) == 2 else (0, 2, 3)
-    np.testing.assert_allclose(results[0][1], x.astype(np.float64).var(axis=axes), rtol=1e-6)
+    xl = x.astype(np.longdouble)
+    exact_var = ((xl - xl.mean(axis=(0, 2, 3), keepdims=True)) ** 2).sum(axis=(0, 2, 3)) / (x[:, 0].size - 1)
+    np.testing.assert_allclose(running_var, (0.5 + 0.5 * exact_var).astype(np.float64), rtol=1e-7)
+    np.testing.assert_allclose(running_mean, (0.5 * xl.mean(axis=(0, 2, 3))).astype(np.float64), rtol=1e-15)
 
 
 # ------------------------------------------------------ sigmoid and tanh (pycnn/ops/activations.py, csrc/maps.cpp)
@@ -164,3 +144,77 @@ def test_sigmoid_and_tanh_gradients_where_the_output_rounds_to_one(backend, dtyp
     np.testing.assert_allclose(gs, (es / (1 + es) ** 2).astype(np.float64), rtol=8 * np.finfo(dtype).eps)
     _, (gt,) = run(impl("tanh", backend, algo), (x,), grad=g)
     np.testing.assert_allclose(gt, (1 / np.cosh(xl) ** 2).astype(np.float64), rtol=8 * np.finfo(dtype).eps)
+
+
+# ------------------------------------------------ any valid NumPy array (pycnn/ops/cpp_backend.py, kernel_array)
+
+def _unaligned(a):
+    """A copy of ``a`` whose data start one byte past an aligned address."""
+    buf = np.zeros(a.nbytes + 1, np.uint8)[1:]
+    out = buf.view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+# the layouts the C++ wrappers refused (the others, sliced, transposed, negative strides,
+# read-only: test_properties.py)
+LAYOUTS = {"unaligned": _unaligned, "big-endian": lambda a: a.astype(a.dtype.newbyteorder(">"))}
+
+
+def test_relu_of_the_issues_unaligned_array():
+    x = np.zeros(33, np.uint8)[1:].view(np.float32)  # ValueError: relu_forward: x must be aligned
+    np.testing.assert_array_equal(F.relu(x).numpy(), np.zeros(8, np.float32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_pool_relu_take_any_layout(layout, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 8)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    g = rng.standard_normal((2, 4, 3, 4)).astype(dtype)
+    change = LAYOUTS[layout]
+
+    def net(x, w, b):
+        xt, wt, bt = (Tensor(a, requires_grad=True) for a in (x, w, b))
+        y = F.max_pool2x2(F.relu(F.conv3x3(xt, wt, bt)))
+        y.backward(g)
+        return y.numpy(), xt.grad, wt.grad, bt.grad
+
+    expected = net(x, w, b)
+    for got, want in zip(net(change(x), change(w), change(b)), expected):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_cpp_op_takes_any_layout_of_its_inputs_and_gradient(layout):
+    # every registry sample of every C++ implementation, inputs and incoming gradient in `layout`
+    change = LAYOUTS[layout]
+    checked = 0
+    for op in registry.all_ops():
+        for algo in op.algorithms("cpp"):
+            implementation = op.impls[("cpp", algo)]
+            for sample in op.samples(np.random.default_rng(0), np.dtype(np.float32)):
+                float_input = [x is not None and x.dtype.kind == "f" for x in sample.inputs]
+                y, _ = run(implementation, sample.inputs, copy.deepcopy(sample.params))
+                grad = np.random.default_rng(1).standard_normal(y.shape).astype(y.dtype)
+                y, grads = run(implementation, sample.inputs, copy.deepcopy(sample.params), grad)
+                inputs = tuple(change(x) if f else x for x, f in zip(sample.inputs, float_input))
+                y2, grads2 = run(implementation, inputs, copy.deepcopy(sample.params), change(grad))
+                np.testing.assert_array_equal(y2, y, err_msg=f"{op.name}/{algo}")
+                for g2, g1 in zip(grads2, grads):
+                    if g1 is not None:
+                        np.testing.assert_array_equal(g2, g1, err_msg=f"{op.name}/{algo} gradient")
+                checked += 1
+    assert checked > 40
+
+
+def test_direct_calls_of_the_private_module_name_the_argument():
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="relu_forward: x must be in native byte order, got >f4"):
+        C.relu_forward(x.astype(">f4"), np.empty_like(x))
+    with pytest.raises(ValueError, match="relu_forward: x must be aligned"):
+        C.relu_forward(_unaligned(x), np.empty_like(x))

@@ -13,17 +13,22 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # ------------------------------------------------------------------------------ arg checks
 
 
+def _native(dtype) -> np.dtype:
+    """``dtype`` in the machine's byte order (big-endian float32 counts as float32)."""
+    return np.dtype(dtype).newbyteorder("=")
+
+
 def check_float(name: str, a) -> None:
-    """``a`` must be a float32 or float64 array."""
+    """``a`` must be a float32 or float64 array (of either byte order)."""
     dtype = getattr(a, "dtype", None)
     if dtype is None:
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
-    if np.dtype(dtype) not in FLOAT_DTYPES:
+    if _native(dtype) not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {dtype}")
 
 
 def check_same_dtype(**arrays) -> None:
-    dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items() if a is not None}
+    dtypes = {name: _native(a.dtype) for name, a in arrays.items() if a is not None}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{n}={d}" for n, d in dtypes.items())
         raise TypeError(f"arguments must share one dtype, got {listed}")

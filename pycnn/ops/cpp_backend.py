@@ -1,24 +1,51 @@
 """The C++ backend ("cpp"): registers the kernels of the extension ``pycnn._C`` in the registry.
 
-Each wrapper makes its inputs C-contiguous, allocates the outputs (``_util.empty_like``:
-NaN-filled under test, so an element a kernel forgot to write shows up) and calls ``_C``,
-which checks the arrays again and releases the GIL while it runs.  What ``forward`` keeps
-on ``ctx`` is private to the matching ``backward`` of this module.
+Every wrapper is registered through ``_any_layout`` (``load``): the one place where the
+arrays a kernel reads become C-contiguous, aligned and native-endian, so any valid NumPy
+array works (sliced, transposed, negative strides, unaligned, read-only, big-endian).  The
+wrappers allocate the outputs (``_util.empty_like``: NaN-filled under test, so an element a
+kernel forgot to write shows up) and call ``_C``, which checks the arrays again and releases
+the GIL while it runs.  What ``forward`` keeps on ``ctx`` is private to the matching
+``backward`` of this module.
 
 Nothing runs at import: ``pycnn.ops`` hooks ``load`` in with
 ``registry.add_backend_loader("cpp", ...)``, so the extension is loaded on first use.
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from pycnn._backend import cpp_extension
 from pycnn.ops import _util, registry
 
 
+def kernel_array(a):
+    """``a`` as the C++ kernels read it: C-contiguous, aligned and in native byte order (no
+    copy when it already is one).  Anything that is not a NumPy array is returned as is."""
+    if not isinstance(a, np.ndarray) or (a.flags.c_contiguous and a.flags.aligned and a.dtype.isnative):
+        return a
+    return np.require(a, a.dtype.newbyteorder("="), ("C_CONTIGUOUS", "ALIGNED"))
+
+
+def _any_layout(forward, backward):
+    """forward(ctx, *inputs, **params) and backward(ctx, grad) with every input array and the
+    incoming gradient passed through ``kernel_array`` (params are left alone: running
+    statistics are updated in place)."""
+    @functools.wraps(forward)
+    def forward_any(ctx, *inputs, **params):
+        return forward(ctx, *(kernel_array(a) for a in inputs), **params)
+
+    @functools.wraps(backward)
+    def backward_any(ctx, grad):
+        return backward(ctx, kernel_array(grad))
+    return forward_any, backward_any
+
+
 def _grad_like(grad, x):
-    """The incoming gradient as a C-contiguous array of x's dtype."""
-    if grad.dtype != x.dtype:
-        grad = grad.astype(x.dtype)
-    return _util.contiguous(grad)
+    """The incoming gradient (already a kernel array) in x's dtype."""
+    return grad if grad.dtype == x.dtype else grad.astype(x.dtype)
 
 
 def _needs_grad(ctx, i: int) -> bool:
@@ -31,7 +58,6 @@ def _needs_grad(ctx, i: int) -> bool:
 
 def _relu(C):
     def forward(ctx, x):
-        x = _util.contiguous(x)
         y = _util.empty_like(x)
         C.relu_forward(x, y)
         ctx.save_for_backward(x)
@@ -47,7 +73,6 @@ def _relu(C):
 
 def _leaky_relu(C):
     def forward(ctx, x, *, slope=0.01):
-        x = _util.contiguous(x)
         y = _util.empty_like(x)
         C.leaky_relu_forward(x, y, float(slope))
         ctx.save_for_backward(x)
@@ -65,8 +90,6 @@ def _leaky_relu(C):
 def _prelu(C):
     # x is (N, C, ...), weight is (C,)
     def forward(ctx, x, weight):
-        x = _util.contiguous(x)
-        weight = _util.contiguous(weight)
         y = _util.empty_like(x)
         C.prelu_forward(x, weight, y)
         ctx.save_for_backward(x, weight)
@@ -84,7 +107,6 @@ def _prelu(C):
 def _rrelu(C):
     # the slopes are not stored: backward regenerates them from (seed, flat index)
     def forward(ctx, x, *, lower=3.0, upper=8.0, training=False, seed=0):
-        x = _util.contiguous(x)
         y = _util.empty_like(x)
         params = (float(lower), float(upper), int(seed), bool(training))
         C.rrelu_forward(x, y, *params)
@@ -102,7 +124,6 @@ def _rrelu(C):
 
 def _elu(C):
     def forward(ctx, x, *, alpha=1.0):
-        x = _util.contiguous(x)
         y = _util.empty_like(x)
         C.elu_forward(x, y, float(alpha))
         ctx.save_for_backward(x)
@@ -123,7 +144,6 @@ def _map(forward_kernel, backward_kernel):
     """A map y = f(x) whose gradient is computed from x (sigmoid, tanh: from y it would cancel
     where y rounds to 1, csrc/maps.cpp)."""
     def forward(ctx, x):
-        x = _util.contiguous(x)
         y = _util.empty_like(x)
         forward_kernel(x, y)
         ctx.save_for_backward(x)
@@ -146,8 +166,6 @@ def _tanh(C):
 
 
 def _maxout(C):
-    import numpy as np
-
     # x (N, C*k, ...) -> y (N, C, ...); the winner of each group (uint8, 0..k-1) is kept.
     # The kernel stores the winner in a uint8: more than 256 pieces run on the reference.
     reference = registry.get("maxout").reference
@@ -157,7 +175,6 @@ def _maxout(C):
             ctx.fallback = True
             return reference.forward(ctx, x, pieces=pieces)
         ctx.fallback = False
-        x = _util.contiguous(x)
         out_shape = (x.shape[0], x.shape[1] // pieces) + tuple(x.shape[2:])
         y = _util.empty(out_shape, x.dtype, x)
         winner = np.empty(out_shape, dtype=np.uint8)  # fully written by the kernel
@@ -171,7 +188,7 @@ def _maxout(C):
             return reference.backward(ctx, grad)
         (winner,) = ctx.saved_tensors
         gx = _util.empty(ctx.x_shape, ctx.dtype, grad)
-        grad = _util.contiguous(grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype))
+        grad = grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype)
         C.maxout_backward(grad, winner, gx, ctx.pieces)
         return (gx,)
     return forward, backward
@@ -183,7 +200,6 @@ def _dropout(C):
         if not training or p == 0:  # the identity, as the reference
             ctx.dropout = None
             return x
-        x = _util.contiguous(x)
         y = _util.empty_like(x)
         ctx.dropout = (float(p), int(seed))
         C.dropout_forward(x, y, *ctx.dropout)
@@ -193,7 +209,7 @@ def _dropout(C):
     def backward(ctx, grad):
         if ctx.dropout is None:
             return (grad,)
-        grad = _util.contiguous(grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype))
+        grad = grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype)
         gx = _util.empty_like(grad)
         C.dropout_backward(grad, gx, *ctx.dropout)
         return (gx,)
@@ -201,15 +217,12 @@ def _dropout(C):
 
 
 def _fancy_pca(C):
-    import numpy as np
-
     from pycnn.ops import fancy_pca as spec
 
     # images (N, 3, H, W) uint8 / float32 / float64 -> out float32 / float32 / float64 (csrc/fancy_pca.cpp)
     def forward(ctx, images, eigvecs, eigvals, alphas, scale=None):
-        images = _util.contiguous(images)
         out = _util.empty(images.shape, spec.output_dtype(images), images)
-        params = (np.ascontiguousarray(a, dtype=np.float64) for a in (eigvecs, eigvals, alphas))
+        params = (kernel_array(np.asarray(a, dtype=np.float64)) for a in (eigvecs, eigvals, alphas))
         C.fancy_pca_apply(images, *params, spec.pixel_scale(images, scale), out)
         ctx.differentiable = images.dtype != np.uint8
         return out
@@ -225,9 +238,6 @@ def _fancy_pca(C):
 def _conv3x3(C, algo):
     # x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None -> y (N, K, H, W)
     def forward(ctx, x, weight, bias=None):
-        x = _util.contiguous(x)
-        weight = _util.contiguous(weight)
-        bias = None if bias is None else _util.contiguous(bias)
         y = _util.empty((x.shape[0], weight.shape[0]) + tuple(x.shape[2:]), x.dtype, x)
         C.conv3x3_forward(x, weight, bias, y, algo)
         ctx.save_for_backward(x, weight)
@@ -260,10 +270,6 @@ def _conv3x3_act(C, algo):
     # x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None, prelu_weight (K,) or None
     #   -> y = act(conv3x3(x, weight) + bias) (N, K, H, W)
     def forward(ctx, x, weight, bias=None, prelu_weight=None, *, activation="relu", slope=0.01, alpha=1.0):
-        x = _util.contiguous(x)
-        weight = _util.contiguous(weight)
-        bias = None if bias is None else _util.contiguous(bias)
-        prelu_weight = None if prelu_weight is None else _util.contiguous(prelu_weight)
         shape = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
         y = _util.empty(shape, x.dtype, x)
         training = any(_needs_grad(ctx, i) for i in range(4))
@@ -305,11 +311,9 @@ _WINOGRAD_MIN_CHANNELS = 32
 
 
 def _maxpool2x2(C):
-    import numpy as np
 
     # x (N, C, H, W) -> y (N, C, H//2, W//2); the winner of each window (uint8, 0..3) is kept
     def forward(ctx, x):
-        x = _util.contiguous(x)
         n, c, h, w = x.shape
         y = _util.empty((n, c, h // 2, w // 2), x.dtype, x)
         winner = np.empty(y.shape, dtype=np.uint8)
@@ -321,7 +325,7 @@ def _maxpool2x2(C):
     def backward(ctx, grad):
         (winner,) = ctx.saved_tensors
         gx = _util.empty(ctx.x_shape, ctx.dtype, grad)
-        grad = _util.contiguous(grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype))
+        grad = grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype)
         C.maxpool2x2_backward(grad, winner, gx)
         return (gx,)
     return forward, backward
@@ -329,7 +333,6 @@ def _maxpool2x2(C):
 
 def _avgpool2x2(C):
     def forward(ctx, x):
-        x = _util.contiguous(x)
         n, c, h, w = x.shape
         y = _util.empty((n, c, h // 2, w // 2), x.dtype, x)
         C.avgpool2x2_forward(x, y)
@@ -338,20 +341,17 @@ def _avgpool2x2(C):
 
     def backward(ctx, grad):
         gx = _util.empty(ctx.x_shape, ctx.dtype, grad)
-        grad = _util.contiguous(grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype))
+        grad = grad if grad.dtype == ctx.dtype else grad.astype(ctx.dtype)
         C.avgpool2x2_backward(grad, gx)
         return (gx,)
     return forward, backward
 
 
 def _batchnorm(C):
-    import numpy as np
-
     from pycnn.ops.norm import update_running_stats
 
     # x (N, C) or (N, C, H, W); gamma, beta and the statistics (C,)
     def forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
-        x = _util.contiguous(x)
         channels = x.shape[1]
         if training:
             mean, var = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
@@ -359,11 +359,10 @@ def _batchnorm(C):
             if running_mean is not None:
                 update_running_stats(running_mean, running_var, mean, var, x.size // channels, momentum)
         else:
-            mean, var = _util.contiguous(running_mean), running_var
+            mean, var = kernel_array(running_mean), running_var
         invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
-        gamma = _util.contiguous(gamma)
         y = _util.empty_like(x)
-        C.batchnorm_apply(x, mean, gamma * invstd, _util.contiguous(beta), y)
+        C.batchnorm_apply(x, mean, gamma * invstd, beta, y)
         ctx.save_for_backward(x, mean, invstd, gamma)
         ctx.training = training
         return y
@@ -398,18 +397,18 @@ def load() -> None:
     if C is None:
         return
     for name, make in _OPS.items():
-        forward, backward = make(C)
+        forward, backward = _any_layout(*make(C))
         registry.get(name).register("cpp", forward=forward, backward=backward)
     conv = registry.get("conv3x3")
     for algo in ("direct", "winograd"):
-        forward, backward = _conv3x3(C, algo)
+        forward, backward = _any_layout(*_conv3x3(C, algo))
         conv.register("cpp", forward=forward, backward=backward, algo=algo)
     conv.choose_algo = choose_conv3x3_algo
     conv_act = registry.get("conv3x3_act")
     for algo in ("direct", "winograd"):
-        forward, backward = _conv3x3_act(C, algo)
+        forward, backward = _any_layout(*_conv3x3_act(C, algo))
         conv_act.register("cpp", forward=forward, backward=backward, algo=algo)
     conv_act.choose_algo = choose_conv3x3_algo
     for name, make in (("maxpool2x2", _maxpool2x2), ("avgpool2x2", _avgpool2x2)):
-        forward, backward = make(C)
+        forward, backward = _any_layout(*make(C))
         registry.get(name).register("cpp", forward=forward, backward=backward)
