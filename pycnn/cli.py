@@ -155,9 +155,12 @@ def _train(args) -> int:
         return _fail("train", exc)
     except RuntimeError as exc:  # e.g. device 'cuda' without CuPy
         return _fail("train", exc)
+    except ValueError as exc:  # a value the checks above let through, rejected deeper down
+        return _fail("train", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
-        return _fail("train", f"interrupted twice: stopped at once; the newest checkpoint in {args.run_dir} "
-                              "is intact (--resume continues from it)", EXIT_INTERRUPTED)
+        return _fail("train", f"interrupted outside a training batch (or a second Ctrl-C): stopped at once; the "
+                              f"checkpoints in {args.run_dir} are intact (--resume continues from the newest)",
+                     EXIT_INTERRUPTED)
     except OSError as exc:
         return _fail("train", f"cannot write the run ({exc})", 1)
     if timings is not None:
@@ -212,6 +215,8 @@ def _check(args) -> int:
         report = checks.run_checks(config, split_data(config), overfit_images=args.images, steps=args.steps)
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
         return _fail("check", exc)
+    except ValueError as exc:
+        return _fail("check", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
         return _fail("check", "interrupted", EXIT_INTERRUPTED)
     print(report.block())

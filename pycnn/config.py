@@ -203,6 +203,10 @@ def check_against_data(config: Config, channels: int, side: int, n_train: int) -
                           f"{(side - 1) // 2}), got {config.crop_padding}")
     if config.colour_jitter and channels != 3:
         raise ConfigError(f"colour_jitter needs RGB images (3 channels); {config.dataset} has {channels}")
+    least = 1 if config.val_size == 0 and not config.folds else 2
+    if n_train < least:
+        raise ConfigError(f"limit: {n_train} training image{'s are' if n_train != 1 else ' is'} too few (at least "
+                          f"{least}: one to train on{' and one to validate on' if least == 2 else ''})")
     if config.val_size not in ("auto", 0) and not config.val_size <= n_train // 2:
         raise ConfigError(f"val_size must be at most half of the {n_train} training images (at most "
                           f"{n_train // 2}), got {config.val_size}")

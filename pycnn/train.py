@@ -230,7 +230,8 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
     if checks:
         from pycnn import checks as sanity
         report = sanity.run_checks(config, splits)
-        log(report.block())
+        log(report.block() + ("" if report.passed else "\n  training anyway: the fixes above are suggestions "
+                                                         "(pycnn check exits with status 1 on this config)"))
     model, optimiser, schedule, train_loader, val_loader, preprocessor = build(
         config, splits.train_x, splits.train_y, splits.val_x, splits.val_y, classes=splits.classes)
     spec = model_spec(config, splits.train_x.shape[1], splits.train_x.shape[2], splits.classes)
