@@ -12,3 +12,11 @@ Kept light on purpose: importing pycnn never imports numba.  The modules are imp
   dropout     inverted dropout
   fancy_pca   AlexNet colour augmentation and the dataset RGB moments it needs
 """
+
+import numpy as _np
+
+# numba-cuda 0.30.4 calls numpy.row_stack, an alias of vstack that NumPy 2.5 removed
+# (AttributeError at import).  Put the alias back before any kernel module imports
+# numba.cuda; it is the same function, so nothing else in the process changes behaviour.
+if not hasattr(_np, "row_stack"):
+    _np.row_stack = _np.vstack

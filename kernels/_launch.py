@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 
 import numba
@@ -94,8 +95,21 @@ def _quiet_simulator():
 
 
 def launch(kernel, grid, block, like, *args) -> None:
-    """``kernel[grid, block, stream](*args)`` with arrays passed as device views and the
-    stream taken from ``like`` (an array the kernel works on)."""
+    """``kernel[grid, block, stream](*args)`` on the stream of ``like`` (an array the kernel
+    works on).  CuPy arrays go through the raw launch path (``_rawlaunch``: compiled once
+    per signature, launched by CuPy on its current stream); anything else, and every
+    launch under ``PYCNN_CUDA_LAUNCH=numba``, through Numba's dispatcher."""
+    if _raw_launch_wanted(like) and kernel not in _numba_only:
+        try:
+            raw = _rawlaunch.compiled(kernel, args)
+        except Exception as exc:  # noqa: BLE001 - any compile/ABI failure: say so, use Numba
+            _numba_only.add(kernel)
+            warnings.warn(f"pycnn: kernel {kernel.py_func.__qualname__} runs through Numba's slower launch "
+                          f"path: the raw launch path failed to compile it ({type(exc).__name__}: {exc})",
+                          RuntimeWarning, stacklevel=3)
+        else:
+            raw(grid if isinstance(grid, tuple) else (grid,), block if isinstance(block, tuple) else (block,), args)
+            return
     stream = stream_of(like)
     args = tuple(on_device(a) if _is_array(a) else a for a in args)
     with _quiet_simulator():
@@ -104,3 +118,25 @@ def launch(kernel, grid, block, like, *args) -> None:
 
 def _is_array(a) -> bool:
     return isinstance(a, np.ndarray) or hasattr(a, "__cuda_array_interface__")
+
+
+# ------------------------------------------------------------------- the raw launch path
+
+_numba_only: set = set()  # kernels whose raw compilation failed (warned once each)
+_cupy_ndarray = None
+
+
+def _raw_launch_wanted(like) -> bool:
+    global _cupy_ndarray
+    if SIMULATED or isinstance(like, np.ndarray):
+        return False
+    if _cupy_ndarray is None:
+        try:
+            import cupy
+        except ImportError:
+            return False
+        _cupy_ndarray = cupy.ndarray
+    return isinstance(like, _cupy_ndarray) and os.environ.get("PYCNN_CUDA_LAUNCH", "raw") != "numba"
+
+
+from . import _rawlaunch  # noqa: E402  (after launch: _rawlaunch needs nothing from here)
