@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn._backend import array_module
+from pycnn._backend import array_module, is_cuda_array
 from pycnn.autograd import no_grad
 
 GROUP_DEFAULTS = dict(weight_decay=0.0, l1=0.0, max_norm=None)
@@ -71,18 +71,25 @@ class Optimizer:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
+                    state = self.state.setdefault(id(p), {})
+                    if self._fused_update(p, group, state):
+                        continue
                     grad = p.grad
                     if group["weight_decay"]:
                         grad = grad + group["weight_decay"] * p.data
                     if group["l1"]:
                         grad = grad + group["l1"] * array_module(p.data).sign(p.data)
-                    state = self.state.setdefault(id(p), {})
                     p.data -= self._update(p, grad, group, state).astype(p.dtype, copy=False)
                     if group["max_norm"] is not None and p.ndim > 1:
                         _project_rows(p.data, group["max_norm"])
 
     def _update(self, p, grad, group, state):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _fused_update(self, p, group, state) -> bool:
+        """Apply the whole update (regularisers included) in one kernel where the optimiser
+        has one for this parameter's device; False: use the array operations."""
+        return False
 
     # --------------------------------------------------------- state, for checkpoints
     def state_dict(self) -> dict:
@@ -133,6 +140,28 @@ class SGD(Optimizer):
             raise ValueError("nesterov needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       l1=l1, max_norm=max_norm))
+
+    def _fused_update(self, p, group, state) -> bool:
+        """CUDA parameters: one kernel per parameter (pycnn.kernels.optim) instead of the six
+        array operations of _update; L1 and max-norm keep the generic path."""
+        w, grad = p.data, p.grad
+        if group["l1"] or not is_cuda_array(w) or not (w.flags.c_contiguous and grad.flags.c_contiguous):
+            return False
+        from pycnn.ops import cuda_backend
+        kernels = cuda_backend.optimiser_kernels()
+        if kernels is None or grad.dtype != w.dtype:
+            return False
+        velocity, first = None, False
+        if group["momentum"]:
+            velocity = state.get("velocity")
+            first = velocity is None
+            if first:
+                velocity = state["velocity"] = array_module(w).empty_like(w)
+        kernels.sgd_step(w, grad, velocity, group["lr"], group["momentum"], group["weight_decay"],
+                         group["nesterov"], first)
+        if group["max_norm"] is not None and p.ndim > 1:
+            _project_rows(w, group["max_norm"])
+        return True
 
     def _update(self, p, grad, group, state):
         momentum = group["momentum"]

@@ -55,7 +55,7 @@ def kernel_module(name: str):
 # K: the kernel modules, set by load().
 
 class _Kernels:
-    conv = pool = act = dropout = reduce = fancy_pca = None
+    conv = gemm = pool = act = dropout = reduce = fancy_pca = bn = optim = None
 
 
 K = _Kernels()
@@ -98,6 +98,107 @@ def conv3x3_backward(ctx, grad):
         grad_bias = _util.empty((weight.shape[0],), x.dtype, x)
         K.conv.conv3x3_grad_bias(grad, grad_bias)
     return grad_x, grad_weight, grad_bias
+
+
+# conv3x3 and conv3x3_act as im2col + cuBLAS GEMM (kernels/conv_gemm.py) -------------------
+
+def _keeps_pre_activation(activation, slope) -> bool:
+    """Whether the backward needs z (the pre-activation) rather than y = act(z): relu and
+    leaky relu with a positive slope read the sign of z off y; prelu (any slope), leaky
+    relu with slope <= 0 and elu (whose y + alpha cancels for z << 0) need z itself."""
+    return not (activation is None or activation == "relu" or (activation == "leaky_relu" and slope > 0))
+
+
+def conv3x3_gemm_forward(ctx, x, weight, bias=None, prelu_weight=None, activation=None, slope=0.01, alpha=1.0):
+    xp = array_module(x)
+    x, weight = _c(x), _c(weight)
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    cols = xp.empty((c * 9, n * h * w), dtype=x.dtype)     # fully written by im2col
+    K.gemm.im2col(x, cols)
+    y2 = xp.matmul(weight.reshape(k, c * 9), cols)         # (K, C*9) @ (C*9, P) -> (K, P)
+    y = _util.empty((n, k, h, w), x.dtype, x)
+    z = _util.empty((n, k, h, w), x.dtype, x) if _keeps_pre_activation(activation, slope) else None
+    slopes = _c(prelu_weight) if prelu_weight is not None else None
+    K.gemm.epilogue(y2, _c(bias) if bias is not None else None, slopes, y, z, activation, slope, alpha)
+    needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * 4
+    ctx.save_for_backward(cols if needs[1] else None, weight, z if z is not None else (y if activation else None),
+                          slopes)
+    ctx.shapes = (x.shape, k)
+    ctx.has_bias = bias is not None
+    ctx.act = (activation, slope, alpha)
+    return y
+
+
+def conv3x3_gemm_backward(ctx, grad):
+    cols, weight, pre, slopes = ctx.saved_tensors
+    (n, c, h, w), k = ctx.shapes
+    activation, slope, alpha = ctx.act
+    needs = tuple(ctx.needs_input_grad) + (False,) * 4
+    xp = array_module(grad)
+    grad = _c(grad)
+    g2 = xp.empty((k, n * h * w), dtype=grad.dtype)        # d act/dz * grad, channels first
+    K.gemm.channels_first(grad, g2, pre, slopes, activation, slope, alpha)
+    grad_x = grad_weight = grad_bias = grad_slopes = None
+    if needs[0]:
+        grad_cols = xp.matmul(weight.reshape(k, c * 9).T, g2)  # (C*9, K) @ (K, P)
+        grad_x = _util.empty((n, c, h, w), grad.dtype, grad)
+        K.gemm.col2im(grad_cols, grad_x)
+    if needs[1]:
+        grad_weight = xp.matmul(g2, cols.T).reshape(k, c, 3, 3)  # (K, P) @ (P, C*9)
+    if ctx.has_bias and needs[2]:
+        grad_bias = _util.empty((k,), grad.dtype, grad)
+        K.reduce.channel_sum(g2.reshape(1, k, -1), grad_bias)
+    if activation == "prelu" and needs[3]:
+        grad_slopes = K.gemm.prelu_slope_grad(pre, grad, xp)
+    return grad_x, grad_weight, grad_bias, grad_slopes
+
+
+def conv3x3_gemm_plain_forward(ctx, x, weight, bias=None):
+    return conv3x3_gemm_forward(ctx, x, weight, bias)
+
+
+def conv3x3_gemm_plain_backward(ctx, grad):
+    return conv3x3_gemm_backward(ctx, grad)[:3]
+
+
+# batch norm (kernels/batchnorm.py) ------------------------------------------------------
+
+def batchnorm_forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True,
+                      momentum=0.1, eps=1e-5):
+    xp = array_module(x)
+    x, gamma, beta = _c(x), _c(gamma), _c(beta)
+    c = x.shape[1]
+    if training:
+        mean = xp.empty((c,), dtype=x.dtype)
+        inv_std = xp.empty((c,), dtype=x.dtype)
+        # running statistics are updated in place: kernels write contiguous arrays
+        rm = rv = None
+        if running_mean is not None:
+            rm, rv = _c(running_mean), _c(running_var)
+        K.bn.statistics(x, mean, inv_std, rm, rv, momentum, eps, xp)
+        for given, updated in ((running_mean, rm), (running_var, rv)):
+            if given is not None and updated is not given:
+                given[...] = updated
+    else:
+        mean = _c(running_mean).astype(x.dtype, copy=False)
+        inv_std = (1 / xp.sqrt(running_var + eps)).astype(x.dtype)
+    y = _util.empty_like(x)
+    K.bn.normalize(x, mean, inv_std, gamma, beta, y)
+    ctx.save_for_backward(x, gamma, mean, inv_std)
+    ctx.training = training
+    return y
+
+
+def batchnorm_backward(ctx, grad):
+    x, gamma, mean, inv_std = ctx.saved_tensors
+    c = x.shape[1]
+    needs = tuple(ctx.needs_input_grad) + (True,) * 3
+    grad_gamma = _util.empty((c,), x.dtype, x)
+    grad_beta = _util.empty((c,), x.dtype, x)
+    grad_x = _util.empty_like(x) if needs[0] else None
+    K.bn.backward(x, _c(grad), mean, inv_std, gamma, grad_x, grad_gamma, grad_beta, ctx.training, array_module(x))
+    return grad_x, (grad_gamma if needs[1] else None), (grad_beta if needs[2] else None)
 
 
 # pooling ------------------------------------------------------------------------------
@@ -263,10 +364,18 @@ def fancy_pca_backward(ctx, grad):
 
 # ----------------------------------------------------------------------------- loading
 
+def optimiser_kernels():
+    """The fused optimiser updates (pycnn.kernels.optim), or None without numba-cuda."""
+    registry._load_backend("cuda")
+    return K.optim
+
 def load() -> None:
     """Import the kernels and register every cuda implementation (once, on first use)."""
     try:
         K.conv = kernel_module("conv3x3")
+        K.gemm = kernel_module("conv_gemm")
+        K.bn = kernel_module("batchnorm")
+        K.optim = kernel_module("optim")
         K.pool = kernel_module("pool")
         K.act = kernel_module("activations")
         K.dropout = kernel_module("dropout")
@@ -281,7 +390,11 @@ def load() -> None:
     def register(name, forward, backward, **kwargs):
         registry.get(name).register("cuda", forward=forward, backward=backward, **kwargs)
 
+    # the first algorithm registered is the backend's 'auto' choice
+    register("conv3x3", conv3x3_gemm_plain_forward, conv3x3_gemm_plain_backward, algo="gemm")
     register("conv3x3", conv3x3_forward, conv3x3_backward, algo="direct")
+    register("conv3x3_act", conv3x3_gemm_forward, conv3x3_gemm_backward, algo="gemm")
+    register("batchnorm", batchnorm_forward, batchnorm_backward)
     register("maxpool2x2", maxpool2x2_forward, maxpool2x2_backward)
     register("avgpool2x2", avgpool2x2_forward, avgpool2x2_backward)
     register("relu", *_unary("relu_forward", "relu_backward"))

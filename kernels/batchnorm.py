@@ -1,0 +1,236 @@
+"""Batch normalisation, the rules of ``pycnn.ops.norm``: statistics per channel over N (and
+H, W), the biased variance to normalise, the unbiased one for the running variance.
+
+x is viewed as (N, C, P) (P = H*W, or 1 for (N, C) input) and passed flat; M = N*P values
+per channel.
+
+Statistics (numerically stable and deterministic: no E[x^2] - E[x]^2, no atomics):
+  ``moments``   grid (S, C): block (s, c) runs Welford's update over a grid-stride share
+                of channel c, merges its threads with Chan's formula, writes
+                (count, mean, M2) to partial[c, s];
+  ``finalize``  one block per channel merges its S partials (strided, then a tree: a
+                fixed order), writes mean and 1/sqrt(var + eps), and updates the
+                running statistics in place.
+Forward:  y = (x - mean) * inv_std * gamma + beta                      (``normalize``)
+Backward, with x_hat = (x - mean) * inv_std recomputed from the saved x:
+  ``grad_sums``     grid (S, C): partial sums of grad and grad * x_hat;
+  ``grad_finalize`` grad_beta[c] = sum grad, grad_gamma[c] = sum grad * x_hat (a block
+                    per channel);
+  ``grad_input``    grad_x = gamma * inv_std * (grad - grad_beta / M - x_hat * grad_gamma / M)
+                    (training), or grad * gamma * inv_std (evaluation).
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from ._launch import THREADS_1D, launch, per_dtype
+from .reduce import REDUCE_THREADS
+
+ELEMENTS_PER_THREAD = 8  # values per thread of the reduction grids
+MAX_BLOCKS = 1024  # reduction blocks per channel
+
+
+@per_dtype
+def _build(T):
+    @cuda.jit(device=True)
+    def merge(shared, tid, other):
+        """Chan's merge of the (count, mean, M2) triples of threads tid and other, into tid."""
+        na, nb = shared[0, tid], shared[0, other]
+        if nb > T(0):
+            n = na + nb
+            delta = shared[1, other] - shared[1, tid]
+            shared[1, tid] += delta * (nb / n)
+            shared[2, tid] += shared[2, other] + delta * delta * (na * nb / n)
+            shared[0, tid] = n
+
+    @cuda.jit
+    def moments(x, partial, channels, inner, count):
+        # x is (N*C*P,), partial is (C*S*3,); grid (S, C), REDUCE_THREADS threads
+        shared = cuda.shared.array((3, REDUCE_THREADS), T)
+        c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
+        tid = cuda.threadIdx.x
+        n, mean, m2 = T(0), T(0), T(0)
+        e = s * cuda.blockDim.x + tid
+        while e < count:
+            v = x[((e // inner) * channels + c) * inner + e % inner]
+            n += T(1)
+            delta = v - mean
+            mean += delta / n
+            m2 += delta * (v - mean)
+            e += blocks * cuda.blockDim.x
+        shared[0, tid], shared[1, tid], shared[2, tid] = n, mean, m2
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                merge(shared, tid, tid + stride)
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            out = (c * blocks + s) * 3
+            partial[out], partial[out + 1], partial[out + 2] = shared[0, 0], shared[1, 0], shared[2, 0]
+
+    @cuda.jit
+    def finalize(partial, blocks, mean_out, inv_std_out, running_mean, running_var, update_running,
+                 momentum, eps, count):
+        # partial is (C*S*3,); mean_out, inv_std_out, running_* are (C,)
+        # grid (C,), REDUCE_THREADS threads: each merges partials tid, tid + threads, ...
+        # in order, then the block merges its threads (Chan) as in moments
+        shared = cuda.shared.array((3, REDUCE_THREADS), T)
+        c, tid = cuda.blockIdx.x, cuda.threadIdx.x
+        n, mean, m2 = T(0), T(0), T(0)
+        for s in range(tid, blocks, cuda.blockDim.x):
+            at = (c * blocks + s) * 3
+            nb = partial[at]
+            if nb > T(0):
+                total = n + nb
+                delta = partial[at + 1] - mean
+                mean += delta * (nb / total)
+                m2 += partial[at + 2] + delta * delta * (n * nb / total)
+                n = total
+        shared[0, tid], shared[1, tid], shared[2, tid] = n, mean, m2
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                merge(shared, tid, tid + stride)
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            mean, m2 = shared[1, 0], shared[2, 0]
+            var = m2 / T(count)
+            mean_out[c] = mean
+            inv_std_out[c] = T(1) / T(math.sqrt(var + eps))
+            if update_running:
+                keep = T(1) - momentum
+                running_mean[c] = keep * running_mean[c] + momentum * mean
+                running_var[c] = keep * running_var[c] + momentum * (m2 / T(count - 1))
+
+    @cuda.jit
+    def normalize(x, mean, inv_std, gamma, beta, y, channels, inner, size):
+        # x and y are (N*C*P,); mean, inv_std, gamma, beta are (C,); 1-D grid over x
+        i = cuda.grid(1)
+        if i < size:
+            c = (i // inner) % channels
+            y[i] = (x[i] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
+
+    @cuda.jit
+    def grad_sums(x, grad, mean, inv_std, partial, channels, inner, count):
+        # partial is (C*S*2,): sums of grad and grad * x_hat; grid (S, C), REDUCE_THREADS
+        shared = cuda.shared.array((2, REDUCE_THREADS), T)
+        c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
+        tid = cuda.threadIdx.x
+        m, scale = mean[c], inv_std[c]
+        sum_g, sum_gx = T(0), T(0)
+        e = s * cuda.blockDim.x + tid
+        while e < count:
+            at = ((e // inner) * channels + c) * inner + e % inner
+            g = grad[at]
+            sum_g += g
+            sum_gx += g * (x[at] - m) * scale
+            e += blocks * cuda.blockDim.x
+        shared[0, tid], shared[1, tid] = sum_g, sum_gx
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                shared[0, tid] += shared[0, tid + stride]
+                shared[1, tid] += shared[1, tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            out = (c * blocks + s) * 2
+            partial[out], partial[out + 1] = shared[0, 0], shared[1, 0]
+
+    @cuda.jit
+    def grad_finalize(partial, blocks, grad_beta, grad_gamma):
+        # grid (C,), REDUCE_THREADS threads: strided partial sums, then a tree (fixed order)
+        shared = cuda.shared.array((2, REDUCE_THREADS), T)
+        c, tid = cuda.blockIdx.x, cuda.threadIdx.x
+        sum_g, sum_gx = T(0), T(0)
+        for s in range(tid, blocks, cuda.blockDim.x):
+            sum_g += partial[(c * blocks + s) * 2]
+            sum_gx += partial[(c * blocks + s) * 2 + 1]
+        shared[0, tid], shared[1, tid] = sum_g, sum_gx
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                shared[0, tid] += shared[0, tid + stride]
+                shared[1, tid] += shared[1, tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            grad_beta[c], grad_gamma[c] = shared[0, 0], shared[1, 0]
+
+    @cuda.jit
+    def grad_input(x, grad, mean, inv_std, gamma, grad_beta, grad_gamma, grad_x, channels, inner, size,
+                   count, training):
+        # x, grad, grad_x are (N*C*P,); the rest (C,); 1-D grid over x
+        i = cuda.grid(1)
+        if i < size:
+            c = (i // inner) % channels
+            scale = gamma[c] * inv_std[c]
+            g = grad[i]
+            if training:
+                x_hat = (x[i] - mean[c]) * inv_std[c]
+                g = g - (grad_beta[c] + x_hat * grad_gamma[c]) / T(count)
+            grad_x[i] = scale * g
+
+    return SimpleNamespace(moments=moments, finalize=finalize, normalize=normalize, grad_sums=grad_sums,
+                           grad_finalize=grad_finalize, grad_input=grad_input)
+
+
+def _split(x):
+    """(channels, inner, count per channel, S blocks per channel) of an (N, C[, H, W]) array:
+    enough blocks that each thread reads about ELEMENTS_PER_THREAD values (memory latency is
+    hidden by many loads in flight, not by long loops), at most MAX_BLOCKS per channel."""
+    n, c = x.shape[0], x.shape[1]
+    inner = x.size // (n * c)
+    count = n * inner
+    blocks = max(1, min(MAX_BLOCKS, -(-count // (REDUCE_THREADS * ELEMENTS_PER_THREAD))))
+    return c, inner, count, blocks
+
+
+def statistics(x, mean, inv_std, running_mean, running_var, momentum, eps, xp) -> None:
+    """mean and inv_std (C,) of x in training; updates running_* (C,) in place when given."""
+    k = _build(x.dtype)
+    channels, inner, count, blocks = _split(x)
+    flat = x.reshape(-1)
+    partial = xp.empty((channels * blocks * 3,), dtype=x.dtype)
+    launch(k.moments, (blocks, channels), (REDUCE_THREADS,), flat, flat, partial, np.int64(channels),
+           np.int64(inner), np.int64(count))
+    update = running_mean is not None
+    unused = xp.empty((1,), dtype=x.dtype)  # stands for absent running statistics
+    dtype = x.dtype.type
+    launch(k.finalize, (channels,), (REDUCE_THREADS,), flat, partial, np.int64(blocks), mean, inv_std,
+           running_mean if update else unused, running_var if update else unused, np.uint8(update),
+           dtype(momentum), dtype(eps), np.int64(count))
+
+
+def normalize(x, mean, inv_std, gamma, beta, y) -> None:
+    channels, inner, _, _ = _split(x)
+    grid = (-(-x.size // THREADS_1D),)
+    launch(_build(x.dtype).normalize, grid, (THREADS_1D,), x, x.reshape(-1), mean, inv_std, gamma, beta,
+           y.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size))
+
+
+def backward(x, grad, mean, inv_std, gamma, grad_x, grad_gamma, grad_beta, training, xp) -> None:
+    """grad_gamma, grad_beta (C,) and grad_x (like x; None: not wanted) of batch norm."""
+    k = _build(x.dtype)
+    channels, inner, count, blocks = _split(x)
+    flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
+    partial = xp.empty((channels * blocks * 2,), dtype=x.dtype)
+    launch(k.grad_sums, (blocks, channels), (REDUCE_THREADS,), flat_x, flat_x, flat_g, mean, inv_std, partial,
+           np.int64(channels), np.int64(inner), np.int64(count))
+    launch(k.grad_finalize, (channels,), (REDUCE_THREADS,), flat_x, partial, np.int64(blocks),
+           grad_beta, grad_gamma)
+    if grad_x is not None:
+        grid = (-(-x.size // THREADS_1D),)
+        launch(k.grad_input, grid, (THREADS_1D,), flat_x, flat_x, flat_g, mean, inv_std, gamma, grad_beta,
+               grad_gamma, grad_x.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size),
+               np.int64(count), np.uint8(training))

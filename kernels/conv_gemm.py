@@ -1,0 +1,226 @@
+"""conv3x3 as matrix products (im2col + GEMM), with the data movement in Numba kernels and
+the products in cuBLAS (``xp.matmul``: CuPy on a GPU, NumPy in the simulator).
+
+Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), y is (N, K, H, W); P = N*H*W pixels.
+The column matrix has one row per (input channel, tap) and one column per pixel:
+
+    cols[c*9 + i*3 + j, n*H*W + h*W + w] = x_padded[n, c, h + i, w + j]        (C*9, P)
+
+Forward:           Y2 = weight.reshape(K, C*9) @ cols                          (K, P)
+                   y[n, k, h, w] = act(Y2[k, n*H*W + h*W + w] + bias[k])       (epilogue)
+Backward, from grad (N, K, H, W) laid out as G2 (K, P) (``channels_first``, fused with the
+activation's backward where there is one):
+                   grad_weight = G2 @ cols.T                                   (K, C*9)
+                   grad_cols   = weight.reshape(K, C*9).T @ G2                 (C*9, P)
+                   grad_x[n, c, h, w] = sum_{i,j} grad_cols[c*9 + i*3 + j, pixel (h+1-i, w+1-j)]
+The last line (``col2im``) gathers the 9 taps of each input pixel, so every output
+element is written once: no atomics, no zero fill.
+
+Every kernel is one thread per element with the row index in blockIdx.y (a channel or a
+(channel, tap) pair, fixed per block) and the pixel in x, so loads and stores of a warp
+are contiguous.  Arrays are passed flat (1-D) with their sizes as int32 scalars.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from ._launch import THREADS_1D, launch, per_dtype
+from .reduce import REDUCE_THREADS
+
+# Activation codes of the epilogue (0: none).  prelu reads one slope per channel.
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 3, "elu": 4}
+MAX_GRID = 65535  # grid y and z limits
+
+
+@per_dtype
+def _build(T):
+    @cuda.jit(device=True)
+    def activate(z, code, slope, alpha):
+        if code == 1:
+            return z if z > T(0) else T(0)
+        if code == 2 or code == 3:
+            return z if z > T(0) else z * slope
+        if code == 4:
+            return z if z > T(0) else alpha * T(math.expm1(z))
+        return z
+
+    @cuda.jit(device=True)
+    def activation_grad(z, g, code, slope, alpha):
+        """d act / dz * g, from the pre-activation z (exact: no y + alpha cancellation)."""
+        if code == 0 or z > T(0):
+            return g
+        if code == 1:
+            return T(0)
+        if code == 4:
+            return g * alpha * T(math.exp(z))
+        return g * slope
+
+    @cuda.jit
+    def im2col(x, cols, channels, height, width, pixels):
+        # x is (N*C*H*W,), cols is (C*9*P,); grid (ceil(H*W / threads), N, C*9)
+        row, n = cuda.blockIdx.z, cuda.blockIdx.y
+        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        plane = height * width
+        if p < plane:
+            c, tap = row // 9, row % 9
+            hh, ww = p // width + tap // 3 - 1, p % width + tap % 3 - 1
+            value = T(0)
+            if 0 <= hh < height and 0 <= ww < width:
+                value = x[(n * channels + c) * plane + hh * width + ww]
+            cols[row * pixels + n * plane + p] = value
+
+    @cuda.jit
+    def col2im(grad_cols, grad_x, channels, height, width, pixels):
+        # grad_cols is (C*9*P,), grad_x is (N*C*H*W,); grid (ceil(H*W / threads), N, C)
+        c, n = cuda.blockIdx.z, cuda.blockIdx.y
+        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        plane = height * width
+        if p < plane:
+            h, w = p // width, p % width
+            total = T(0)
+            for i in range(3):
+                hh = h + 1 - i
+                if 0 <= hh < height:
+                    for j in range(3):
+                        ww = w + 1 - j
+                        if 0 <= ww < width:
+                            total += grad_cols[(c * 9 + i * 3 + j) * pixels + n * plane + hh * width + ww]
+            grad_x[(n * channels + c) * plane + p] = total
+
+    @cuda.jit
+    def epilogue(y2, bias, slopes, y, z, outputs, plane, pixels, code, slope, alpha, has_bias, keep_z):
+        # y2 is (K*P,) pixel-major per channel; y and z are (N*K*H*W,); bias, slopes (K,)
+        # (read only when has_bias / code == 3); z (the pre-activation) is written when
+        # keep_z; grid (ceil(H*W / threads), N, K)
+        k, n = cuda.blockIdx.z, cuda.blockIdx.y
+        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if p < plane:
+            out = (n * outputs + k) * plane + p
+            value = y2[k * pixels + n * plane + p]
+            if has_bias:
+                value += bias[k]
+            if keep_z:
+                z[out] = value
+            s = slopes[k] if code == 3 else slope
+            y[out] = activate(value, code, s, alpha)
+
+    @cuda.jit
+    def channels_first(grad, z, slopes, g2, outputs, plane, pixels, code, slope, alpha):
+        # grad and z are (N*K*H*W,), g2 is (K*P,); g2 = d act/dz * grad, transposed
+        # grid (ceil(H*W / threads), N, K)
+        k, n = cuda.blockIdx.z, cuda.blockIdx.y
+        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if p < plane:
+            src = (n * outputs + k) * plane + p
+            g = grad[src]
+            if code != 0:
+                s = slopes[k] if code == 3 else slope
+                g = activation_grad(z[src], g, code, s, alpha)
+            g2[k * pixels + n * plane + p] = g
+
+    @cuda.jit
+    def prelu_slope_grad(z, grad, partial, outputs, plane, pixels):
+        # partial is (K * blocks,): partial[k * blocks + b] = sum over block b's pixels of
+        # grad * z where z <= 0; grid (blocks, K), each thread loops with a grid stride
+        k = cuda.blockIdx.y
+        acc = T(0)
+        q = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        while q < pixels:
+            n, p = q // plane, q % plane
+            src = (n * outputs + k) * plane + p
+            v = z[src]
+            if not v > T(0):
+                acc += grad[src] * v
+            q += cuda.gridDim.x * cuda.blockDim.x
+        shared = cuda.shared.array(REDUCE_THREADS, T)
+        tid = cuda.threadIdx.x
+        shared[tid] = acc
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                shared[tid] += shared[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            partial[k * cuda.gridDim.x + cuda.blockIdx.x] = shared[0]
+
+    return SimpleNamespace(im2col=im2col, col2im=col2im, epilogue=epilogue, channels_first=channels_first,
+                           prelu_slope_grad=prelu_slope_grad)
+
+
+def _grid(n: int, plane: int, rows: int):
+    """(grid, block) over (pixels of a plane, images, rows): threads cover one plane (fewer
+    than 256 for small planes, a multiple of the warp size)."""
+    if rows > MAX_GRID or n > MAX_GRID:
+        raise ValueError(f"conv3x3 gemm: batch {n} or {rows} channel rows exceed the grid limit {MAX_GRID}")
+    threads = min(THREADS_1D, max(32, 1 << (plane - 1).bit_length()))
+    return (-(-plane // threads), n, rows), (threads,)
+
+
+def _i32(v):
+    return np.int32(v)
+
+
+def _flat(a):
+    return a.reshape(-1)
+
+
+def im2col(x, cols) -> None:
+    """cols (C*9, N*H*W) from x (N, C, H, W); both C-contiguous."""
+    n, c, h, w = x.shape
+    pixels = n * h * w
+    grid, block = _grid(n, h * w, c * 9)
+    launch(_build(x.dtype).im2col, grid, block, x, _flat(x), _flat(cols), _i32(c), _i32(h), _i32(w), _i32(pixels))
+
+
+def col2im(grad_cols, grad_x) -> None:
+    """grad_x (N, C, H, W) = the adjoint of im2col applied to grad_cols (C*9, N*H*W)."""
+    n, c, h, w = grad_x.shape
+    pixels = n * h * w
+    grid, block = _grid(n, h * w, c)
+    launch(_build(grad_x.dtype).col2im, grid, block, grad_x, _flat(grad_cols), _flat(grad_x),
+           _i32(c), _i32(h), _i32(w), _i32(pixels))
+
+
+def epilogue(y2, bias, slopes, y, z, activation=None, slope=0.01, alpha=1.0) -> None:
+    """y (N, K, H, W) = act(y2 (K, N*H*W) transposed + bias); z gets the pre-activation
+    when it is not None.  bias (K,) or None; ``slopes`` (K,) are prelu's (else None)."""
+    n, k, h, w = y.shape
+    pixels = n * h * w
+    dtype = y.dtype.type
+    grid, block = _grid(n, h * w, k)
+    keep_z = z is not None
+    unused = y2.reshape(-1)[:1]  # stands for an absent array (never read or written)
+    launch(_build(y.dtype).epilogue, grid, block, y, _flat(y2), bias if bias is not None else unused,
+           slopes if slopes is not None else unused, _flat(y), _flat(z) if keep_z else unused,
+           _i32(k), _i32(h * w), _i32(pixels), _i32(ACTIVATIONS[activation]), dtype(slope), dtype(alpha),
+           np.uint8(bias is not None), np.uint8(keep_z))
+
+
+def channels_first(grad, g2, z=None, slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
+    """g2 (K, N*H*W) = grad (N, K, H, W) transposed, times d act/dz (from the saved
+    pre-activation z) when there is an activation."""
+    n, k, h, w = grad.shape
+    pixels = n * h * w
+    dtype = grad.dtype.type
+    grid, block = _grid(n, h * w, k)
+    unused = _flat(grad)[:1]  # stands for an absent array (never read)
+    launch(_build(grad.dtype).channels_first, grid, block, grad, _flat(grad), _flat(z) if z is not None else unused,
+           slopes if slopes is not None else unused, _flat(g2), _i32(k), _i32(h * w), _i32(pixels),
+           _i32(ACTIVATIONS[activation]), dtype(slope), dtype(alpha))
+
+
+def prelu_slope_grad(z, grad, xp):
+    """(K,) sums over N, H, W of grad * z where z <= 0 (prelu's slope gradient)."""
+    n, k, h, w = z.shape
+    pixels = n * h * w
+    blocks = max(1, min(64, -(-pixels // (REDUCE_THREADS * 16))))
+    partial = xp.empty((k * blocks,), dtype=z.dtype)
+    launch(_build(z.dtype).prelu_slope_grad, (blocks, k), (REDUCE_THREADS,), z, _flat(z), _flat(grad), partial,
+           _i32(k), _i32(h * w), _i32(pixels))
+    return partial.reshape(k, blocks).sum(axis=1)
