@@ -26,6 +26,10 @@ try:
         raise RuntimeError("no CUDA device")
 except Exception as exc:  # no driver, no device
     pytest.skip(f"needs a CUDA GPU: {exc}", allow_module_level=True)
+pytest.importorskip("numba")
+from pycnn.ops import cuda_backend  # noqa: E402
+
+cuda_backend.kernels_package()  # before numba.cuda: the NumPy 2.5 import fix lives there
 pytest.importorskip("numba.cuda")
 
 import pycnn  # noqa: E402
@@ -35,12 +39,16 @@ from pycnn.ops import registry  # noqa: E402
 ROUNDS, WARMUP = 30, 5
 PHASES = ("fwd", "fwd+bwd")
 
-# (op, inputs as host-array shapes (None: absent), params); float32
-N = 64
+# (op, inputs as host-array shapes (None: absent), params); float32.  The convolutions are
+# the README net's at CIFAR-10 size; PyTorch runs them in plain FP32 (TF32 off) unless
+# PYCNN_BENCH_TF32=1.
+N = 256
 CASES = [
-    ("conv3x3", [(N, 64, 32, 32), (64, 64, 3, 3), (64,)], {}),
-    ("conv3x3", [(N, 3, 32, 32), (64, 3, 3, 3), (64,)], {}),
+    ("conv3x3", [(N, 3, 32, 32), (32, 3, 3, 3), (32,)], {}),
+    ("conv3x3", [(N, 32, 32, 32), (32, 32, 3, 3), (32,)], {}),
+    ("conv3x3", [(N, 64, 16, 16), (64, 64, 3, 3), (64,)], {}),
     ("conv3x3", [(N, 128, 8, 8), (128, 128, 3, 3), (128,)], {}),
+    ("batchnorm", [(N, 32, 32, 32), (32,), (32,)], {}),
     ("maxpool2x2", [(N, 64, 32, 32)], {}),
     ("avgpool2x2", [(N, 64, 32, 32)], {}),
     ("relu", [(N, 64, 32, 32)], {}),
@@ -60,6 +68,7 @@ def _torch_fn(name, params):
     import torch.nn.functional as tf
     return {
         "conv3x3": lambda x, w, b: tf.conv2d(x, w, b, padding=1),
+        "batchnorm": lambda x, g, b: tf.batch_norm(x, None, None, g, b, training=True),
         "maxpool2x2": lambda x: tf.max_pool2d(x, 2),
         "avgpool2x2": lambda x: tf.avg_pool2d(x, 2),
         "relu": tf.relu,
@@ -183,6 +192,9 @@ def test_torch_cuda(benchmark, capsys, case, phase):
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA")
     name, shapes, params = case
+    tf32 = os.environ.get("PYCNN_BENCH_TF32") == "1"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
     fn = _torch_fn(name, params)
     host = _host_inputs(shapes, np.random.default_rng(0))
     tensors = [None if a is None else torch.as_tensor(a, device="cuda").requires_grad_(phase != "fwd")

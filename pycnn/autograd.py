@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import time
 
 import numpy as np
@@ -278,9 +279,9 @@ class OpFunction(Function):
         profile = _profile.get()
         if profile is None:
             return impl.forward(ctx, *inputs, **params)
-        start = time.perf_counter()
+        start = profile.clock()
         out = impl.forward(ctx, *inputs, **params)
-        profile.add(cls.op.name, backend, algorithm, "forward", time.perf_counter() - start)
+        profile.add(cls.op.name, backend, algorithm, "forward", profile.clock() - start)
         return out
 
     @classmethod
@@ -288,20 +289,27 @@ class OpFunction(Function):
         profile = _profile.get()
         if profile is None:
             return ctx.impl.backward(ctx, grad_output)
-        start = time.perf_counter()
+        start = profile.clock()
         grads = ctx.impl.backward(ctx, grad_output)
-        profile.add(cls.op.name, ctx.backend, ctx.algo, "backward", time.perf_counter() - start)
+        profile.add(cls.op.name, ctx.backend, ctx.algo, "backward", profile.clock() - start)
         return grads
 
 
 class Profile:
     """Seconds and calls per (op, backend, algorithm, pass), collected by ``profile()``.
     Times are host wall-clock: CUDA kernels are asynchronous, so on a GPU they measure
-    launches unless the array module is synchronised."""
+    launches, unless ``synchronize`` is set: then the clock waits for the GPU before each
+    reading (slower, but each op's own device time)."""
 
-    def __init__(self):
+    def __init__(self, synchronize: bool = False):
         self.seconds: dict[tuple, float] = {}
         self.calls: dict[tuple, int] = {}
+        self.synchronize = synchronize
+
+    def clock(self) -> float:
+        if self.synchronize and "cupy" in sys.modules:
+            sys.modules["cupy"].cuda.Device().synchronize()
+        return time.perf_counter()
 
     def add(self, op, backend, algo, phase, seconds) -> None:
         key = (op, backend, algo, phase)
@@ -326,9 +334,10 @@ _profile: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("pycnn
 
 
 @contextlib.contextmanager
-def profile():
-    """Time every op call inside the block: ``with pycnn.profile() as p: ...; print(p.table())``."""
-    result = Profile()
+def profile(synchronize: bool = False):
+    """Time every op call inside the block: ``with pycnn.profile() as p: ...; print(p.table())``;
+    ``synchronize=True`` waits for the GPU around each op (device time per op)."""
+    result = Profile(synchronize)
     token = _profile.set(result)
     try:
         yield result

@@ -54,8 +54,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Grid size")
 needs_cuda = pytest.mark.skipif(_SKIP_REASON is not None, reason=_SKIP_REASON or "")
 real_gpu_only = pytest.mark.skipif(SIMULATED or _SKIP_REASON is not None, reason="needs a real GPU with CuPy (not the simulator)")
 
-# ops that the cuda backend implements (conv3x3 under algo="direct")
-CUDA_OPS = ("conv3x3", "maxpool2x2", "avgpool2x2", "relu", "leaky_relu", "prelu", "rrelu", "elu",
+# ops that the cuda backend implements (conv3x3: algorithms "gemm", the default, and "direct")
+CUDA_OPS = ("conv3x3", "conv3x3_act", "batchnorm", "maxpool2x2", "avgpool2x2", "relu", "leaky_relu", "prelu", "rrelu", "elu",
             "sigmoid", "tanh", "maxout", "dropout", "fancy_pca")
 DTYPES = (np.float32, np.float64)
 TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10)}
@@ -107,10 +107,11 @@ def check_against_reference(op, sample, dtype, rng, needs=None, algo=None):
     ref_grads = op.reference.backward(ctx, grad.copy())
     # the cuda implementation on the device
     inputs = tuple(to_device(x) for x in sample.inputs)
+    params = {key: to_device(value) for key, value in sample.params.items()}  # e.g. running statistics
     with pycnn.use_backend("cuda"):
-        backend, chosen, impl = op.resolve(inputs, sample.params, algo or "auto")
+        backend, chosen, impl = op.resolve(inputs, params, algo or "auto")
     assert backend == "cuda", f"{op.name} resolved to {backend}"
-    y, grads = run_op(impl, inputs, sample.params, to_device(grad), needs)
+    y, grads = run_op(impl, inputs, params, to_device(grad), needs)
     tol = TOL[np.dtype(dtype)]
     np.testing.assert_allclose(y, ref_y, err_msg=f"{op.name} forward", **tol)
     assert len(grads) == len(ref_grads)
@@ -130,7 +131,8 @@ def test_cuda_backend_registers_every_kernel_op():
     cuda_backend()
     for name in CUDA_OPS:
         assert registry.get(name).algorithms("cuda"), f"{name} has no cuda implementation"
-    assert registry.get("conv3x3").algorithms("cuda") == ["direct"]
+    assert registry.get("conv3x3").algorithms("cuda") == ["gemm", "direct"]
+    assert registry.get("conv3x3_act").algorithms("cuda") == ["gemm"]
 
 
 def test_importing_pycnn_does_not_import_numba():
@@ -362,11 +364,11 @@ def _train_small_network(backend, steps=4):
 def test_small_network_trains_on_the_cuda_backend(monkeypatch):
     cb = cuda_backend()
     calls = []
-    for kernel in ("conv3x3_forward", "conv3x3_grad_weight"):
-        original = getattr(cb.K.conv, kernel)
-        monkeypatch.setattr(cb.K.conv, kernel, lambda *a, _f=original, _n=kernel: (calls.append(_n), _f(*a))[1])
+    for kernel in ("im2col", "col2im"):  # conv3x3's default algorithm on cuda: im2col + GEMM
+        original = getattr(cb.K.gemm, kernel)
+        monkeypatch.setattr(cb.K.gemm, kernel, lambda *a, _f=original, _n=kernel: (calls.append(_n), _f(*a))[1])
     losses = _train_small_network("cuda")
-    assert "conv3x3_forward" in calls and "conv3x3_grad_weight" in calls
+    assert calls.count("im2col") == 4 and "col2im" not in calls  # x needs no gradient
     assert all(np.isfinite(losses)), losses
     assert losses[-1] < 0.8 * losses[0], losses
     # the same steps on the NumPy references
@@ -421,6 +423,8 @@ def test_gpu_conv3x3_realistic_shapes(shape):
 # ------------------------------------------------------- every kernel compiles for a GPU
 
 NO_NVVM_EXIT = 3
+KERNEL_MODULES = ("conv3x3", "conv_gemm", "batchnorm", "pool", "activations", "dropout", "reduce", "rng", "fancy_pca",
+                  "optim")
 
 
 def _compile_all_kernels_to_ptx() -> None:
@@ -429,6 +433,7 @@ def _compile_all_kernels_to_ptx() -> None:
     lowering error, or on a float64 instruction in a float32 kernel."""
     import types
 
+    cuda_backend().kernels_package()  # before numba.cuda: the NumPy 2.5 import fix lives there
     import numba
     import numba.cuda.dispatcher as dispatcher
     from numba import cuda
@@ -449,13 +454,19 @@ def _compile_all_kernels_to_ptx() -> None:
     cb = cuda_backend()
     compiled = {}
 
+    from pycnn.kernels import _rawlaunch
+
     def compile_instead_of_launch(kernel, grid, block, like, *args):
         signature = tuple(numba.typeof(a) for a in args)
         key = (kernel.py_func.__qualname__, signature)
         if key not in compiled:
-            compiled[key] = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))[0]
+            ptx = compiled[key] = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))[0]
+            # the raw launch path infers the same types and packs what this PTX declares
+            raw_types = _rawlaunch.numba_types(args)
+            assert [str(t) for t in raw_types] == [str(t).replace(", readonly", "") for t in signature], key
+            _rawlaunch.check_ptx_params(ptx, raw_types)
 
-    for name in ("conv3x3", "pool", "activations", "dropout", "reduce", "rng", "fancy_pca"):
+    for name in KERNEL_MODULES:
         cb.kernel_module(name).launch = compile_instead_of_launch
     rng = np.random.default_rng(0)
     for dtype in DTYPES:
@@ -470,6 +481,9 @@ def _compile_all_kernels_to_ptx() -> None:
         cb.kernel_module("fancy_pca").fancy_pca_apply(images, np.eye(3), np.ones(3), np.ones((2, 3)))
         cb.kernel_module("fancy_pca").rgb_moments(images)
         cb.kernel_module("rng").uniform(3, np.empty(5, dtype))
+        ones = np.ones(5, dtype)
+        cb.kernel_module("optim").sgd_step(ones, ones, ones, 0.1, 0.9, 0.01, True, False)
+        cb.kernel_module("optim").sgd_step(ones, ones, None, 0.1, 0.0, 0.01, False, False)
     promoted = [qualname for (qualname, signature), ptx in compiled.items()
                 if "moments" not in qualname and ".f64" in ptx
                 and all(getattr(a, "dtype", a) != numba.float64 for a in signature)]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU check of pycnn in one run, for a machine with an NVIDIA GPU, CuPy, numba-cuda
+# and PyTorch (CUDA): correctness of the cuda backend on the real device, then the training
+# step against PyTorch, then the per-op benchmarks.  Results land in $OUT (default
+# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, ops.txt.
+#
+#   bash bench/gpu_checks.sh                  # everything (about 6 minutes on an H200)
+#   STAGES=tests,step bash bench/gpu_checks.sh
+#   STEP_BATCHES=256 STEP_REPEATS=1 bash bench/gpu_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+STAGES=${STAGES:-tests,step,ops}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $PY -c "import sys, numpy, cupy, numba; from importlib.metadata import version as v
+print('python', sys.version.split()[0], '| numpy', numpy.__version__, '| cupy', cupy.__version__,
+      '| numba', numba.__version__, '| numba-cuda', v('numba-cuda'), '| torch', v('torch'))"
+} 2>&1 | tee "$OUT/gpu.txt"
+
+status=0
+if [[ ",$STAGES," == *",tests,"* ]]; then
+  timeout "${TESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -W ignore::RuntimeWarning \
+    tests/test_cuda_backend.py tests/test_cuda_engine.py 2>&1 | tee "$OUT/tests.txt" || status=1
+fi
+if [[ ",$STAGES," == *",step,"* ]]; then
+  timeout "${STEP_TIMEOUT:-360}" $PY bench/gpu_step.py --batches "${STEP_BATCHES:-256,64,1024}" \
+    --repeats "${STEP_REPEATS:-3}" --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" || status=1
+fi
+if [[ ",$STAGES," == *",ops,"* ]]; then
+  timeout "${OPS_TIMEOUT:-240}" $PY -m pytest -q -s -p no:cacheprovider bench/test_cuda.py --benchmark-only \
+    --benchmark-columns=median 2>&1 | grep -v "^  \|^-\|^Name\|^$" | tee "$OUT/ops.txt" || status=1
+fi
+exit $status

@@ -1,0 +1,212 @@
+"""Training-step throughput on one GPU: pycnn's CUDA backend against PyTorch (cuDNN), each
+framework in its own process, interleaved, medians over repeats.
+
+    python bench/gpu_step.py                       # batches 64, 256, 1024; 3 repeats
+    python bench/gpu_step.py --batches 256 --repeats 5 --json step.json
+
+The net is the README's VGG (widths 32/64/128, two conv3x3 + batch norm + ReLU per stage,
+2x2 max pooling, linear), float32, SGD with Nesterov momentum, one synthetic CIFAR-sized
+batch (the data pipeline is not timed: this measures the engine).  PyTorch runs with
+cudnn.benchmark, once with TF32 convolutions and matmuls (its default for convolutions) and
+once with TF32 off (plain FP32, what pycnn computes).  Each child process reports the time
+of its first step (JIT compilation and caches included), the median step time over
+``--steps`` steps after ``--warmup`` steps, and (pycnn) the kernels it launched per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTHS = (32, 64, 128)
+
+
+def _synthetic_batch(batch: int):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, batch)
+    return images, labels
+
+
+def _time_steps(step, synchronize, steps: int, warmup: int) -> dict:
+    start = time.perf_counter()
+    step()
+    synchronize()
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return {"first_step_s": first, "step_ms": 1e3 * statistics.median(times)}
+
+
+def _profile_pycnn(net, opt, x, y, step) -> None:
+    """Where a step's time goes: device time per op (synchronised around each), the
+    optimiser, and the host time to enqueue a whole step without waiting for the GPU."""
+    import cupy
+    import pycnn
+    import pycnn.functional as F
+    sync = cupy.cuda.Device().synchronize
+    with pycnn.profile(synchronize=True) as p:
+        for _ in range(5):
+            loss = F.softmax_cross_entropy(net(pycnn.Tensor(x)), y)
+            opt.zero_grad()
+            loss.backward()
+    print(p.table(top=40), flush=True)
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        opt.step()
+    sync()
+    print(f"optimiser step: {(time.perf_counter() - start) / 5 * 1e3:.3f} ms", flush=True)
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    enqueue = (time.perf_counter() - start) / 5
+    sync()
+    total = (time.perf_counter() - start) / 5
+    print(f"host time to enqueue a step: {enqueue * 1e3:.3f} ms of {total * 1e3:.3f} ms", flush=True)
+
+
+def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False) -> dict:
+    import cupy
+    import pycnn
+    import pycnn.functional as F
+    from pycnn import models, optim
+    from pycnn.ops import cuda_backend
+
+    images, labels = _synthetic_batch(batch)
+    net = models.vgg(3, 32, 10, widths=WIDTHS, convs_per_stage=2).to("cuda")
+    opt = optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x, y = cupy.asarray(images), cupy.asarray(labels)
+
+    def step():
+        loss = F.softmax_cross_entropy(net(pycnn.Tensor(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    result = _time_steps(step, cupy.cuda.Device().synchronize, steps, warmup)
+    if profile:
+        _profile_pycnn(net, opt, x, y, step)
+    raw = cuda_backend.kernels_package()._rawlaunch
+    before = raw.launch_count()
+    step()
+    cupy.cuda.Device().synchronize()
+    result["pycnn_kernels_per_step"] = raw.launch_count() - before
+    return result
+
+
+def run_torch(batch: int, steps: int, warmup: int, tf32: bool) -> dict:
+    import torch
+    from torch import nn
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    layers, channels = [], 3
+    for width in WIDTHS:
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.Flatten(), nn.Linear(channels * 4 * 4, 10)]
+    net = nn.Sequential(*layers).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    images, labels = _synthetic_batch(batch)
+    x, y = torch.from_numpy(images).cuda(), torch.from_numpy(labels).cuda()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _time_steps(step, torch.cuda.synchronize, steps, warmup)
+
+
+def _child(args) -> None:
+    if args.framework == "pycnn":
+        result = run_pycnn(args.batch, args.steps, args.warmup, profile=args.profile)
+    else:
+        result = run_torch(args.batch, args.steps, args.warmup, tf32=args.framework == "torch-tf32")
+    result["img_per_s"] = args.batch / (result["step_ms"] / 1e3)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+FRAMEWORKS = ("pycnn", "torch-fp32", "torch-tf32")
+
+
+def _run_child(framework: str, batch: int, steps: int, warmup: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, __file__, "--child", framework, "--batch", str(batch), "--steps", str(steps),
+               "--warmup", str(warmup)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{framework} at batch {batch} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="64,256,1024", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per framework and batch")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--profile", action="store_true",
+                        help="one pycnn process: device time per op, optimiser, host enqueue time")
+    parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.framework = args.child
+        _child(args)
+        return 0
+    if args.profile:
+        args.framework, args.batch = "pycnn", int(args.batches.split(",")[0])
+        _child(args)
+        return 0
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        runs = {name: [] for name in FRAMEWORKS}
+        for _ in range(args.repeats):  # interleaved: a drifting clock or neighbour hits all alike
+            for name in FRAMEWORKS:
+                runs[name].append(_run_child(name, batch, args.steps, args.warmup))
+        row = {"batch": batch}
+        for name, results in runs.items():
+            row[f"{name}_img_per_s"] = statistics.median(r["img_per_s"] for r in results)
+            row[f"{name}_first_step_s"] = statistics.median(r["first_step_s"] for r in results)
+        row["pycnn_kernels_per_step"] = runs["pycnn"][0]["pycnn_kernels_per_step"]
+        row["ratio_vs_fp32"] = row["pycnn_img_per_s"] / row["torch-fp32_img_per_s"]
+        row["ratio_vs_tf32"] = row["pycnn_img_per_s"] / row["torch-tf32_img_per_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| batch | pycnn img/s | PyTorch FP32 img/s | PyTorch TF32 img/s | vs FP32 | vs TF32 | "
+          "pycnn first step s (warm cache) | pycnn kernels/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['pycnn_img_per_s']:,.0f} | {r['torch-fp32_img_per_s']:,.0f} | "
+              f"{r['torch-tf32_img_per_s']:,.0f} | {r['ratio_vs_fp32']:.2f} | {r['ratio_vs_tf32']:.2f} | "
+              f"{r['pycnn_first_step_s']:.2f} | {r['pycnn_kernels_per_step']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The CUDA engine around the kernels: the NumPy 2.5 import fix, the raw launch path's
+signatures and PTX cache keys, batch norm's numerics on data far from zero, and the number
+of kernels a training step launches.  Runs in Numba's CUDA simulator (no GPU needed);
+the raw launch itself is exercised on a real GPU by tests/test_cuda_backend.py and
+bench/gpu_step.py, and its ABI against real PTX by test_kernels_compile_to_ptx.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pycnn
+import pycnn.functional as F
+from pycnn import models
+from pycnn.autograd import Context
+from pycnn.ops import registry
+
+from tests.test_cuda_backend import HAVE_NUMBA_CUDA, SIMULATED, cuda_backend, needs_cuda, to_device, to_host
+
+ROOT = Path(pycnn.__file__).resolve().parents[1]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason="numba-cuda is not installed")
+def test_numba_cuda_imports_where_numpy_has_no_row_stack():
+    """NumPy 2.5 removed numpy.row_stack, which numba-cuda 0.30.4 uses at import: pycnn's
+    kernels put the alias back before numba.cuda loads (same function: vstack)."""
+    without_alias = "import numpy as np\nif hasattr(np, 'row_stack'): del np.row_stack\n"
+    direct = _python(without_alias + "import numba.cuda.np.arrayobj")
+    assert direct.returncode != 0 and "row_stack" in direct.stderr  # the failure being fixed
+    through_pycnn = _python(without_alias + (
+        "from pycnn.ops import cuda_backend\n"
+        "cuda_backend.kernel_module('activations')\n"
+        "import numba.cuda.np.arrayobj\n"
+        "assert np.row_stack is np.vstack\n"))
+    assert through_pycnn.returncode == 0, through_pycnn.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------ raw launch path
+
+@needs_cuda
+def test_raw_launch_signature_and_abi_layout():
+    import numba
+    from numba import types
+    raw = cuda_backend().kernels_package()._rawlaunch
+    args = (np.zeros((2, 3), np.float32), np.zeros(4, np.float64)[::2], np.float32(1), True, 7, 2.5)
+    assert raw.numba_types(args) == (types.Array(numba.float32, 2, "C"), types.Array(numba.float64, 1, "A"),
+                                     numba.float32, numba.boolean, numba.int64, numba.float64)
+    # arrays: meminfo, parent, nitems, itemsize, data, shape, strides (8 bytes each)
+    assert raw.expected_params(raw.numba_types(args)) == [64] * 9 + [64] * 7 + [32, 8, 64, 64]
+    # the packed launch buffer: the same fields as struct codes (native alignment = CUDA's)
+    assert raw._param_codes(raw.numba_types(args)) == "qqqqQqqqq" + "qqqqQqq" + "fBqd"
+
+
+@needs_cuda
+def test_raw_launch_rejects_ptx_whose_parameters_differ():
+    from numba import types
+    raw = cuda_backend().kernels_package()._rawlaunch
+    ptx = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .f32 k_param_1\n)\n{\n}\n"
+    assert raw.check_ptx_params(ptx, (types.int64, types.float32)) == "k"
+    with pytest.raises(RuntimeError, match="do not match"):
+        raw.check_ptx_params(ptx, (types.int64, types.float64))
+
+
+@needs_cuda
+def test_every_kernel_has_a_stable_ptx_cache_key():
+    """Closure values (dtype, tile size, device functions) are keyed by text without memory
+    addresses, so a new process finds the PTX cached by an earlier one."""
+    kernels = cuda_backend().kernels_package()
+    raw = kernels._rawlaunch
+    from pycnn.kernels import activations, batchnorm, conv_gemm, pool, reduce
+    for module in (activations, batchnorm, conv_gemm, pool, reduce):
+        built = module._build(np.dtype(np.float32))
+        for name, kernel in vars(built).items():
+            if hasattr(kernel, "py_func") and not getattr(kernel, "_device", False):
+                key = raw._closure_key(kernel.py_func)
+                assert key is not None and " at 0x" not in key, (module.__name__, name)
+
+
+# ------------------------------------------------------------ batch norm far from zero
+
+@needs_cuda
+@pytest.mark.parametrize("offset, dtype, rtol", [(1e8, np.float64, 1e-6), (1e3, np.float64, 1e-9),
+                                                 (1e3, np.float32, 2e-3)])
+def test_cuda_batchnorm_statistics_stay_accurate_far_from_zero(offset, dtype, rtol, monkeypatch):
+    """Welford + Chan merging: no E[x^2] - E[x]^2 cancellation; several blocks per channel."""
+    rng = np.random.default_rng(3)
+    x = (offset + rng.standard_normal((4, 3, 20, 20))).astype(dtype)
+    gamma, beta = np.ones(3, dtype), np.zeros(3, dtype)
+    running_mean, running_var = np.zeros(3, dtype), np.ones(3, dtype)
+    cb = cuda_backend()
+    if not SIMULATED:  # 256 threads a block on a GPU: fewer values per thread, more blocks
+        monkeypatch.setattr(cb.K.bn, "ELEMENTS_PER_THREAD", 1)
+    assert cb.K.bn._split(x)[3] > 1  # the merge across blocks is exercised
+    with pycnn.use_backend("cuda"):
+        _, _, impl = registry.get("batchnorm").resolve((to_device(x),), {})
+    rm, rv = to_device(running_mean), to_device(running_var)
+    y = to_host(impl.forward(Context((True,) * 3), to_device(x), to_device(gamma), to_device(beta),
+                             running_mean=rm, running_var=rv))
+    exact = x.astype(np.float64)
+    mean = exact.mean(axis=(0, 2, 3))
+    centred = exact - mean.reshape(1, 3, 1, 1)
+    var = (centred ** 2).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(y.std(axis=(0, 2, 3)), np.sqrt(var / (var + 1e-5)), rtol=rtol)
+    np.testing.assert_allclose(to_host(rm), 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(to_host(rv), 0.9 + 0.1 * var * 1600 / 1599, rtol=rtol)
+
+
+# ------------------------------------------------------------------ kernels per training step
+
+# kernels of our own per op and pass (matrix products, by cuBLAS, counted apart)
+EXPECTED_LAUNCHES = {
+    # conv3x3 (gemm): forward im2col + epilogue; backward transpose + col2im (x needs a gradient)
+    "conv3x3": (2, 2), "batchnorm": (3, 3), "relu": (1, 1), "maxpool2x2": (1, 1),
+}
+
+
+@needs_cuda
+def test_a_training_step_launches_a_known_small_number_of_kernels(monkeypatch):
+    """A VGG-style step on the cuda backend: count every kernel launch (one place: the
+    kernel modules' ``launch``) and every matrix product, per layer."""
+    cb = cuda_backend()
+    from pycnn.kernels import _launch
+    launches = []
+    for module in ("conv_gemm", "batchnorm", "pool", "activations", "reduce", "dropout", "conv3x3"):
+        mod = cb.kernel_module(module)
+        monkeypatch.setattr(mod, "launch", lambda kernel, *a, _real=_launch.launch: (
+            launches.append(kernel.py_func.__name__), _real(kernel, *a))[1])
+    net = models.vgg(1, 4, 2, widths=(2, 3), convs_per_stage=1)
+    if not SIMULATED:
+        net.to("cuda")
+    rng = np.random.default_rng(0)
+    x = pycnn.Tensor(to_device(rng.standard_normal((2, 1, 4, 4)).astype(np.float32)), requires_grad=True)
+    labels = to_device(np.array([0, 1]))
+    with pycnn.use_backend("cuda"):
+        loss = F.softmax_cross_entropy(net(x), labels)
+        forward = len(launches)
+        loss.backward()
+    backward = len(launches) - forward
+    layers = {"conv3x3": 2, "batchnorm": 2, "relu": 2, "maxpool2x2": 2}
+    assert forward == sum(EXPECTED_LAUNCHES[op][0] * n for op, n in layers.items()), launches[:forward]
+    assert backward == sum(EXPECTED_LAUNCHES[op][1] * n for op, n in layers.items()), launches[forward:]
+    assert (forward + backward) / sum(layers.values()) <= 4.0
+
+
+
+# --------------------------------------------------------------------------- optimiser
+
+@needs_cuda
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.9, True, 0.01), (0.5, False, 0.0), (0.0, False, 0.1)])
+def test_fused_sgd_kernel_matches_the_array_operations(momentum, nesterov, weight_decay):
+    """pycnn.kernels.optim.sgd_step (what SGD runs on CUDA parameters) against SGD's own
+    array operations on the host, over three steps (the first creates the velocity)."""
+    from pycnn import optim
+    rng = np.random.default_rng(4)
+    w0 = rng.standard_normal((3, 5)).astype(np.float64)
+    grads = [rng.standard_normal((3, 5)) for _ in range(3)]
+    reference = pycnn.Tensor(w0.copy(), requires_grad=True)
+    opt = optim.SGD([reference], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    kernels = cuda_backend().optimiser_kernels()
+    w, velocity = to_device(w0.copy()), None
+    for step, g in enumerate(grads):
+        reference.grad = g.copy()
+        opt.step()
+        if momentum and velocity is None:
+            velocity = to_device(np.full_like(w0, np.nan))
+        kernels.sgd_step(w, to_device(g), velocity, 0.1, momentum, weight_decay, nesterov, step == 0)
+        np.testing.assert_allclose(to_host(w), reference.data, rtol=1e-12, atol=1e-12)
