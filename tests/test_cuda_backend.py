@@ -472,11 +472,12 @@ def _compile_all_kernels_to_ptx() -> None:
     for dtype in DTYPES:
         for name in CUDA_OPS:
             op = registry.get(name)
-            impl = op.impls[("cuda", op.algorithms("cuda")[0])]
-            for sample in op.samples(rng, np.dtype(dtype)):
-                ctx = Context(tuple(x is not None for x in sample.inputs))
-                y = impl.forward(ctx, *sample.inputs, **sample.params)
-                impl.backward(ctx, np.ones(y.shape, y.dtype))
+            for algo in op.algorithms("cuda"):
+                impl = op.impls[("cuda", algo)]
+                for sample in op.samples(rng, np.dtype(dtype)):
+                    ctx = Context(tuple(x is not None for x in sample.inputs))
+                    y = impl.forward(ctx, *sample.inputs, **sample.params)
+                    impl.backward(ctx, np.ones(y.shape, y.dtype))
         images = np.ones((2, 3, 4, 4), dtype)
         cb.kernel_module("fancy_pca").fancy_pca_apply(images, np.eye(3), np.ones(3), np.ones((2, 3)))
         cb.kernel_module("fancy_pca").rgb_moments(images)
@@ -489,6 +490,52 @@ def _compile_all_kernels_to_ptx() -> None:
                 and all(getattr(a, "dtype", a) != numba.float64 for a in signature)]
     assert not promoted, f"float64 instructions in float32 kernels: {promoted}"
     print(f"{len(compiled)} kernel specialisations compiled to PTX")
+    resources = {key: _ptxas_resources(ptx) for key, ptx in compiled.items()}
+    if any(r is None for r in resources.values()):
+        print("nvJitLink is not available: no register/spill report")
+        return
+    rows = sorted((qualname, str(signature[0].dtype) if hasattr(signature[0], "dtype") else "-", r)
+                  for (qualname, signature), r in resources.items())
+    lines = ["| kernel | dtype | registers | stack bytes | spill stores | shared bytes |", "|---|---|---:|---:|---:|---:|"]
+    seen = set()
+    for qualname, dtype, r in rows:
+        if (qualname, dtype) not in seen:
+            seen.add((qualname, dtype))
+            lines.append(f"| {qualname.split('.')[-1]} | {dtype} | {r['registers']} | {r['stack']} | "
+                         f"{r['spill_stores']} | {r['shared']} |")
+    report = "\n".join(lines)
+    print(report)
+    if os.environ.get("PYCNN_PTX_REPORT"):
+        Path(os.environ["PYCNN_PTX_REPORT"]).write_text(report + "\n")
+    spilled = [(q, r) for (q, _), r in resources.items() if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, f"kernels that spill registers to local memory: {spilled}"
+
+
+def _ptxas_resources(ptx: str) -> dict | None:
+    """Registers, stack, spills and static shared memory of a PTX kernel on sm_90, from
+    nvJitLink's verbose log (ptxas); None when nvJitLink is not installed."""
+    import re
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError:
+        return None
+    data = ptx.encode()
+    handle = nvjitlink.create(2, [b"-arch=sm_90", b"-verbose"])
+    try:
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    text = log.decode(errors="replace")
+
+    def number(pattern):
+        found = re.search(pattern, text)
+        return int(found.group(1)) if found else 0
+    return {"registers": number(r"Used (\d+) registers"), "stack": number(r"(\d+) bytes stack frame"),
+            "spill_stores": number(r"(\d+) bytes spill stores"), "spill_loads": number(r"(\d+) bytes spill loads"),
+            "shared": number(r"(\d+) bytes smem")}
 
 
 def test_kernels_compile_to_ptx():
