@@ -78,6 +78,7 @@ class Config:
     batch_size: int = 32
     seed: int = 0
     prefetch: int = 2
+    diagnostics_every: int = 50        # per-layer readings (activations, dead units, gradients, updates) every N steps (0: off)
     device: str = "cpu"                # cpu (NumPy arrays) | cuda (CuPy arrays on an NVIDIA GPU)
 
     CHOICES = {"dataset": ("digits", "cifar10"), "balance": ("none", "upsample", "downsample"),
@@ -89,7 +90,7 @@ class Config:
     # integer settings and their least value
     INTEGERS = {"limit": 0, "folds": 0, "fold": 0, "crop_padding": 0, "convs_per_stage": 1, "hidden": 0,
                 "step_size": 1, "patience": 0, "warmup_steps": 0, "early_stop": 0, "epochs": 1, "batch_size": 1,
-                "seed": 0, "prefetch": 0}
+                "seed": 0, "prefetch": 0, "diagnostics_every": 0}
     # number settings: (low, high, low inclusive, high inclusive)
     NUMBERS = {"fancy_pca": (0, math.inf, True, False), "rotation": (0, 180, True, True),
                "dropout": (0, 1, True, False), "lr": (0, math.inf, False, False),

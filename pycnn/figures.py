@@ -4,7 +4,9 @@
   running mean — its shape tells a learning rate too high, too low or about right;
 * ``accuracy.png``: train / validation accuracy per epoch (their gap tells overfitting), the
   best epoch and the test accuracy measured once at the end;
-* ``lr.png``: the learning rate per batch (warm-up, steps, cosine, plateau cuts).
+* ``lr.png``: the learning rate per batch (warm-up, steps, cosine, plateau cuts);
+* ``layers.png`` (when the run has per-layer diagnostics): activation std, dead units,
+  gradient norms and update / weight ratios per layer over the steps.
 
 A run that stopped before a batch finished still gets its figures, saying so."""
 from __future__ import annotations
@@ -103,4 +105,38 @@ def plot_history(history: dict, out_dir) -> list[Path]:
     paths.append(out_dir / "lr.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+    if history.get("diagnostics"):
+        paths.append(plot_layers(history, out_dir / "layers.png"))
     return paths
+
+
+def plot_layers(history: dict, path) -> Path:
+    """Four panels of the per-layer diagnostics (``pycnn.diagnostics``)."""
+    from pycnn.diagnostics import series
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    panels = [("std", "activation std", "log"), ("dead", "dead units (share)", "linear"),
+              ("grad_norm.weight", "gradient norm (weights)", "log"),
+              ("update_ratio.weight", "update / weight ratio", "log")]
+    for ax, (quantity, label, scale) in zip(axes.flat, panels):
+        lines = series(history, quantity)
+        for name, (steps, values) in lines.items():
+            ax.plot(steps, values, marker=".", lw=1, label=name)
+        if quantity == "update_ratio.weight":
+            ax.axhline(1e-3, color="grey", ls=":", label="1e-3 (healthy)")
+        ax.set(title=label, ylabel=label)
+        if lines and scale == "log" and min(min(v) for _, v in lines.values()) > 0:
+            ax.set_yscale("log")
+        if quantity == "dead":
+            ax.set_ylim(0, 1)
+        if lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -317,8 +317,9 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         raise RuntimeError(f"fine-tuning stopped: {history['stopped'] or 'interrupted'}")
     history["test"] = score_on_test(trainer, config, splits, preprocessor)
     write_history(history, run_dir)
-    from pycnn import figures
+    from pycnn import figures, report
     figures.plot_history(history, run_dir)
+    report.write_report(history, config.to_dict(), run_dir, classes=splits.classes)
     best = history["best_epoch"]
     trained = f"layers {start}..{len(model) - 2} at lr {config.lr * chosen.lr_factor:g}, " if start < len(model) - 1 \
         else ""

@@ -8,7 +8,8 @@ and writes a run directory:
                                    the test result
     RUN_DIR/checkpoints/epoch_NNN.npz   model, optimiser, schedule, RNG, pre-processing
     RUN_DIR/checkpoints/epoch_NNN_part_BBBBB.npz   an epoch interrupted by Ctrl-C
-    RUN_DIR/loss.png, accuracy.png, lr.png   the figures
+    RUN_DIR/loss.png, accuracy.png, lr.png, layers.png   the figures
+    RUN_DIR/report.html            the figures and their readings in words, self-contained
 
 Three disjoint sets of images (``split_data``): training; validation, held out of the
 training set (stratified, ``val_size``; the same images for every seed), which drives the
@@ -244,6 +245,7 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
     trainer = Trainer(model, optimiser, train_loader, val_loader, schedule=schedule, loss=config.loss,
                       label_smoothing=config.label_smoothing, checkpoint_dir=run_dir / "checkpoints",
                       progress=progress, device=config.device, early_stop=config.early_stop,
+                      diagnostics_every=config.diagnostics_every,
                       meta={"model": spec, "config": config.to_dict()}, on_first_batch=first_batch,
                       attachments={f"preprocess/{k}": v for k, v in preprocessor.state_dict().items()})
     if resume:
@@ -267,8 +269,9 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
     if test and history["stopped"] is None and history["interrupted"] is None:
         history["test"] = score_on_test(trainer, config, splits, preprocessor)
     write_history(history, run_dir)
-    from pycnn import figures
+    from pycnn import figures, report
     figures.plot_history(history, run_dir)
+    report.write_report(history, config.to_dict(), run_dir, classes=splits.classes)
     return history
 
 

@@ -61,7 +61,8 @@ def _new_history() -> dict:
     return {"batch_loss": [], "batch_data_loss": [], "batch_lr": [],
             "train_loss": [], "train_data_loss": [], "train_reg_loss": [], "train_accuracy": [],
             "val_loss": [], "val_accuracy": [], "lr": [], "epoch_seconds": [], "images_per_second": [],
-            "best_epoch": None, "stopped": None, "early_stopped": None, "interrupted": None, "test": None}
+            "best_epoch": None, "stopped": None, "early_stopped": None, "interrupted": None, "test": None,
+            "diagnostics": []}
 
 
 def regularisation_loss(optimizer) -> float:
@@ -88,14 +89,16 @@ class Trainer:
                  label_smoothing: float = 0.0, class_weight=None, max_loss_ratio: float = 3.0,
                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, meta: dict | None = None,
                  attachments: dict | None = None, device: str = "cpu", early_stop: int = 0,
-                 on_first_batch=None):
+                 on_first_batch=None, diagnostics_every: int = 0):
         """``val_loader``: the validation set (never the test set): it drives the plateau
         schedule, early stopping and the choice of the best epoch;
         ``meta``: JSON-able facts stored in every checkpoint (model spec, config);
         ``attachments``: arrays stored with them (a fitted pre-processing, say);
         ``device``: 'cpu' or 'cuda' — the model is moved there and every batch follows it;
         ``early_stop``: stop after this many epochs without a better validation score (0: off);
-        ``on_first_batch(data_loss, reg_loss)``: called once after the run's first batch."""
+        ``on_first_batch(data_loss, reg_loss)``: called once after the run's first batch;
+        ``diagnostics_every``: per-layer readings every this many steps into
+        ``history["diagnostics"]`` (0: off; see ``pycnn.diagnostics``)."""
         if loss not in ("cross_entropy", "hinge"):
             raise ValueError(f"loss must be 'cross_entropy' or 'hinge', got {loss!r}")
         self.device = device
@@ -109,6 +112,10 @@ class Trainer:
         self.attachments = dict(attachments or {})
         self.early_stop = int(early_stop)
         self.on_first_batch = on_first_batch
+        self.diagnostics = None
+        if diagnostics_every:
+            from pycnn.diagnostics import LayerDiagnostics
+            self.diagnostics = LayerDiagnostics(diagnostics_every)
         self.epoch = 0
         self.history = _new_history()
         self._position = None          # (batches done, partial sums) inside the current epoch
@@ -205,7 +212,10 @@ class Trainer:
         done = start_batch
         for images, labels in bar:
             images, labels = to_device(images, self.device), to_device(labels, self.device)
-            logits = self.model(Tensor(images))
+            step = len(h["batch_loss"])
+            diagnose = self.diagnostics is not None and self.diagnostics.due(step)
+            logits = self.diagnostics.forward(self.model, Tensor(images), step) if diagnose else \
+                self.model(Tensor(images))
             loss = self.loss(logits, labels)
             self.optimizer.zero_grad()
             loss.backward()
@@ -214,7 +224,11 @@ class Trainer:
             value = data_loss + reg_loss
             self._check_divergence(value)
             h["batch_lr"].append(self.optimizer.param_groups[0]["lr"])
+            if diagnose:
+                self.diagnostics.before_step(self.model)
             self.optimizer.step()
+            if diagnose:
+                self.diagnostics.after_step(h)
             if self.schedule is not None:
                 self.schedule.step_batch()
             h["batch_loss"].append(value)

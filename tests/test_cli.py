@@ -162,8 +162,8 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
 
 
 def test_ctrl_c_saves_the_run_and_resume_continues_bit_exactly(tmp_path, capsys):
-    settings = dict(epochs=2, limit=300, batch_size=8, widths=(4, 8), prefetch=0)
-    flags = ["--epochs", "2", "--limit", "300", "--batch-size", "8", "--widths", "4,8", "--prefetch", "0"]
+    settings = dict(epochs=2, limit=200, batch_size=8, widths=(4, 8), prefetch=0)
+    flags = ["--epochs", "2", "--limit", "200", "--batch-size", "8", "--widths", "4,8", "--prefetch", "0"]
     run_dir = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen([sys.executable, "-m", "pycnn", "train", "--checks", "off", "--run-dir", str(run_dir),

@@ -64,7 +64,7 @@ def test_test_set_is_used_once_and_the_schedule_follows_validation(tmp_path, mon
     step_epoch = train_module.schedules.ReduceOnPlateau.step_epoch
     monkeypatch.setattr(train_module.schedules.ReduceOnPlateau, "step_epoch",
                         lambda self, metric=None: (metrics.append(metric), step_epoch(self, metric))[1])
-    history = run(quick(schedule="plateau", epochs=3, limit=400), tmp_path / "run", progress=False)
+    history = run(quick(schedule="plateau", epochs=3, limit=200), tmp_path / "run", progress=False)
     assert len(calls) == 1
     assert metrics == history["val_accuracy"]
 
@@ -77,7 +77,7 @@ def test_best_epoch_chooses_the_weights_scored_on_test_and_early_stop(tmp_path, 
         return next(scripted) if loader is self.val_loader else evaluate(self, loader)
 
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", fake_validation)
-    history = run(quick(epochs=5, early_stop=2, limit=300), tmp_path / "run", progress=False)
+    history = run(quick(epochs=5, early_stop=2, limit=150), tmp_path / "run", progress=False)
     assert history["best_epoch"] == 2 and len(history["val_accuracy"]) == 4
     assert "no better validation accuracy for 2 epochs after epoch 2" in history["early_stopped"]
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
@@ -118,12 +118,12 @@ def test_checkpoints_contain_no_pickle(tmp_path):
 
 
 def test_logged_loss_includes_the_regularisation_term(tmp_path):
-    runs = {wd: run(quick(epochs=1, limit=200, weight_decay=wd), tmp_path / str(wd), progress=False)
+    runs = {wd: run(quick(epochs=1, limit=100, weight_decay=wd), tmp_path / str(wd), progress=False)
             for wd in (0.0, 1.0)}
     # same initial weights and batch: the same data loss, a total that differs by the L2 term
     assert runs[0.0]["batch_data_loss"][0] == runs[1.0]["batch_data_loss"][0]
     assert runs[0.0]["batch_loss"][0] == runs[0.0]["batch_data_loss"][0]
-    model = train_module.build(quick(), *split_data(quick(limit=200))[:4])[0]
+    model = train_module.build(quick(), *split_data(quick(limit=100))[:4])[0]
     l2 = sum(float((p.data.astype(np.float64) ** 2).sum()) for p in model.parameters() if p.ndim > 1)
     assert runs[1.0]["batch_loss"][0] - runs[1.0]["batch_data_loss"][0] == pytest.approx(0.5 * l2, rel=1e-5)
     h = runs[1.0]
@@ -174,11 +174,11 @@ def test_atomic_checkpoint_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_k_fold_cross_validation_leaves_the_test_set_alone(tmp_path):
-    config = quick(folds=3, epochs=1, limit=300, widths=(4, 8))
+    config = quick(folds=3, epochs=1, limit=150, widths=(4, 8))
     summary = run_folds(config, tmp_path / "cv", progress=False)
     assert len(summary["val_accuracy"]) == 3 and summary["mean"] == pytest.approx(np.mean(summary["val_accuracy"]))
     held = [split_data(Config.from_dict(config.to_dict(), fold=i)).val_y for i in range(3)]
-    assert sum(len(h) for h in held) == 300
+    assert sum(len(h) for h in held) == 150
     for i in range(3):
         history = json.loads((tmp_path / "cv" / f"fold_{i + 1}" / "history.json").read_text())
         assert history["test"] is None and len(history["val_accuracy"]) == 1
