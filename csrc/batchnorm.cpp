@@ -106,38 +106,49 @@ void channel_sums(const T* u, const T* v, const double* shift, int64_t N, int64_
     }
 }
 
-// The mean and M2 = sum (x - mean)^2 of the S values of one row: two passes over the row (the
-// second from L1), m0 = sum(x) / S, then the corrected sums of d = x - m0.
+// Over the S values of one row: their mean minus `shift`, and M2 = sum (x - mean)^2.  Two
+// passes over the row (the second from L1): c = sum(x) / S, then the corrected sums of
+// d = x - c.  c need not be accurate (the correction repairs it), so the first pass is a
+// plain sum; the mean is returned relative to shift, (c - shift) + sum(d) / S, where the
+// digits that matter in the merge of the rows are.
 template <typename T>
-inline void row_moments(const T* xr, int64_t S, double& mean, double& m2) {
+inline void row_moments(const T* xr, int64_t S, double shift, double& mean, double& m2) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < S; ++i) s += static_cast<double>(xr[i]);
-    const double m0 = s / static_cast<double>(S);
+    const double c = s / static_cast<double>(S);
     double sd = 0.0, sdd = 0.0;
 #pragma omp simd reduction(+ : sd, sdd)
     for (int64_t i = 0; i < S; ++i) {
-        const double d = static_cast<double>(xr[i]) - m0;
+        const double d = static_cast<double>(xr[i]) - c;
         sd += d;
         sdd += d * d;
     }
-    mean = m0 + sd / static_cast<double>(S);
+    mean = (c - shift) + sd / static_cast<double>(S);
     m2 = sdd - sd * (sd / static_cast<double>(S));
 }
 
 // mean[c] and the biased var[c] of x over N and S.
 //   S > 1: the moments of each (n, c) row (row_moments, x read from memory once), merged over
-//          the rows of a channel in order of n by Chan's formula (no cancellation either);
+//          the rows of a channel in order of n by Chan's formula.  The row means are taken
+//          relative to shift[c] = x[0, c, 0], a value of the channel, so they are small next
+//          to |mean| (at most sqrt(N*S) standard deviations) and their differences in the
+//          merge keep their digits (without the shift, data around 1e8 +- 1 lost 1e-9);
 //   S = 1: two passes over the (N, C) array (channel_sums: vectorised across channels).
 template <typename T>
 void stats_kernel(const T* x, T* mean, T* var, int64_t N, int64_t C, int64_t S) {
     const double count = static_cast<double>(N * S);
     if (S > 1) {
         const int64_t rows = N * C;
-        std::vector<double> row_mean(static_cast<size_t>(rows)), row_m2(static_cast<size_t>(rows));
+        std::vector<double> shift(static_cast<size_t>(C)), row_mean(static_cast<size_t>(rows)),
+            row_m2(static_cast<size_t>(rows));
+        for (int64_t c = 0; c < C; ++c) {  // x[0, c, 0] (0 if it is not finite: inf - inf would be NaN)
+            const double first = static_cast<double>(x[c * S]);
+            shift[c] = std::isfinite(first) ? first : 0.0;
+        }
         double *rmp = row_mean.data(), *rm2p = row_m2.data();
 #pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
-        for (int64_t r = 0; r < rows; ++r) row_moments(x + r * S, S, rmp[r], rm2p[r]);
+        for (int64_t r = 0; r < rows; ++r) row_moments(x + r * S, S, shift[r % C], rmp[r], rm2p[r]);
         const double s = static_cast<double>(S);
         for (int64_t c = 0; c < C; ++c) {
             double n = s, m = rmp[c], m2 = rm2p[c];  // the rows n' < n of channel c, merged
@@ -147,7 +158,7 @@ void stats_kernel(const T* x, T* mean, T* var, int64_t N, int64_t C, int64_t S) 
                 m2 += rm2p[k * C + c] + delta * delta * (n * s / total);
                 n = total;
             }
-            mean[c] = static_cast<T>(m);
+            mean[c] = static_cast<T>(shift[c] + m);
             var[c] = static_cast<T>(std::max(m2 / count, 0.0));
         }
         return;
