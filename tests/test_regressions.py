@@ -218,3 +218,15 @@ def test_direct_calls_of_the_private_module_name_the_argument():
         C.relu_forward(x.astype(">f4"), np.empty_like(x))
     with pytest.raises(ValueError, match="relu_forward: x must be aligned"):
         C.relu_forward(_unaligned(x), np.empty_like(x))
+
+
+# ------------------------------------------------------- the same classes elsewhere (pycnn/ops/elementwise.py)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_division_gradient_where_b_squared_underflows(dtype):
+    # -g * a / (b * b): b * b underflows to 0 and the gradient became -inf (true: -(a / b) / b)
+    tiny = 1e-30 if dtype == np.float32 else 1e-170
+    a, b = Tensor(np.array([tiny], dtype), requires_grad=True), Tensor(np.array([tiny], dtype), requires_grad=True)
+    (a / b).backward(np.ones(1, dtype))
+    np.testing.assert_allclose(a.grad, [1 / tiny], rtol=4 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(b.grad, [-1 / tiny], rtol=4 * np.finfo(dtype).eps)

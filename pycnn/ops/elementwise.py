@@ -70,7 +70,8 @@ def _declare_binary(name, forward, grads, positive_b=False):
 _declare_binary("add", lambda a, b: a + b, lambda a, b, g: (g, g))
 _declare_binary("sub", lambda a, b: a - b, lambda a, b, g: (g, -g))
 _declare_binary("mul", lambda a, b: a * b, lambda a, b, g: (g * b, g * a))
-_declare_binary("div", lambda a, b: a / b, lambda a, b, g: (g / b, -g * a / (b * b)), positive_b=True)
+# d(a/b)/db = -(a / b) / b: -a / (b * b) overflows (b * b underflows) long before the quotient does
+_declare_binary("div", lambda a, b: a / b, lambda a, b, g: (g / b, -g * (a / b) / b), positive_b=True)
 
 
 # ------------------------------------------------------------------------------ unary maps
