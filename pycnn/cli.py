@@ -15,6 +15,9 @@
     pycnn bench [--quick] [--ops relu,conv3x3] [--json PATH] [--no-torch]
         check, then time the C++ kernels against PyTorch CPU and the machine's limits
         (2 threads each) and print one table
+    pycnn search | ensemble | imbalance ...
+        random search coarse to fine, ensembles with test-time augmentation, class-imbalance
+        remedies (pycnn/tools/; pycnn search --help)
 
 Bad input ends with one line naming the argument and exit status 2; Ctrl-C with 130.
 """
@@ -330,7 +333,12 @@ def main(argv=None) -> int:
     bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out (its columns stay empty)")
     bench.add_argument("--verbose", action="store_true", help="name each case on stderr as it runs")
 
+    from pycnn.tools import cli as tools  # pycnn search, pycnn ensemble, pycnn imbalance
+    tools.add_parsers(commands)
+
     args = parser.parse_args(argv)
+    if args.command in tools.COMMANDS:
+        return tools.run(args)
     return {"train": _train, "check": _check, "evaluate": _evaluate, "finetune": _finetune,
             "bench": _bench}[args.command](args)
 
