@@ -43,7 +43,7 @@ def _add_ray_flags(parser, default_dir: str) -> None:
 
 def add_parsers(commands) -> None:
     search = commands.add_parser(
-        "search", help="random search over settings, coarse to fine, with early abort (Ray Tune)",
+        "search", help="random search over settings, coarse to fine, with early abort (on Ray)",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=(
             "Random search: each trial draws every searched setting (--param, or a [space] table in --config:\n"
             "  lr = {log_uniform = [1e-3, 1.0]}, dropout = {uniform = [0, 0.5]}, batch_size = {choice = [32, 64]}),\n"

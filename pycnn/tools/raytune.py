@@ -6,22 +6,29 @@
   machines.  Every Ray worker runs pycnn's C++ kernels on ``threads`` OpenMP threads
   (``OMP_NUM_THREADS`` in the job's runtime environment), so trials sized at ``threads``
   CPUs each share the cores without oversubscribing them.
-* ``run_trials``: search trials as Ray Tune trials, each asking for ``threads`` CPUs (and
-  one GPU with ``--device cuda``); the search's successive-halving rule cuts them through a
-  Tune scheduler.
+* ``run_trials``: search trials as Ray tasks of ``threads`` CPUs each (and one GPU with
+  ``--device cuda``), scheduled by Ray wherever the resources are free.  After each epoch a
+  trial asks a ``Judge`` actor (the search's successive-halving rule, one copy for the whole
+  stage) whether to go on, and stops itself when cut: asynchronous successive halving
+  without a central loop, and the driver only prints the judge's log.
 * ``run_jobs``: independent trainings (ensemble members, imbalance remedies) as Ray tasks.
 
-With ``address``, the run folder must be on storage every node sees (as Ray Tune's own
-``storage_path`` must be for a multi-node cluster): trials write their folders there, and
+Why not Ray Tune's trial runner and ASHAScheduler: on this project's 2-core machine Tune
+added about 15 s per 4-trial stage (each trial actor imports ray.tune, ~4 s, and Tune's
+controller loop polls), more than the tiny trials of a test take; and Tune does not save a
+scheduler's state when an experiment is restored, while the judge is rebuilt from the
+trial folders.  The rule is ASHA's, as ASHAScheduler applies it (``search.Halving``).
+
+With ``address``, the run folder must be on storage every node sees (as Ray Tune's
+``storage_path`` must be on a multi-node cluster): trials write their folders there, and
 pycnn must be installed on every node.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
-INSTALL_HINT = ('Ray is not installed: pip install "pycnn[ray]" (or pip install "ray[tune]==2.60.0"); '
+INSTALL_HINT = ('Ray is not installed: pip install "pycnn[ray]" (or pip install "ray==2.60.0"); '
                 "--backend local runs without it, in this process")
 
 
@@ -32,7 +39,6 @@ class RayUnavailable(RuntimeError):
 def available() -> bool:
     try:
         import ray  # noqa: F401
-        from ray import tune  # noqa: F401
     except ImportError:
         return False
     return True
@@ -43,13 +49,6 @@ def require() -> None:
         raise RayUnavailable(INSTALL_HINT)
 
 
-def _quiet_environment() -> None:
-    # Ray's own switches, read when Ray starts: no usage statistics sent anywhere (offline), and
-    # Tune's plain reporter, which honours verbose=0 (the default one prints a table anyway)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
-
 @contextlib.contextmanager
 def session(address: str | None = None, cpus: int | None = None, gpus: int | None = None, threads: int = 1):
     """A Ray instance for the block: a new local one (``cpus``/``gpus``: what it offers,
@@ -58,10 +57,11 @@ def session(address: str | None = None, cpus: int | None = None, gpus: int | Non
     require()
     import ray
 
-    _quiet_environment()
     if ray.is_initialized():
         yield ray
         return
+    # Ray's own switch, read when it starts: send no usage statistics anywhere (offline)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                    runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
     if address:
@@ -78,113 +78,100 @@ def session(address: str | None = None, cpus: int | None = None, gpus: int | Non
         ray.shutdown()
 
 
-def resources(threads: int, device: str) -> dict:
-    return {"cpu": threads, "gpu": 1 if device == "cuda" else 0}
+def _task(ray, function, threads: int, device: str):
+    return ray.remote(num_cpus=threads, num_gpus=1 if device == "cuda" else 0, max_retries=0)(function)
+
+
+def _wait_all(ray, futures: list, poll=None) -> list:
+    """ray.get of every future, calling ``poll()`` about once a second meanwhile; Ctrl-C
+    cancels them all and raises KeyboardInterrupt; a task's error becomes a RuntimeError."""
+    try:
+        pending = list(futures)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if poll is not None:
+                poll()
+        return ray.get(futures)
+    except KeyboardInterrupt:
+        for f in futures:
+            ray.cancel(f, force=True)
+        raise
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        raise RuntimeError(f"a Ray task failed: {type(cause).__name__}: {cause}") from None
 
 
 # ----------------------------------------------------------------------------- search trials
 
-def _tune_trial(config, specs=None):
-    """A Ray Tune function trainable: one search trial (``config["trial"]`` is its id)."""
-    from ray import tune
+class Judge:
+    """The successive-halving rule of a stage, shared by its trials (a Ray actor), with a
+    log of what it saw for the driver to print."""
+
+    def __init__(self, halving):
+        self.halving, self.events = halving, []
+
+    def record(self, trial: str, epoch: int, value) -> bool:
+        keep = self.halving.record(trial, epoch, value)
+        self.events.append(f"  trial {trial} epoch {epoch}: validation accuracy "
+                           f"{float('nan') if value is None else value:.4f}" +
+                           ("" if keep else "; cut by successive halving"))
+        return keep
+
+    def note(self, text: str) -> None:
+        self.events.append(text)
+
+    def read(self, start: int) -> list:
+        return self.events[start:]
+
+
+def _trial_task(spec, judge) -> str:
+    """One search trial (a Ray task): train, asking the judge after every epoch."""
+    import ray
 
     from pycnn.config import Config
     from pycnn.tools import trial as trials
 
-    spec = specs[config["trial"]]
-
-    def report(metrics):
-        tune.report({k: v for k, v in metrics.items() if v is not None})
-        return True
-
-    trials.train_config(Config.from_dict(spec.config), spec.folder, report=report, resume=True)
+    report = lambda m: ray.get(judge.record.remote(spec.id, m["epoch"], m.get("val_accuracy")))  # noqa: E731
+    outcome = trials.train_config(Config.from_dict(spec.config), spec.folder, report=report, resume=True)
+    judge.note.remote(f"  trial {spec.id}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
+    return outcome.status
 
 
-def _scheduler(halving, specs, log):
-    """A Tune scheduler applying the search's Halving rule to our epochs (``result["epoch"]``,
-    which keeps counting when a trial resumes, unlike Tune's training_iteration)."""
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+def run_trials(todo: list, halving, *, address=None, cpus=None, gpus=None, threads: int = 1, device: str = "cpu",
+               log=print) -> None:
+    """Run search trials (TrialSpecs) as Ray tasks; each writes its own folder (outcome.json
+    when it ends).  KeyboardInterrupt on Ctrl-C, the unfinished trials keeping their
+    checkpoints."""
+    with session(address, cpus, gpus, threads) as ray:
+        judge = ray.remote(num_cpus=0)(Judge).remote(halving)
+        task = _task(ray, _trial_task, threads, device)
+        futures = [task.remote(spec, judge) for spec in todo]
+        log(f"  {len(futures)} trials on Ray ({threads} CPU thread{'s' if threads > 1 else ''}"
+            f"{' and a GPU' if device == 'cuda' else ''} each; {int(ray.cluster_resources().get('CPU', 0))} CPUs)",
+            flush=True)
+        shown = [0]
 
-    from pycnn.tools import trial as trials
+        def show():
+            for line in ray.get(judge.read.remote(shown[0])):
+                log(line, flush=True)
+                shown[0] += 1
 
-    class HalvingScheduler(FIFOScheduler):
-        def on_trial_result(self, tune_controller, trial, result):
-            if "epoch" not in result:
-                return TrialScheduler.CONTINUE
-            trial_id = trial.config["trial"]
-            log(f"  trial {trial_id} epoch {result['epoch']}: validation accuracy "
-                f"{result.get('val_accuracy', float('nan')):.4f}", flush=True)
-            if halving.record(trial_id, result["epoch"], result.get("val_accuracy")):
-                return TrialScheduler.CONTINUE
-            spec = specs[trial_id]
-            curve = trials.read_curve(spec.folder)[:result["epoch"]]
-            trials.write_outcome(spec.folder, _cut_outcome(curve, result["epoch"]))
-            log(f"  trial {trial_id}: aborted, cut by successive halving after epoch {result['epoch']}")
-            return TrialScheduler.STOP
-
-    return HalvingScheduler()
-
-
-def _cut_outcome(curve: list, epoch: int):
-    from pycnn.tools.trial import ABORTED, Outcome
-
-    scored = [r for r in curve if r["val_accuracy"] is not None]
-    best = max(scored, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0))) if scored else None
-    return Outcome(status=ABORTED, reason=f"cut by successive halving after epoch {epoch}", epochs=len(curve),
-                   best_epoch=best["epoch"] if best else None, val_accuracy=best["val_accuracy"] if best else None,
-                   val_loss=best["val_loss"] if best else None, seconds=float(sum(r["seconds"] for r in curve)),
-                   images=0, curve=curve)
-
-
-def run_trials(todo: list, halving, run_dir, name: str, *, address=None, cpus=None, gpus=None, threads: int = 1,
-               device: str = "cpu", log=print) -> None:
-    """Run search trials (TrialSpecs) on Ray Tune; each writes its own folder.  Returns when
-    all ended or Ctrl-C stopped the run (the caller finds the unfinished ones)."""
-    with session(address, cpus, gpus, threads):
-        from ray import tune
-
-        from pycnn.tools import trial as trials
-
-        specs = {s.id: s for s in todo}
-        trainable = tune.with_resources(tune.with_parameters(_tune_trial, specs=specs),
-                                        resources(threads, device))
-        tuner = tune.Tuner(
-            trainable, param_space={"trial": tune.grid_search(list(specs))},
-            tune_config=tune.TuneConfig(scheduler=_scheduler(halving, specs, log), reuse_actors=True),
-            run_config=tune.RunConfig(storage_path=str(Path(run_dir).resolve() / "ray"), name=name, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
-        grid = tuner.fit()
-        for result in grid:
-            spec = specs.get(result.config.get("trial")) if result.config else None
-            if result.error is not None and spec is not None and trials.read_outcome(spec.folder) is None:
-                message = str(result.error).strip().splitlines()[-1][:300]
-                outcome = _cut_outcome(trials.read_curve(spec.folder), 0)
-                outcome.reason = f"error: {message}"
-                trials.write_outcome(spec.folder, outcome)
-                log(f"  trial {spec.id}: aborted by an error: {message}")
+        _wait_all(ray, futures, show)
+        show()
 
 
 # ------------------------------------------------------------------------------- plain jobs
 
-def run_jobs(function, jobs: list, *, address=None, cpus=None, gpus=None, threads: int = 1, device: str = "cpu",
-             log=print) -> list:
-    """``[function(**job) for job in jobs]``, as parallel Ray tasks of ``threads`` CPUs (and a
-    GPU each with device 'cuda'); Ctrl-C cancels them and raises KeyboardInterrupt."""
-    with session(address, cpus, gpus, threads) as ray:
-        remote = ray.remote(num_cpus=threads, num_gpus=1 if device == "cuda" else 0, max_retries=0)(
-            _job).options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
-        futures = [remote.remote(function, job) for job in jobs]
-        log(f"  {len(futures)} jobs on Ray ({threads} CPU thread{'s' if threads > 1 else ''} each)", flush=True)
-        try:
-            return ray.get(futures)
-        except KeyboardInterrupt:
-            for f in futures:
-                ray.cancel(f, force=True)
-            raise
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            raise RuntimeError(f"a Ray job failed: {type(cause).__name__}: {cause}") from None
-
-
 def _job(function, job):
     return function(**job)
+
+
+def run_jobs(function, jobs: list, *, address=None, cpus=None, gpus=None, threads: int = 1, device: str = "cpu",
+             log=print) -> list:
+    """``[function(**job) for job in jobs]`` as parallel Ray tasks of ``threads`` CPUs (and a
+    GPU each with device 'cuda'); Ctrl-C cancels them and raises KeyboardInterrupt."""
+    with session(address, cpus, gpus, threads) as ray:
+        task = _task(ray, _job, threads, device)
+        futures = [task.remote(function, job) for job in jobs]
+        log(f"  {len(futures)} jobs on Ray ({threads} CPU thread{'s' if threads > 1 else ''} each)", flush=True)
+        return _wait_all(ray, futures)

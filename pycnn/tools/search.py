@@ -13,10 +13,10 @@ optimisation; Bergstra and Bengio 2012):
   (then ``grace * eta``, ``grace * eta^2``, ...) a trial whose validation accuracy is below the
   ``1 - 1/eta`` quantile of the trials that reached that epoch before it stops (the rule of
   ASHA, Li et al. 2018, as Ray Tune's ASHAScheduler applies it);
-* trials run on Ray Tune (``raytune.run_trials``: a local Ray instance, or a cluster) or one
-  after another in this process (``backend="local"``, for small searches); the halving rule
-  is ``Halving`` in both, so both cut the same way, and its records are rebuilt from the trial
-  folders when a search resumes (Ray Tune does not keep a scheduler's state across restarts);
+* trials run on Ray (``raytune.run_trials``: tasks on a local Ray instance, or on a cluster)
+  or one after another in this process (``backend="local"``, for small searches); the
+  halving rule is ``Halving`` in both, so both cut the same way, and its records are rebuilt
+  from the trial folders when a search resumes;
 * everything is kept in the search folder and the search resumes after an interruption:
 
       DIR/search.json          the search (base config, space, stages) and, at the end, its summary
@@ -224,13 +224,16 @@ def _run_stages(spec: SearchSpec, base: Config, run_dir: Path, backend: str, ray
                 todo.append(s)
         if len(todo) < len(stage_specs):
             log(f"  {len(stage_specs) - len(todo)} trials already done")
-        if todo:
-            if backend == "ray":
-                from pycnn.tools import raytune
-                raytune.run_trials(todo, halving, run_dir, f"stage_{stage}", log=log, **(ray_options or {}))
-            else:
-                _run_local(todo, halving, log)
         all_specs += stage_specs
+        try:
+            if todo and backend == "ray":
+                from pycnn.tools import raytune
+                raytune.run_trials(todo, halving, log=log, **(ray_options or {}))
+            elif todo:
+                _run_local(todo, halving, log)
+        except (SearchInterrupted, KeyboardInterrupt):
+            write_results(all_specs, run_dir)  # the table so far: unfinished trials say so
+            raise
         missing = [s.id for s in stage_specs if trials.read_outcome(s.folder) is None]
         if missing:
             write_results(all_specs, run_dir)

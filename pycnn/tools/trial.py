@@ -1,6 +1,6 @@
 """One training run under a tool's control: ``train_config`` trains a ``Config`` in a folder
 epoch by epoch and calls ``report(metrics)`` after each epoch, so a search can cut a hopeless
-trial (or Ray Tune can) between epochs; it resumes from the folder's checkpoints after an
+trial between epochs; it resumes from the folder's checkpoints after an
 interruption.  ``load_predictor`` turns any pycnn checkpoint back into a model with its
 pre-processing, for ensembles and per-class reports.
 
