@@ -35,7 +35,7 @@ class Config:
     # data
     dataset: str = "digits"            # digits (embedded, offline) | cifar10 (../shared/data/cifar10)
     classes: tuple = ()                # only these labels, relabelled 0..k-1 in this order (empty: all)
-    limit: int = 0                     # use only the first N training images (0: all)
+    limit: int = 0                     # use only N training images, a stratified draw from all of them (0: all)
     val_size: object = "auto"          # images held out of training for validation: "auto" (digits 20%,
     #                                    cifar10 10% = 5,000) | N | 0 (none: no model selection)
     folds: int = 0                     # k-fold cross-validation (>= 2; 0: off); each fold validates once

@@ -53,7 +53,8 @@ class RunDirError(ValueError):
 
 def load_data(config: Config):
     """(train_images, train_labels, test_images, test_labels), images uint8 NCHW: the training
-    pool (validation not yet held out; ``classes`` and ``limit`` applied) and the test set."""
+    pool (validation not yet held out; ``classes`` and ``limit`` applied: ``limit`` keeps N
+    images drawn stratified from the whole pool, in their order) and the test set."""
     if config.dataset == "digits":
         images, labels = datasets.digits()
         train_x, train_y, test_x, test_y = datasets.train_test_split(images, labels, 0.2, seed=0)
@@ -66,8 +67,12 @@ def load_data(config: Config):
             test_x, test_y = datasets.select_classes(test_x, test_y, config.classes)
         except ValueError as exc:
             raise ConfigError(f"classes: {exc} in {config.dataset}") from None
-    if config.limit:
-        train_x, train_y = train_x[:config.limit], train_y[:config.limit]
+    if config.limit and config.limit < len(train_y):
+        # a stratified draw spread over the whole pool (the same for every training seed), not the
+        # first N: the digits are stored writer by writer, so the first N images come from a few
+        # writers, and a validation set held out of them scores far above the test set
+        _, chosen = datasets.stratified_holdout(train_y, config.limit, seed=SPLIT_SEED)
+        train_x, train_y = train_x[chosen], train_y[chosen]
     return train_x, train_y, test_x, test_y
 
 

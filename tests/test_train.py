@@ -52,6 +52,18 @@ def test_validation_is_held_out_of_training_and_stratified():
     assert len(split_data(Config(dataset="digits", limit=500)).val_y) == 100
 
 
+def test_limit_draws_a_stratified_sample_of_the_whole_pool():
+    pool_x, pool_y, _, _ = train_module.load_data(Config())
+    x, y = train_module.load_data(Config(limit=60))[:2]
+    assert len(y) == 60 and np.all(np.bincount(y, minlength=10) == 6)
+    rows = {row.tobytes(): i for i, row in enumerate(pool_x)}
+    where = [rows[row.tobytes()] for row in x]
+    # spread over the pool (the digits are stored writer by writer), not its first 60 images
+    assert where == sorted(where) and where[-1] > 0.8 * len(pool_y) and where[29] > 60
+    again = train_module.load_data(Config(limit=60, seed=3))[0]
+    np.testing.assert_array_equal(again, x)  # the same images for every training seed
+
+
 def test_test_set_is_used_once_and_the_schedule_follows_validation(tmp_path, monkeypatch):
     calls, metrics = [], []
     original = train_module.score_on_test
