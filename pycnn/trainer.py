@@ -62,7 +62,7 @@ def _new_history() -> dict:
             "train_loss": [], "train_data_loss": [], "train_reg_loss": [], "train_accuracy": [],
             "val_loss": [], "val_accuracy": [], "lr": [], "epoch_seconds": [], "images_per_second": [],
             "best_epoch": None, "stopped": None, "early_stopped": None, "interrupted": None, "test": None,
-            "diagnostics": []}
+            "val_images": None, "diagnostics": []}
 
 
 def regularisation_loss(optimizer) -> float:
@@ -121,6 +121,7 @@ class Trainer:
         self._position = None          # (batches done, partial sums) inside the current epoch
         self._best_state = None
         self._interrupt_requested = False
+        self._evaluated = None         # images seen by the last evaluate()
 
     # --------------------------------------------------------------------------- loss
     def loss(self, logits, labels):
@@ -160,6 +161,7 @@ class Trainer:
             val_loss, val_accuracy = self.evaluate(self.val_loader)
             h["val_loss"].append(val_loss)
             h["val_accuracy"].append(val_accuracy)
+            h["val_images"] = self._evaluated  # how noisy the validation accuracy is (report.py)
         if self.schedule is not None:
             self.schedule.step_epoch(h["val_accuracy"][-1] if self.val_loader is not None else h["train_accuracy"][-1])
         self.epoch += 1
@@ -327,6 +329,7 @@ class Trainer:
         self.model.train()
         if seen == 0:
             raise ValueError("the evaluation loader yielded no batches")
+        self._evaluated = seen
         return total_loss / seen, correct / seen
 
     # --------------------------------------------------------------------- checkpoints

@@ -56,19 +56,22 @@ def test_diagnostics_change_nothing_and_land_in_history_figures_and_report(tmp_p
     assert (tmp_path / "diag" / "layers.png").stat().st_size > 10_000
     page = (tmp_path / "diag" / "report.html").read_text()
     assert "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
-    assert "Update / weight ratios" in page and f"Test: {history['test']['accuracy']:.4f}" in page
+    assert "Update / weight ratios" in page and f"Test accuracy {history['test']['accuracy']:.4f}" in page
+    assert "<th>validation accuracy</th>" in page and "<th>test accuracy</th>" in page  # each on its own row
     assert f"against {math.log(10):.3f} for a uniform guess" in page
 
 
 def test_readings_name_divergence_overfitting_and_dead_units():
     diverged = {"batch_loss": [2.3, 9.0], "batch_data_loss": [2.3, 9.0], "stopped": "the loss 9 exceeded 3x"}
-    assert any("Lower the learning rate" in r for r in report.readings(diverged, 10))
+    assert any("diverged" in r and "Lower the rate" in r for r in report.readings(diverged, 10))
+    assert [r.verdict for r in report.diagnose(diverged, 10) if r.topic == "learning_rate"] == ["too_high"]
     overfit = {"train_accuracy": [0.8, 0.99, 1.0], "val_accuracy": [0.7, 0.8, 0.79], "best_epoch": 2,
                "diagnostics": [{"step": 0, "layers": {"2:ReLU": {"dead": 0.7}}}]}
     text = " ".join(report.readings(overfit))
     assert "Overfitting" in text and "peaked at epoch 2 of 3" in text and "70% of the units of 2:ReLU are dead" in text
     too_high = {"diagnostics": [{"step": s, "layers": {"0:Conv3x3": {"update_ratio.weight": 0.05}}} for s in range(4)]}
-    assert "too high in 0:Conv3x3" in " ".join(report.readings(too_high))
+    found = [r for r in report.diagnose(too_high) if r.topic == "updates"]
+    assert found[0].verdict == "too_high" and "healthy 1e-3 in 0:Conv3x3" in found[0].text
 
 
 def test_a_run_without_a_finished_batch_still_gets_figures(tmp_path):
