@@ -1,19 +1,21 @@
 // Batch normalisation over x (N, C, S): S = H*W for 4-D inputs, 1 for 2-D inputs.
 //
-// The statistics are two-pass, in double: the mean m0 of the values, then the corrected sums
-// of d = x - m0 (Chan, Golub & LeVeque 1983):
-//   mean = m0 + sum(d) / M,   M2 = sum(d^2) - sum(d)^2 / M,   var = M2 / M
-// sum(d) is the rounding error of m0, so the correction repairs it to first order; nothing
-// subtracts two large numbers (E[x^2] - E[x]^2 loses everything once |mean| >> std).  This is
-// done per (n, c) row while it is in L1, and the rows are merged by Chan's formula
-// (stats_kernel).  Every sum has a fixed order that depends on the shape alone: the results
-// are the same on any number of OpenMP threads.
+// The statistics are the corrected sums of d = x - c around a centre c close to the mean
+// (Chan, Golub & LeVeque 1983), in double:
+//   mean = c + sum(d) / M,   M2 = sum(d^2) - sum(d)^2 / M,   var = M2 / M
+// sum(d) repairs the distance from c to the mean to first order, and nothing subtracts two
+// large numbers (E[x^2] - E[x]^2 loses everything once |mean| >> std).  c is a first pass's
+// mean (two-pass), or for float32 rows a value of the row (row_moments says why that is
+// enough).  This is done per (n, c) row while it is in L1, and the rows are merged by Chan's
+// formula (stats_kernel).  Every sum has a fixed order that depends on the shape alone: the
+// results are the same on any number of OpenMP threads.
 #include "common.hpp"
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -106,17 +108,27 @@ void channel_sums(const T* u, const T* v, const double* shift, int64_t N, int64_
     }
 }
 
-// Over the S values of one row: their mean minus `shift`, and M2 = sum (x - mean)^2.  Two
-// passes over the row (the second from L1): c = sum(x) / S, then the corrected sums of
-// d = x - c.  c need not be accurate (the correction repairs it), so the first pass is a
-// plain sum; the mean is returned relative to shift, (c - shift) + sum(d) / S, where the
-// digits that matter in the merge of the rows are.
+// Over the S values of one row: their mean minus `shift`, and M2 = sum (x - mean)^2, from
+// the corrected sums of d = x - c around a centre c of the row:
+//   mean = c + sum(d) / S,   M2 = sum(d^2) - sum(d)^2 / S,
+// which lose about 2^-53 (c - mean)^2 / var of M2's relative accuracy, and no more:
+//   float:  c = the row's first value, one pass.  A value of a row is never more than
+//           sqrt(S - 1) standard deviations from its mean, so the loss is below S * 2^-53
+//           (1e-13 for S = 1024), far below float32 precision;
+//   double: c = sum(x) / S, a first pass (from L1 on the second); c's own rounding then costs
+//           ~2^-53 * S * (2^-53 mean / std)^2, nothing.
+// The mean is returned relative to shift, (c - shift) + sum(d) / S, which keeps the digits
+// that matter when the rows are merged.
 template <typename T>
 inline void row_moments(const T* xr, int64_t S, double shift, double& mean, double& m2) {
-    double s = 0.0;
+    double c = static_cast<double>(xr[0]);
+    if constexpr (std::is_same_v<T, double>) {
+        double s = 0.0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < S; ++i) s += static_cast<double>(xr[i]);
-    const double c = s / static_cast<double>(S);
+        for (int64_t i = 0; i < S; ++i) s += xr[i];
+        c = s / static_cast<double>(S);
+    }
+    if (!std::isfinite(c)) c = 0.0;  // an inf or NaN in the row: x - c must not be inf - inf
     double sd = 0.0, sdd = 0.0;
 #pragma omp simd reduction(+ : sd, sdd)
     for (int64_t i = 0; i < S; ++i) {
@@ -149,17 +161,23 @@ void stats_kernel(const T* x, T* mean, T* var, int64_t N, int64_t C, int64_t S) 
         double *rmp = row_mean.data(), *rm2p = row_m2.data();
 #pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
         for (int64_t r = 0; r < rows; ++r) row_moments(x + r * S, S, shift[r % C], rmp[r], rm2p[r]);
-        const double s = static_cast<double>(S);
-        for (int64_t c = 0; c < C; ++c) {
-            double n = s, m = rmp[c], m2 = rm2p[c];  // the rows n' < n of channel c, merged
-            for (int64_t k = 1; k < N; ++k) {
-                const double delta = rmp[k * C + c] - m, total = n + s;
-                m += delta * (s / total);
-                m2 += rm2p[k * C + c] + delta * delta * (n * s / total);
-                n = total;
+        // Chan's merge of row k into rows 0..k-1 (k * S values, every row has S):
+        //   delta = mean_k - mean,  mean += delta / (k + 1),  M2 += M2_k + delta^2 * k S / (k + 1)
+        std::vector<double> m(rmp, rmp + C), m2(rm2p, rm2p + C);  // (C,): row 0, then merged
+        double *mp = m.data(), *m2p = m2.data();
+        for (int64_t k = 1; k < N; ++k) {
+            const double w = 1.0 / static_cast<double>(k + 1), v = static_cast<double>(S) * static_cast<double>(k) * w;
+            const double *rk = rmp + k * C, *r2k = rm2p + k * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                const double delta = rk[c] - mp[c];
+                mp[c] += delta * w;
+                m2p[c] += r2k[c] + delta * delta * v;
             }
-            mean[c] = static_cast<T>(shift[c] + m);
-            var[c] = static_cast<T>(std::max(m2 / count, 0.0));
+        }
+        for (int64_t c = 0; c < C; ++c) {
+            mean[c] = static_cast<T>(shift[c] + mp[c]);
+            var[c] = static_cast<T>(std::max(m2p[c] / count, 0.0));
         }
         return;
     }
