@@ -112,17 +112,20 @@ void channel_sums(const T* u, const T* v, const double* shift, int64_t N, int64_
 // the corrected sums of d = x - c around a centre c of the row:
 //   mean = c + sum(d) / S,   M2 = sum(d^2) - sum(d)^2 / S,
 // which lose about 2^-53 (c - mean)^2 / var of M2's relative accuracy, and no more:
-//   float:  c = the row's first value, one pass.  A value of a row is never more than
-//           sqrt(S - 1) standard deviations from its mean, so the loss is below S * 2^-53
-//           (1e-13 for S = 1024), far below float32 precision;
-//   double: c = sum(x) / S, a first pass (from L1 on the second); c's own rounding then costs
-//           ~2^-53 * S * (2^-53 mean / std)^2, nothing.
+//   float rows up to kOnePassRow values: c = the row's first value, one pass.  A value of a
+//           row is never more than sqrt(S - 1) standard deviations from its mean, so
+//           sum(d^2) <= S * M2: with the rounding of the sums, at worst S^2 * 2^-53 relative
+//           (2e-9 for S = 4096; typically 2^-53), far below float32 precision;
+//   double rows, longer float rows: c = sum(x) / S, a first pass (the second reads the row
+//           from L1 or L2); c's own rounding then costs ~2^-53 * S * (2^-53 mean / std)^2.
 // The mean is returned relative to shift, (c - shift) + sum(d) / S, which keeps the digits
 // that matter when the rows are merged.
+constexpr int64_t kOnePassRow = 4096;
+
 template <typename T>
 inline void row_moments(const T* xr, int64_t S, double shift, double& mean, double& m2) {
     double c = static_cast<double>(xr[0]);
-    if constexpr (std::is_same_v<T, double>) {
+    if (std::is_same_v<T, double> || S > kOnePassRow) {
         double s = 0.0;
 #pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < S; ++i) s += xr[i];
