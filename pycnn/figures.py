@@ -24,6 +24,23 @@ def _pyplot():
     return plt
 
 
+def _ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _log_scale(ax) -> None:
+    """A log y axis labelled with plain numbers (2, 3, 0.5) instead of 2x10^0; the minor ticks
+    2, 3 and 5 of each decade are labelled too where the axis spans less than two decades."""
+    ticker = _ticker()
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    some = ticker.FuncFormatter(lambda value, _: f"{value:g}" if f"{value:e}"[0] in "235" else "")
+    ax.yaxis.set_minor_formatter(some if high / low < 100 else ticker.NullFormatter())
+
+
 def _empty(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} yet: the run stopped before one finished", ha="center", va="center",
             transform=ax.transAxes)
@@ -56,7 +73,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
             smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
             ax.plot(np.arange(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window} batches")
         if losses.min() > 0 and np.isfinite(losses).all():
-            ax.set_yscale("log")
+            _log_scale(ax)
         ax.legend()
     else:
         _empty(ax, "batch")
@@ -83,6 +100,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
             ax.plot([test["epoch"]], [test["accuracy"]], marker="*", ms=14, ls="none", color="black",
                     label=f"test, once: {test['accuracy']:.3f}")
         ax.legend(loc="lower right")
+        ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
     else:
         _empty(ax, "epoch")
     ax.grid(alpha=0.3)
@@ -111,31 +129,44 @@ def plot_history(history: dict, out_dir) -> list[Path]:
 
 
 def plot_layers(history: dict, path) -> Path:
-    """Four panels of the per-layer diagnostics (``pycnn.diagnostics``)."""
+    """Four panels of the per-layer diagnostics (``pycnn.diagnostics``): each layer keeps its
+    colour in every panel, and one legend on the right names them."""
     from pycnn.diagnostics import series
 
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    panels = [("std", "activation std", "log"), ("dead", "dead units (share)", "linear"),
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
+    panels = [("std", "activation std", "log"), ("dead", "dead units (share of a layer's units)", "linear"),
               ("grad_norm.weight", "gradient norm (weights)", "log"),
               ("update_ratio.weight", "update / weight ratio", "log")]
+    names: list = []
+    for reading in history.get("diagnostics") or []:
+        names += [name for name in reading["layers"] if name not in names]
+    names.sort(key=lambda name: int(name.split(":")[0]) if name.split(":")[0].isdigit() else 0)
+    cycle = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colours = {name: cycle(i % cycle.N) for i, name in enumerate(names)}
+    handles = {}
     for ax, (quantity, label, scale) in zip(axes.flat, panels):
         lines = series(history, quantity)
         for name, (steps, values) in lines.items():
-            ax.plot(steps, values, marker=".", lw=1, label=name)
+            handles[name], = ax.plot(steps, values, marker=".", lw=1, color=colours[name], label=name)
         if quantity == "update_ratio.weight":
-            ax.axhline(1e-3, color="grey", ls=":", label="1e-3 (healthy)")
-        ax.set(title=label, ylabel=label)
+            ax.axhline(1e-3, color="grey", ls=":")
+            ax.annotate("1e-3: healthy", (0.01, 1e-3), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                        textcoords="offset points", color="grey", fontsize=8, va="bottom")
+        ax.set_title(label)
         if lines and scale == "log" and min(min(v) for _, v in lines.values()) > 0:
-            ax.set_yscale("log")
+            _log_scale(ax)
         if quantity == "dead":
-            ax.set_ylim(0, 1)
-        if lines:
-            ax.legend(fontsize=7)
+            ax.set_ylim(-0.02, 1.02)
+        if not lines:
+            ax.text(0.5, 0.5, "no layer of this kind", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("step")
-    fig.tight_layout()
+    if handles:
+        fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
+                   loc="center right", fontsize=8, title="layer", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86 if handles else 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -285,37 +285,64 @@ h1{font-size:1.5em;word-break:break-all} td,th{padding:.1em .6em} table.epochs t
 table.results th,table.settings th{text-align:left;font-weight:normal;color:#444}
 table.results td:nth-child(2){font-weight:bold;text-align:right}
 ul.readings{list-style:none;padding:0} ul.readings li{margin:.4em 0;padding:.3em .6em;border-left:.35em solid #4a4}
-ul.readings li.flag{border-color:#c33;background:#fdf0f0} ul.readings b{display:inline-block;min-width:13em}
+ul.readings li.flag{border-color:#c33;background:#fdf0f0} ul.readings li.advice{border-color:#d90;background:#fff8e6}
+ul.readings li.info{border-color:#999} ul.readings li{display:grid;grid-template-columns:12em 1fr;gap:0 .5em}
 img{max-width:100%} figure{margin:1em 0} figcaption{color:#666;font-size:.85em}
-table.settings{font-size:.85em;columns:3} .summary{font-size:1.05em}"""
+dl.settings{display:grid;grid-template-columns:repeat(3,auto 1fr);gap:.1em .8em;font-size:.85em}
+dl.settings dt{color:#555} dl.settings dd{margin:0} .summary{font-size:1.05em}"""
+ADVICE = {("epochs", "too_few")}  # a suggestion rather than a fault: coloured apart
+
+
+def _css_class(reading: Reading) -> str:
+    if (reading.topic, reading.verdict) in ADVICE:
+        return "advice"
+    return "flag" if reading.flagged else reading.verdict
+
+
+def _describe(config: dict) -> str:
+    """One line: the data and the model of the run, from its config."""
+    if not config.get("dataset"):
+        return ""
+    widths = ",".join(str(w) for w in config.get("widths") or [])
+    limit = f", {config['limit']} training images before the validation split" if config.get("limit") else ""
+    return (f"{config['dataset']}{limit}; widths {widths}, {config.get('optimizer', 'sgd')} at lr {config.get('lr')} "
+            f"({config.get('schedule')} schedule), batch {config.get('batch_size')}, {config.get('epochs')} epochs.")
+
+
+def _setting(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "(all)"
+    return str(value)
 
 
 def write_report(history: dict, config: dict, run_dir, classes: int | None = None) -> Path:
     """RUN_DIR/report.html from the history, the config and the figures already in RUN_DIR."""
     run_dir = Path(run_dir)
     found = diagnose(history, classes, config.get("loss", "cross_entropy"))
-    items = "".join(f'<li class="{"flag" if r.flagged else "ok"}"><b>{html.escape(r.label)}</b> {html.escape(r.text)}'
-                    "</li>" for r in found)
-    flagged = [r.label for r in found if r.flagged]
-    summary = ("Flagged: " + "; ".join(html.escape(f) for f in flagged) + "." if flagged else
-               "Nothing flagged.")
+    items = "".join(f'<li class="{_css_class(r)}"><b>{html.escape(r.label)}</b> {html.escape(r.text)}</li>'
+                    for r in found)
+    flagged = [r.label for r in found if r.flagged and (r.topic, r.verdict) not in ADVICE]
+    advice = [r.label for r in found if (r.topic, r.verdict) in ADVICE]
+    summary = ("Flagged: " + "; ".join(html.escape(f) for f in flagged) + "." if flagged else "Nothing flagged.") + \
+        (" Advice: " + "; ".join(html.escape(a) for a in advice) + "." if advice else "")
     figures = "".join(_image(run_dir / name) for name in ("loss.png", "accuracy.png", "lr.png", "layers.png")
                       if (run_dir / name).is_file())
     columns = ["train_loss", "train_data_loss", "train_reg_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
     rows = "".join("<tr><td>{}</td>{}</tr>".format(e + 1, "".join(
         f"<td>{history[c][e]:.4g}</td>" if e < len(history.get(c) or []) else "<td></td>" for c in columns))
         for e in range(len(history.get("train_loss") or [])))
-    settings = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in config.items())
+    settings = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(_setting(v))}</dd>" for k, v in config.items())
     title = f"{config.get('dataset', '')} run {run_dir}".strip()
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>pycnn: {html.escape(title)}</title>
 <style>{_STYLE}</style></head><body>
 <h1>pycnn run: {html.escape(str(run_dir))}</h1>
+<p>{html.escape(_describe(config))}</p>
 <h2>Results</h2>{_results(history)}
 <h2>Readings</h2><p class=summary>{summary}</p><ul class=readings>{items}</ul>
 <h2>Figures</h2>{figures}
 <h2>Epochs</h2><table class=epochs><tr><th>epoch</th>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table>
-<h2>Settings</h2><table class=settings>{settings}</table>
+<h2>Settings</h2><dl class=settings>{settings}</dl>
 </body></html>
 """
     path = run_dir / "report.html"
