@@ -28,7 +28,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import THREADS_1D, launch, per_dtype
-from .reduce import REDUCE_THREADS
+from .reduce import REDUCE_THREADS, block_sums
 
 ELEMENTS_PER_THREAD = 8  # values per thread of the reduction grids
 MAX_BLOCKS = 1024  # reduction blocks per channel
@@ -122,27 +122,19 @@ def _build(T):
     def grad_sums(x, grad, mean, inv_std, partial, channels, inner, count):
         # partial is (C*S*2,): sums of grad and grad * x_hat; grid (S, C), REDUCE_THREADS
         shared = cuda.shared.array((2, REDUCE_THREADS), T)
+        sums = cuda.local.array(2, T)  # grad, grad * x_hat
         c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
-        tid = cuda.threadIdx.x
         m, scale = mean[c], inv_std[c]
-        sum_g, sum_gx = T(0), T(0)
-        e = s * cuda.blockDim.x + tid
+        sums[0], sums[1] = T(0), T(0)
+        e = s * cuda.blockDim.x + cuda.threadIdx.x
         while e < count:
             at = ((e // inner) * channels + c) * inner + e % inner
             g = grad[at]
-            sum_g += g
-            sum_gx += g * (x[at] - m) * scale
+            sums[0] += g
+            sums[1] += g * (x[at] - m) * scale
             e += blocks * cuda.blockDim.x
-        shared[0, tid], shared[1, tid] = sum_g, sum_gx
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                shared[0, tid] += shared[0, tid + stride]
-                shared[1, tid] += shared[1, tid + stride]
-            cuda.syncthreads()
-            stride //= 2
-        if tid == 0:
+        block_sums(shared, sums, 2)
+        if cuda.threadIdx.x == 0:
             out = (c * blocks + s) * 2
             partial[out], partial[out + 1] = shared[0, 0], shared[1, 0]
 
@@ -150,21 +142,14 @@ def _build(T):
     def grad_finalize(partial, blocks, grad_beta, grad_gamma):
         # grid (C,), REDUCE_THREADS threads: strided partial sums, then a tree (fixed order)
         shared = cuda.shared.array((2, REDUCE_THREADS), T)
-        c, tid = cuda.blockIdx.x, cuda.threadIdx.x
-        sum_g, sum_gx = T(0), T(0)
-        for s in range(tid, blocks, cuda.blockDim.x):
-            sum_g += partial[(c * blocks + s) * 2]
-            sum_gx += partial[(c * blocks + s) * 2 + 1]
-        shared[0, tid], shared[1, tid] = sum_g, sum_gx
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                shared[0, tid] += shared[0, tid + stride]
-                shared[1, tid] += shared[1, tid + stride]
-            cuda.syncthreads()
-            stride //= 2
-        if tid == 0:
+        sums = cuda.local.array(2, T)
+        c = cuda.blockIdx.x
+        sums[0], sums[1] = T(0), T(0)
+        for s in range(cuda.threadIdx.x, blocks, cuda.blockDim.x):
+            sums[0] += partial[(c * blocks + s) * 2]
+            sums[1] += partial[(c * blocks + s) * 2 + 1]
+        block_sums(shared, sums, 2)
+        if cuda.threadIdx.x == 0:
             grad_beta[c], grad_gamma[c] = shared[0, 0], shared[1, 0]
 
     @cuda.jit

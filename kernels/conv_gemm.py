@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import THREADS_1D, launch, per_dtype
-from .reduce import REDUCE_THREADS
+from .reduce import REDUCE_THREADS, block_sum
 
 # Activation codes of the epilogue (0: none).  prelu reads one slope per channel.
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 3, "elu": 4}
@@ -136,18 +136,9 @@ def _build(T):
             if not v > T(0):
                 acc += grad[src] * v
             q += cuda.gridDim.x * cuda.blockDim.x
-        shared = cuda.shared.array(REDUCE_THREADS, T)
-        tid = cuda.threadIdx.x
-        shared[tid] = acc
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                shared[tid] += shared[tid + stride]
-            cuda.syncthreads()
-            stride //= 2
-        if tid == 0:
-            partial[k * cuda.gridDim.x + cuda.blockIdx.x] = shared[0]
+        total = block_sum(cuda.shared.array(REDUCE_THREADS, T), acc)
+        if cuda.threadIdx.x == 0:
+            partial[k * cuda.gridDim.x + cuda.blockIdx.x] = total
 
     return SimpleNamespace(im2col=im2col, col2im=col2im, epilogue=epilogue, channels_first=channels_first,
                            prelu_slope_grad=prelu_slope_grad)
