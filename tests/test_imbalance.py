@@ -89,26 +89,39 @@ def test_remedies_and_two_stage_fine_tune(tmp_path, capsys):
     assert two["head_classes"] == [0, 1, 2, 3, 4] and two["tail_classes"] == [5, 6, 7, 8, 9]
     assert two["replay_per_head_class"] == 11                                  # mean tail count
     assert two["stage1"]["images"] == 60 + 46 + 36 + 28 + 22 and two["stage2"]["images"] == 54 + 5 * 11
-    # stage 2 started from stage 1's best weights, at a tenth of the learning rate
-    stage1 = trial.read_outcome(tmp_path / "two-stage" / "stage1")
-    start = trial.load_predictor(tmp_path / "two-stage" / "stage1" / stage1.best_checkpoint)
+    # stage 2 at the full rate (the default factor), for the epochs asked
     stage2 = json.loads((tmp_path / "two-stage" / "stage2" / "config.json").read_text())
-    assert stage2["lr"] == pytest.approx(0.1 * Config().lr) and stage2["epochs"] == 1
+    assert stage2["lr"] == pytest.approx(Config().lr) and stage2["epochs"] == 1 and stage2["warmup_steps"] == 0
     assert two["checkpoint"].startswith(str(tmp_path / "two-stage" / "stage2"))
     assert (tmp_path / "per_class.png").stat().st_size
-    assert start.config.epochs == 2
     out = capsys.readouterr().out
     assert "mean per-class acc" in out and "two-stage" in out
 
 
-def test_stage_two_alone_on_the_small_classes(tmp_path):
+def test_stage_two_starts_from_stage_one_on_the_small_classes_alone(tmp_path, monkeypatch):
     config = Config(**TINY_CONFIG)
     splits = imbalance.make_splits(config, Options(ratio=5, per_class=40))
     counts = np.bincount(splits.train_y, minlength=10)
-    outcome, facts = imbalance.two_stage(config, splits, counts, Options(ratio=5, per_class=40, replay=0, head=3),
-                                         tmp_path)
+    calls, train = [], trial.train_config
+
+    def spy(config, folder, **kwargs):
+        calls.append((config, kwargs))
+        return train(config, folder, **kwargs)
+
+    monkeypatch.setattr(trial, "train_config", spy)
+    outcome, facts = imbalance.two_stage(config, splits, counts, Options(ratio=5, per_class=40, replay=0, head=3,
+                                                                         stage2_lr_factor=0.1), tmp_path)
     assert outcome.status == "finished" and facts["head_classes"] == [0, 1, 2]
-    assert facts["stage2"]["images"] == counts[3:].sum() and facts["replay_per_head_class"] == 0
+    (first_config, first), (second_config, second) = calls
+    assert set(first["splits"].train_y.tolist()) == {0, 1, 2} and set(first["splits"].val_y.tolist()) == {0, 1, 2}
+    assert set(second["splits"].train_y.tolist()) == set(range(3, 10))          # replay 0: the small classes
+    assert len(second["splits"].val_y) == len(splits.val_y)                      # validated on every class
+    assert facts["stage2"]["images"] == counts[3:].sum() and second_config.lr == pytest.approx(0.1 * config.lr)
+    best = trial.load_predictor(tmp_path / "stage1" / trial.read_outcome(tmp_path / "stage1").best_checkpoint)
+    for name, value in best.model.state_dict().items():                          # stage 1's best weights
+        assert np.array_equal(second["init_state"][name], value), name
+    assert all(np.array_equal(a, b) for a, b in zip(second["preprocessor"].state_dict().values(),
+                                                      best.preprocessor.state_dict().values()))
 
 
 def test_bad_input_is_one_line_with_status_2(tmp_path, capsys):

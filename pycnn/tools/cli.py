@@ -109,10 +109,11 @@ def add_parsers(commands) -> None:
                      help="the weights of the 'weights' remedy (default: inverse frequency)")
     imb.add_argument("--head", type=base._int, default=0,
                      help="two-stage: the K largest classes go to stage 1 (default: those above the median)")
-    imb.add_argument("--stage2-epochs", type=base._int, default=0, help="two-stage: epochs of stage 2 "
-                                                                        "(default: half of --epochs)")
-    imb.add_argument("--stage2-lr-factor", type=base._number, default=0.1,
-                     help="two-stage: stage 2's learning rate as a share of --lr (default: 0.1)")
+    imb.add_argument("--stage2-epochs", type=base._int, default=0,
+                     help="two-stage: epochs of stage 2 (default: as many as --epochs)")
+    imb.add_argument("--stage2-lr-factor", type=base._number, default=1.0,
+                     help="two-stage: stage 2's learning rate as a share of --lr (default: 1; a network pretrained "
+                          "elsewhere would take a smaller one, such as 0.1)")
     imb.add_argument("--replay", type=base._int, default=-1,
                      help="two-stage: images of each large class kept in stage 2 (default: the mean tail count; "
                           "0: the small classes alone)")

@@ -336,12 +336,17 @@ def table(report: dict) -> str:
     extra = f" | {e['test_accuracy_without_tta']:.4f}" if tta else ""
     lines.append(f"| ensemble (average) | {e['members']} members | | {e['test_accuracy']:.4f}{extra} | {e['ece']:.4f} |")
     lines.append(f"| ensemble (majority vote) | | | {e['vote_accuracy']:.4f} |" + (" |" if tta else "") + " |")
-    c = report["cost"]
-    lines.append(f"\nensemble {e['test_accuracy']:.4f} vs best member {report['best_member']['test_accuracy']:.4f} "
-                 f"({report['best_member']['by_test_accuracy']}): margin {100 * report['margin_over_best_member']:+.2f} "
-                 f"points on {report['test_images']} test images; cost: {c['forward_images'] // max(c['forward_images_one_model'], 1)}x "
-                 f"the forward passes of one model ({c['predict_seconds']:.1f} s), training {c['train_seconds']:.0f} s "
-                 f"of members")
+    c, best = report["cost"], report["best_member"]
+    by_val = next((r for r in report["members"] if r["name"] == best["by_val_accuracy"]), None)
+    lines.append(f"\nensemble {e['test_accuracy']:.4f} vs its best member {best['test_accuracy']:.4f} "
+                 f"({best['by_test_accuracy']}, the best on the test set itself): margin "
+                 f"{100 * report['margin_over_best_member']:+.2f} points on {report['test_images']} test images" +
+                 (f"; vs the member with the best validation accuracy ({by_val['name']}, {by_val['test_accuracy']:.4f}):"
+                  f" {100 * (e['test_accuracy'] - by_val['test_accuracy']):+.2f}" if by_val else ""))
+    lines.append(f"cost: {c['forward_images'] // max(c['forward_images_one_model'], 1)}x the forward passes of one "
+                 f"model ({c['predict_seconds']:.1f} s for all members and views); the members' training: "
+                 f"{c['train_seconds']:.0f} s, {c['train_images']} images (search trials included, checkpoints of "
+                 "an earlier run not counted)")
     return "\n".join(lines)
 
 

@@ -129,10 +129,13 @@ def _trial_task(spec, judge) -> str:
     import ray
 
     from pycnn.config import Config
+    from pycnn.tools import search
     from pycnn.tools import trial as trials
 
+    config = Config.from_dict(spec.config)
     report = lambda m: ray.get(judge.record.remote(spec.id, m["epoch"], m.get("val_accuracy")))  # noqa: E731
-    outcome = trials.train_config(Config.from_dict(spec.config), spec.folder, report=report, resume=True)
+    outcome = trials.train_config(config, spec.folder, splits=search.cached_splits(config), report=report,
+                                  resume=True)  # a worker keeps the data between its trials
     judge.note.remote(f"  trial {spec.id}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
     return outcome.status
 

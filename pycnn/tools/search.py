@@ -252,7 +252,7 @@ def _run_local(todo: list, halving: Halving, log) -> None:
                 f"train loss {metrics['train_loss']:.4f}", flush=True)
             return halving.record(s.id, metrics["epoch"], metrics["val_accuracy"])
 
-        outcome = trials.train_config(config, s.folder, splits=_splits(config), report=report, resume=True)
+        outcome = trials.train_config(config, s.folder, splits=cached_splits(config), report=report, resume=True)
         if outcome.status == trials.INTERRUPTED:
             raise SearchInterrupted(outcome.reason)
         log(f"    {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
@@ -261,7 +261,7 @@ def _run_local(todo: list, halving: Halving, log) -> None:
 _SPLITS: dict = {}
 
 
-def _splits(config: Config):
+def cached_splits(config: Config):
     """split_data once per data setting in this process (trials differ in other settings)."""
     from pycnn.train import split_data
 
