@@ -62,13 +62,12 @@ OPS = {
     "elu": dict(params={"alpha": 1.0},
                 fwd=lambda C, x, w, out, p: C.elu_forward(x, out, p["alpha"]),
                 bwd=lambda C, x, w, g, gi, gw, p: C.elu_backward(x, g, gi, p["alpha"])),
-    # sigmoid, tanh: the backward pass reads the output y (out here), not x
     "sigmoid": dict(params={},
                     fwd=lambda C, x, w, out, p: C.sigmoid_forward(x, out),
-                    bwd=lambda C, x, w, g, gi, gw, p, out: C.sigmoid_backward(out, g, gi)),
+                    bwd=lambda C, x, w, g, gi, gw, p: C.sigmoid_backward(x, g, gi)),
     "tanh": dict(params={},
                  fwd=lambda C, x, w, out, p: C.tanh_forward(x, out),
-                 bwd=lambda C, x, w, g, gi, gw, p, out: C.tanh_backward(out, g, gi)),
+                 bwd=lambda C, x, w, g, gi, gw, p: C.tanh_backward(x, g, gi)),
     # maxout: out is (y, winner) with y (N, C/2, H, W); w unused
     "maxout": dict(params={"pieces": 2},
                    fwd=lambda C, x, w, out, p: C.maxout_forward(x, out[0], out[1], p["pieces"]),
@@ -162,7 +161,7 @@ def _bench_kernel(benchmark, op, phase, shape):
     out = (y, np.empty(y.shape, np.uint8)) if op == "maxout" else y
     gi = np.full_like(x, np.nan)
     gw = None if w is None else np.full_like(w, np.nan)
-    backward_reads_out = op in ("sigmoid", "tanh", "maxout")
+    backward_reads_out = op == "maxout"
 
     def run():
         spec["fwd"](C, x, w, out, params)

@@ -130,17 +130,24 @@ def _build(T):
             grad_x[i] = grad[i] if v > T(0) else grad[i] * alpha * T(math.exp(v))
 
     # --------------------------------------------------------------------- sigmoid, tanh
+    # sigmoid and tanh through e = exp(-|x|) (never overflows, keeps the relative accuracy
+    # of tiny outputs); their backward passes read x: y(1 - y) and 1 - y^2 from the output
+    # are 0 wherever y rounds to 1, while e/(1 + e)^2 and 4e'/(1 + e')^2 are not.
     @cuda.jit
     def sigmoid_forward(x, y):
         i = cuda.grid(1)
-        if i < x.size:  # 0.5 * (tanh(x / 2) + 1): no overflow for x << 0
-            y[i] = T(0.5) * (T(math.tanh(x[i] * T(0.5))) + T(1))
+        if i < x.size:
+            v = x[i]
+            e = T(math.exp(-abs(v)))
+            y[i] = (T(1) if v >= T(0) else e) / (T(1) + e)
 
     @cuda.jit
-    def sigmoid_backward(y, grad, grad_x):
+    def sigmoid_backward(x, grad, grad_x):
         i = cuda.grid(1)
-        if i < y.size:
-            grad_x[i] = grad[i] * y[i] * (T(1) - y[i])
+        if i < x.size:
+            e = T(math.exp(-abs(x[i])))
+            s = T(1) / (T(1) + e)
+            grad_x[i] = grad[i] * (e * s * s)
 
     @cuda.jit
     def tanh_forward(x, y):
@@ -149,10 +156,12 @@ def _build(T):
             y[i] = T(math.tanh(x[i]))
 
     @cuda.jit
-    def tanh_backward(y, grad, grad_x):
+    def tanh_backward(x, grad, grad_x):
         i = cuda.grid(1)
-        if i < y.size:
-            grad_x[i] = grad[i] * (T(1) - y[i] * y[i])
+        if i < x.size:
+            e = T(math.exp(T(-2) * abs(x[i])))
+            s = T(1) / (T(1) + e)
+            grad_x[i] = grad[i] * (T(4) * e * s * s)
 
     # --------------------------------------------------------------------------- maxout
     @cuda.jit
@@ -269,16 +278,16 @@ def sigmoid_forward(x, y):
     _map(_build(x.dtype).sigmoid_forward, x, x, y)
 
 
-def sigmoid_backward(y, grad, grad_x):
-    _map(_build(y.dtype).sigmoid_backward, y, y, grad, grad_x)
+def sigmoid_backward(x, grad, grad_x):
+    _map(_build(x.dtype).sigmoid_backward, x, x, grad, grad_x)
 
 
 def tanh_forward(x, y):
     _map(_build(x.dtype).tanh_forward, x, x, y)
 
 
-def tanh_backward(y, grad, grad_x):
-    _map(_build(y.dtype).tanh_backward, y, y, grad, grad_x)
+def tanh_backward(x, grad, grad_x):
+    _map(_build(x.dtype).tanh_backward, x, x, grad, grad_x)
 
 
 def maxout_forward(x, y, winner):

@@ -132,8 +132,8 @@ def rgb_moments(images):
 
 
 def pca_from_moments(count, sums, outer):
-    """(eigvals (3,), eigvecs (3, 3), columns) of the RGB covariance outer/count - mean mean^T."""
+    """(eigvals (3,), eigvecs (3, 3), columns) of the unbiased RGB covariance
+    (outer - sums sums^T / count) / (count - 1), as augment.FancyPCA.fit computes it."""
     xp = array_module(sums)
-    mean = sums / count
-    cov = outer / count - xp.outer(mean, mean)
+    cov = (outer - xp.outer(sums, sums) / count) / (count - 1)
     return xp.linalg.eigh(cov)

@@ -326,7 +326,7 @@ def test_rgb_moments_and_pca(dtype, monkeypatch):
     np.testing.assert_allclose(to_host(sums), pixels.sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(to_host(outer), pixels.T @ pixels, rtol=1e-12)
     eigvals, eigvecs = fancy_pca.pca_from_moments(count, sums, outer)
-    expected_vals = np.linalg.eigvalsh(np.cov(pixels.T, bias=True))
+    expected_vals = np.linalg.eigvalsh(np.cov(pixels.T))  # unbiased, as augment.FancyPCA.fit
     np.testing.assert_allclose(to_host(eigvals), expected_vals, rtol=1e-9, atol=1e-12)
 
 

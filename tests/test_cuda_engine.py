@@ -175,3 +175,27 @@ def test_fused_sgd_kernel_matches_the_array_operations(momentum, nesterov, weigh
             velocity = to_device(np.full_like(w0, np.nan))
         kernels.sgd_step(w, to_device(g), velocity, 0.1, momentum, weight_decay, nesterov, step == 0)
         np.testing.assert_allclose(to_host(w), reference.data, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------- sigmoid and tanh over the whole range
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_sigmoid_and_tanh_keep_relative_accuracy_in_the_tails(dtype):
+    """sigmoid(-20) is 2.06e-9, not 0 (the old 0.5 * (tanh(x / 2) + 1)); the backward passes
+    read x, so their gradients do not vanish where y rounds to 1 (the old y(1 - y))."""
+    x = np.array([-80.0, -20.0, -12.0, -1.0, 0.0, 3.0, 12.0, 20.0], dtype)
+    exact = x.astype(np.float64)
+    sig = 1 / (1 + np.exp(-exact))
+    e = np.exp(-np.abs(exact))
+    expected = {"sigmoid": (sig, e / (1 + e) ** 2), "tanh": (np.tanh(exact), 1 / np.cosh(exact) ** 2)}
+    for name, (y_exact, dy_exact) in expected.items():
+        with pycnn.use_backend("cuda"):
+            _, _, impl = registry.get(name).resolve((to_device(x),), {})
+        ctx = Context((True,))
+        y = to_host(impl.forward(ctx, to_device(x)))
+        (grad,) = impl.backward(ctx, to_device(np.ones_like(x)))
+        rtol = 1e-5 if dtype == np.float32 else 1e-12
+        # the exact values rounded to the dtype (tanh'(-80) = 1.3e-69 is 0 in float32)
+        np.testing.assert_allclose(y, y_exact.astype(dtype), rtol=rtol, err_msg=name)
+        np.testing.assert_allclose(to_host(grad), dy_exact.astype(dtype), rtol=rtol, err_msg=f"{name} backward")
