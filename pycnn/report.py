@@ -87,7 +87,7 @@ def diagnose(history: dict, classes: int | None = None, loss: str = "cross_entro
                           ("too_high", "too high: the first scores are too large") if off > 0 else
                           ("too_low", "below chance: look for leaking labels"))
         out.append(Reading("start", verdict, f"The first batch's data loss was {data[0]:.3f} against {expected:.3f} "
-                                             f"for a uniform guess ({off:+.0%}), {words}."))
+                                             f"for a uniform guess ({off:+.1%}), {words}."))
     if history.get("interrupted"):
         out.append(Reading("run", "info", f"The run was interrupted; it resumes from {history['interrupted']} "
                                           "with --resume."))
