@@ -170,7 +170,7 @@ def test_search_and_ensemble_contracts_on_a_local_ray_instance(tmp_path, capsys)
                            str(tmp_path / "s"), "--stages", "1", *TINY[2:]])
         out = capsys.readouterr()
         assert status == 0, out.err
-        assert "4 trials on Ray (1 CPU thread each; 2 CPUs)" in out.out
+        assert "4 trials on Ray, 2 at a time (1 CPU thread each)" in out.out
         table = rows(tmp_path / "s" / "results.csv")
         assert len(table) == 4 and {r["status"] for r in table} <= {"finished", "aborted"}
         assert all(0 <= float(r["val_accuracy"]) <= 1 and float(r["lr"]) > 0 for r in table)

@@ -7,7 +7,8 @@
   (``OMP_NUM_THREADS`` in the job's runtime environment), so trials sized at ``threads``
   CPUs each share the cores without oversubscribing them.
 * ``run_trials``: search trials as Ray tasks of ``threads`` CPUs each (and one GPU with
-  ``--device cuda``), scheduled by Ray wherever the resources are free.  After each epoch a
+  ``--device cuda``), as many at a time as the cluster has room for, placed by Ray on any
+  node with the resources free.  After each epoch a
   trial asks a ``Judge`` actor (the search's successive-halving rule, one copy for the whole
   stage) whether to go on, and stops itself when cut: asynchronous successive halving
   without a central loop, and the driver only prints the judge's log.
@@ -82,15 +83,10 @@ def _task(ray, function, threads: int, device: str):
     return ray.remote(num_cpus=threads, num_gpus=1 if device == "cuda" else 0, max_retries=0)(function)
 
 
-def _wait_all(ray, futures: list, poll=None) -> list:
-    """ray.get of every future, calling ``poll()`` about once a second meanwhile; Ctrl-C
-    cancels them all and raises KeyboardInterrupt; a task's error becomes a RuntimeError."""
+def _wait_all(ray, futures: list) -> list:
+    """ray.get of every future; Ctrl-C cancels them all and raises KeyboardInterrupt; a
+    task's error becomes a RuntimeError."""
     try:
-        pending = list(futures)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            if poll is not None:
-                poll()
         return ray.get(futures)
     except KeyboardInterrupt:
         for f in futures:
@@ -140,27 +136,53 @@ def _trial_task(spec, judge) -> str:
     return outcome.status
 
 
+def _slots(ray, threads: int, device: str) -> int:
+    """How many trials fit at once: the cluster's CPUs / threads (and its GPUs with cuda)."""
+    offered = ray.cluster_resources()
+    slots = max(1, int(offered.get("CPU", 1) // threads))
+    if device == "cuda":
+        if not offered.get("GPU"):
+            raise RayUnavailable("--device cuda: the Ray cluster offers no GPU (--gpus N for a local instance)")
+        slots = min(slots, int(offered["GPU"]))
+    return slots
+
+
 def run_trials(todo: list, halving, *, address=None, cpus=None, gpus=None, threads: int = 1, device: str = "cpu",
                log=print) -> None:
     """Run search trials (TrialSpecs) as Ray tasks; each writes its own folder (outcome.json
     when it ends).  KeyboardInterrupt on Ctrl-C, the unfinished trials keeping their
-    checkpoints."""
+    checkpoints.
+
+    At most as many trials run as the cluster has room for (``_slots``), submitted as others
+    end: a task waiting for the judge's answer hands its CPU back to Ray for that moment, and
+    Ray would start another queued trial on it, one more than the cores."""
     with session(address, cpus, gpus, threads) as ray:
         judge = ray.remote(num_cpus=0)(Judge).remote(halving)
         task = _task(ray, _trial_task, threads, device)
-        futures = [task.remote(spec, judge) for spec in todo]
-        log(f"  {len(futures)} trials on Ray ({threads} CPU thread{'s' if threads > 1 else ''}"
-            f"{' and a GPU' if device == 'cuda' else ''} each; {int(ray.cluster_resources().get('CPU', 0))} CPUs)",
-            flush=True)
-        shown = [0]
+        slots = _slots(ray, threads, device)
+        log(f"  {len(todo)} trials on Ray, {slots} at a time ({threads} CPU thread{'s' if threads > 1 else ''}"
+            f"{' and a GPU' if device == 'cuda' else ''} each)", flush=True)
+        queue, running, shown = list(todo), [], [0]
 
         def show():
             for line in ray.get(judge.read.remote(shown[0])):
                 log(line, flush=True)
                 shown[0] += 1
 
-        _wait_all(ray, futures, show)
-        show()
+        try:
+            while queue or running:
+                while queue and len(running) < slots:
+                    running.append(task.remote(queue.pop(0), judge))
+                done, running = ray.wait(running, num_returns=1, timeout=1.0)
+                ray.get(done)
+                show()
+        except KeyboardInterrupt:
+            for f in running:
+                ray.cancel(f, force=True)
+            raise
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise RuntimeError(f"a Ray task failed: {type(cause).__name__}: {cause}") from None
 
 
 # ------------------------------------------------------------------------------- plain jobs
@@ -175,6 +197,7 @@ def run_jobs(function, jobs: list, *, address=None, cpus=None, gpus=None, thread
     GPU each with device 'cuda'); Ctrl-C cancels them and raises KeyboardInterrupt."""
     with session(address, cpus, gpus, threads) as ray:
         task = _task(ray, _job, threads, device)
+        _slots(ray, threads, device)  # a GPU job on a cluster without GPUs would wait for ever
         futures = [task.remote(function, job) for job in jobs]
         log(f"  {len(futures)} jobs on Ray ({threads} CPU thread{'s' if threads > 1 else ''} each)", flush=True)
         return _wait_all(ray, futures)
