@@ -5,6 +5,12 @@ A ``Tensor`` holds an array, its gradient and the ``Function`` call that made it
 ``backward(ctx, grad_output)`` returning one gradient (or None) per positional argument;
 ``Function.apply`` wires it into the graph.  Every registry op is one such Function
 (``OpFunction``), dispatching to the backend that fits its inputs.
+
+Arrays of other frameworks enter through ``_foreign_array`` (Tensor construction, ``apply_op``,
+``Function.apply``): a PyTorch tensor becomes a NumPy array (CPU) or a CuPy array (CUDA)
+sharing its memory, another DLPack exporter goes through ``from_dlpack``.  The other way, a
+Tensor exports its data with ``__array__`` (host data), ``__dlpack__`` and, on the GPU,
+``__cuda_array_interface__``.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import time
 
 import numpy as np
 
-from pycnn._backend import array_module, device_of, to_host
+from pycnn._backend import array_module, device_of, is_cuda_array, to_host
 
 _grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("pycnn_grad_enabled", default=True)
 
@@ -34,11 +40,82 @@ def is_grad_enabled() -> bool:
     return _grad_enabled.get()
 
 
+# ------------------------------------------------------------- arrays of other frameworks
+# DLPack device types (dlpack.h): where an exported array lives.
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _from_torch(tensor):
+    """A PyTorch tensor's data without a copy: NumPy for a CPU tensor, CuPy for a CUDA one
+    (through DLPack, on CuPy's current stream).  The gradient and graph are left behind."""
+    tensor = tensor.detach()
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    if tensor.device.type == "cpu":
+        try:
+            return tensor.numpy()
+        except TypeError as exc:  # bfloat16 and other types NumPy lacks
+            raise TypeError(f"pycnn cannot take a torch tensor of dtype {tensor.dtype}: {exc}") from None
+    if tensor.device.type == "cuda":
+        return _cupy("a CUDA torch tensor").from_dlpack(tensor)
+    raise TypeError(f"pycnn takes CPU and CUDA torch tensors, got one on {tensor.device}")
+
+
+def _cupy(what: str):
+    try:
+        import cupy
+    except ImportError as exc:
+        raise TypeError(f"{what} needs CuPy: pip install 'pycnn[cuda]'") from exc
+    return cupy
+
+
+def _array_from_dlpack(obj):
+    """The NumPy (host) or CuPy (CUDA) array that shares the memory of a DLPack exporter."""
+    if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
+        raise TypeError(f"from_dlpack needs an object with __dlpack__ and __dlpack_device__, got {type(obj).__name__} "
+                        "(a bare capsule is not enough)")
+    device_type = int(obj.__dlpack_device__()[0])
+    if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
+        return _cupy("a CUDA DLPack array").from_dlpack(obj)
+    if device_type in (_DL_CPU, _DL_CUDA_HOST):
+        return np.from_dlpack(obj)
+    raise TypeError(f"pycnn runs on the CPU and on CUDA devices; this array lives on DLPack device type {device_type}")
+
+
+def _foreign_array(obj):
+    """``obj`` as pycnn's arrays are, without a copy, where it comes from another framework:
+    a torch tensor or another DLPack exporter becomes a NumPy or CuPy array sharing its
+    memory.  NumPy and CuPy arrays, Tensors, numbers, None and the rest come back as they
+    are.  The one place where other frameworks' arrays are taken in."""
+    if obj is None or isinstance(obj, (np.ndarray, np.generic, Tensor, int, float, tuple, list, str, dict)):
+        return obj
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _from_torch(obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        return obj  # CuPy and other CUDA arrays: array_module takes them as they are
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        return _array_from_dlpack(obj)
+    return obj
+
+
+def from_dlpack(obj) -> "Tensor":
+    """A Tensor sharing the memory of ``obj``, any DLPack exporter (a torch tensor, a JAX or
+    CuPy array, a NumPy array): host data becomes a NumPy array, CUDA data a CuPy array.
+    float32 and float64 are shared; other dtypes are converted to float32 (a copy), as
+    ``Tensor`` does."""
+    return Tensor(_array_from_dlpack(obj))
+
+
 def _as_array(data, dtype=None):
     """An array from ``data``: arrays keep their device and float dtype; Python numbers and
-    lists become float32 (the default dtype); integer and bool arrays become float32."""
+    lists become float32 (the default dtype); integer and bool arrays become float32.
+    Torch tensors and other DLPack arrays are taken without a copy (``_foreign_array``)."""
     if isinstance(data, Tensor):
         data = data.data
+    data = _foreign_array(data)
     if hasattr(data, "__cuda_array_interface__") and not isinstance(data, np.ndarray):
         xp = array_module(data)
         data = xp.asarray(data)
@@ -86,6 +163,37 @@ class Tensor:
     def numpy(self) -> np.ndarray:
         """The data as a NumPy array (copied from the GPU when it lives there)."""
         return to_host(self.data)
+
+    # ------------------------------------------------------------------------ interop
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(tensor)``: the host data itself (no copy unless ``dtype`` or ``copy``
+        asks for one).  CUDA data is never copied to the host implicitly."""
+        if is_cuda_array(self.data):
+            raise TypeError(f"can't convert a CUDA tensor (shape {self.shape}) to a NumPy array implicitly: "
+                            "use tensor.numpy() (or pycnn._backend.to_host) to copy it to the host first")
+        if copy is False and dtype is not None and np.dtype(dtype) != self.data.dtype:
+            raise ValueError(f"a {self.data.dtype} tensor can't be seen as {np.dtype(dtype)} without a copy")
+        if copy:
+            return np.array(self.data, dtype=dtype, copy=True)
+        return np.asarray(self.data, dtype=dtype)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """Export the data (not the gradient) by DLPack: ``torch.from_dlpack(tensor)``,
+        ``cupy.from_dlpack(tensor)``, ``np.from_dlpack(tensor)`` share its memory."""
+        kwargs = {k: v for k, v in (("stream", stream), ("max_version", max_version), ("dl_device", dl_device),
+                                    ("copy", copy)) if v is not None}
+        return self.data.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.data.__dlpack_device__()
+
+    @property
+    def __cuda_array_interface__(self):
+        """The CUDA array interface of CUDA data (so Numba, CuPy and torch take the tensor);
+        absent (AttributeError, ``hasattr`` is False) for host data."""
+        if not is_cuda_array(self.data):
+            raise AttributeError("a tensor on the CPU has no __cuda_array_interface__ (use np.asarray(tensor))")
+        return self.data.__cuda_array_interface__
 
     def item(self) -> float:
         if self.size != 1:
@@ -254,6 +362,7 @@ class Function:
 
 
 def _apply(function, args, kwargs) -> Tensor:
+    args = tuple(_foreign_array(a) for a in args)
     arrays = tuple(a.data if isinstance(a, Tensor) else a for a in args)
     needs_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
     record = is_grad_enabled() and any(needs_grad)
@@ -364,7 +473,8 @@ def apply_op(name: str, *inputs, **params) -> Tensor:
     from pycnn.ops import registry
     op = registry.get(name)
     algo = params.pop("algo", "auto")
-    inputs = _promote_scalars(inputs)
+    inputs = _promote_scalars(tuple(_foreign_array(x) for x in inputs))
+    params = {key: _foreign_array(value) for key, value in params.items()}
     arrays = tuple(x.data if isinstance(x, Tensor) else x for x in inputs)
     op.check(*arrays, **params)
     return op_function(name).apply(*inputs, algo=algo, **params)

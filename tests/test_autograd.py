@@ -150,3 +150,99 @@ def test_profile_counts_every_op_call():
     assert ops == {"conv3x3": 1, "relu": 1, "sum": 1}
     assert sum(calls for key, calls in p.calls.items() if key[3] == "backward") == 3
     assert p.total() > 0 and "conv3x3" in p.table()
+
+
+# ------------------------------------------------------------- interop with other arrays
+
+class _FakeCudaArray:
+    """Just enough of a device array for the Tensor's interop properties (no GPU needed)."""
+
+    def __init__(self, shape):
+        self.shape, self.dtype, self.ndim, self.size = shape, np.dtype(np.float32), len(shape), int(np.prod(shape))
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "data": (0, False), "version": 3,
+                                         "strides": None}
+
+
+def test_array_protocol_gives_the_host_data():
+    data = np.arange(6.0).reshape(2, 3)
+    t = Tensor(data)
+    a = np.asarray(t)
+    assert a.dtype == np.float64 and a.shape == (2, 3) and np.shares_memory(a, data)  # was a 0-d object array
+    assert np.asarray(t, dtype=np.float32).dtype == np.float32
+    copied = np.array(t, copy=True)
+    assert not np.shares_memory(copied, data)
+    with pytest.raises(ValueError, match="without a copy"):
+        np.asarray(t, dtype=np.float32, copy=False)
+    np.testing.assert_array_equal(np.exp(t), np.exp(data))
+    assert isinstance(np.ones((2, 3)) * t, Tensor)  # ndarray op Tensor still makes a Tensor
+
+
+def test_cuda_data_has_the_cuda_interface_and_refuses_implicit_host_copies():
+    host = Tensor(np.ones(3))
+    assert not hasattr(host, "__cuda_array_interface__")
+    device = Tensor(np.ones(3))
+    device.data = _FakeCudaArray((3,))
+    assert device.__cuda_array_interface__["shape"] == (3,)
+    with pytest.raises(TypeError, match=r"\.numpy\(\)"):
+        np.asarray(device)
+
+
+def test_dlpack_export_shares_memory():
+    torch = pytest.importorskip("torch")
+    t = Tensor(np.zeros((2, 3), np.float32))
+    assert t.__dlpack_device__() == (1, 0)
+    as_torch = torch.from_dlpack(t)
+    as_numpy = np.from_dlpack(t)
+    t.data[0, 1] = 5.0
+    assert float(as_torch[0, 1]) == 5.0 and as_numpy[0, 1] == 5.0
+
+
+def test_from_dlpack_and_torch_tensors_are_taken_without_a_copy():
+    torch = pytest.importorskip("torch")
+    source = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    for t in (pycnn.from_dlpack(source), Tensor(source), Tensor(source.requires_grad_())):
+        assert isinstance(t.data, np.ndarray) and t.data.__array_interface__["data"][0] == source.data_ptr()
+    assert pycnn.from_dlpack(np.ones(2)).dtype == np.float64
+    assert Tensor(torch.arange(3)).dtype == np.float32  # integers become float32, as from NumPy
+    with pytest.raises(TypeError, match="__dlpack__"):
+        pycnn.from_dlpack(np.ones(2).__dlpack__())  # a bare capsule
+
+
+def test_functional_calls_take_torch_tensors():
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    w = torch.randn(4, 3, 3, 3, generator=gen)
+    y = F.max_pool2x2(F.relu(F.conv3x3(x, w)))
+    assert isinstance(y, Tensor) and isinstance(y.data, np.ndarray)
+    expected = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w, padding=1)), 2)
+    np.testing.assert_allclose(y.data, expected.numpy(), rtol=1e-5, atol=1e-5)
+    # labels and running statistics as torch tensors; the statistics are updated in place
+    logits = Tensor(torch.randn(4, 5, generator=gen), requires_grad=True)
+    labels = torch.tensor([1, 0, 4, 2])
+    loss = F.softmax_cross_entropy(logits, labels)
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits.data), labels)
+    np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-6)
+    mean, var = torch.zeros(3), torch.ones(3)
+    F.batch_norm(x, torch.ones(3), torch.zeros(3), mean, var, training=True, momentum=1.0)
+    np.testing.assert_allclose(mean.numpy(), x.mean(dim=(0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    # a Tensor with torch data learns: the gradient is a NumPy array
+    weight = Tensor(torch.randn(4, 3, 3, 3, generator=gen), requires_grad=True)
+    F.conv3x3(x, weight).sum().backward()
+    assert isinstance(weight.grad, np.ndarray) and weight.grad.shape == (4, 3, 3, 3)
+
+
+def test_custom_function_takes_torch_tensors():
+    torch = pytest.importorskip("torch")
+
+    class Double(Function):
+        @staticmethod
+        def forward(ctx, x):
+            assert isinstance(x, np.ndarray)
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    np.testing.assert_array_equal(Double.apply(torch.ones(3)).data, np.full(3, 2.0))
