@@ -111,7 +111,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         choices = Config.CHOICES.get(field.name)
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind, default=None,
                             choices=choices, metavar=None if choices else metavar,
-                            help=f"(default: {field.default})")
+                            help=f"{Config.HELP[field.name]} (default: {_shown(field.default)})")
+
+
+def _shown(default) -> str:
+    """A default as it is typed on the command line: 16,32 for a tuple, true/false, all for ()."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, tuple):
+        return ",".join(str(v) for v in default) if default else "all"
+    return str(default)
 
 
 def _config(args, command: str):

@@ -33,21 +33,20 @@ DEFAULT_VAL_FRACTION = {"digits": 0.2, "cifar10": 0.1}   # digits: 287 of 1,437;
 @dataclasses.dataclass
 class Config:
     # data
-    dataset: str = "digits"            # digits (embedded, offline) | cifar10 (../shared/data/cifar10)
-    classes: tuple = ()                # only these labels, relabelled 0..k-1 in this order (empty: all)
-    limit: int = 0                     # use only N training images, a stratified draw from all of them (0: all)
-    val_size: object = "auto"          # images held out of training for validation: "auto" (digits 20%,
-    #                                    cifar10 10% = 5,000) | N | 0 (none: no model selection)
-    folds: int = 0                     # k-fold cross-validation (>= 2; 0: off); each fold validates once
-    fold: int = 0                      # which fold validates this run (set by the k-fold driver)
-    balance: str = "none"              # none | upsample | downsample (class-balanced sampling)
-    preprocess: str = "standardise"    # standardise | mean_image | channel_mean | minmax | zca
+    dataset: str = "digits"
+    classes: tuple = ()
+    limit: int = 0
+    val_size: object = "auto"
+    folds: int = 0
+    fold: int = 0
+    balance: str = "none"
+    preprocess: str = "standardise"
     # augmentation
     flip: bool = False
-    crop_padding: int = 0              # pad-and-crop by this many pixels (0: off; less than half the side)
-    fancy_pca: float = 0.0             # std of the AlexNet colour alphas (0: off, 0.1 typical)
-    colour_jitter: bool = False        # HSV jitter (RGB images only)
-    rotation: float = 0.0              # maximum rotation in degrees (0: off, at most 180)
+    crop_padding: int = 0
+    fancy_pca: float = 0.0
+    colour_jitter: bool = False
+    rotation: float = 0.0
     # model
     widths: tuple = (16, 32)
     convs_per_stage: int = 1
@@ -57,29 +56,77 @@ class Config:
     hidden: int = 0
     init: str = "he"
     # optimisation
-    optimizer: str = "sgd"             # sgd | adam
+    optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
     l1: float = 0.0
-    max_norm: float = 0.0              # 0: off
-    schedule: str = "cosine"           # none | step | cosine | plateau (on the validation accuracy)
+    max_norm: float = 0.0
+    schedule: str = "cosine"
     step_size: int = 10
     gamma: float = 0.1
     plateau_factor: float = 2.0
     patience: int = 2
     warmup_steps: int = 0
-    early_stop: int = 0                # stop after this many epochs without a better validation score (0: off)
-    loss: str = "cross_entropy"        # cross_entropy | hinge
+    early_stop: int = 0
+    loss: str = "cross_entropy"
     label_smoothing: float = 0.0
     # run
     epochs: int = 10
     batch_size: int = 32
     seed: int = 0
     prefetch: int = 2
-    diagnostics_every: int = 50        # per-layer readings (activations, dead units, gradients, updates) every N steps (0: off)
-    device: str = "cpu"                # cpu (NumPy arrays) | cuda (CuPy arrays on an NVIDIA GPU)
+    diagnostics_every: int = 50
+    device: str = "cpu"
+
+    # what each setting means: the help of its flag (pycnn train --help) and of its TOML key
+    HELP = {
+        "dataset": "digits (embedded, offline) or cifar10 (../shared/data/cifar10, PYCNN_CIFAR10_DIR)",
+        "classes": "train on these labels only, relabelled 0..k-1 in this order (empty: all)",
+        "limit": "use N training images, a stratified draw from all of them (0: all)",
+        "val_size": "images held out of training for validation: auto (digits 20%%, cifar10 5,000), N, "
+                    "or 0 (none: no model selection)",
+        "folds": "k-fold cross-validation with k >= 2 (0: off); the test set is left alone",
+        "balance": "class-balanced sampling: none, upsample or downsample",
+        "preprocess": "pre-processing fitted on the training images",
+        "flip": "random horizontal flips",
+        "crop_padding": "pad by N pixels and crop at random (0: off; less than half the image side)",
+        "fancy_pca": "std of AlexNet's PCA colour alphas (0: off; 0.1 typical)",
+        "colour_jitter": "random HSV jitter (RGB images only)",
+        "rotation": "random rotation up to this many degrees (0: off)",
+        "widths": "channels of each stage; every stage halves the image",
+        "convs_per_stage": "conv3x3 (+ batch norm) + activation layers per stage",
+        "activation": "the rectifier after each convolution",
+        "batchnorm": "batch normalisation after each convolution",
+        "dropout": "dropout probability before the classifier (0: off)",
+        "hidden": "units of a hidden fully connected layer (0: none)",
+        "init": "weight initialisation of the convolutions",
+        "optimizer": "sgd (momentum, Nesterov) or adam",
+        "lr": "learning rate (peak, after any warm-up)",
+        "momentum": "SGD momentum",
+        "nesterov": "Nesterov momentum",
+        "weight_decay": "L2 regularisation of the weights (biases and batch norm are not decayed)",
+        "l1": "L1 regularisation of the weights",
+        "max_norm": "max-norm constraint on each unit's incoming weights (0: off)",
+        "schedule": "learning-rate schedule; plateau cuts on the validation accuracy",
+        "step_size": "epochs between cuts of the step schedule",
+        "gamma": "factor of each cut of the step schedule",
+        "plateau_factor": "divide the rate by this on a plateau",
+        "patience": "epochs without improvement before a plateau cut",
+        "warmup_steps": "linear warm-up of the learning rate over N steps (0: off)",
+        "early_stop": "stop after N epochs without a better validation accuracy (0: off)",
+        "loss": "cross_entropy (softmax) or hinge (multiclass SVM)",
+        "label_smoothing": "label smoothing of the cross-entropy",
+        "epochs": "passes over the training images",
+        "batch_size": "images per step",
+        "seed": "seed of the initialisation, the order of the batches and the augmentation",
+        "prefetch": "batches prepared ahead by the loader thread",
+        "diagnostics_every": "per-layer readings (activations, dead units, gradients, updates) every N steps "
+                             "(0: off)",
+        "device": "cpu (NumPy arrays, C++ kernels) or cuda (CuPy arrays on an NVIDIA GPU)",
+        "fold": "which fold validates this run (set by the k-fold driver)",
+    }
 
     CHOICES = {"dataset": ("digits", "cifar10"), "balance": ("none", "upsample", "downsample"),
                "preprocess": ("standardise", "mean_image", "channel_mean", "minmax", "zca"),

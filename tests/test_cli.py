@@ -195,3 +195,13 @@ def test_ctrl_c_saves_the_run_and_resume_continues_bit_exactly(tmp_path, capsys)
     for key in a.files:
         if key != "meta":
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_every_setting_has_a_help_line_and_its_default_as_typed():
+    import dataclasses
+    from pycnn.config import Config
+    assert set(Config.HELP) == {f.name for f in dataclasses.fields(Config)}
+    out = subprocess.run([sys.executable, "-m", "pycnn", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "channels of each stage" in out and "(default: 16,32)" in out and "(default: true)" in out
+    assert "(16, 32)" not in out
