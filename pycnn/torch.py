@@ -143,11 +143,13 @@ def _cuda_stream(device):
     except ImportError as exc:
         raise TypeError("pycnn on CUDA torch tensors needs CuPy: pip install 'pycnn[cuda]'") from exc
     index = device.index if device.index is not None else torch.cuda.current_device()
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    try:
-        stream = cupy.cuda.ExternalStream(ptr, index)
-    except TypeError:  # CuPy < 13: no device argument
-        stream = cupy.cuda.ExternalStream(ptr)
+    current = torch.cuda.current_stream(device)
+    if current.cuda_stream == 0:  # torch's default: the legacy default stream
+        stream = cupy.cuda.Stream.null
+    elif hasattr(cupy.cuda.Stream, "from_external") and hasattr(current, "__cuda_stream__"):
+        stream = cupy.cuda.Stream.from_external(current)  # CuPy 14: the CUDA stream protocol
+    else:
+        stream = cupy.cuda.ExternalStream(current.cuda_stream, index)
     with cupy.cuda.Device(index), stream:
         yield
 
@@ -239,7 +241,8 @@ def apply_op(name: str, *inputs, algo: str = "auto", **params) -> torch.Tensor:
     for x in inputs:
         if x is not None and not isinstance(x, torch.Tensor):
             if isinstance(x, bool) or not isinstance(x, (int, float, np.number, np.ndarray)):
-                raise TypeError(f"{name}: inputs must be torch tensors, NumPy arrays or numbers, got {type(x).__name__}")
+                raise TypeError(f"{name}: inputs must be torch tensors, NumPy arrays or numbers, "
+                                f"got {type(x).__name__}")
             x = torch.as_tensor(x, dtype=None if like is None or isinstance(x, np.ndarray) else like.dtype,
                                 device=None if like is None else like.device)
         converted.append(x)

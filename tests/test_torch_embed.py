@@ -260,7 +260,8 @@ def _pure_torch_twin(module):
         conv.weight.data = module.weight.detach().clone()
         if module.bias is not None:
             conv.bias.data = module.bias.detach().clone()
-        act = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(module.slope), "elu": torch.nn.ELU(module.alpha)}
+        act = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(module.slope),
+               "elu": torch.nn.ELU(module.alpha)}
         if module.activation == "prelu":
             act = torch.nn.PReLU(module.out_channels)
             act.weight.data = module.prelu_weight.detach().clone()
@@ -434,19 +435,35 @@ def _cuda_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_ready(), reason="needs a real GPU with torch CUDA and CuPy")
-def test_cuda_tensors_on_torchs_stream():
+def test_cuda_tensors_on_torchs_stream(monkeypatch):
+    import cupy
     torch.manual_seed(0)
     dev = torch.device("cuda")
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=dev, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: pt.relu(pt.conv3x3(x, w)), (x, w))
     assert torch.autograd.gradcheck(pt.max_pool2x2, (x,))
+    op = registry.get("relu")
+    backend, algo, impl = op.resolve((cupy.zeros(1),), {})
+    streams = []
+
+    def forward(ctx, x):
+        assert isinstance(x, cupy.ndarray)
+        streams.append(cupy.cuda.get_current_stream().ptr)
+        return impl.forward(ctx, x)
+
+    def backward(ctx, grad):
+        streams.append(cupy.cuda.get_current_stream().ptr)
+        return impl.backward(ctx, grad)
+
+    monkeypatch.setitem(op.impls, (backend, algo), registry.Impl(forward, backward))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         with pycnn.profile() as prof:
             y = pt.max_pool2x2(pt.relu(pt.conv3x3(x, w)))
         y.sum().backward()
     stream.synchronize()
+    assert streams == [stream.cuda_stream] * 2  # forward and backward ran on torch's stream
     assert {backend for (_, backend, _, _) in prof.calls} == {"cuda"}
     assert y.device.type == "cuda"
     xt, wt = x.detach().requires_grad_(), w.detach().requires_grad_()
