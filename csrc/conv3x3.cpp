@@ -4,8 +4,9 @@
 //
 // Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), bias is (K,), y is (N, K, H, W), P = H*W.
 //
-// float32, direct (AVX-512): each image plane is treated as a flat vector of P pixels.  A
-// zmm register holds 16 consecutive pixels (which may span several rows when W < 16); tap
+// float32, direct (AVX-512, or AVX2 + FMA in the baseline build: simd.hpp; the numbers below
+// are AVX-512's, simd.hpp has the AVX2 blocking): each image plane is treated as a flat vector
+// of P pixels.  A zmm register holds 16 consecutive pixels (which may span several rows when W < 16); tap
 // (i, j) of the filter is the same plane shifted by (i-1)*W + (j-1), read with a *masked*
 // load whose mask zeroes the lanes that fall into the zero padding (left/right column,
 // top/bottom row) or past the end of the plane.  The masks depend on H and W only and are
@@ -22,7 +23,7 @@
 //   accumulators for one input channel, vectorised over pixels with the tap masks, summed
 //   horizontally once per chunk of images.  Threads split the (k, c) blocks, which own their
 //   outputs: nothing is merged, the result does not depend on the thread count.
-// float64 (and float32 without AVX-512): plain loops, for gradient checks.
+// float64 (and float32 in the generic build): plain loops, for gradient checks.
 #include "common.hpp"
 #include "conv3x3.hpp"
 
@@ -37,8 +38,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.hpp"
+
 #if defined(__AVX512F__)
-#include <immintrin.h>
 #define PYCNN_CONV_AVX512 1
 #else
 #define PYCNN_CONV_AVX512 0
@@ -108,48 +110,49 @@ void grad_weight_plain(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int
     }
 }
 
-#if PYCNN_CONV_AVX512
+#if PYCNN_SIMD
+using simd::load_masked;
+
 // ------------------------------------------------------------------------- tap masks
-// For pixel vector v (pixels 16v .. 16v+15 of the flat plane): mask[v][t] has bit l set
-// where pixel 16v+l exists and its tap t lies inside the plane; mask[v][9] marks the pixels
-// that exist.  Vectors past the plane (padding up to a multiple of kVecPad) have all-zero masks.
+// For pixel vector v (pixels L*v .. L*v + L-1 of the flat plane, L = V::kLanes): mask[v][t]
+// has lane l on where pixel L*v + l exists and its tap t lies inside the plane; mask[v][9]
+// marks the pixels that exist.  Vectors past the plane (padding up to a multiple of `pad`)
+// have all-off masks.
 constexpr int kMaskStride = 10;
 
+template <class V>
 struct TapMasks {
-    int64_t nvec = 0;              // ceil(P / 16), rounded up to a multiple of `pad`
-    std::vector<uint16_t> m;       // [nvec][kMaskStride]
+    using Mask = typename V::Mask;
+    static constexpr int L = V::kLanes;
+    int64_t nvec = 0;              // ceil(P / L), rounded up to a multiple of `pad`
+    std::vector<Mask> m;           // [nvec][kMaskStride]
     int64_t off[9];                // flat offset of tap t: (i-1)*W + (j-1)
     TapMasks(int64_t H, int64_t W, int64_t pad) {
         const int64_t P = H * W;
-        nvec = (P + 15) / 16;
+        nvec = (P + L - 1) / L;
         nvec = (nvec + pad - 1) / pad * pad;
-        m.assign(static_cast<size_t>(nvec * kMaskStride), 0);
+        std::vector<uint32_t> bits(static_cast<size_t>(nvec * kMaskStride), 0);
         for (int t = 0; t < 9; ++t) off[t] = (t / 3 - 1) * W + (t % 3 - 1);
         for (int64_t p = 0; p < P; ++p) {
-            const int64_t h = p / W, w = p % W, v = p / 16;
-            const int lane = static_cast<int>(p % 16);
-            uint16_t* mv = &m[static_cast<size_t>(v * kMaskStride)];
-            mv[9] |= static_cast<uint16_t>(1u << lane);
+            const int64_t h = p / W, w = p % W, v = p / L;
+            const uint32_t lane = 1u << static_cast<int>(p % L);
+            uint32_t* mv = &bits[static_cast<size_t>(v * kMaskStride)];
+            mv[9] |= lane;
             for (int t = 0; t < 9; ++t) {
                 const int64_t hi = h + t / 3 - 1, wi = w + t % 3 - 1;
-                if (hi >= 0 && hi < H && wi >= 0 && wi < W) mv[t] |= static_cast<uint16_t>(1u << lane);
+                if (hi >= 0 && hi < H && wi >= 0 && wi < W) mv[t] |= lane;
             }
         }
+        m.reserve(bits.size());
+        for (uint32_t b : bits) m.push_back(V::mask_from_bits(b));
     }
-    const uint16_t* at(int64_t v) const { return &m[static_cast<size_t>(v * kMaskStride)]; }
+    const Mask* at(int64_t v) const { return &m[static_cast<size_t>(v * kMaskStride)]; }
 };
 
-// Masked loads never touch the masked-off lanes (AVX-512 fault suppression), so the
-// shifted addresses may point before or past the plane.  The address is formed with
-// integer arithmetic to keep the C++ pointer rules out of it.
-inline __m512 load_masked(__mmask16 mask, const float* base, int64_t offset) {
-    const float* p = reinterpret_cast<const float*>(reinterpret_cast<std::uintptr_t>(base) + offset * 4);
-    return _mm512_maskz_loadu_ps(mask, p);
-}
-
 // ------------------------------------------------------------- forward micro-kernel
-// Blocks of KB output channels x NV pixel vectors (KB * NV = 24 accumulators): 6 x 4 in
-// general, 3 x 8 for at most 3 output channels (grad_input of a first layer, C = 3).
+// Blocks of KB output channels x NV pixel vectors (V::kFwdKB x V::kFwdNV accumulators: 6 x 4
+// zmm, 6 x 2 ymm), and V::kFwdSmallKB x V::kFwdSmallNV for at most 3 output channels
+// (grad_input of a first layer, C = 3).
 constexpr int kPixelPad = 8;  // the mask table is padded to a multiple of every NV
 
 // Packed filter of one block of KB output channels: wp[c][t][kb] (zero rows past K).
@@ -168,43 +171,46 @@ std::vector<float> pack_forward_weights(const float* w, int64_t C, int64_t K) {
 }
 
 // y[k0 + r, pixels of vectors v0 .. v0+NV-1] for r < nk; x is one image (C, P), y one image (K, P).
-template <int KB, int NV>
+template <class V, int KB, int NV>
 inline void forward_block(const float* x, const float* wp, const float* b, float* y, int nk, int64_t C, int64_t P,
-                          const TapMasks& tm, int64_t v0) {
-    __m512 acc[KB][NV];
+                          const TapMasks<V>& tm, int64_t v0) {
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes;
+    Reg acc[KB][NV];
     for (int r = 0; r < KB; ++r) {
-        const __m512 init = _mm512_set1_ps(b && r < nk ? b[r] : 0.0f);
+        const Reg init = V::set1(b && r < nk ? b[r] : 0.0f);
         for (int v = 0; v < NV; ++v) acc[r][v] = init;
     }
-    const uint16_t* mk[NV];
+    const typename V::Mask* mk[NV];
     for (int v = 0; v < NV; ++v) mk[v] = tm.at(v0 + v);
-    const float* xbase = x + v0 * 16;
+    const float* xbase = x + v0 * L;
     for (int64_t c = 0; c < C; ++c) {
         const float* xc = xbase + c * P;
         const float* wc = wp + c * 9 * KB;
 #pragma GCC unroll 9
         for (int t = 0; t < 9; ++t) {
-            __m512 xv[NV];
-            for (int v = 0; v < NV; ++v) xv[v] = load_masked(mk[v][t], xc + 16 * v, tm.off[t]);
+            Reg xv[NV];
+            for (int v = 0; v < NV; ++v) xv[v] = load_masked<V>(mk[v][t], xc + L * v, tm.off[t]);
             for (int r = 0; r < KB; ++r) {
-                const __m512 wr = _mm512_set1_ps(wc[t * KB + r]);
-                for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
+                const Reg wr = V::set1(wc[t * KB + r]);
+                for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(wr, xv[v], acc[r][v]);
             }
         }
     }
     for (int r = 0; r < nk; ++r)
-        for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(y + r * P + (v0 + v) * 16, mk[v][9], acc[r][v]);
+        for (int v = 0; v < NV; ++v) V::mask_storeu(y + r * P + (v0 + v) * L, mk[v][9], acc[r][v]);
 }
 
-template <int KB, int NV>
+template <class V, int KB, int NV>
 void forward_blocked(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
                      int64_t H, int64_t W, const Epilogue<float>& ep) {
+    constexpr int L = V::kLanes;
     const int64_t P = H * W;
-    const TapMasks tm(H, W, kPixelPad);
+    const TapMasks<V> tm(H, W, kPixelPad);
     const int64_t kblocks = (K + KB - 1) / KB;
     const std::vector<float> wpack = pack_forward_weights<KB>(w, C, K);
     const float* wp = wpack.data();
-    const int64_t nvec = (P + 15) / 16;  // vectors past it are all-masked: stores skip them
+    const int64_t nvec = (P + L - 1) / L;  // vectors past it are all-masked: stores skip them
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         for (int64_t kb = 0; kb < kblocks; ++kb) {
@@ -213,10 +219,10 @@ void forward_blocked(const float* x, const float* w, const float* b, float* y, i
             float* yn = y + (n * K + kb * KB) * P;
             const float* bb = b ? b + kb * KB : nullptr;
             for (int64_t v0 = 0; v0 < nvec; v0 += NV) {
-                forward_block<KB, NV>(xn, wp + kb * C * 9 * KB, bb, yn, nk, C, P, tm, v0);
+                forward_block<V, KB, NV>(xn, wp + kb * C * 9 * KB, bb, yn, nk, C, P, tm, v0);
                 if (!ep.active()) continue;
-                // the epilogue on the pixels just stored (nk x up to 16 * NV floats, in L1)
-                const int64_t p0 = v0 * 16, np = std::min<int64_t>(P, (v0 + NV) * 16) - p0;
+                // the epilogue on the pixels just stored (nk x up to L * NV floats, in L1)
+                const int64_t p0 = v0 * L, np = std::min<int64_t>(P, (v0 + NV) * L) - p0;
                 for (int r = 0; r < nk; ++r) {
                     const int64_t k = kb * KB + r;
                     ep.apply(yn + r * P + p0, (n * K + k) * P + p0, k, np);
@@ -226,61 +232,55 @@ void forward_blocked(const float* x, const float* w, const float* b, float* y, i
     }
 }
 
-void forward_avx512(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
-                    int64_t H, int64_t W, const Epilogue<float>& ep) {
-    if (K <= 3) return forward_blocked<3, 8>(x, w, b, y, N, C, K, H, W, ep);
-    forward_blocked<6, 4>(x, w, b, y, N, C, K, H, W, ep);
+template <class V>
+void forward_simd(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t C, int64_t K,
+                  int64_t H, int64_t W, const Epilogue<float>& ep) {
+    if (K <= 3) return forward_blocked<V, V::kFwdSmallKB, V::kFwdSmallNV>(x, w, b, y, N, C, K, H, W, ep);
+    forward_blocked<V, V::kFwdKB, V::kFwdNV>(x, w, b, y, N, C, K, H, W, ep);
 }
 
 // ----------------------------------------------------------- grad_weight micro-kernel
-constexpr int kGKB = 3;  // output channels per block (x 9 taps = 27 accumulators)
-
-// Sum of the 16 lanes (once per result; _mm512_reduce_add_ps trips gcc 12's -Wmaybe-uninitialized).
-inline float hsum(__m512 v) {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, v);
-    float s = 0.0f;
-    for (int l = 0; l < 16; ++l) s += lanes[l];
-    return s;
-}
-
-// sums[r][t] = sum over images n0 .. n1-1 and pixels of gy[n, k0+r] * x[n, c shifted by tap t].
+// sums[r][t] = sum over images n0 .. n1-1 and pixels of gy[n, k0+r] * x[n, c shifted by tap t],
+// for r < nk <= V::kGradKB (x 9 taps accumulators).
 // (A function of its own: inside the OpenMP loop gcc 12 kept the accumulators in memory.)
+template <class V>
 inline void grad_weight_block(const float* x, const float* gy, int64_t n0, int64_t n1, int64_t C, int64_t K,
-                              int64_t P, int64_t c, int64_t k0, const uint16_t* krow, const TapMasks& tm,
-                              float sums[kGKB][9]) {
-    __m512 acc[kGKB][9];
-    for (int r = 0; r < kGKB; ++r)
-        for (int t = 0; t < 9; ++t) acc[r][t] = _mm512_setzero_ps();
+                              int64_t P, int64_t c, int64_t k0, int nk, const TapMasks<V>& tm,
+                              float sums[V::kGradKB][9]) {
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes, KB = V::kGradKB;
+    Reg acc[KB][9];
+    for (int r = 0; r < KB; ++r)
+        for (int t = 0; t < 9; ++t) acc[r][t] = V::zero();
     int64_t off[9];
     for (int t = 0; t < 9; ++t) off[t] = tm.off[t];
     for (int64_t n = n0; n < n1; ++n) {
         const float* xc = x + (n * C + c) * P;
         const float* g0 = gy + (n * K + k0) * P;
         for (int64_t v = 0; v < tm.nvec; ++v) {
-            const uint16_t* mv = tm.at(v);
-            __m512 g[kGKB];  // rows past K read nothing (mask 0)
-            for (int r = 0; r < kGKB; ++r)
-                g[r] = load_masked(static_cast<__mmask16>(mv[9] & krow[r]), g0 + 16 * v, r * P);
+            const typename V::Mask* mv = tm.at(v);
+            Reg g[KB];  // rows past K read nothing (no lanes)
+            for (int r = 0; r < KB; ++r) g[r] = load_masked<V>(r < nk ? mv[9] : V::no_lanes(), g0 + L * v, r * P);
 #pragma GCC unroll 9
             for (int t = 0; t < 9; ++t) {
-                const __m512 xv = load_masked(mv[t], xc + 16 * v, off[t]);
-                for (int r = 0; r < kGKB; ++r) acc[r][t] = _mm512_fmadd_ps(g[r], xv, acc[r][t]);
+                const Reg xv = load_masked<V>(mv[t], xc + L * v, off[t]);
+                for (int r = 0; r < KB; ++r) acc[r][t] = V::fmadd(g[r], xv, acc[r][t]);
             }
         }
     }
-    for (int r = 0; r < kGKB; ++r)
-        for (int t = 0; t < 9; ++t) sums[r][t] = hsum(acc[r][t]);
+    for (int r = 0; r < KB; ++r)
+        for (int t = 0; t < 9; ++t) sums[r][t] = simd::hsum<V>(acc[r][t]);
 }
 
 // --------------------------------------------- grad_weight, channels-last (C >= 16)
 // x is first transposed to zero-padded channels-last planes xt[n][(H+2)*(W+2)][Cp] (Cp = C
-// rounded up to 16); then for a block of 6 output channels and 64 input channels and one tap
-// t = (i, j):  acc[r][c..c+63] += gy[n, k0+r, h, w] * xt[n][(h+i)*(W+2) + w+j][c..c+63]
-// over every pixel: 6 broadcasts + 4 loads per 24 FMAs, no masks, no horizontal sums.
+// rounded up to 16); then for a block of 6 output channels and CB = V::kClVecs vectors of
+// input channels (64 with AVX-512, 16 with AVX2) and one tap t = (i, j):
+//   acc[r][c..c+CB-1] += gy[n, k0+r, h, w] * xt[n][(h+i)*(W+2) + w+j][c..c+CB-1]
+// over every pixel: 6 broadcasts + kClVecs loads per 6 * kClVecs FMAs, no masks, no
+// horizontal sums.
 constexpr int64_t kGradWeightChannelsLastMinC = 16;  // below: the pixel-vectorised kernel
 constexpr int kWKB = 6;   // output channels per block
-constexpr int kWCV = 4;   // zmm vectors of input channels per block (64 channels)
 
 // xt[n] (padded channels-last) from x[n] (C, H, W): borders and channels past C are zero.
 void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W) {
@@ -310,46 +310,52 @@ void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, i
     }
 }
 
-// acc (kWKB x NV vectors, in memory) += sum over the H x W pixels of g[r][h * gstride + w]
-// (broadcast) times the padded channels-last plane xt shifted by `toff` floats.
-template <int NV>
+// acc (kWKB x NV vectors, in memory, row stride V::kClVecs vectors) += sum over the H x W
+// pixels of g[r][h * gstride + w] (broadcast) times the padded channels-last plane xt shifted
+// by `toff` floats.
+template <class V, int NV>
 inline void grad_weight_cl_block(const float* const* g, int64_t gstride, const float* xt, int64_t toff, int64_t Cp,
                                  int64_t H, int64_t W, float* acc_mem) {
-    __m512 acc[kWKB][NV];
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes, CV = V::kClVecs;
+    Reg acc[kWKB][NV];
     for (int r = 0; r < kWKB; ++r)
-        for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_loadu_ps(acc_mem + (r * kWCV + q) * 16);
+        for (int q = 0; q < NV; ++q) acc[r][q] = V::loadu(acc_mem + (r * CV + q) * L);
     const int64_t Wp = W + 2;
     for (int64_t h = 0; h < H; ++h) {
         const float* xr = xt + h * Wp * Cp + toff;
         const int64_t p0 = h * gstride;
         for (int64_t w = 0; w < W; ++w) {
-            __m512 xv[NV];
-            for (int q = 0; q < NV; ++q) xv[q] = _mm512_loadu_ps(xr + w * Cp + 16 * q);
+            Reg xv[NV];
+            for (int q = 0; q < NV; ++q) xv[q] = V::loadu(xr + w * Cp + L * q);
             for (int r = 0; r < kWKB; ++r) {
-                const __m512 gr = _mm512_set1_ps(g[r][p0 + w]);
-                for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_fmadd_ps(gr, xv[q], acc[r][q]);
+                const Reg gr = V::set1(g[r][p0 + w]);
+                for (int q = 0; q < NV; ++q) acc[r][q] = V::fmadd(gr, xv[q], acc[r][q]);
             }
         }
     }
     for (int r = 0; r < kWKB; ++r)
-        for (int q = 0; q < NV; ++q) _mm512_storeu_ps(acc_mem + (r * kWCV + q) * 16, acc[r][q]);
+        for (int q = 0; q < NV; ++q) V::storeu(acc_mem + (r * CV + q) * L, acc[r][q]);
 }
 
+template <class V>
 void grad_weight_channels_last(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K,
                                int64_t H, int64_t W) {
+    constexpr int L = V::kLanes, CV = V::kClVecs, CB = L * CV;  // CB input channels per block
+    static_assert(16 % L == 0, "Cp (a multiple of 16) must be whole vectors");
     const int64_t P = H * W, Cp = (C + 15) / 16 * 16, Pp = (H + 2) * (W + 2);
     std::unique_ptr<float[]> xt(new float[static_cast<size_t>(N * Pp * Cp)]);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) to_padded_channels_last(x + n * C * P, xt.get() + n * Pp * Cp, C, Cp, H, W);
     const std::vector<float> zeros(static_cast<size_t>(P), 0.0f);  // the gy rows past K
-    const int64_t kblocks = (K + kWKB - 1) / kWKB, cblocks = (Cp + 16 * kWCV - 1) / (16 * kWCV);
+    const int64_t kblocks = (K + kWKB - 1) / kWKB, cblocks = (Cp + CB - 1) / CB;
     // Items (k block, c block) own their outputs: no merging, independent of the thread count.
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t kb = 0; kb < kblocks; ++kb) {
         for (int64_t cb = 0; cb < cblocks; ++cb) {
-            const int64_t k0 = kb * kWKB, c0 = cb * 16 * kWCV;
-            const int nv = static_cast<int>(std::min<int64_t>(kWCV, (Cp - c0) / 16));
-            alignas(64) float acc[9][kWKB * kWCV * 16] = {};
+            const int64_t k0 = kb * kWKB, c0 = cb * CB;
+            const int nv = static_cast<int>(std::min<int64_t>(CV, (Cp - c0) / L));
+            alignas(64) float acc[9][kWKB * CB] = {};
             for (int64_t n = 0; n < N; ++n) {
                 const float* g[kWKB];
                 for (int r = 0; r < kWKB; ++r) g[r] = k0 + r < K ? gy + (n * K + k0 + r) * P : zeros.data();
@@ -357,26 +363,28 @@ void grad_weight_channels_last(const float* x, const float* gy, float* gw, int64
                 for (int t = 0; t < 9; ++t) {
                     const int64_t toff = ((t / 3) * (W + 2) + t % 3) * Cp;
                     switch (nv) {
-                        case 4: grad_weight_cl_block<4>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                        case 3: grad_weight_cl_block<3>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                        case 2: grad_weight_cl_block<2>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                        default: grad_weight_cl_block<1>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        case 4: grad_weight_cl_block<V, CV < 4 ? CV : 4>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        case 3: grad_weight_cl_block<V, CV < 3 ? CV : 3>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        case 2: grad_weight_cl_block<V, CV < 2 ? CV : 2>(g, W, xn, toff, Cp, H, W, acc[t]); break;
+                        default: grad_weight_cl_block<V, 1>(g, W, xn, toff, Cp, H, W, acc[t]); break;
                     }
                 }
             }
             for (int r = 0; r < kWKB && k0 + r < K; ++r)
-                for (int64_t c = c0; c < std::min(C, c0 + 16 * kWCV); ++c)
-                    for (int t = 0; t < 9; ++t) gw[((k0 + r) * C + c) * 9 + t] = acc[t][r * kWCV * 16 + (c - c0)];
+                for (int64_t c = c0; c < std::min<int64_t>(C, c0 + CB); ++c)
+                    for (int t = 0; t < 9; ++t) gw[((k0 + r) * C + c) * 9 + t] = acc[t][r * CB + (c - c0)];
         }
     }
 }
 
 
 // ------------------------------------- grad_weight, pixel-vectorised (few input channels)
-void grad_weight_avx512(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K, int64_t H,
+template <class V>
+void grad_weight_pixels(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K, int64_t H,
                         int64_t W) {
+    constexpr int kGKB = V::kGradKB;
     const int64_t P = H * W;
-    const TapMasks tm(H, W, 1);
+    const TapMasks<V> tm(H, W, 1);
     const int64_t kblocks = (K + kGKB - 1) / kGKB;
     // Images are taken in chunks whose x fits in L2 (~512 KiB): every (k-block, c) item
     // re-reads the chunk's x plane of channel c, from cache.  Items own their outputs:
@@ -389,10 +397,8 @@ void grad_weight_avx512(const float* x, const float* gy, float* gw, int64_t N, i
             for (int64_t c = 0; c < C; ++c) {
                 const int64_t k0 = kb * kGKB;
                 const int nk = static_cast<int>(std::min<int64_t>(kGKB, K - k0));
-                uint16_t krow[kGKB];
-                for (int r = 0; r < kGKB; ++r) krow[r] = r < nk ? 0xFFFF : 0;
                 float sums[kGKB][9];
-                grad_weight_block(x, gy, n0, n1, C, K, P, c, k0, krow, tm, sums);
+                grad_weight_block<V>(x, gy, n0, n1, C, K, P, c, k0, nk, tm, sums);
                 for (int r = 0; r < nk; ++r) {
                     float* out = gw + ((k0 + r) * C + c) * 9;
                     for (int t = 0; t < 9; ++t) out[t] = (n0 == 0 ? 0.0f : out[t]) + sums[r][t];
@@ -401,7 +407,7 @@ void grad_weight_avx512(const float* x, const float* gy, float* gw, int64_t N, i
         }
     }
 }
-#endif  // PYCNN_CONV_AVX512
+#endif  // PYCNN_SIMD
 
 }  // namespace
 
@@ -409,8 +415,8 @@ void grad_weight_avx512(const float* x, const float* gy, float* gw, int64_t N, i
 template <typename T>
 void direct_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
                     int64_t W, const Epilogue<T>& ep) {
-#if PYCNN_CONV_AVX512
-    if constexpr (std::is_same_v<T, float>) return forward_avx512(x, w, b, y, N, C, K, H, W, ep);
+#if PYCNN_SIMD
+    if constexpr (std::is_same_v<T, float>) return forward_simd<simd::Isa>(x, w, b, y, N, C, K, H, W, ep);
 #endif
     forward_plain(x, w, b, y, N, C, K, H, W, ep);
 }
@@ -423,10 +429,10 @@ void direct_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int
 
 template <typename T>
 void direct_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
-#if PYCNN_CONV_AVX512
+#if PYCNN_SIMD
     if constexpr (std::is_same_v<T, float>) {
-        if (C >= kGradWeightChannelsLastMinC) return grad_weight_channels_last(x, gy, gw, N, C, K, H, W);
-        return grad_weight_avx512(x, gy, gw, N, C, K, H, W);
+        if (C >= kGradWeightChannelsLastMinC) return grad_weight_channels_last<simd::Isa>(x, gy, gw, N, C, K, H, W);
+        return grad_weight_pixels<simd::Isa>(x, gy, gw, N, C, K, H, W);
     }
 #endif
     grad_weight_plain(x, gy, gw, N, C, K, H, W);
@@ -555,10 +561,12 @@ bool prelu_weight_arg(const char* fn, Activation act, const py::object& obj, con
     return has;
 }
 
-// The peak float32 FMA rate of this machine on the OpenMP threads (GFLOP/s): 24 independent
-// zmm FMA chains per thread, `iters` times, timed.  The limit the conv benchmarks compare to.
+// The peak float32 FMA rate of this machine on the OpenMP threads (GFLOP/s): independent FMA
+// chains per thread (24 zmm with AVX-512, 12 ymm with AVX2 + FMA), `iters` times, timed.  The
+// limit the conv benchmarks compare to: the peak of the instruction set this binary runs.
+// NaN where the binary has neither.
 double fma_peak_gflops(int64_t iters) {
-#if PYCNN_CONV_AVX512 && defined(__GNUC__)
+#if defined(__GNUC__) && (PYCNN_CONV_AVX512 || (defined(__AVX2__) && defined(__FMA__)))
     int threads = 1;
     const double start = omp_get_wtime();
 #pragma omp parallel
@@ -566,6 +574,7 @@ double fma_peak_gflops(int64_t iters) {
 #pragma omp single
         threads = omp_get_num_threads();
         for (int64_t it = 0; it < iters; ++it) {
+#if PYCNN_CONV_AVX512
             __asm__ volatile(
 #define PYCNN_FMA(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n\t"
                 PYCNN_FMA(0) PYCNN_FMA(1) PYCNN_FMA(2) PYCNN_FMA(3) PYCNN_FMA(4) PYCNN_FMA(5) PYCNN_FMA(6)
@@ -578,10 +587,25 @@ double fma_peak_gflops(int64_t iters) {
                 : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
                   "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
                   "xmm22", "xmm23");
+#else
+            __asm__ volatile(
+#define PYCNN_FMA(i) "vfmadd231ps %%ymm14, %%ymm15, %%ymm" #i "\n\t"
+                PYCNN_FMA(0) PYCNN_FMA(1) PYCNN_FMA(2) PYCNN_FMA(3) PYCNN_FMA(4) PYCNN_FMA(5) PYCNN_FMA(6)
+                PYCNN_FMA(7) PYCNN_FMA(8) PYCNN_FMA(9) PYCNN_FMA(10) PYCNN_FMA(11)
+#undef PYCNN_FMA
+                :
+                :
+                : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
+#endif
         }
     }
     const double seconds = omp_get_wtime() - start;
-    return 2.0 * 16 * 24 * static_cast<double>(iters) * threads / seconds / 1e9;
+#if PYCNN_CONV_AVX512
+    constexpr double kFlopsPerIter = 2.0 * 16 * 24;  // 24 FMAs of 16 lanes
+#else
+    constexpr double kFlopsPerIter = 2.0 * 8 * 12;   // 12 FMAs of 8 lanes
+#endif
+    return kFlopsPerIter * static_cast<double>(iters) * threads / seconds / 1e9;
 #else
     (void)iters;
     return std::numeric_limits<double>::quiet_NaN();

@@ -17,7 +17,7 @@
 // transforms a chunk's input into V (16 x C x columns), runs the 16 GEMMs into M and
 // transforms M into y, so V and M stay in its caches.  The GEMM micro-kernel (float32, AVX-512) is 6 output
 // channels x 64 tiles = 24 zmm accumulators: per input channel 4 loads of V, 6 broadcasts
-// of U, 24 FMAs.  The transforms are plain loops over the tiles of a row, which gcc
+// of U, 24 FMAs (AVX2: 6 x 16 tiles = 12 ymm, four times per 64 tiles; simd.hpp).  The transforms are plain loops over the tiles of a row, which gcc
 // vectorises.  float64 runs the same code with a plain GEMM.
 #include "conv3x3.hpp"
 
@@ -29,12 +29,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define PYCNN_WINO_AVX512 1
-#else
-#define PYCNN_WINO_AVX512 0
-#endif
+#include "simd.hpp"
 
 namespace pycnn {
 namespace conv {
@@ -78,23 +73,30 @@ void gemm(const T* u, const T* v, T* m, int64_t C, int64_t K, int64_t ncols, int
         const T* ub = u + kb * C * kKB;
         const int nk = static_cast<int>(std::min<int64_t>(kKB, K - kb * kKB));
         for (int64_t j0 = 0; j0 < ncols; j0 += kCols) {
-#if PYCNN_WINO_AVX512
+#if PYCNN_SIMD
             if constexpr (std::is_same_v<T, float>) {
-                __m512 acc[kKB][4];
-                for (int r = 0; r < kKB; ++r)
-                    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
-                for (int64_t c = 0; c < C; ++c) {
-                    const float* vc = v + c * ld + j0;
-                    __m512 vv[4];
-                    for (int q = 0; q < 4; ++q) vv[q] = _mm512_loadu_ps(vc + 16 * q);
-                    for (int r = 0; r < kKB; ++r) {
-                        const __m512 ur = _mm512_set1_ps(ub[c * kKB + r]);
-                        for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(ur, vv[q], acc[r][q]);
+                // kCols columns as sub-blocks of NQ vectors (one sub-block of 4 zmm; 4 of 2 ymm)
+                using V = simd::Isa;
+                using Reg = typename V::Reg;
+                constexpr int L = V::kLanes, NQ = V::kWinoVecs;
+                static_assert(kCols % (L * NQ) == 0, "kCols must be whole sub-blocks");
+                for (int64_t js = j0; js < j0 + kCols; js += L * NQ) {
+                    Reg acc[kKB][NQ];
+                    for (int r = 0; r < kKB; ++r)
+                        for (int q = 0; q < NQ; ++q) acc[r][q] = V::zero();
+                    for (int64_t c = 0; c < C; ++c) {
+                        const float* vc = v + c * ld + js;
+                        Reg vv[NQ];
+                        for (int q = 0; q < NQ; ++q) vv[q] = V::loadu(vc + L * q);
+                        for (int r = 0; r < kKB; ++r) {
+                            const Reg ur = V::set1(ub[c * kKB + r]);
+                            for (int q = 0; q < NQ; ++q) acc[r][q] = V::fmadd(ur, vv[q], acc[r][q]);
+                        }
                     }
-                }
-                for (int r = 0; r < kKB; ++r) {
-                    if (r >= nk) break;
-                    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(m + (kb * kKB + r) * ld + j0 + 16 * q, acc[r][q]);
+                    for (int r = 0; r < kKB; ++r) {
+                        if (r >= nk) break;
+                        for (int q = 0; q < NQ; ++q) V::storeu(m + (kb * kKB + r) * ld + js + L * q, acc[r][q]);
+                    }
                 }
                 continue;
             }

@@ -1,10 +1,61 @@
-// The extension module pycnn._C: one registration function per source file (common.hpp).
+// The extension module pycnn._C_<variant>: one registration function per source file
+// (common.hpp).  CMakeLists.txt builds it once per instruction-set variant (PYCNN_MODULE_NAME
+// _C_avx512, _C_avx2, _C_generic); pycnn/_C.py imports the one the CPU runs.
 #include "common.hpp"
 
 #include <omp.h>
 
-PYBIND11_MODULE(_C, m) {
+#ifndef PYCNN_MODULE_NAME
+#define PYCNN_MODULE_NAME _C
+#endif
+#ifndef PYCNN_VARIANT
+#define PYCNN_VARIANT "unknown"
+#endif
+
+// What this binary was compiled for: pycnn.cpu_info() reports it, .ci/sanitize.sh checks it.
+static py::dict build_info() {
+    py::dict build;
+    build["variant"] = PYCNN_VARIANT;
+#if defined(PYCNN_SANITIZE)
+    build["sanitize"] = true;
+#else
+    build["sanitize"] = false;
+#endif
+    py::list isa;
+#if defined(__AVX512F__)
+    isa.append("avx512f");
+#endif
+#if defined(__AVX512BW__)
+    isa.append("avx512bw");
+#endif
+#if defined(__AVX512DQ__)
+    isa.append("avx512dq");
+#endif
+#if defined(__AVX512VL__)
+    isa.append("avx512vl");
+#endif
+#if defined(__AVX2__)
+    isa.append("avx2");
+#endif
+#if defined(__FMA__)
+    isa.append("fma");
+#endif
+#if defined(__ARM_NEON)
+    isa.append("neon");
+#endif
+    build["isa"] = isa;
+#if defined(__VERSION__)
+    build["compiler"] = __VERSION__;
+#endif
+    build["openmp"] = _OPENMP;
+    return build;
+}
+
+PYBIND11_MODULE(PYCNN_MODULE_NAME, m) {
     m.doc() = "pycnn C++ backend: OpenMP + SIMD CPU kernels on NumPy arrays (outputs are passed in).";
+
+    m.def("build_info", &build_info,
+          "What this binary was compiled for: variant, instruction sets, sanitizers, compiler, OpenMP.");
 
     m.def("num_threads", []() { return omp_get_max_threads(); },
           "The number of OpenMP threads the kernels use (omp_get_max_threads).");

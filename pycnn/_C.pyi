@@ -1,5 +1,8 @@
 """Type stub of the C++ extension pycnn._C (csrc/).
 
+pycnn/_C.py imports the build of csrc/ that this CPU runs (pycnn._C_avx512, pycnn._C_avx2 or
+pycnn._C_generic: pycnn/_cpu.py) and takes over its functions, listed here.
+
 Every kernel writes into output arrays the caller allocated (never allocates), checks that
 all arrays are NumPy arrays, C-contiguous, of one dtype (float32 or float64) and of matching
 shapes (ValueError / TypeError naming the argument otherwise), and releases the GIL.
@@ -10,6 +13,10 @@ import numpy as np
 import numpy.typing as npt
 
 _Array = npt.NDArray[Union[np.float32, np.float64]]
+
+def build_info() -> dict:
+    """What this binary was compiled for: {'variant': 'avx512' | 'avx2' | 'generic', 'isa': [...],
+    'sanitize': bool, 'compiler': str, 'openmp': int}."""
 
 def num_threads() -> int:
     """The number of OpenMP threads the kernels use (omp_get_max_threads)."""
@@ -71,7 +78,8 @@ def conv3x3_act_backward(x: _Array, weight: _Array, prelu_weight: _Array | None,
     """Each gradient that is not None is overwritten."""
 
 def fma_peak_gflops(iters: int = 10000000) -> float:
-    """The float32 FMA peak of the OpenMP threads in GFLOP/s (NaN without AVX-512)."""
+    """The float32 FMA peak of the OpenMP threads in GFLOP/s, for the instruction set this build
+    runs (AVX-512 zmm, or AVX2 ymm FMAs); NaN without FMA (the generic build)."""
 
 # --------------------------------------------------- 2x2 pooling (csrc/pool.cpp)
 # x (N, C, H, W) -> y (N, C, H//2, W//2); argmax is uint8 shaped like y (0..3, row-major).
