@@ -97,10 +97,12 @@ def test_every_member_kind_with_tta(sources, tmp_path, capsys):
     # snapshot members are the end-of-cycle checkpoints of one run
     snaps = [m["checkpoint"] for m in report["members"] if m["kind"] == "snapshot"]
     assert [s.rsplit("/", 1)[1] for s in snaps] == ["epoch_001.npz", "epoch_002.npz"]
-    # the same command again reuses the trained members and gives the same report
-    assert cli.main(argv) == 0
-    again = json.loads((tmp_path / "e" / "ensemble.json").read_text())
-    assert again["ensemble"]["test_accuracy"] == e["test_accuracy"]
+    # the same command again reuses the trained members: a finished member is not trained again
+    folder = tmp_path / "e" / "members" / "seed_0"
+    stamp = (folder / "checkpoints" / "epoch_002.npz").stat().st_mtime_ns
+    config = json.loads((folder / "config.json").read_text())
+    assert ensemble.train_member(config, str(folder)) == trial.read_outcome(folder).to_dict()
+    assert (folder / "checkpoints" / "epoch_002.npz").stat().st_mtime_ns == stamp
 
 
 def test_the_ensemble_averages_member_probabilities(sources, tmp_path):
