@@ -25,10 +25,59 @@ command -v ninja >/dev/null || need+=(ninja)
 "$PY" -m pip install --quiet "${need[@]}"
 
 asan=$("$CXX" -print-file-name=libasan.so)
-if [[ "$asan" != /* || ! -e "$asan" ]]; then
-    echo "sanitize: the compiler has no ASan runtime (libasan.so): $asan" >&2
-    exit 1
-fi
+stdcxx=$("$CXX" -print-file-name=libstdc++.so.6)
+for lib in "$asan" "$stdcxx"; do
+    if [[ "$lib" != /* || ! -e "$lib" ]]; then
+        echo "sanitize: the compiler has no $(basename "$lib") to preload: $lib" >&2
+        exit 1
+    fi
+done
+# The ASan runtime first; libstdc++ loaded with it, so that ASan's __cxa_throw interceptor
+# finds the real one at start (Python does not link libstdc++: without it the first C++
+# exception aborts with "CHECK failed: ... real___cxa_throw != 0").
+preload="$asan $stdcxx"
+
+# Canaries: the toolchain must catch what this step is for, an out-of-bounds vector load (the
+# tail of a SIMD loop) and a misaligned float load; sanitizers that report neither fail here.
+mkdir -p "$BUILD/canary"
+cat >"$BUILD/canary/canary.cpp" <<'CANARY'
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+int main(int argc, char** argv) {
+    std::vector<float> v(12, 1.0f);
+    float out = 0.0f;
+    if (argc > 1 && std::strcmp(argv[1], "tail") == 0) {  // 8 floats from index 8: 4 past the end
+#if defined(__AVX2__)
+        float lanes[8];
+        _mm256_storeu_ps(lanes, _mm256_loadu_ps(v.data() + 8));
+        out = lanes[3];
+#else
+        for (int i = 8; i < 16; ++i) out += v.data()[i];
+#endif
+    } else {  // a float at an odd address
+        alignas(8) unsigned char bytes[16] = {};
+        out = *reinterpret_cast<const float*>(bytes + 1 + argc % 2);
+    }
+    std::printf("%f\n", out);
+    return 0;
+}
+CANARY
+canary_flags=(-O2 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+if [[ "$(uname -m)" == x86_64 ]]; then canary_flags+=(-mavx2); fi
+"$CXX" "${canary_flags[@]}" "$BUILD/canary/canary.cpp" -o "$BUILD/canary/canary"
+for case in tail misaligned; do
+    if ASAN_OPTIONS=detect_leaks=0 "$BUILD/canary/canary" "$case" >"$BUILD/canary/$case.log" 2>&1 \
+        || ! grep -qE "ERROR: AddressSanitizer|runtime error: load of misaligned address" "$BUILD/canary/$case.log"; then
+        echo "sanitize: the sanitizers missed the $case canary:" >&2
+        cat "$BUILD/canary/$case.log" >&2
+        exit 1
+    fi
+done
+echo "== sanitize: canaries caught (an out-of-bounds vector load, a misaligned load)"
 
 echo "== sanitize: build ($BUILD)"
 start=$SECONDS
@@ -52,7 +101,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$PWD/$reports/
 export NUMBA_ENABLE_CUDASIM=1
 
 check_loaded() {  # the sanitized binary is what runs
-    LD_PRELOAD="$asan" "$PY" - "$@" <<'EOF'
+    LD_PRELOAD="$preload" "$PY" - "$@" <<'EOF'
 import sys
 import pycnn._C as C, pycnn._cpu as cpu
 info = cpu.cpu_info()
@@ -64,7 +113,7 @@ EOF
 run_tests() {  # pytest under the ASan runtime; fails on a report even where a test swallowed it
     start=$SECONDS
     status=0
-    LD_PRELOAD="$asan" "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
+    LD_PRELOAD="$preload" "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
     echo "== sanitize: $((SECONDS - start)) s"
     if compgen -G "$reports/*" >/dev/null; then
         echo "sanitize: sanitizer reports:" >&2
