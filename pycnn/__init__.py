@@ -9,10 +9,11 @@
 """
 from pycnn import ops  # noqa: F401 (declares every op)
 from pycnn._backend import BACKENDS, use_backend
+from pycnn._threads import threads
 from pycnn.autograd import Function, Tensor, apply_op, is_grad_enabled, no_grad, profile
 from pycnn.random import manual_seed
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "is_grad_enabled", "manual_seed", "no_grad", "profile",
-           "use_backend", "__version__"]
+           "threads", "use_backend", "__version__"]

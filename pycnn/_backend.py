@@ -104,14 +104,12 @@ def cpp_extension():
     global _extension, _extension_checked
     if not _extension_checked:
         _extension_checked = True
-        # OpenMP threads that spin after each parallel region steal the cores that Python,
-        # the data-loading thread and other processes need between kernels: measured 4x
-        # slower training on small images with the default policy on a busy 2-core machine.
-        # Must be set before libgomp starts, i.e. before the extension is loaded.
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        # No lasting OMP_WAIT_POLICY / GOMP_SPINCOUNT of ours: load_extension gives libgomp a
+        # bounded spin only for the moment it starts and leaves os.environ as it was
+        # (pycnn/_threads.py says why and what was measured).
         try:
-            from pycnn import _C
-            _extension = _C
+            from pycnn._threads import load_extension
+            _extension = load_extension()
         except ImportError as exc:
             warnings.warn(
                 f"pycnn: the C++ extension pycnn._C is not available ({exc}); "

@@ -1,9 +1,14 @@
 """linear: a fully connected layer (NumPy reference).
 
 Shapes: x is (N, F), weight is (O, F) (PyTorch's layout), bias is (O,) or None; y is (N, O).
+
+On NumPy arrays the matmuls run with NumPy's BLAS limited to one thread (restored after):
+a multi-threaded BLAS would leave helper threads spinning on the cores the C++ kernels of
+the next layers need (pycnn/_threads.py).
 """
 from __future__ import annotations
 
+from pycnn._threads import blas_single_threaded
 from pycnn.ops import _util
 from pycnn.ops.registry import Sample, declare
 
@@ -22,7 +27,8 @@ def _check_linear(x, weight, bias=None):
 def linear_forward(ctx, x, weight, bias=None):
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
-    y = x @ weight.T
+    with blas_single_threaded(x, weight):
+        y = x @ weight.T
     if bias is not None:
         y += bias
     return y
@@ -30,8 +36,9 @@ def linear_forward(ctx, x, weight, bias=None):
 
 def linear_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-    grad_weight = grad.T @ x if ctx.needs_input_grad[1] else None
+    with blas_single_threaded(x, weight, grad):
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.T @ x if ctx.needs_input_grad[1] else None
     grad_bias = grad.sum(axis=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_weight, grad_bias
 
