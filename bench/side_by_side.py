@@ -264,9 +264,9 @@ def _serve_throughput(net, task, out):
                                     "loadavg": load}))
 
 
-def _trajectory(net, task):
+def _trajectory(net, task, out):
     loader, (test_x, test_y) = _data(task, task["train"])
-    epochs, out, first = task["epochs"], [], None
+    epochs, epochs_done, first = task["epochs"], [], None
     for epoch in range(epochs):
         net.set_lr(task["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
         loader.set_epoch(epoch)
@@ -276,10 +276,12 @@ def _trajectory(net, task):
                 first = _digest([x, y])
             losses.append(net.step(x, y))
         seconds = time.perf_counter() - start
-        out.append({"epoch": epoch + 1, "seconds": seconds, "images_per_s": len(losses) * task["batch_size"] / seconds,
+        epochs_done.append({"epoch": epoch + 1, "seconds": seconds, "images_per_s": len(losses) * task["batch_size"] / seconds,
                     "mean_loss": sum(losses) / len(losses), "losses": losses,
                     "test_accuracy": net.accuracy(test_x, test_y), "loadavg": _loadavg()})
-    return {"epochs": out, "first_batch": first}
+        out(f"EPOCH {task['framework']} epoch {epoch + 1}/{epochs}: loss {epochs_done[-1]['mean_loss']:.4f}, "
+            f"test accuracy {epochs_done[-1]['test_accuracy']:.4f}, {epochs_done[-1]['images_per_s']:.1f} img/s")
+    return {"epochs": epochs_done, "first_batch": first}
 
 
 def worker(task: dict) -> None:
@@ -290,7 +292,7 @@ def worker(task: dict) -> None:
         _serve_throughput(net, task, out)
     else:
         weights = net.weights_digest()
-        result = _trajectory(net, task)
+        result = _trajectory(net, task, out)
         result.update(net.info(), weights=weights, libraries=_mapped())
         out("RESULT " + json.dumps(result))
 
@@ -318,6 +320,8 @@ class _Worker:
         for line in self.proc.stdout:
             if line.startswith(tag + " "):
                 return json.loads(line[len(tag) + 1:])
+            if line.startswith("EPOCH "):
+                print("  " + line[len("EPOCH "):].rstrip(), flush=True)
         self.proc.wait()
         self.stderr.seek(0)
         raise RuntimeError(f"worker {self.task['framework']} failed (exit {self.proc.returncode}):\n"
@@ -362,59 +366,8 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="3 rounds of 8 steps, trajectory of 1 epoch on 2,560 images (a short check)")
-    parser.add_argument("--batch-sizes", default="64,128")
-    parser.add_argument("--repeats", type=int, help="rounds: timed blocks per worker, interleaved (10; quick 3)")
-    parser.add_argument("--steps", type=int, help="training steps per timed block (20; quick 8)")
-    parser.add_argument("--warmup", type=int, help="untimed steps when a worker starts (5; quick 3)")
-    parser.add_argument("--pool", type=int, default=16, help="batches made before timing and cycled")
-    parser.add_argument("--loader", action="store_true",
-                        help="throughput with pycnn's prefetching DataLoader running alongside the steps")
-    parser.add_argument("--train", type=int, help="trajectory: training images, the first N (10000; quick 2560)")
-    parser.add_argument("--test", type=int, help="trajectory: test images, the first N (10000; quick 2000)")
-    parser.add_argument("--epochs", type=int, help="trajectory: epochs, 0 for none (3; quick 1)")
-    parser.add_argument("--trajectory-batch", type=int, default=64)
-    parser.add_argument("--widths", default="32,64,128")
-    parser.add_argument("--convs-per-stage", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.25)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--threads", type=int, default=2, help="threads per framework")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-torch", action="store_true", help="pycnn rows only (e.g. to compare variants)")
-    parser.add_argument("--variant", action="append", type=_parse_variant, default=[],
-                        help="LABEL:KEY=VALUE,... an extra pycnn row with these environment variables "
-                             "(key 'path': another pycnn checkout first on PYTHONPATH)")
-    parser.add_argument("--json", help="write every run's results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        worker(json.loads(args.worker))
-        return
-    defaults = dict(repeats=3, steps=8, warmup=3, train=2560, test=2000, epochs=1) if args.quick else \
-        dict(repeats=10, steps=20, warmup=5, train=10000, test=10000, epochs=3)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-    base = {"widths": [int(w) for w in args.widths.split(",")], "convs_per_stage": args.convs_per_stage,
-            "dropout": args.dropout, "lr": args.lr, "weight_decay": args.weight_decay, "threads": args.threads,
-            "seed": args.seed, "loader": args.loader}
-    rows = [{"label": "pycnn", "framework": "pycnn", "env": {}, "path": None}]
-    if not args.no_torch:
-        rows.append({"label": "torch", "framework": "torch", "env": {}, "path": None})
-    rows += args.variant
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    env_shown = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "OPENBLAS_", "MKL_"))}
-    print(f"one process per framework/variant and batch size, {args.threads} threads each; "
-          f"environment: {env_shown or 'no OMP/BLAS variables'}")
-    results = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "throughput": [], "trajectory": {}}
-
-    # ---- throughput: one long-lived worker per row and batch size, asked in turn for blocks of steps
+def _throughput_study(args, base, rows, batch_sizes, results):
+    """Interleaved blocks of timed steps in one long-lived worker per row and batch size."""
     workers, runs = {}, {(r["label"], b): [] for r in rows for b in batch_sizes}
     try:
         for b in batch_sizes:
@@ -477,6 +430,62 @@ def main(argv=None):
             extra = f"; pycnn from {info.get('pycnn_file')}"
         print(f"  {r['label']}: libraries {[os.path.basename(p) for p in info['libraries']]}{extra}")
     results["workers"] = {f"{lab} batch {b}": i for (lab, b), i in infos.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="3 rounds of 8 steps, trajectory of 1 epoch on 2,560 images (a short check)")
+    parser.add_argument("--batch-sizes", default="64,128")
+    parser.add_argument("--repeats", type=int, help="rounds: timed blocks per worker, interleaved (10; quick 3)")
+    parser.add_argument("--steps", type=int, help="training steps per timed block (20; quick 8)")
+    parser.add_argument("--warmup", type=int, help="untimed steps when a worker starts (5; quick 3)")
+    parser.add_argument("--pool", type=int, default=16, help="batches made before timing and cycled")
+    parser.add_argument("--loader", action="store_true",
+                        help="throughput with pycnn's prefetching DataLoader running alongside the steps")
+    parser.add_argument("--train", type=int, help="trajectory: training images, the first N (10000; quick 2560)")
+    parser.add_argument("--test", type=int, help="trajectory: test images, the first N (10000; quick 2000)")
+    parser.add_argument("--epochs", type=int, help="trajectory: epochs, 0 for none (3; quick 1)")
+    parser.add_argument("--trajectory-batch", type=int, default=64)
+    parser.add_argument("--widths", default="32,64,128")
+    parser.add_argument("--convs-per-stage", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.25)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--threads", type=int, default=2, help="threads per framework")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true", help="pycnn rows only (e.g. to compare variants)")
+    parser.add_argument("--variant", action="append", type=_parse_variant, default=[],
+                        help="LABEL:KEY=VALUE,... an extra pycnn row with these environment variables "
+                             "(key 'path': another pycnn checkout first on PYTHONPATH)")
+    parser.add_argument("--json", help="write every run's results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    defaults = dict(repeats=3, steps=8, warmup=3, train=2560, test=2000, epochs=1) if args.quick else \
+        dict(repeats=10, steps=20, warmup=5, train=10000, test=10000, epochs=3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    base = {"widths": [int(w) for w in args.widths.split(",")], "convs_per_stage": args.convs_per_stage,
+            "dropout": args.dropout, "lr": args.lr, "weight_decay": args.weight_decay, "threads": args.threads,
+            "seed": args.seed, "loader": args.loader}
+    rows = [{"label": "pycnn", "framework": "pycnn", "env": {}, "path": None}]
+    if not args.no_torch:
+        rows.append({"label": "torch", "framework": "torch", "env": {}, "path": None})
+    rows += args.variant
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    env_shown = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "OPENBLAS_", "MKL_"))}
+    print(f"one process per framework/variant and batch size, {args.threads} threads each; "
+          f"environment: {env_shown or 'no OMP/BLAS variables'}")
+    results = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "throughput": [], "trajectory": {}}
+
+    if args.repeats > 0:
+        _throughput_study(args, base, rows, batch_sizes, results)
 
     # ---- trajectory
     if args.epochs > 0:
