@@ -9,11 +9,12 @@
 """
 from pycnn import ops  # noqa: F401 (declares every op)
 from pycnn._backend import BACKENDS, use_backend
+from pycnn._cpu import cpu_info  # which build of the C++ backend runs, and why
 from pycnn._threads import threads
-from pycnn.autograd import Function, Tensor, apply_op, is_grad_enabled, no_grad, profile
+from pycnn.autograd import Function, Tensor, apply_op, from_dlpack, is_grad_enabled, no_grad, profile
 from pycnn.random import manual_seed
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "is_grad_enabled", "manual_seed", "no_grad", "profile",
-           "threads", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "cpu_info", "from_dlpack", "is_grad_enabled", "manual_seed",
+           "no_grad", "profile", "threads", "use_backend", "__version__"]
