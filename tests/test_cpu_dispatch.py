@@ -55,6 +55,12 @@ def test_the_extension_loads_and_cpu_info_says_which_variant():
     assert callable(_C.conv3x3_forward) and _C.num_threads() >= 1
 
 
+def test_cpu_info_is_exported():
+    assert pycnn.cpu_info is _cpu.cpu_info and "cpu_info" in pycnn.__all__
+    info = pycnn.cpu_info()
+    assert {"variant", "requested", "built", "cpu_features", "loaded"} <= set(info)
+
+
 def test_auto_runs_the_best_variant_the_cpu_has(monkeypatch):
     _skip_without_extension()
     wanted = os.environ.get(_cpu.ENV, "").strip().lower()  # what this process was started with
