@@ -8,28 +8,26 @@ functions, so ``from pycnn import _C`` works as if ``_C`` were the binary itself
 
 Raises ImportError where no variant can run here (callers fall back to the NumPy reference).
 """
-from __future__ import annotations
-
-import importlib
-import importlib.util
-import sys
+import importlib as _importlib
+import importlib.util as _util
+import sys as _sys
 
 from pycnn import _cpu
 
 
-def _import_variant(choice: dict):
+def _import_variant(choice):
     path = _cpu.variant_file(choice["variant"])
     if path is None:
-        return importlib.import_module(choice["module"])
+        return _importlib.import_module(choice["module"])
     # PYCNN_EXTENSION_DIR: the binary from that folder, under the module's own name
-    spec = importlib.util.spec_from_file_location(choice["module"], path)
-    module = importlib.util.module_from_spec(spec)
+    spec = _util.spec_from_file_location(choice["module"], path)
+    module = _util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules[choice["module"]] = module
+    _sys.modules[choice["module"]] = module
     return module
 
 
-def _load() -> None:
+def _load():
     choice = _cpu.choose()
     module = _import_variant(choice)
     names = {k: v for k, v in vars(module).items() if not (k.startswith("__") and k.endswith("__"))}
@@ -40,4 +38,4 @@ def _load() -> None:
 
 
 _load()
-del _load
+del _load, _import_variant, _importlib, _util, _sys

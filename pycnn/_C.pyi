@@ -81,6 +81,16 @@ def fma_peak_gflops(iters: int = 10000000) -> float:
     """The float32 FMA peak of the OpenMP threads in GFLOP/s, for the instruction set this build
     runs (AVX-512 zmm, or AVX2 ymm FMAs); NaN without FMA (the generic build)."""
 
+# ------------------------------------------------- batch norm (csrc/batchnorm.cpp)
+# x is (N, C) or (N, C, H, W); the per-channel arrays are (C,).
+def batchnorm_stats(x: _Array, mean: _Array, var: _Array) -> None:
+    """Writes the per-channel mean and biased variance."""
+def batchnorm_apply(x: _Array, mean: _Array, scale: _Array, shift: _Array, y: _Array) -> None:
+    """y = (x - mean[c]) * scale[c] + shift[c]."""
+def batchnorm_backward(x: _Array, mean: _Array, invstd: _Array, gamma: _Array, grad_out: _Array, grad_in: _Array,
+                       grad_gamma: _Array, grad_beta: _Array, training: bool) -> None:
+    """Gradients of batch norm; training=True includes the dependence of the batch statistics on x."""
+
 # --------------------------------------------------- 2x2 pooling (csrc/pool.cpp)
 # x (N, C, H, W) -> y (N, C, H//2, W//2); argmax is uint8 shaped like y (0..3, row-major).
 def maxpool2x2_forward(x: _Array, y: _Array, argmax: npt.NDArray[np.uint8]) -> None: ...

@@ -264,3 +264,14 @@ def test_the_installed_version_is_the_one_in_pycnn_init():
     assert installed == pycnn.__version__
     text = (Path(pycnn.__file__).parent / "__init__.py").read_text()
     assert text.count("__version__ =") == 1
+
+
+def test_the_stub_lists_what_the_extension_has():
+    """_C.pyi names every public function of pycnn._C and nothing else (pycnn/_C.py adds none)."""
+    _skip_without_extension()
+    import re
+
+    from pycnn import _C
+
+    stub = (Path(pycnn.__file__).parent / "_C.pyi").read_text()
+    assert set(re.findall(r"^def (\w+)", stub, re.M)) == {n for n in dir(_C) if not n.startswith("_")}
