@@ -10,19 +10,21 @@ pycnn keeps them from fighting its OpenMP kernels (``pycnn.threads()`` reports t
 * **OpenMP.**  libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` once, when it is
   loaded, and one libgomp serves the whole process (PyTorch's wheel ships a copy with the
   same soname: whichever loads first serves both).  Its default wait is 300,000 spins
-  (about 8 ms of a core on the project's Zen 5 machine, 26 ns a spin), which keeps a
-  core busy through every Python gap of a step and starves the loader thread and anything
-  else on a busy machine; ``passive`` (sleep at once) makes each of the ~70 parallel regions
-  of a step pay a futex wake (11-80 us against 0.7-2.9 us spinning: 7.7 of 55 ms a step
-  on a quiet machine, issue 10's profile).  pycnn asks for a bounded spin of ``SPIN_COUNT`` = 10,000
-  (about 0.26 ms, longer than most gaps between kernels in a step), and only where it is
-  the one starting libgomp and the user set neither variable: ``GOMP_SPINCOUNT`` is in
-  ``os.environ`` for the moment of the extension's import and removed right after, so
-  nothing read later (a library loaded afterwards, a child process) sees it.
-  Measured (bench/side_by_side.py, each setting its own process, on the shared 2-core
-  machine at load 4-15): 10,000 spins ran 2-3x faster than libgomp's default, with and
-  without the loader thread, and 0.65-0.9x of ``passive`` there (so heavy a load favours
-  sleeping; a quiet window to measure the other end never came).
+  (about 8 ms of a core on the project's Zen 5 machine, 26 ns a spin): a core stays busy
+  through every Python gap of a step, starving the loader thread and everything else on a
+  busy machine.  ``passive`` (sleep at once) makes each of the ~70 parallel regions of a
+  step pay a futex wake instead (11-80 us against 0.7-2.9 us spinning: 7.7 of 55 ms a step
+  on a quiet machine, issue 10's profile).  So where pycnn is the one starting libgomp and
+  the user set neither variable, it picks the spin from the machine's load at that moment:
+  ``SPIN_COUNT`` = 10,000 spins (about 0.26 ms, longer than most gaps between kernels of a
+  step) while the 1-minute load average is at most ``BUSY_LOAD`` x the CPUs this process
+  may use, else ``BUSY_SPIN_COUNT`` = 0 (sleep at once, as passive).  ``GOMP_SPINCOUNT`` is
+  in ``os.environ`` for the moment of the extension's import only and removed right after,
+  so nothing read later (a library loaded afterwards, a child process) sees it.
+  Measured with bench/side_by_side.py (each setting its own process, interleaved) on the
+  shared 2-core machine at load 4-15, with and without the loader thread: sleeping at once
+  ran 1.1-1.5x faster than 10,000 spins, 2,000 spins in between, libgomp's default 0.4-0.6x.
+  A quiet window to re-measure the other end never came; that half rests on the profile.
 * **The data loader.**  ``pycnn.data.DataLoader(prefetch > 0)`` runs one Python thread per
   iterator (``pycnn-DataLoader-prefetch``); it does NumPy work outside the kernels.
 """
@@ -138,9 +140,32 @@ def _blas_report() -> list[dict]:
 
 _extension_load: dict | None = None   # what we saw when pycnn._C was loaded
 
-# libgomp's spin before a waiting thread sleeps, where pycnn starts the runtime (see
-# load_extension); None leaves libgomp's default
+# libgomp's spin before a waiting thread sleeps, where pycnn starts the runtime (see the
+# module's docstring and load_extension): SPIN_COUNT on a machine with CPUs to spare,
+# BUSY_SPIN_COUNT when the load average is above BUSY_LOAD x the CPUs (a finished run of our
+# own leaves about one load per CPU plus the loader); None leaves libgomp's default
 SPIN_COUNT: int | None = 10000
+BUSY_SPIN_COUNT: int | None = 0
+BUSY_LOAD = 1.5
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def choose_spin_count() -> tuple[int | None, str]:
+    """(GOMP_SPINCOUNT pycnn gives libgomp now, why)."""
+    cpus = _available_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - no load average
+        return SPIN_COUNT, "no load average"
+    if load > BUSY_LOAD * cpus:
+        return BUSY_SPIN_COUNT, f"load average {load:.1f} > {BUSY_LOAD} x {cpus} CPUs"
+    return SPIN_COUNT, f"load average {load:.1f} <= {BUSY_LOAD} x {cpus} CPUs"
 
 
 def _mapped_libraries(prefixes) -> list[str]:
@@ -159,16 +184,18 @@ def load_extension():
     settings that runtime read at its start.
 
     Where loading the extension is what starts libgomp (no OpenMP runtime in the process
-    yet) and the user set neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``,
-    ``GOMP_SPINCOUNT=SPIN_COUNT`` is in the environment for the moment of the import only,
-    then removed: libgomp reads it at its start, and nothing read later (a library loaded
-    afterwards, a child process) sees it.  The runtime itself is shared by every library of
+    yet) and the user set neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``, the
+    ``GOMP_SPINCOUNT`` of ``choose_spin_count()`` is in the environment for the moment of
+    the import only, then removed: libgomp reads it at its start, and nothing read later (a
+    library loaded afterwards, a child process) sees it.  The runtime itself is shared by every library of
     the process that links libgomp (a torch loaded afterwards uses it too)."""
     global _extension_load
     before = _mapped_libraries(_OPENMP_RUNTIMES)
-    chosen = {}
-    if SPIN_COUNT is not None and not before and not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
-        chosen = {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
+    chosen, why = {}, None
+    if not before and not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        spin, why = choose_spin_count()
+        if spin is not None:
+            chosen = {"GOMP_SPINCOUNT": str(spin)}
     env_at_start = {k: os.environ[k] for k in _OPENMP_ENV if k in os.environ}
     env_at_start.update(chosen)
     os.environ.update(chosen)
@@ -179,15 +206,18 @@ def load_extension():
             del os.environ[key]
     after = _mapped_libraries(_OPENMP_RUNTIMES)
     _extension_load = {"runtimes": after, "started_by_pycnn": [p for p in after if p not in before],
-                       "env_at_start": env_at_start, "pycnn_chose": chosen}
+                       "env_at_start": env_at_start, "pycnn_chose": chosen, "why": why}
     return _C
 
 
-def _wait_policy(env: dict, chosen: dict) -> str:
+def _wait_policy(env: dict, chosen: dict, why: str | None = None) -> str:
     policy = env.get("OMP_WAIT_POLICY", "").strip().lower()
     spin = env.get("GOMP_SPINCOUNT")
     if spin is not None:
-        return f"spin {spin} times, then sleep (GOMP_SPINCOUNT{', pycnn' if 'GOMP_SPINCOUNT' in chosen else ''})"
+        who = f"pycnn's choice: {why}" if "GOMP_SPINCOUNT" in chosen else "GOMP_SPINCOUNT"
+        if spin.strip() == "0":
+            return f"no spin: sleep at once ({who})"
+        return f"spin {spin} times, then sleep ({who})"
     if policy == "passive":
         return "passive: sleep at once (OMP_WAIT_POLICY=passive)"
     if policy == "active":
@@ -200,7 +230,7 @@ def _openmp_report(C) -> dict:
     started = load.get("started_by_pycnn", [])
     runtimes = load.get("runtimes") or _mapped_libraries(_OPENMP_RUNTIMES)
     if started:
-        policy = _wait_policy(load.get("env_at_start", {}), load.get("pycnn_chose", {}))
+        policy = _wait_policy(load.get("env_at_start", {}), load.get("pycnn_chose", {}), load.get("why"))
         origin = "started when pycnn._C loaded, with the environment of that moment"
     else:
         policy = "unknown: the runtime was started before pycnn._C by another library"

@@ -179,9 +179,19 @@ def test_pycnn_sets_no_environment_variable():
     omp = result["openmp"]
     if omp["num_threads"] is None or not omp["runtimes"]:
         pytest.skip("no C++ extension / OpenMP runtime")
-    chosen = {} if _threads.SPIN_COUNT is None else {"GOMP_SPINCOUNT": str(_threads.SPIN_COUNT)}
-    assert omp["set_by_pycnn_at_start"] == chosen
+    chosen = omp["set_by_pycnn_at_start"]
+    assert chosen in ({"GOMP_SPINCOUNT": str(_threads.SPIN_COUNT)}, {"GOMP_SPINCOUNT": str(_threads.BUSY_SPIN_COUNT)})
     assert omp["env_at_start"] == chosen
+    assert "pycnn's choice: load average" in omp["wait_policy"]
+
+
+def test_spin_count_follows_the_load(monkeypatch):
+    monkeypatch.setattr(_threads, "_available_cpus", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.9, 1.0, 1.0))
+    assert _threads.choose_spin_count()[0] == _threads.SPIN_COUNT
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 1.0, 1.0))
+    assert _threads.choose_spin_count()[0] == _threads.BUSY_SPIN_COUNT
+    assert _threads.SPIN_COUNT > 0 and _threads.BUSY_SPIN_COUNT == 0
 
 
 def test_users_openmp_setting_wins():
