@@ -80,7 +80,8 @@ def _digest(arrays) -> str:
 
 def _data(task, limit):
     """(train loader, test images and labels, preprocessor) from pycnn's data modules."""
-    from pycnn import augment, data, datasets, preprocess
+    from pycnn.data import augment, datasets, preprocess
+    from pycnn import data
     train_x, train_y = datasets.cifar10_shared("train")
     train_x, train_y = train_x[:limit], train_y[:limit]
     norm = preprocess.Standardise(per="channel").fit(train_x)
@@ -111,7 +112,7 @@ class _PycnnNet:
         self.model = _initial_model(task)
         groups = optim.param_groups(self.model, weight_decay=task["weight_decay"])
         self.opt = optim.SGD(groups, lr=task["lr"], momentum=0.9, nesterov=True)
-        C = pycnn._backend.cpp_extension()
+        C = pycnn.device.cpp_extension()
         if C is not None:
             C.set_num_threads(task["threads"])
 

@@ -7,7 +7,7 @@
 Every case checks its result against the NumPy reference before it is timed.
 
 The shapes, the torch forms of the ops and the bytes of each pass come from
-pycnn/benchmarks.py (``pycnn bench`` prints the same cases), where the byte arithmetic is
+pycnn/bench/harness.py (``pycnn bench`` prints the same cases), where the byte arithmetic is
 written out in ``pass_bytes``: maps 2 * 4N (fwd) and 5 * 4N (fwd+bwd) for N elements of x,
 dropout 4 * 4N (fwd+bwd), maxout (k = 2) 6.5N and 13N with its 1-byte winners.
     fancy PCA on uint8 images (forward only): read 1 byte, write 4 (float32) -> 5 * N
@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import pytest
 
-from pycnn import benchmarks
+from pycnn.bench import harness as benchmarks
 from pycnn.autograd import Context
 from pycnn.ops import registry
 from bench.conftest import pedantic  # noqa: E402
@@ -41,7 +41,7 @@ def _nbytes(shape, phase, op):
 # calls into _C (forward, backward); torch: (F, x, w) -> y.
 
 def _torch_fns():
-    """op -> (F, x, w) -> y: the torch forms of pycnn/benchmarks.py with each op's params."""
+    """op -> (F, x, w) -> y: the torch forms of pycnn/bench/harness.py with each op's params."""
     return {op: functools.partial(lambda spec, F, x, w: spec.torch_fn(F, x, w, **spec.params), spec)
             for op, spec in benchmarks.MAP_OPS.items()}
 

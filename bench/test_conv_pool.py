@@ -9,7 +9,7 @@ through the registry implementation as autograd calls it (wrappers and output al
 included).  Times are medians.
 
 The shapes, data, checks, FLOP and byte counts are those of ``pycnn bench``
-(pycnn/benchmarks.py, where the arithmetic is written out):
+(pycnn/bench/harness.py, where the arithmetic is written out):
   conv3x3, batch 32, float32: direct-convolution FLOPs (fwd+bwd: 3x the forward); limit: the
   FMA peak of the 2 OpenMP threads, measured by _C.fma_peak_gflops (24 independent AVX-512
   FMA chains per thread).  Winograd does fewer FLOPs than it is credited with.
@@ -25,10 +25,10 @@ import math
 import numpy as np
 import pytest
 
-from pycnn import benchmarks
+from pycnn.bench import harness as benchmarks
 from pycnn.autograd import Context
-from pycnn.benchmarks import conv_data as _conv_data
-from pycnn.benchmarks import run_impl
+from pycnn.bench.harness import conv_data as _conv_data
+from pycnn.bench.harness import run_impl
 from pycnn.ops import registry
 from bench.conftest import pedantic  # noqa: E402
 

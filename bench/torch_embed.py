@@ -112,7 +112,7 @@ def worker(task: dict) -> None:
     torch.set_num_threads(task["threads"])
     dtype = getattr(torch, task["dtype"])
     if task["variant"] == "pycnn":
-        from pycnn._backend import cpp_extension
+        from pycnn.device import cpp_extension
         C = cpp_extension()
         if C is not None:
             C.set_num_threads(task["threads"])

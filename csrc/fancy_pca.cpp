@@ -1,5 +1,5 @@
 // Fancy PCA colour augmentation (Krizhevsky et al. 2012, AlexNet) on a batch, and the streaming
-// RGB moments that fit it.  The NumPy reference is pycnn/ops/fancy_pca.py; pycnn/augment.py
+// RGB moments that fit it.  The NumPy reference is pycnn/ops/fancy_pca.py; pycnn/data/augment.py
 // (FancyPCA.fit) uses rgb_moments.
 //
 //   images (N, 3, H, W) uint8, float32 or float64; out (N, 3, H, W) float32 (uint8 and float32

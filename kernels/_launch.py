@@ -55,6 +55,14 @@ def per_dtype(builder):
     return for_dtype
 
 
+def array_module(a):
+    """NumPy for a host array (the simulator), CuPy for a CUDA array."""
+    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+        return np
+    import cupy
+    return cupy
+
+
 def on_device(a):
     """What a kernel is launched with: a NumPy array in the simulator, else a device view."""
     if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):

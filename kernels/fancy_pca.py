@@ -21,12 +21,9 @@ from types import SimpleNamespace
 import numba
 from numba import cuda
 
-from pycnn._backend import array_module
-from pycnn.ops import _util
-
 from . import reduce
 from .reduce import REDUCE_THREADS
-from ._launch import config_1d, launch, per_dtype
+from ._launch import array_module, config_1d, launch, per_dtype
 
 # the 9 accumulators of rgb_moments: sum r, g, b, then the upper triangle of x x^T
 MOMENTS = 9
@@ -82,10 +79,15 @@ def _build(T):
 
 
 def _check_images(images) -> None:
-    _util.check_float("images", images)
-    _util.check_ndim("images", images, 4)
-    if images.shape[1] != 3:
+    if images.dtype.kind != "f":
+        raise TypeError(f"images must be a float32 or float64 array, got {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W) RGB, got shape {tuple(images.shape)}")
+
+
+def _check_shape(name: str, a, expected) -> None:
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(a.shape)}")
 
 
 def fancy_pca_apply(images, eigvecs, eigvals, alphas, out=None):
@@ -101,13 +103,13 @@ def fancy_pca_apply(images, eigvecs, eigvals, alphas, out=None):
     eigvecs = xp.ascontiguousarray(xp.asarray(eigvecs, dtype=dtype))
     eigvals = xp.ascontiguousarray(xp.asarray(eigvals, dtype=dtype))
     alphas = xp.ascontiguousarray(xp.asarray(alphas, dtype=dtype))
-    _util.check_shape("eigvecs", eigvecs, (3, 3))
-    _util.check_shape("eigvals", eigvals, (3,))
-    _util.check_shape("alphas", alphas, (n, 3))
-    images = _util.contiguous(images)
+    _check_shape("eigvecs", eigvecs, (3, 3))
+    _check_shape("eigvals", eigvals, (3,))
+    _check_shape("alphas", alphas, (n, 3))
+    images = xp.ascontiguousarray(images)
     if out is None:
-        out = _util.empty_like(images)
-    _util.check_shape("out", out, images.shape)
+        out = xp.empty_like(images)
+    _check_shape("out", out, images.shape)
     grid, block = config_1d(images.size)
     launch(_build(dtype).apply, grid, block, images, images.reshape(n, 3, -1), eigvecs, eigvals, alphas,
            out.reshape(n, 3, -1))
@@ -120,7 +122,7 @@ def rgb_moments(images):
     The sums are float64 arrays on the images' device."""
     _check_images(images)
     xp = array_module(images)
-    images = _util.contiguous(images)
+    images = xp.ascontiguousarray(images)
     n = images.shape[0]
     count = n * images.shape[2] * images.shape[3]
     moments = xp.empty(MOMENTS, dtype=xp.float64)

@@ -1,7 +1,7 @@
-"""Counter-based random numbers on the GPU: the formula of ``pycnn.ops._util`` (splitmix64),
-written once as device functions, bit for bit the numbers of ``_util.uniform``.
+"""Counter-based random numbers on the GPU: the formula of ``splitmix`` written as device
+functions, bit for bit the numbers of the host reference.
 
-    key = _util.seed_key(seed)                       (host, once per draw)
+    key = splitmix.seed_key(seed)                    (host, once per draw)
     z   = mix64(key + (i + 1) * GOLDEN)              (all arithmetic mod 2**64)
     u   = (z >> 40) * 2**-24                         (24 random bits: exact in float32)
 """
@@ -11,14 +11,13 @@ import numba
 import numpy as np
 from numba import cuda
 
-from pycnn.ops import _util
-
+from . import splitmix
 from ._launch import config_1d, launch, per_dtype
+from .splitmix import UNIFORM_SCALE  # noqa: F401 (kernels import it from here)
 
-GOLDEN = np.uint64(_util.GOLDEN)  # module-level NumPy scalars: uint64 constants in kernels
-MIX1 = np.uint64(_util.MIX1)
-MIX2 = np.uint64(_util.MIX2)
-UNIFORM_SCALE = 2.0 ** -24  # u = bits * 2**-24
+GOLDEN = np.uint64(splitmix.GOLDEN)  # module-level NumPy scalars: uint64 constants in kernels
+MIX1 = np.uint64(splitmix.MIX1)
+MIX2 = np.uint64(splitmix.MIX2)
 
 
 @cuda.jit(device=True)
@@ -38,7 +37,7 @@ def random_bits24(key, i):
 
 def host_key(seed: int) -> np.uint64:
     """The stream key of ``seed``, as the uint64 a kernel takes."""
-    return np.uint64(_util.seed_key(seed))
+    return np.uint64(splitmix.seed_key(seed))
 
 
 @per_dtype
@@ -53,6 +52,6 @@ def _build(T):
 
 
 def uniform(seed: int, out) -> None:
-    """Fill the 1-D float array ``out`` with ``_util.uniform(seed, out.size, out.dtype)``."""
+    """Fill the 1-D float array ``out`` with U[0, 1) numbers 0 .. out.size - 1 of ``seed``'s stream."""
     grid, block = config_1d(out.size)
     launch(_build(out.dtype), grid, block, out, out, host_key(seed))

@@ -1,5 +1,5 @@
 import sys
 
-from pycnn.cli import main
+from pycnn.training.cli import main
 
 sys.exit(main())

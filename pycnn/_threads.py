@@ -273,7 +273,7 @@ def threads() -> ThreadReport:
     * ``loader``: the DataLoader prefetch threads alive now.
 
     Loads the extension if it is not loaded yet."""
-    from pycnn._backend import cpp_extension
+    from pycnn.device import cpp_extension
     C = cpp_extension()
     alive = [t.name for t in threading.enumerate() if t.name == LOADER_THREAD_NAME and t.is_alive()]
     return ThreadReport(openmp=_openmp_report(C), blas=_blas_report(),

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from pycnn._backend import array_module, device_of, is_cuda_array, to_host
+from pycnn.device import array_module, device_of, is_cuda_array, to_host
 
 _grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("pycnn_grad_enabled", default=True)
 
@@ -170,7 +170,7 @@ class Tensor:
         asks for one).  CUDA data is never copied to the host implicitly."""
         if is_cuda_array(self.data):
             raise TypeError(f"can't convert a CUDA tensor (shape {self.shape}) to a NumPy array implicitly: "
-                            "use tensor.numpy() (or pycnn._backend.to_host) to copy it to the host first")
+                            "use tensor.numpy() (or pycnn.device.to_host) to copy it to the host first")
         if copy is False and dtype is not None and np.dtype(dtype) != self.data.dtype:
             raise ValueError(f"a {self.data.dtype} tensor can't be seen as {np.dtype(dtype)} without a copy")
         if copy:

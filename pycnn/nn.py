@@ -12,8 +12,8 @@ from collections import OrderedDict
 import numpy as np
 
 import pycnn.functional as F
-from pycnn import init
-from pycnn._backend import array_module, to_device
+from pycnn import initializers as init
+from pycnn.device import array_module, to_device
 from pycnn.autograd import Tensor
 
 
@@ -209,6 +209,7 @@ def _check_positive_int(name, value):
 class Conv3x3(Module):
     """3x3 convolution, stride 1, padding 1: (N, in_channels, H, W) -> (N, out_channels, H, W).
     He initialisation by default (the right scale in front of a rectifier)."""
+    initialised_by_scheme = True  # initializers.apply re-draws its weight
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, init_scheme: str = "he",
                  algo: str = "auto", dtype=np.float32, rng=None):
@@ -229,6 +230,7 @@ class Conv3x3(Module):
 
 class Linear(Module):
     """(N, in_features) -> (N, out_features); weight is (out_features, in_features)."""
+    initialised_by_scheme = True  # initializers.apply re-draws its weight
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init_scheme: str = "he",
                  dtype=np.float32, rng=None):

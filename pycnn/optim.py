@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn._backend import array_module, is_cuda_array
+from pycnn.device import array_module, is_cuda_array
 from pycnn.autograd import no_grad
 
 GROUP_DEFAULTS = dict(weight_decay=0.0, l1=0.0, max_norm=None)

@@ -36,7 +36,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import pycnn.ops  # noqa: F401 (declares every op)
-from pycnn import init
+from pycnn import initializers as init
 from pycnn import random as _random
 from pycnn.autograd import Context, _from_torch, _profile
 from pycnn.ops import registry

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from pycnn import augment as A
-from pycnn import datasets
+from pycnn.data import augment as A
+from pycnn.data import datasets
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 import pycnn
 import pycnn.functional as F
-from pycnn import _backend
+from pycnn import device as _backend
 from pycnn.ops import registry
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pycnn import benchmarks, cli
+from pycnn.bench import harness as benchmarks
+from pycnn.training import cli
 
 pytest.importorskip("pycnn._C")
 

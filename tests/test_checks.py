@@ -8,8 +8,9 @@ import pytest
 pytest.importorskip("sklearn")
 
 import pycnn  # noqa: E402
-from pycnn import checks, cli, nn  # noqa: E402
-from pycnn.train import Config, model_spec, split_data  # noqa: E402
+from pycnn.training import checks, cli  # noqa: E402
+from pycnn import nn
+from pycnn.training.runs import Config, model_spec, split_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def test_default_config_passes_every_check_and_keeps_the_random_state(splits):
 
 
 def test_initial_loss_fails_for_a_full_scale_head(splits):
-    from pycnn import models, preprocess
+    from pycnn import models
+    from pycnn.data import preprocess
     config = Config()
     model = models.build({**model_spec(config, 1, 8, 10), "head_gain": 1.0})
     x = preprocess.Standardise(per="channel").fit(splits.train_x)(splits.train_x[:256])
@@ -47,7 +49,7 @@ def test_regularisation_and_overfit_failures_suggest_a_fix(splits, capsys):
 
 
 def _standardiser(splits):
-    from pycnn import preprocess
+    from pycnn.data import preprocess
     return preprocess.Standardise(per="channel").fit(splits.train_x)
 
 

@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pycnn import cli  # noqa: E402
-from pycnn.train import Config, run  # noqa: E402
+from pycnn.training import cli  # noqa: E402
+from pycnn.training.runs import Config, run  # noqa: E402
 
 TINY = ["--epochs", "1", "--widths", "4,8", "--limit", "200", "--checks", "off"]
 
@@ -199,7 +199,7 @@ def test_ctrl_c_saves_the_run_and_resume_continues_bit_exactly(tmp_path, capsys)
 
 def test_every_setting_has_a_help_line_and_its_default_as_typed():
     import dataclasses
-    from pycnn.config import Config
+    from pycnn.training.config import Config
     assert set(Config.HELP) == {f.name for f in dataclasses.fields(Config)}
     out = subprocess.run([sys.executable, "-m", "pycnn", "train", "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -163,7 +163,7 @@ def test_conv3x3_unknown_algorithm_is_a_clear_error(rng):
 def test_conv3x3_auto_picks_an_available_algorithm(shape):
     n, c, k, h, w = shape
     x, weight, b = np.zeros((n, c, h, w), np.float32), np.zeros((k, c, 3, 3), np.float32), np.zeros(k, np.float32)
-    from pycnn._backend import use_backend
+    from pycnn.device import use_backend
     with use_backend("cpp"):
         backend, algo, impl = registry.get("conv3x3").resolve((x, weight, b), {}, algo="auto")
     assert backend == "cpp" and algo in CONV_ALGOS

@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pycnn import datasets
+from pycnn.data import datasets
 from pycnn.data import ArrayDataset, BalancedSampler, DataLoader
 
 THREAD_NAME = "pycnn-DataLoader-prefetch"

@@ -8,9 +8,11 @@ import pytest
 pytest.importorskip("sklearn")
 
 import pycnn.functional as F  # noqa: E402
-from pycnn import cli, datasets, finetune, nn, optim  # noqa: E402
+from pycnn.training import cli, finetune  # noqa: E402
+from pycnn.data import datasets
+from pycnn import nn, optim
 from pycnn.autograd import Tensor  # noqa: E402
-from pycnn.train import Config, evaluate_checkpoint, run  # noqa: E402
+from pycnn.training.runs import Config, evaluate_checkpoint, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

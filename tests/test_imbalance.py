@@ -9,10 +9,11 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pycnn import cli, data  # noqa: E402
-from pycnn.config import Config  # noqa: E402
-from pycnn.tools import imbalance, trial  # noqa: E402
-from pycnn.tools.imbalance import ImbalanceError, Options  # noqa: E402
+from pycnn.training import cli  # noqa: E402
+from pycnn import data
+from pycnn.training.config import Config  # noqa: E402
+from pycnn.training.tools import imbalance, trial  # noqa: E402
+from pycnn.training.tools.imbalance import ImbalanceError, Options  # noqa: E402
 
 TINY = ["--dataset", "digits", "--widths", "4", "--batch-size", "32", "--prefetch", "0", "--val-size", "100"]
 TINY_CONFIG = dict(dataset="digits", widths=(4,), batch_size=32, prefetch=0, val_size=100, epochs=2)

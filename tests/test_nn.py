@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pycnn
-from pycnn import init, nn, optim
+from pycnn import initializers as init, nn, optim
 from pycnn.autograd import Tensor
 
 

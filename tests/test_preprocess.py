@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pycnn import datasets
-from pycnn import preprocess as P
+from pycnn.data import datasets
+from pycnn.data import preprocess as P
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_errors_name_the_argument():
 
 
 def test_floating_point_input_and_use_in_a_loader():
-    from pycnn.augment import Compose, RandomFlip
+    from pycnn.data.augment import Compose, RandomFlip
     from pycnn.data import DataLoader
 
     x = _images(32)

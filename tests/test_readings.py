@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pycnn import report  # noqa: E402
-from pycnn.train import Config, build, split_data  # noqa: E402
-from pycnn.trainer import Trainer  # noqa: E402
+from pycnn.training import report  # noqa: E402
+from pycnn.training.runs import Config, build, split_data  # noqa: E402
+from pycnn.training.trainer import Trainer  # noqa: E402
 
 # 320 training images in batches of 16: 60 steps, per-layer readings every 5
 TINY = dict(limit=400, widths=(8, 16), batch_size=16, epochs=3, diagnostics_every=5, prefetch=0)

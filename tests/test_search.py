@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pycnn import cli  # noqa: E402
-from pycnn.config import Config  # noqa: E402
-from pycnn.tools import raytune, search  # noqa: E402
-from pycnn.tools.search import Halving, SearchError, SearchSpec, TrialSpec, narrow, parse_param  # noqa: E402
+from pycnn.training import cli  # noqa: E402
+from pycnn.training.config import Config  # noqa: E402
+from pycnn.training.tools import raytune, search  # noqa: E402
+from pycnn.training.tools.search import Halving, SearchError, SearchSpec, TrialSpec, narrow, parse_param  # noqa: E402
 
 # 150 digits (30 held out for validation), one stage of 4 channels: an epoch is a few batches
 TINY = ["--dataset", "digits", "--limit", "150", "--widths", "4", "--batch-size", "32", "--prefetch", "0"]
@@ -114,7 +114,7 @@ def test_interrupted_search_resumes_to_the_same_results(tmp_path, monkeypatch):
     search.run_search(_spec(), tmp_path / "whole", log=quiet)
     expected = rows(tmp_path / "whole" / "results.csv")
 
-    from pycnn.trainer import Trainer
+    from pycnn.training.trainer import Trainer
     original, steps = Trainer._check_divergence, []
 
     def ctrl_c_at_step_10(self, value):  # Ctrl-C in the middle of trial 1's first epoch

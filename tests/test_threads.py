@@ -119,7 +119,7 @@ def test_blas_limit_leaves_non_numpy_arrays_alone(blas_two_threads):
 
 def test_threads_report(blas_two_threads):
     report = pycnn.threads()
-    C = pycnn._backend.cpp_extension()
+    C = pycnn.device.cpp_extension()
     if C is not None:
         assert report["openmp"]["num_threads"] == C.num_threads()
         assert any("omp" in os.path.basename(p) for p in report["openmp"]["runtimes"])

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 import pycnn  # noqa: E402
 import pycnn.torch as pt  # noqa: E402
 from pycnn import nn as pnn  # noqa: E402
-from pycnn._backend import cpp_extension  # noqa: E402
+from pycnn.device import cpp_extension  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
 from tests.torch_equivalents import TORCH_EQUIVALENTS  # noqa: E402
 

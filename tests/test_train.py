@@ -13,9 +13,10 @@ import pytest
 pytest.importorskip("sklearn")
 
 import pycnn.functional as F  # noqa: E402
-from pycnn import models, train as train_module, trainer as trainer_module  # noqa: E402
+from pycnn import models  # noqa: E402
+from pycnn.training import runs as train_module, trainer as trainer_module
 from pycnn.autograd import Tensor, no_grad  # noqa: E402
-from pycnn.train import Config, ConfigError, evaluate_checkpoint, run, run_folds, split_data  # noqa: E402
+from pycnn.training.runs import Config, ConfigError, evaluate_checkpoint, run, run_folds, split_data  # noqa: E402
 
 
 def quick(**overrides) -> Config:

@@ -6,7 +6,7 @@ import contextvars
 
 import numpy as np
 
-from pycnn._backend import array_module
+from pycnn.device import array_module
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -115,32 +115,8 @@ def contiguous(a):
 
 
 # ------------------------------------------------------------------ counter-based randomness
-# One formula for every backend (NumPy reference, C++, CUDA): element ``i`` of a draw with
-# seed ``s`` is output ``i`` of a splitmix64 stream keyed by ``s``.  The draw does not depend
-# on how the work is split between threads, so a seed reproduces the same numbers anywhere.
-#
-#   key = mix(s * GOLDEN + GOLDEN)
-#   z   = mix(key + (i + 1) * GOLDEN)                  (all arithmetic mod 2**64)
-#   u   = (z >> 40) * 2**-24                           (24 random bits: exact in float32)
-#   mix(z): z = (z ^ z>>30) * M1; z = (z ^ z>>27) * M2; return z ^ z>>31
-
-GOLDEN = 0x9E3779B97F4A7C15
-MIX1 = 0xBF58476D1CE4E5B9
-MIX2 = 0x94D049BB133111EB
-
-
-def _mix64(z):
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
-    return z ^ (z >> np.uint64(31))
-
-
-def seed_key(seed: int) -> int:
-    """The 64-bit stream key of ``seed`` (computed once per draw)."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    with np.errstate(over="ignore"):
-        z = np.array([seed], dtype=np.uint64) * np.uint64(GOLDEN) + np.uint64(GOLDEN)
-        return int(_mix64(z)[0])
+# One formula for every backend, defined in pycnn.kernels.splitmix (a pure NumPy module).
+from pycnn.kernels.splitmix import GOLDEN, UNIFORM_SCALE, mix64, seed_key  # noqa: E402
 
 
 def uniform(seed: int, size: int, dtype, like=None):
@@ -148,8 +124,8 @@ def uniform(seed: int, size: int, dtype, like=None):
     xp = np if like is None else array_module(like)
     index = xp.arange(1, size + 1, dtype=xp.uint64)
     with np.errstate(over="ignore"):
-        z = _mix64(xp.uint64(seed_key(seed)) + index * xp.uint64(GOLDEN))
-    return ((z >> xp.uint64(40)).astype(dtype)) * dtype.type(2.0 ** -24)
+        z = mix64(xp.uint64(seed_key(seed)) + index * xp.uint64(GOLDEN))
+    return ((z >> xp.uint64(40)).astype(dtype)) * dtype.type(UNIFORM_SCALE)
 
 
 def check_seed(seed) -> int:

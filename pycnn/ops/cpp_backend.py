@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-from pycnn._backend import cpp_extension
+from pycnn.device import cpp_extension
 from pycnn.ops import _util, registry
 
 

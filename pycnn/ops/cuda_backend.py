@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pycnn._backend import array_module
+from pycnn.device import array_module
 from pycnn.ops import _util, registry
 
 # ------------------------------------------------------------------------ finding kernels/
@@ -354,7 +354,7 @@ def fancy_pca_forward(ctx, images, eigvecs, eigvals, alphas, scale=None):
         out = images.astype(dtype)
         K.fancy_pca.fancy_pca_apply(out, eigvecs, scaled, alphas, out=out)
     else:
-        out = K.fancy_pca.fancy_pca_apply(images, eigvecs, scaled, alphas)
+        out = K.fancy_pca.fancy_pca_apply(images, eigvecs, scaled, alphas, out=_util.empty_like(images))
     return out
 
 

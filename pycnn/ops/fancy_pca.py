@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn._backend import array_module
+from pycnn.device import array_module
 from pycnn.ops import _util
 from pycnn.ops.registry import Sample, declare
 

@@ -10,7 +10,7 @@ Shapes: x is (N, C, H, W), y is (N, C, H // 2, W // 2).
 from __future__ import annotations
 
 
-from pycnn._backend import array_module
+from pycnn.device import array_module
 from pycnn.ops import _util
 from pycnn.ops.registry import Sample, declare
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from pycnn._backend import BACKENDS, cpp_extension, forced_backend, is_cuda_array
+from pycnn.device import BACKENDS, cpp_extension, forced_backend, is_cuda_array
 
 REFERENCE = ("numpy", "reference")
 

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from pycnn.config import Config, ConfigError
+from pycnn.training.config import Config, ConfigError
 
 KINDS = ("log_uniform", "uniform", "choice")
 _ALIASES = {"log": "log_uniform", "loguniform": "log_uniform", "log-uniform": "log_uniform", "lin": "uniform"}

@@ -124,9 +124,9 @@ def _trial_task(spec, judge) -> str:
     """One search trial (a Ray task): train, asking the judge after every epoch."""
     import ray
 
-    from pycnn.config import Config
-    from pycnn.tools import search
-    from pycnn.tools import trial as trials
+    from pycnn.training.config import Config
+    from pycnn.training.tools import search
+    from pycnn.training.tools import trial as trials
 
     config = Config.from_dict(spec.config)
     report = lambda m: ray.get(judge.record.remote(spec.id, m["epoch"], m.get("val_accuracy")))  # noqa: E731

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn import nn
-from pycnn._backend import array_module
+from pycnn.device import array_module
 
 _RECTIFIERS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU)
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import pycnn.functional as F
 from pycnn import random as _random
-from pycnn._backend import array_module, to_device, to_host
+from pycnn.device import array_module, to_device, to_host
 from pycnn.autograd import Tensor, no_grad
 
 
@@ -98,7 +98,7 @@ class Trainer:
         ``early_stop``: stop after this many epochs without a better validation score (0: off);
         ``on_first_batch(data_loss, reg_loss)``: called once after the run's first batch;
         ``diagnostics_every``: per-layer readings every this many steps into
-        ``history["diagnostics"]`` (0: off; see ``pycnn.diagnostics``)."""
+        ``history["diagnostics"]`` (0: off; see ``pycnn.training.diagnostics``)."""
         if loss not in ("cross_entropy", "hinge"):
             raise ValueError(f"loss must be 'cross_entropy' or 'hinge', got {loss!r}")
         self.device = device
@@ -114,7 +114,7 @@ class Trainer:
         self.on_first_batch = on_first_batch
         self.diagnostics = None
         if diagnostics_every:
-            from pycnn.diagnostics import LayerDiagnostics
+            from pycnn.training.diagnostics import LayerDiagnostics
             self.diagnostics = LayerDiagnostics(diagnostics_every)
         self.epoch = 0
         self.history = _new_history()

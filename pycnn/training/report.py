@@ -26,7 +26,7 @@ every number they use comes from the history, and the lines they draw come from 
   validation images: a smaller gap is within its noise); underfitting when there is no such
   gap and the validation accuracy is in the lower half between chance (1/C) and 1;
 * epochs: still rising at the end (train longer) or peaked earlier (early stopping);
-* per layer (``pycnn.diagnostics``): update / weight ratios against 1e-3 (a factor 10 either
+* per layer (``pycnn.training.diagnostics``): update / weight ratios against 1e-3 (a factor 10 either
   way is flagged), dead rectifier units (more than half), activation scales that change by
   more than 100x through the network;
 * the test accuracy, measured once at the end, reported on its own.
@@ -213,14 +213,14 @@ def _fit(history: dict, classes: int | None) -> list[Reading]:
 
 def _update_ratios(history: dict) -> dict:
     """{layer: median update / weight ratio over the later half of the diagnostic steps}."""
-    from pycnn.diagnostics import series
+    from pycnn.training.diagnostics import series
 
     return {name: float(np.median(values[len(values) // 2:])) for name, (_, values) in
             series(history, "update_ratio.weight").items()}
 
 
 def _layer_readings(history: dict, ratios: dict) -> list[Reading]:
-    from pycnn.diagnostics import series
+    from pycnn.training.diagnostics import series
 
     out = []
     if ratios:

@@ -129,9 +129,9 @@ def plot_history(history: dict, out_dir) -> list[Path]:
 
 
 def plot_layers(history: dict, path) -> Path:
-    """Four panels of the per-layer diagnostics (``pycnn.diagnostics``): each layer keeps its
+    """Four panels of the per-layer diagnostics (``pycnn.training.diagnostics``): each layer keeps its
     colour in every panel, and one legend on the right names them."""
-    from pycnn.diagnostics import series
+    from pycnn.training.diagnostics import series
 
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)

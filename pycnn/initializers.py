@@ -59,12 +59,10 @@ def initialise(scheme: str, shape, dtype=np.float32, rng: np.random.Generator | 
 
 
 def apply(model, scheme: str, rng: np.random.Generator | None = None) -> None:
-    """Re-initialise the weight of every Conv3x3 and Linear layer of ``model`` with ``scheme``
-    and zero their biases."""
-    from pycnn import nn
-
+    """Re-initialise the weight of every Conv3x3 and Linear layer of ``model`` (the layers that
+    say ``initialised_by_scheme``) with ``scheme`` and zero their biases."""
     for _, module in model.named_modules():
-        if isinstance(module, (nn.Conv3x3, nn.Linear)):
+        if getattr(module, "initialised_by_scheme", False):
             module.weight.data[...] = initialise(scheme, module.weight.shape, module.weight.dtype, rng)
             if module.bias is not None:
                 module.bias.data[...] = 0

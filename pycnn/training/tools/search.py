@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pycnn.config import Config, ConfigError
-from pycnn.tools import trial as trials
-from pycnn.tools.space import (DEFAULT_SPACE, Dist, SearchError, _fmt, edge_warnings, make_dist, narrow,
+from pycnn.training.config import Config, ConfigError
+from pycnn.training.tools import trial as trials
+from pycnn.training.tools.space import (DEFAULT_SPACE, Dist, SearchError, _fmt, edge_warnings, make_dist, narrow,
                                parse_param, parse_space)
 
 __all__ = ["DEFAULT_SPACE", "Dist", "Halving", "SearchError", "SearchInterrupted", "SearchSpec", "make_dist",
@@ -172,7 +172,7 @@ def run_search(spec: SearchSpec, run_dir, *, resume: bool = False, backend: str 
         state.write_text(json.dumps({"spec": dataclasses.asdict(spec)}, indent=1))
     session = contextlib.nullcontext()
     if backend == "ray":  # one Ray instance for every stage
-        from pycnn.tools import raytune
+        from pycnn.training.tools import raytune
         options = ray_options or {}
         session = raytune.session(options.get("address"), options.get("cpus"), options.get("gpus"),
                                   options.get("threads", 1))
@@ -227,7 +227,7 @@ def _run_stages(spec: SearchSpec, base: Config, run_dir: Path, backend: str, ray
         all_specs += stage_specs
         try:
             if todo and backend == "ray":
-                from pycnn.tools import raytune
+                from pycnn.training.tools import raytune
                 raytune.run_trials(todo, halving, log=log, **(ray_options or {}))
             elif todo:
                 _run_local(todo, halving, log)
@@ -263,7 +263,7 @@ _SPLITS: dict = {}
 
 def cached_splits(config: Config):
     """split_data once per data setting in this process (trials differ in other settings)."""
-    from pycnn.train import split_data
+    from pycnn.training.runs import split_data
 
     key = (config.dataset, config.classes, config.limit, config.val_size)
     if key not in _SPLITS:
@@ -332,7 +332,7 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
     best_spec, best = _best(specs)
     config = Config.from_dict(best_spec.config)
     _write_toml(config, run_dir / "best.toml")
-    from pycnn.tools import plots
+    from pycnn.training.tools import plots
     figures = plots.search_figures(rows, [(s, trials.read_curve(s.folder)) for s in specs], spec.dists(), run_dir)
     test = score_test(Path(best_spec.folder) / best.best_checkpoint)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "aborted")}
@@ -358,7 +358,7 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
 
 
 def score_test(checkpoint) -> dict:
-    from pycnn.train import split_data
+    from pycnn.training.runs import split_data
 
     predictor = trials.load_predictor(checkpoint)
     splits = split_data(predictor.config)

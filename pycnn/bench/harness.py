@@ -482,7 +482,7 @@ class Bench:
 
 
 def _C():
-    from pycnn._backend import cpp_extension
+    from pycnn.device import cpp_extension
     C = cpp_extension()
     if C is None:
         raise RuntimeError("pycnn bench needs the C++ extension pycnn._C, which is not built")

@@ -33,9 +33,10 @@ import numpy as np
 
 import pycnn
 import pycnn.functional as F
-from pycnn import data, models, nn, optim, preprocess, schedules
+from pycnn import data, models, nn, optim, schedules
+from pycnn.data import preprocess
 from pycnn.autograd import Tensor, no_grad
-from pycnn.trainer import CheckpointError, Trainer, read_checkpoint
+from pycnn.training.trainer import CheckpointError, Trainer, read_checkpoint
 
 
 def load_model(checkpoint) -> nn.Sequential:
@@ -250,8 +251,8 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
     checkpoint's by default) with one of ``PRESETS``; the new task's validation split chooses
     (the probe's weight decay, the best fine-tuning epoch), its test set is used once.
     ``layer``: the probe's layer, or the first trained layer of a fine-tuning preset."""
-    from pycnn.config import Config, ConfigError
-    from pycnn.train import BatchPipeline, augmentation, model_spec, prepare_run_dir, score_on_test, split_data, \
+    from pycnn.training.config import Config, ConfigError
+    from pycnn.training.runs import BatchPipeline, augmentation, model_spec, prepare_run_dir, score_on_test, split_data, \
         write_history
 
     if preset not in PRESETS:
@@ -317,7 +318,7 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         raise RuntimeError(f"fine-tuning stopped: {history['stopped'] or 'interrupted'}")
     history["test"] = score_on_test(trainer, config, splits, preprocessor)
     write_history(history, run_dir)
-    from pycnn import figures, report
+    from pycnn.training import figures, report
     figures.plot_history(history, run_dir)
     report.write_report(history, config.to_dict(), run_dir, classes=splits.classes)
     best = history["best_epoch"]

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from pycnn import schedules
-from pycnn.config import Config, ConfigError
-from pycnn.tools import trial as trials
+from pycnn.training.config import Config, ConfigError
+from pycnn.training.tools import trial as trials
 
 ECE_BINS = 15
 
@@ -71,7 +71,7 @@ class CyclicCosine(schedules.Schedule):
 def train_member(config: dict, folder: str, cycle_epochs: int = 0) -> dict:
     """Train one member (a Ray task or a local call); with ``cycle_epochs`` a snapshot run
     keeping every epoch's checkpoint.  Returns the Outcome as a dict."""
-    from pycnn.train import split_data
+    from pycnn.training.runs import split_data
 
     config = Config.from_dict(config)
     schedule = None
@@ -125,7 +125,7 @@ def train_members(config: Config, seeds: int, snapshots: int, cycle_epochs: int,
     log(f"training {seeds} seed members{f' and a snapshot run of {snapshots} cycles' if snapshots else ''} "
         f"({config.epochs if seeds else snapshots * cycle_epochs} epochs each)", flush=True)
     if backend == "ray":
-        from pycnn.tools import raytune
+        from pycnn.training.tools import raytune
         outcomes = raytune.run_jobs(train_member, jobs, log=log, **(ray_options or {}))
     else:
         outcomes = []
@@ -174,7 +174,7 @@ def search_members(search_dir, top: int) -> list:
 
 def run_members(run_dir, last: int) -> list:
     """The last ``last`` end-of-epoch checkpoints of a run folder."""
-    from pycnn.trainer import list_checkpoints
+    from pycnn.training.trainer import list_checkpoints
 
     folder = Path(run_dir)
     found = [p for p in list_checkpoints(folder / "checkpoints") if "_part_" not in p.name]
@@ -263,8 +263,8 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
 def evaluate(members: list, run_dir, views=None, log=print) -> dict:
     """Score each member and the ensemble on the test set (with the TTA ``views``);
     writes RUN_DIR/ensemble.json and RUN_DIR/calibration.png and returns the report."""
-    from pycnn.tools import plots
-    from pycnn.train import split_data
+    from pycnn.training.tools import plots
+    from pycnn.training.runs import split_data
 
     if len(members) < 2:
         raise EnsembleError(f"an ensemble needs at least 2 members, got {len(members)} (--members, --top, --last, "

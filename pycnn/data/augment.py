@@ -1,7 +1,7 @@
 """Data augmentation on batches: arrays (N, C, H, W), uint8 or float, NumPy or CuPy.
 
 Every transform is a callable ``t(x, rng=None)`` that returns a new batch on the device of
-``x`` (the array module comes from ``pycnn._backend.array_module``).  ``rng`` is an
+``x`` (the array module comes from ``pycnn.device.array_module``).  ``rng`` is an
 ``np.random.Generator`` or an integer seed; None draws from ``pycnn.random``'s global
 generator (``pycnn.manual_seed``).  The random parameters (a few numbers per image) are
 drawn on the host with NumPy, then moved to the array's device, so a seed gives the same
@@ -14,7 +14,7 @@ result on the CPU and on the GPU.
   [0, ``scale``] (default 1.0).  Their maths runs in [0, 1].
 
 ``Compose([...])`` chains transforms (and plain callables such as the pre-processors of
-``pycnn.preprocess``), handing one generator down the chain.
+``pycnn.data.preprocess``), handing one generator down the chain.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from pycnn import random as _random
-from pycnn._backend import array_module, to_host
+from pycnn.device import array_module, to_host
 
 __all__ = ["Transform", "Compose", "RandomFlip", "RandomCrop", "RandomScaleCrop", "RandomRotation",
            "ColourJitter", "ColorJitter", "FancyPCA", "resize_bilinear", "rgb_to_hsv", "hsv_to_rgb",
@@ -132,7 +132,7 @@ def resize_bilinear(x, size):
 def _rgb_moments_kernel():
     """``pycnn._C.rgb_moments`` (sums of x and x x^T over the pixels of a batch), or None
     where the C++ extension is not built (FancyPCA.fit then sums with NumPy)."""
-    from pycnn._backend import cpp_extension
+    from pycnn.device import cpp_extension
     C = cpp_extension()
     return None if C is None else C.rgb_moments
 

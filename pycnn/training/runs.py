@@ -35,9 +35,10 @@ from typing import NamedTuple
 import numpy as np
 
 import pycnn
-from pycnn import augment, data, datasets, models, optim, preprocess, schedules
-from pycnn.config import DEFAULT_VAL_FRACTION, Config, ConfigError, check_against_data
-from pycnn.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
+from pycnn.data import augment, datasets, preprocess
+from pycnn import data, models, optim, schedules
+from pycnn.training.config import DEFAULT_VAL_FRACTION, Config, ConfigError, check_against_data
+from pycnn.training.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
 
 __all__ = ["Config", "ConfigError", "RunDirError", "Splits", "build", "evaluate_checkpoint", "load_data",
            "run", "run_folds", "split_data", "latest_checkpoint", "write_history"]
@@ -234,7 +235,7 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
     splits = split_data(config)
     prepare_run_dir(run_dir, resume)
     if checks:
-        from pycnn import checks as sanity
+        from pycnn.training import checks as sanity
         report = sanity.run_checks(config, splits)
         log(report.block() + ("" if report.passed else "\n  training anyway: the fixes above are suggestions "
                                                          "(pycnn check exits with status 1 on this config)"))
@@ -274,7 +275,7 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
     if test and history["stopped"] is None and history["interrupted"] is None:
         history["test"] = score_on_test(trainer, config, splits, preprocessor)
     write_history(history, run_dir)
-    from pycnn import figures, report
+    from pycnn.training import figures, report
     figures.plot_history(history, run_dir)
     report.write_report(history, config.to_dict(), run_dir, classes=splits.classes)
     return history

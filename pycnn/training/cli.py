@@ -17,7 +17,7 @@
         (2 threads each) and print one table
     pycnn search | ensemble | imbalance ...
         random search coarse to fine, ensembles with test-time augmentation, class-imbalance
-        remedies (pycnn/tools/; pycnn search --help)
+        remedies (pycnn/training/tools/; pycnn search --help)
 
 Bad input ends with one line naming the argument and exit status 2; Ctrl-C with 130.
 """
@@ -91,7 +91,7 @@ def _size(text: str):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from pycnn.config import Config
+    from pycnn.training.config import Config
 
     for field in dataclasses.fields(Config):
         if field.name == "fold":
@@ -125,7 +125,7 @@ def _shown(default) -> str:
 
 def _config(args, command: str):
     """The Config of the flags (over --config, or over a resumed run's config.json)."""
-    from pycnn.config import Config, ConfigError
+    from pycnn.training.config import Config, ConfigError
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
@@ -147,15 +147,15 @@ def _config(args, command: str):
 # ---------------------------------------------------------------------------- commands
 
 def _train(args) -> int:
-    from pycnn.config import ConfigError
-    from pycnn.trainer import CheckpointError
+    from pycnn.training.config import ConfigError
+    from pycnn.training.trainer import CheckpointError
 
     try:
         config = _config(args, "train")
     except ConfigError as exc:
         return _fail("train", exc)
     import pycnn
-    from pycnn.train import RunDirError, run, run_folds
+    from pycnn.training.runs import RunDirError, run, run_folds
 
     try:
         with pycnn.profile() if args.profile else contextlib.nullcontext() as timings:
@@ -217,12 +217,12 @@ def _report_folds(summary: dict, run_dir) -> int:
 
 
 def _check(args) -> int:
-    from pycnn.config import ConfigError
+    from pycnn.training.config import ConfigError
 
     try:
         config = _config(args, "check")
-        from pycnn import checks
-        from pycnn.train import split_data
+        from pycnn.training import checks
+        from pycnn.training.runs import split_data
 
         report = checks.run_checks(config, split_data(config), overfit_images=args.images, steps=args.steps)
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
@@ -236,9 +236,9 @@ def _check(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from pycnn.config import ConfigError
-    from pycnn.train import evaluate_checkpoint
-    from pycnn.trainer import CheckpointError
+    from pycnn.training.config import ConfigError
+    from pycnn.training.runs import evaluate_checkpoint
+    from pycnn.training.trainer import CheckpointError
 
     try:
         loss, accuracy = evaluate_checkpoint(args.checkpoint, args.dataset, args.split)
@@ -248,7 +248,7 @@ def _evaluate(args) -> int:
         return _fail("evaluate", f"--{exc}" if str(exc).startswith(("dataset", "split")) else exc)
     except KeyboardInterrupt:
         return _fail("evaluate", "interrupted", EXIT_INTERRUPTED)
-    from pycnn.trainer import read_checkpoint
+    from pycnn.training.trainer import read_checkpoint
 
     dataset = args.dataset or read_checkpoint(args.checkpoint)[1]["config"]["dataset"]
     print(f"{args.checkpoint}: {dataset} {args.split} loss {loss:.4f}, accuracy {accuracy:.4f}")
@@ -256,10 +256,10 @@ def _evaluate(args) -> int:
 
 
 def _finetune(args) -> int:
-    from pycnn import finetune
-    from pycnn.config import ConfigError
-    from pycnn.trainer import CheckpointError
-    from pycnn.train import RunDirError
+    from pycnn.training import finetune
+    from pycnn.training.config import ConfigError
+    from pycnn.training.trainer import CheckpointError
+    from pycnn.training.runs import RunDirError
 
     try:
         result = finetune.run_preset(args.checkpoint, args.preset, run_dir=args.run_dir, dataset=args.dataset,
@@ -276,7 +276,7 @@ def _finetune(args) -> int:
 
 
 def _bench(args) -> int:
-    from pycnn import benchmarks
+    from pycnn.bench import harness as benchmarks
 
     ops = [name.strip() for name in args.ops.split(",") if name.strip()] if args.ops else None
     log = (lambda message: print(f"  {message}", file=sys.stderr, flush=True)) if args.verbose else None
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                           help="another dataset than the checkpoint's (default: the checkpoint's)")
     evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
 
-    from pycnn.finetune import PRESETS
+    from pycnn.training.finetune import PRESETS
     tune = commands.add_parser("finetune", help="transfer a trained network to new data",
                                formatter_class=argparse.RawTextHelpFormatter,
                                description="presets (the tips' table):\n" + "\n".join(
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out (its columns stay empty)")
     bench.add_argument("--verbose", action="store_true", help="name each case on stderr as it runs")
 
-    from pycnn.tools import cli as tools  # pycnn search, pycnn ensemble, pycnn imbalance
+    from pycnn.training.tools import cli as tools  # pycnn search, pycnn ensemble, pycnn imbalance
     tools.add_parsers(commands)
 
     args = parser.parse_args(argv)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pycnn.config import Config
-from pycnn.tools import trial as trials
+from pycnn.training.config import Config
+from pycnn.training.tools import trial as trials
 
 PROFILES = ("exp", "step")
 REMEDIES = ("plain", "upsample", "downsample", "weights", "two-stage")
@@ -134,7 +134,7 @@ class Options:
 
 
 def make_splits(config: Config, options: Options):
-    from pycnn.train import split_data
+    from pycnn.training.runs import split_data
 
     return long_tailed_splits(split_data(config), options.ratio, options.profile, options.per_class or None,
                               options.seed)
@@ -226,7 +226,7 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
                   log=print) -> dict:
     """Train every remedy on the same long-tailed set (in parallel on Ray with backend 'ray'),
     write RUN_DIR/imbalance.json and the figures, and print the comparison."""
-    from pycnn.tools import plots
+    from pycnn.training.tools import plots
 
     options.check()
     unknown = [r for r in remedies if r not in REMEDIES]
@@ -244,7 +244,7 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     jobs = [{"remedy": r, "config": config.to_dict(), "options": dataclasses.asdict(options),
              "folder": str(run_dir / r)} for r in remedies]
     if backend == "ray":
-        from pycnn.tools import raytune
+        from pycnn.training.tools import raytune
         results = raytune.run_jobs(run_remedy, jobs, log=log, **(ray_options or {}))
     else:
         results = []
@@ -276,7 +276,7 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
 
 def _class_names(config: Config, classes: int) -> list:
     if config.dataset == "cifar10":
-        from pycnn.datasets import CIFAR10_CLASSES
+        from pycnn.data.datasets import CIFAR10_CLASSES
         labels = config.classes or tuple(range(10))
         return [CIFAR10_CLASSES[c] for c in labels]
     return [str(c) for c in (config.classes or range(classes))]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_CIFAR10 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
+# the checkout is REPO (pycnn/data/datasets.py inside it); the shared data sit beside it
+SHARED_CIFAR10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 
 
 def digits():

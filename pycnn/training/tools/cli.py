@@ -1,5 +1,5 @@
 """The commands ``pycnn search``, ``pycnn ensemble`` and ``pycnn imbalance`` (wired into
-``pycnn.cli`` by ``add_parsers`` and ``run``).  Every setting of ``pycnn train`` is a flag of
+``pycnn.training.cli`` by ``add_parsers`` and ``run``).  Every setting of ``pycnn train`` is a flag of
 each (the fixed settings; a search draws the ones of its space), plus their own flags below.
 Bad input ends with one line naming the argument and exit status 2; Ctrl-C with 130 and the
 command that continues."""
@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from pycnn import cli as base
+from pycnn.training import cli as base
 
 COMMANDS = ("search", "ensemble", "imbalance")
 
@@ -124,7 +124,7 @@ def add_parsers(commands) -> None:
 
 def _config(args, defaults: dict | None = None, space: bool = False):
     """(Config of --config and the flags over ``defaults``, the TOML's [space] table)."""
-    from pycnn.config import Config, ConfigError
+    from pycnn.training.config import Config, ConfigError
 
     if sys.version_info >= (3, 11):
         import tomllib
@@ -156,12 +156,12 @@ def _ray_options(args, config) -> dict:
 
 def _need_ray(args) -> None:
     if args.backend == "ray":
-        from pycnn.tools import raytune
+        from pycnn.training.tools import raytune
         raytune.require()
 
 
 def _search(args) -> int:
-    from pycnn.tools import search
+    from pycnn.training.tools import search
 
     config, table = _config(args, {"epochs": 3}, space=True)
     space = search.parse_space(table, f"--config {args.config} [space]") if table else {}
@@ -180,7 +180,7 @@ def _search(args) -> int:
 
 
 def _ensemble(args) -> int:
-    from pycnn.tools import ensemble
+    from pycnn.training.tools import ensemble
 
     if not (args.members or args.from_search or args.from_run or args.snapshots):
         raise ensemble.EnsembleError("no members: give --members N, --from-search DIR, --from-run DIR or "
@@ -196,7 +196,7 @@ def _ensemble(args) -> int:
 
 
 def _imbalance(args) -> int:
-    from pycnn.tools import imbalance
+    from pycnn.training.tools import imbalance
 
     config, _ = _config(args)
     options = imbalance.Options(ratio=args.ratio, profile=args.profile, per_class=args.per_class,
@@ -211,13 +211,13 @@ def _imbalance(args) -> int:
 
 def run(args) -> int:
     """Run one of COMMANDS; the exit status."""
-    from pycnn.config import ConfigError
-    from pycnn.tools.ensemble import EnsembleError, EnsembleInterrupted
-    from pycnn.tools.imbalance import ImbalanceError
-    from pycnn.tools.raytune import RayUnavailable
-    from pycnn.tools.search import SearchError, SearchInterrupted
-    from pycnn.train import RunDirError
-    from pycnn.trainer import CheckpointError
+    from pycnn.training.config import ConfigError
+    from pycnn.training.tools.ensemble import EnsembleError, EnsembleInterrupted
+    from pycnn.training.tools.imbalance import ImbalanceError
+    from pycnn.training.tools.raytune import RayUnavailable
+    from pycnn.training.tools.search import SearchError, SearchInterrupted
+    from pycnn.training.runs import RunDirError
+    from pycnn.training.trainer import CheckpointError
 
     command = args.command
     again = {"search": f"pycnn search --run-dir {args.run_dir} --resume",
@@ -241,8 +241,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m pycnn.tools.cli search ...``: the three commands on their own (the same as
-    ``pycnn search ...`` once pycnn.cli has its hook)."""
+    """``python -m pycnn.training.tools.cli search ...``: the three commands on their own (the same as
+    ``pycnn search ...`` once pycnn.training.cli has its hook)."""
     parser = base._Parser(prog="pycnn")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=base._Parser)
     add_parsers(commands)

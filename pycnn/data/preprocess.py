@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn._backend import array_module, to_host
+from pycnn.device import array_module, to_host
 
 __all__ = ["Preprocessor", "SubtractMeanImage", "SubtractChannelMean", "Standardise", "MinMaxScale",
            "PCAWhiten", "ZCAWhiten", "from_state_dict"]

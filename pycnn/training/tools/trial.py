@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pycnn import data, models, preprocess
-from pycnn.config import Config
-from pycnn.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
+from pycnn import data, models
+from pycnn.data import preprocess
+from pycnn.training.config import Config
+from pycnn.training.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
 
 FINISHED, ABORTED, INTERRUPTED = "finished", "aborted", "interrupted"
 
@@ -84,7 +85,7 @@ def _curve(history: dict) -> list:
 def make_loaders(config: Config, train_x, train_y, val_x, val_y, preprocessor):
     """The training loader (augmentation, then ``preprocessor``; class-balanced sampling when
     ``config.balance`` says so) and the validation loader, as ``train.build`` makes them."""
-    from pycnn.train import BatchPipeline, augmentation
+    from pycnn.training.runs import BatchPipeline, augmentation
 
     sampler = data.BalancedSampler(train_y, mode=config.balance, seed=config.seed) \
         if config.balance != "none" else None
@@ -110,7 +111,7 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
     config's; ``init_state``: model weights to start from (a fine-tune); ``preprocessor``: a
     fitted pre-processing to use instead of fitting one on the training images; ``keep``:
     'best' keeps the newest and the best epoch's checkpoints, 'all' every epoch's."""
-    from pycnn.train import build, model_spec, prepare_run_dir, resume_from_newest, split_data
+    from pycnn.training.runs import build, model_spec, prepare_run_dir, resume_from_newest, split_data
 
     folder = Path(folder)
     done = read_outcome(folder) if resume else None
@@ -129,7 +130,7 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
     spec = model_spec(config, splits.train_x.shape[1], splits.train_x.shape[2], splits.classes)
     weight = None
     if class_weight is not None:
-        from pycnn._backend import to_device
+        from pycnn.device import to_device
         weight = to_device(np.asarray(class_weight, dtype=np.float32), config.device)
     trainer = Trainer(model, optimiser, train_loader, val_loader,
                       schedule=schedule(optimiser) if schedule is not None else own_schedule,
@@ -216,7 +217,7 @@ class Predictor:
 
     def probabilities(self, images, batch_size: int = 256) -> np.ndarray:
         """Softmax probabilities (N, classes) of uint8 images (N, C, H, W), evaluation mode."""
-        from pycnn._backend import to_device, to_host
+        from pycnn.device import to_device, to_host
         from pycnn.autograd import Tensor, no_grad
 
         self.model.eval()

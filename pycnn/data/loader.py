@@ -1,7 +1,8 @@
 """Feeding a training loop: an in-memory dataset, a batching loader with a background
 prefetch thread, and class-balanced sampling.
 
-    from pycnn import augment, data, datasets, preprocess
+    from pycnn.data import augment, datasets, preprocess
+    from pycnn import data
     images, labels = datasets.cifar10_shared("train")          # uint8 (N, 3, 32, 32), int64
     norm = preprocess.Standardise(per="channel").fit(images)
     loader = data.DataLoader(data.ArrayDataset(images, labels), batch_size=128, seed=0,
@@ -24,8 +25,8 @@ import weakref
 
 import numpy as np
 
-from pycnn._backend import array_module, to_host
-from pycnn.augment import _takes_rng
+from pycnn.device import array_module, to_host
+from pycnn.data.augment import _takes_rng
 
 __all__ = ["ArrayDataset", "BalancedSampler", "DataLoader"]
 
