@@ -264,7 +264,9 @@ T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
 
 }  // namespace
 
-void register_batchnorm(py::module_& m) {
+namespace {
+
+void define(py::module_& m) {
     using pycnn::as_array_like;
     using pycnn::as_float_array;
     using pycnn::dispatch_float;
@@ -350,3 +352,7 @@ void register_batchnorm(py::module_& m) {
         py::arg("grad_gamma"), py::arg("grad_beta"), py::arg("training"),
         "Gradients of batch norm; training=True includes the dependence of the batch statistics on x.");
 }
+
+const pycnn::Bindings bindings(define);
+
+}  // namespace

@@ -8,18 +8,29 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace py = pybind11;
 
+namespace pycnn {
+
 // ------------------------------------------------------------------ module registration
-// module.cpp calls one of these per source file; a new file adds its declaration here.
-void register_activations(py::module_& m);
-void register_batchnorm(py::module_& m);     // batchnorm.cpp
-void register_conv3x3(py::module_& m);  // conv3x3.cpp (+ conv3x3_winograd.cpp)
-void register_pool2x2(py::module_& m);  // pool.cpp
-void register_maps(py::module_& m);  // maps.cpp: sigmoid, tanh, maxout, dropout
-void register_fancy_pca(py::module_& m);  // fancy_pca.cpp
+// Every source file defines its bindings in a function of its own and registers it with a
+// static object, `const pycnn::Bindings bindings(define);`, constructed when the extension is
+// loaded; module.cpp calls them all (define_registered_bindings).  A new file (CMakeLists.txt
+// globs csrc/*.cpp) needs no edit anywhere else.
+using DefineFn = void (*)(py::module_&);
+
+struct Bindings {
+    explicit Bindings(DefineFn define);
+};
+
+void define_registered_bindings(py::module_& m);  // module.cpp
+
+}  // namespace pycnn
+
+void register_fancy_pca(py::module_& m);  // fancy_pca.cpp (not yet a pycnn::Bindings)
 
 namespace pycnn {
 
@@ -140,5 +151,56 @@ inline auto dispatch_float(const py::array& a, F&& f) {
     if (is_float32(a)) return f(float{});
     return f(double{});
 }
+
+// The data of a checked array as T (T matches its dtype).
+template <typename T>
+inline const T* data_of(const py::array& a) { return static_cast<const T*>(a.data()); }
+template <typename T>
+inline T* mutable_data_of(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+
+// ------------------------------------------------------------------- map bindings
+// The checks and the dtype dispatch of the elementwise kernels; launch(...) runs with the GIL
+// released, on T* pointers of the dtype of the first array.
+
+// out = f(a): a any shape (named `a_name`), out preallocated like a.  launch(a, out, n).
+template <typename Launch>
+void map_call(const char* fn, const char* a_name, const py::object& a_obj, const char* out_name,
+              const py::object& out_obj, Launch launch) {
+    py::array a = as_float_array(fn, a_name, a_obj);
+    py::array out = as_array_like(fn, out_name, out_obj, a_name, a, /*writeable=*/true);
+    check_same_shape(fn, out_name, out, a_name, a);
+    const std::int64_t n = static_cast<std::int64_t>(a.size());
+    dispatch_float(a, [&](auto zero) {
+        using T = decltype(zero);
+        const T* ap = data_of<T>(a);
+        T* op = mutable_data_of<T>(out);
+        py::gil_scoped_release nogil;
+        launch(ap, op, n);
+    });
+}
+
+// grad_in = f(x, grad_out): all three shaped like x (the saved input).  launch(x, grad_out, grad_in, n).
+template <typename Launch>
+void map_backward_call(const char* fn, const py::object& x_obj, const py::object& g_obj, const py::object& gi_obj,
+                       Launch launch) {
+    py::array x = as_float_array(fn, "x", x_obj);
+    py::array g = as_array_like(fn, "grad_out", g_obj, "x", x);
+    py::array gi = as_array_like(fn, "grad_in", gi_obj, "x", x, /*writeable=*/true);
+    check_same_shape(fn, "grad_out", g, "x", x);
+    check_same_shape(fn, "grad_in", gi, "x", x);
+    const std::int64_t n = static_cast<std::int64_t>(x.size());
+    dispatch_float(x, [&](auto zero) {
+        using T = decltype(zero);
+        const T* xp = data_of<T>(x);
+        const T* gp = data_of<T>(g);
+        T* gip = mutable_data_of<T>(gi);
+        py::gil_scoped_release nogil;
+        launch(xp, gp, gip, n);
+    });
+}
+
+// The element type of a pointer launch(...) receives.
+template <typename P>
+using element_t = std::remove_cv_t<std::remove_pointer_t<P>>;
 
 }  // namespace pycnn

@@ -1,9 +1,11 @@
-// The extension module pycnn._C_<variant>: one registration function per source file
-// (common.hpp).  CMakeLists.txt builds it once per instruction-set variant (PYCNN_MODULE_NAME
+// The extension module pycnn._C_<variant>: the bindings every source file registers
+// (pycnn::Bindings, common.hpp).  CMakeLists.txt builds it once per instruction-set variant (PYCNN_MODULE_NAME
 // _C_avx512, _C_avx2, _C_generic); pycnn/_C.py imports the one the CPU runs.
 #include "common.hpp"
 
 #include <omp.h>
+
+#include <vector>
 
 #ifndef PYCNN_MODULE_NAME
 #define PYCNN_MODULE_NAME _C
@@ -11,6 +13,25 @@
 #ifndef PYCNN_VARIANT
 #define PYCNN_VARIANT "unknown"
 #endif
+
+namespace pycnn {
+
+namespace {
+// A function-local static: other files' Bindings objects are constructed before or after this
+// file's static objects, in an order C++ leaves open.
+std::vector<DefineFn>& registered() {
+    static std::vector<DefineFn> defines;
+    return defines;
+}
+}  // namespace
+
+Bindings::Bindings(DefineFn define) { registered().push_back(define); }
+
+void define_registered_bindings(py::module_& m) {
+    for (DefineFn define : registered()) define(m);
+}
+
+}  // namespace pycnn
 
 // What this binary was compiled for: pycnn.cpu_info() reports it, .ci/sanitize.sh checks it.
 static py::dict build_info() {
@@ -67,10 +88,6 @@ PYBIND11_MODULE(PYCNN_MODULE_NAME, m) {
         },
         py::arg("n"), "Set the number of OpenMP threads for kernels called from this Python thread.");
 
-    register_activations(m);
-    register_batchnorm(m);
-    register_conv3x3(m);
-    register_pool2x2(m);
-    register_maps(m);
+    pycnn::define_registered_bindings(m);  // every file's pycnn::Bindings (common.hpp)
     register_fancy_pca(m);
 }

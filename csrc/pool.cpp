@@ -282,7 +282,9 @@ py::array as_argmax(const char* fn, const py::object& obj, const py::array& x, b
 
 }  // namespace
 
-void register_pool2x2(py::module_& m) {
+namespace {
+
+void define(py::module_& m) {
     m.def(
         "maxpool2x2_forward",
         [](const py::object& x_obj, const py::object& y_obj, const py::object& arg_obj) {
@@ -359,3 +361,7 @@ void register_pool2x2(py::module_& m) {
         },
         py::arg("grad_y"), py::arg("grad_x"), "grad_x (N, C, H, W), overwritten: grad_y / 4 on each window, 0 where not pooled.");
 }
+
+const pycnn::Bindings bindings(define);
+
+}  // namespace

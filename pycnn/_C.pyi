@@ -24,6 +24,7 @@ def num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Set the number of OpenMP threads for kernels called from this Python thread."""
 
+# ------------------------------------- the rectifiers (csrc/act_rectifiers.cpp)
 # ----------------------------------------------------------------------------- relu
 def relu_forward(x: _Array, out: _Array) -> None: ...
 def relu_backward(x: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
@@ -49,7 +50,7 @@ def rrelu_backward(x: _Array, grad_out: _Array, grad_in: _Array, lower: float = 
 def elu_forward(x: _Array, out: _Array, alpha: float = 1.0) -> None: ...
 def elu_backward(x: _Array, grad_out: _Array, grad_in: _Array, alpha: float = 1.0) -> None: ...
 
-# ------------------------------------------------------------------- random numbers
+# ------------------------------------------------- random numbers (csrc/random.cpp)
 def seed_key(seed: int) -> int:
     """The 64-bit stream key of seed (as pycnn.ops._util.seed_key)."""
 
@@ -64,10 +65,11 @@ def conv3x3_backward(x: _Array, weight: _Array, grad_y: _Array, grad_x: _Array |
                      grad_bias: _Array | None, algo: str = "direct") -> None:
     """Each gradient that is not None is overwritten."""
 
-# conv3x3_act (csrc/conv3x3_act.cpp): y = act(conv3x3(x) + bias) in one pass; activation "relu",
-# "leaky_relu" (slope), "prelu" (prelu_weight (K,), None otherwise) or "elu" (alpha).  pre: None or
+# conv3x3_act (csrc/conv3x3_bindings.cpp; the activations: csrc/act_*.cpp): y = act(conv3x3(x) + bias)
+# in one pass; activation "relu", "leaky_relu" (slope), "prelu" (prelu_weight (K,), None otherwise),
+# "elu" (alpha) or "swish" (an unknown name: ValueError listing the known ones).  pre: None or
 # (N, K, H, W) receiving the pre-activation; backward reads `saved` = y, or the pre-activation
-# (saved_is_pre=True: required for leaky_relu slope < 0, elu alpha < 0, prelu with a slope <= 0).
+# (saved_is_pre=True: required where conv3x3_act_saves_pre says so).
 def conv3x3_act_forward(x: _Array, weight: _Array, bias: _Array | None, prelu_weight: _Array | None, y: _Array,
                         pre: _Array | None, activation: str, slope: float = 0.01, alpha: float = 1.0,
                         algo: str = "direct") -> None: ...
@@ -76,7 +78,16 @@ def conv3x3_act_backward(x: _Array, weight: _Array, prelu_weight: _Array | None,
                          grad_prelu_weight: _Array | None, activation: str, slope: float = 0.01, alpha: float = 1.0,
                          algo: str = "direct") -> None:
     """Each gradient that is not None is overwritten."""
+def conv3x3_act_saves_pre(activation: str, slope: float = 0.01, alpha: float = 1.0,
+                          prelu_weight: _Array | None = None) -> bool:
+    """Whether conv3x3_act's backward pass needs the pre-activation (pass `pre` to the forward pass,
+    then saved_is_pre=True) rather than the output y, for these parameters: False for relu,
+    leaky_relu with slope >= 0 and prelu with every slope > 0 (y > 0 exactly where the
+    pre-activation is > 0); True for leaky_relu with slope < 0, prelu with a slope <= 0, elu and
+    swish.  The C++ backend's one rule; conv3x3_act_backward refuses saved_is_pre=False where it
+    says True.  prelu_weight: the (K,) slopes of "prelu" (required there, None otherwise)."""
 
+# (csrc/fma_peak.cpp)
 def fma_peak_gflops(iters: int = 10000000) -> float:
     """The float32 FMA peak of the OpenMP threads in GFLOP/s, for the instruction set this build
     runs (AVX-512 zmm, or AVX2 ymm FMAs); NaN without FMA (the generic build)."""
@@ -98,12 +109,18 @@ def maxpool2x2_backward(grad_y: _Array, argmax: npt.NDArray[np.uint8], grad_x: _
 def avgpool2x2_forward(x: _Array, y: _Array) -> None: ...
 def avgpool2x2_backward(grad_y: _Array, grad_x: _Array) -> None: ...
 
-# ------------------------------- sigmoid, tanh, dropout, maxout (csrc/maps.cpp)
+# ----------------------------------------- sigmoid, tanh (csrc/act_sigmoid_tanh.cpp)
 # The backward passes of sigmoid and tanh read x (exact where y rounds to +-1).
 def sigmoid_forward(x: _Array, out: _Array) -> None: ...
 def sigmoid_backward(x: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
 def tanh_forward(x: _Array, out: _Array) -> None: ...
 def tanh_backward(x: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
+# ------------------------------------------------------- swish (csrc/act_swish.cpp)
+# out = x * sigmoid(x) (SiLU), stable for large |x|; the backward pass reads x.
+def swish_forward(x: _Array, out: _Array) -> None: ...
+def swish_backward(x: _Array, grad_out: _Array, grad_in: _Array) -> None: ...
+
+# ---------------------------------------------- dropout (csrc/dropout.cpp), maxout (csrc/maxout.cpp)
 # keep element i where counter_uniform(seed)[i] >= p, scaled by 1 / (1 - p); backward redraws the mask.
 def dropout_forward(x: _Array, out: _Array, p: float, seed: int) -> None: ...
 def dropout_backward(grad_out: _Array, grad_in: _Array, p: float, seed: int) -> None: ...
