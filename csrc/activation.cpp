@@ -1,5 +1,6 @@
-// The table of conv3x3_act activations (activation.hpp: ConvRegistrar fills it while the
-// extension loads) and the pre-activation rule read from it.
+// The table of conv3x3_act activations (pycnn::registered<ConvActivation>: the ConvRegistrar
+// objects of activation.hpp fill it while the extension loads) and the pre-activation rule
+// read from it.
 #include "activation.hpp"
 
 #include <algorithm>
@@ -9,26 +10,15 @@
 namespace pycnn {
 namespace act {
 
-namespace {
-
-// A function-local static: the registrars of other files run before or after this file's
-// own static objects, in an order C++ leaves open.
-std::vector<ConvActivation>& table() {
-    static std::vector<ConvActivation> activations;
-    return activations;
-}
-
-}  // namespace
-
 void add_conv_activation(ConvActivation a) {
-    auto& t = table();
+    auto& t = registered<ConvActivation>();
     t.push_back(std::move(a));
     std::sort(t.begin(), t.end(), [](const ConvActivation& x, const ConvActivation& y) { return x.name < y.name; });
 }
 
 const ConvActivation& conv_activation(const char* fn, const std::string& name) {
     std::string known;
-    for (const ConvActivation& a : table()) {
+    for (const ConvActivation& a : registered<ConvActivation>()) {
         if (a.name == name) return a;
         known += (known.empty() ? "'" : ", '") + a.name + "'";
     }

@@ -22,6 +22,15 @@ namespace pycnn {
 // globs csrc/*.cpp) needs no edit anywhere else.
 using DefineFn = void (*)(py::module_&);
 
+// The items of type Item that static objects of every file add while the extension loads (a
+// function-local static: objects of other files are constructed before or after this one's,
+// in an order C++ leaves open).  Bindings here, conv3x3_act's activations (activation.hpp).
+template <typename Item>
+std::vector<Item>& registered() {
+    static std::vector<Item> items;
+    return items;
+}
+
 struct Bindings {
     explicit Bindings(DefineFn define);
 };

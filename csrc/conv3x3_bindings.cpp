@@ -64,24 +64,89 @@ Algo parse_algo(const char* fn, const std::string& algo) {
     throw py::value_error(std::string(fn) + ": algo must be 'direct' or 'winograd', got '" + algo + "'");
 }
 
-// An optional argument: None, or an array like `ref`.
-bool optional_array(const char* fn, const char* name, const py::object& obj, const py::array& ref, bool writeable,
-                    py::array& out) {
-    if (obj.is_none()) return false;
-    out = as_array_like(fn, name, obj, "x", ref, writeable);
-    return true;
+// What every conv3x3 call takes: x (N, C, H, W), weight (K, C, 3, 3) and the algorithm, checked,
+// and its optional arrays (None, or an array like x of a given shape).
+struct ConvCall {
+    const char* fn;
+    Algo algo;
+    py::array x, w;
+    ConvDims d;
+
+    ConvCall(const char* fn_, const py::object& x_obj, const py::object& w_obj, const std::string& algo_name)
+        : fn(fn_),
+          algo(parse_algo(fn_, algo_name)),
+          x(as_float_array(fn_, "x", x_obj)),
+          w(as_array_like(fn_, "weight", w_obj, "x", x)),
+          d(conv_dims(fn_, x, w)) {}
+    std::vector<py::ssize_t> y_shape() const { return {d.N, d.K, d.H, d.W}; }
+
+    // `name`, an array like x of this shape (writeable where `out`).
+    py::array array(const char* name, const py::object& obj, bool out, const std::vector<py::ssize_t>& shape) const {
+        py::array a = as_array_like(fn, name, obj, "x", x, out);
+        require_shape(fn, name, a, shape);
+        return a;
+    }
+    // The same, or absent (false) where obj is None.
+    bool optional(const char* name, const py::object& obj, bool out, const std::vector<py::ssize_t>& shape,
+                  py::array& a) const {
+        if (obj.is_none()) return false;
+        a = array(name, obj, out, shape);
+        return true;
+    }
+};
+
+template <typename T>
+const T* data_or_null(bool has, const py::array& a) { return has ? data_of<T>(a) : nullptr; }
+template <typename T>
+T* mutable_data_or_null(bool has, py::array& a) { return has ? mutable_data_of<T>(a) : nullptr; }
+
+// The outputs of a backward call: grad_x, grad_weight, grad_bias, each None (not computed) or
+// an array to overwrite.
+struct ConvGrads {
+    py::array gx, gw, gb;
+    bool want_x, want_w, want_b;
+
+    ConvGrads(const ConvCall& c, const py::object& gx_obj, const py::object& gw_obj, const py::object& gb_obj) {
+        want_x = c.optional("grad_x", gx_obj, true, pycnn::shape_of(c.x), gx);
+        want_w = c.optional("grad_weight", gw_obj, true, pycnn::shape_of(c.w), gw);
+        want_b = c.optional("grad_bias", gb_obj, true, {c.d.K}, gb);
+    }
+
+    // The conv backward pass of c's algorithm on raw pointers (taken here, with the GIL held):
+    // backward(gy), gy the gradient of the conv's output, runs without the GIL.
+    template <typename T>
+    auto backward(const ConvCall& c) {
+        const T* xp = data_of<T>(c.x);
+        const T* wp = data_of<T>(c.w);
+        T* gxp = mutable_data_or_null<T>(want_x, gx);
+        T* gwp = mutable_data_or_null<T>(want_w, gw);
+        T* gbp = mutable_data_or_null<T>(want_b, gb);
+        return [=, winograd = c.algo == Algo::Winograd, d = c.d](const T* gy) {
+            cv::backward<T>(winograd, xp, wp, gy, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+        };
+    }
+};
+
+// The forward pass of c's algorithm (GIL released), with the epilogue ep.
+template <typename T>
+void run_forward(const ConvCall& c, bool has_bias, const py::array& b, py::array& y, const cv::Epilogue<T>& ep) {
+    const T* xp = data_of<T>(c.x);
+    const T* wp = data_of<T>(c.w);
+    const T* bp = data_or_null<T>(has_bias, b);
+    T* yp = mutable_data_of<T>(y);
+    const ConvDims& d = c.d;
+    py::gil_scoped_release nogil;
+    if (c.algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+    else cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
 }
 
-
 // The prelu weight (K,): required for a per-channel activation (prelu), refused otherwise.
-bool prelu_weight_arg(const char* fn, const act::ConvActivation& a, const py::object& obj, const py::array& x,
-                      int64_t K, py::array& out) {
-    const bool has = optional_array(fn, "prelu_weight", obj, x, false, out);
+bool prelu_weight_arg(const ConvCall& c, const act::ConvActivation& a, const py::object& obj, py::array& out) {
+    const bool has = c.optional("prelu_weight", obj, false, {c.d.K}, out);
     if (has != a.per_channel) {
-        throw py::value_error(std::string(fn) + (has ? ": prelu_weight must be None unless activation is 'prelu'"
-                                                     : ": activation 'prelu' needs prelu_weight of shape (K,)"));
+        throw py::value_error(std::string(c.fn) + (has ? ": prelu_weight must be None unless activation is 'prelu'"
+                                                       : ": activation 'prelu' needs prelu_weight of shape (K,)"));
     }
-    if (has) require_shape(fn, "prelu_weight", out, {K});
     return has;
 }
 
@@ -90,24 +155,12 @@ void define(py::module_& m) {
         "conv3x3_forward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& y_obj,
            const std::string& algo_name) {
-            const char* fn = "conv3x3_forward";
-            const Algo algo = parse_algo(fn, algo_name);
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
-            py::array b, y = as_array_like(fn, "y", y_obj, "x", x, /*writeable=*/true);
-            const ConvDims d = conv_dims(fn, x, w);
-            const bool has_bias = optional_array(fn, "bias", b_obj, x, false, b);
-            if (has_bias) require_shape(fn, "bias", b, {d.K});
-            require_shape(fn, "y", y, {d.N, d.K, d.H, d.W});
-            pycnn::dispatch_float(x, [&](auto zero) {
+            const ConvCall c("conv3x3_forward", x_obj, w_obj, algo_name);
+            py::array b, y = c.array("y", y_obj, true, c.y_shape());
+            const bool has_bias = c.optional("bias", b_obj, false, {c.d.K}, b);
+            pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
-                const T* xp = data_of<T>(x);
-                const T* wp = data_of<T>(w);
-                const T* bp = has_bias ? data_of<T>(b) : nullptr;
-                T* yp = mutable_data_of<T>(y);
-                py::gil_scoped_release nogil;
-                if (algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W);
-                else cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W);
+                run_forward<T>(c, has_bias, b, y, cv::Epilogue<T>());
             });
         },
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("algo") = "direct",
@@ -117,30 +170,15 @@ void define(py::module_& m) {
         "conv3x3_backward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& g_obj, const py::object& gx_obj,
            const py::object& gw_obj, const py::object& gb_obj, const std::string& algo_name) {
-            const char* fn = "conv3x3_backward";
-            const Algo algo = parse_algo(fn, algo_name);
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
-            py::array g = as_array_like(fn, "grad_y", g_obj, "x", x);
-            const ConvDims d = conv_dims(fn, x, w);
-            require_shape(fn, "grad_y", g, {d.N, d.K, d.H, d.W});
-            py::array gx, gw, gb;
-            const bool want_x = optional_array(fn, "grad_x", gx_obj, x, true, gx);
-            const bool want_w = optional_array(fn, "grad_weight", gw_obj, x, true, gw);
-            const bool want_b = optional_array(fn, "grad_bias", gb_obj, x, true, gb);
-            if (want_x) require_shape(fn, "grad_x", gx, pycnn::shape_of(x));
-            if (want_w) require_shape(fn, "grad_weight", gw, pycnn::shape_of(w));
-            if (want_b) require_shape(fn, "grad_bias", gb, {d.K});
-            pycnn::dispatch_float(x, [&](auto zero) {
+            const ConvCall c("conv3x3_backward", x_obj, w_obj, algo_name);
+            const py::array g = c.array("grad_y", g_obj, false, c.y_shape());
+            ConvGrads grads(c, gx_obj, gw_obj, gb_obj);
+            pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
-                const T* xp = data_of<T>(x);
-                const T* wp = data_of<T>(w);
                 const T* gp = data_of<T>(g);
-                T* gxp = want_x ? mutable_data_of<T>(gx) : nullptr;
-                T* gwp = want_w ? mutable_data_of<T>(gw) : nullptr;
-                T* gbp = want_b ? mutable_data_of<T>(gb) : nullptr;
+                const auto backward = grads.backward<T>(c);
                 py::gil_scoped_release nogil;
-                cv::backward<T>(algo == Algo::Winograd, xp, wp, gp, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+                backward(gp);
             });
         },
         py::arg("x"), py::arg("weight"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"),
@@ -153,32 +191,19 @@ void define(py::module_& m) {
         [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& a_obj,
            const py::object& y_obj, const py::object& pre_obj, const std::string& activation, double slope,
            double alpha, const std::string& algo_name) {
-            const char* fn = "conv3x3_act_forward";
-            const Algo algo = parse_algo(fn, algo_name);
-            const act::ConvActivation& a_fns = act::conv_activation(fn, activation);
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
-            py::array b, a, pre, y = as_array_like(fn, "y", y_obj, "x", x, /*writeable=*/true);
-            const ConvDims d = conv_dims(fn, x, w);
-            const bool has_bias = optional_array(fn, "bias", b_obj, x, false, b);
-            if (has_bias) require_shape(fn, "bias", b, {d.K});
-            const bool has_prelu = prelu_weight_arg(fn, a_fns, a_obj, x, d.K, a);
-            const bool keep_pre = optional_array(fn, "pre", pre_obj, x, true, pre);
-            require_shape(fn, "y", y, {d.N, d.K, d.H, d.W});
-            if (keep_pre) require_shape(fn, "pre", pre, {d.N, d.K, d.H, d.W});
-            pycnn::dispatch_float(x, [&](auto zero) {
+            const ConvCall c("conv3x3_act_forward", x_obj, w_obj, algo_name);
+            const act::ConvActivation& fns = act::conv_activation(c.fn, activation);
+            py::array b, a, pre, y = c.array("y", y_obj, true, c.y_shape());
+            const bool has_bias = c.optional("bias", b_obj, false, {c.d.K}, b);
+            const bool has_prelu = prelu_weight_arg(c, fns, a_obj, a);
+            const bool keep_pre = c.optional("pre", pre_obj, true, c.y_shape(), pre);
+            pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
                 cv::Epilogue<T> ep;
-                ep.activation = a_fns.forward<T>();
-                ep.params = act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, d.K);
-                ep.pre = keep_pre ? mutable_data_of<T>(pre) : nullptr;
-                const T* xp = data_of<T>(x);
-                const T* wp = data_of<T>(w);
-                const T* bp = has_bias ? data_of<T>(b) : nullptr;
-                T* yp = mutable_data_of<T>(y);
-                py::gil_scoped_release nogil;
-                if (algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
-                else cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+                ep.activation = fns.forward<T>();
+                ep.params = act::make_params<T>(slope, alpha, data_or_null<T>(has_prelu, a), c.d.K);
+                ep.pre = mutable_data_or_null<T>(keep_pre, pre);
+                run_forward<T>(c, has_bias, b, y, ep);
             });
         },
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("y"), py::arg("pre"),
@@ -193,52 +218,37 @@ void define(py::module_& m) {
            bool saved_is_pre, const py::object& g_obj, const py::object& gx_obj, const py::object& gw_obj,
            const py::object& gb_obj, const py::object& ga_obj, const std::string& activation, double slope,
            double alpha, const std::string& algo_name) {
-            const char* fn = "conv3x3_act_backward";
-            const Algo algo = parse_algo(fn, algo_name);
-            const act::ConvActivation& a_fns = act::conv_activation(fn, activation);
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array w = as_array_like(fn, "weight", w_obj, "x", x);
-            py::array saved = as_array_like(fn, "saved", s_obj, "x", x);
-            py::array g = as_array_like(fn, "grad_y", g_obj, "x", x);
-            const ConvDims d = conv_dims(fn, x, w);
-            require_shape(fn, "saved", saved, {d.N, d.K, d.H, d.W});
-            require_shape(fn, "grad_y", g, {d.N, d.K, d.H, d.W});
-            py::array a, gx, gw, gb, ga;
-            const bool has_prelu = prelu_weight_arg(fn, a_fns, a_obj, x, d.K, a);
-            const bool want_x = optional_array(fn, "grad_x", gx_obj, x, true, gx);
-            const bool want_w = optional_array(fn, "grad_weight", gw_obj, x, true, gw);
-            const bool want_b = optional_array(fn, "grad_bias", gb_obj, x, true, gb);
-            const bool want_a = optional_array(fn, "grad_prelu_weight", ga_obj, x, true, ga);
-            if (want_x) require_shape(fn, "grad_x", gx, pycnn::shape_of(x));
-            if (want_w) require_shape(fn, "grad_weight", gw, pycnn::shape_of(w));
-            if (want_b) require_shape(fn, "grad_bias", gb, {d.K});
-            if (want_a) {
-                if (!has_prelu) throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless "
-                                                      "activation is 'prelu'");
-                require_shape(fn, "grad_prelu_weight", ga, {d.K});
+            const ConvCall c("conv3x3_act_backward", x_obj, w_obj, algo_name);
+            const char* fn = c.fn;
+            const act::ConvActivation& fns = act::conv_activation(fn, activation);
+            const py::array saved = c.array("saved", s_obj, false, c.y_shape());
+            const py::array g = c.array("grad_y", g_obj, false, c.y_shape());
+            py::array a, ga;
+            const bool has_prelu = prelu_weight_arg(c, fns, a_obj, a);
+            ConvGrads grads(c, gx_obj, gw_obj, gb_obj);
+            const bool want_a = c.optional("grad_prelu_weight", ga_obj, true, {c.d.K}, ga);
+            if (want_a && !has_prelu) {
+                throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless activation is 'prelu'");
             }
             if (!saved_is_pre && act::saves_pre(fn, activation, slope, alpha, a_obj)) {
                 throw py::value_error(std::string(fn) + ": activation '" + activation +
                                       "' with these parameters needs the pre-activation (saved_is_pre=True): "
                                       "its gradient can't be read off the output");
             }
-            pycnn::dispatch_float(x, [&](auto zero) {
+            pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
-                const act::Params<T> params = act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, d.K);
-                const T* xp = data_of<T>(x);
-                const T* wp = data_of<T>(w);
+                const act::Params<T> params = act::make_params<T>(slope, alpha, data_or_null<T>(has_prelu, a), c.d.K);
                 const T* sp = data_of<T>(saved);
                 const T* gp = data_of<T>(g);
-                T* gxp = want_x ? mutable_data_of<T>(gx) : nullptr;
-                T* gwp = want_w ? mutable_data_of<T>(gw) : nullptr;
-                T* gbp = want_b ? mutable_data_of<T>(gb) : nullptr;
-                T* gap = want_a ? mutable_data_of<T>(ga) : nullptr;
+                T* gap = mutable_data_or_null<T>(want_a, ga);
+                const auto backward = grads.backward<T>(c);
+                const ConvDims& d = c.d;
                 py::gil_scoped_release nogil;
                 const int64_t P = d.H * d.W;
                 // gz: the gradient of the pre-activation (N, K, H, W), read by all three conv gradients
                 std::unique_ptr<T[]> gz(new T[static_cast<size_t>(d.N * d.K * P)]);
-                act::rows_backward<T>(a_fns.backward<T>(), sp, gp, gz.get(), gap, !saved_is_pre, d.N, d.K, P, params);
-                cv::backward<T>(algo == Algo::Winograd, xp, wp, gz.get(), gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+                act::rows_backward<T>(fns.backward<T>(), sp, gp, gz.get(), gap, !saved_is_pre, d.N, d.K, P, params);
+                backward(gz.get());
             });
         },
         py::arg("x"), py::arg("weight"), py::arg("prelu_weight"), py::arg("saved"), py::arg("saved_is_pre"),

@@ -16,19 +16,10 @@
 
 namespace pycnn {
 
-namespace {
-// A function-local static: other files' Bindings objects are constructed before or after this
-// file's static objects, in an order C++ leaves open.
-std::vector<DefineFn>& registered() {
-    static std::vector<DefineFn> defines;
-    return defines;
-}
-}  // namespace
-
-Bindings::Bindings(DefineFn define) { registered().push_back(define); }
+Bindings::Bindings(DefineFn define) { registered<DefineFn>().push_back(define); }
 
 void define_registered_bindings(py::module_& m) {
-    for (DefineFn define : registered()) define(m);
+    for (DefineFn define : registered<DefineFn>()) define(m);
 }
 
 }  // namespace pycnn
