@@ -21,7 +21,7 @@ from pycnn._threads import threads
 from pycnn.autograd import Function, Tensor, apply_op, from_dlpack, is_grad_enabled, no_grad, profile
 from pycnn.random import manual_seed
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "cpu_info", "from_dlpack", "is_grad_enabled", "manual_seed",
            "no_grad", "profile", "threads", "use_backend", "__version__"]
