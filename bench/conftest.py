@@ -11,7 +11,7 @@ compares, for each (op, pass, shape):
   numpy ms    the NumPy reference
   torch ms    PyTorch CPU (torch.set_num_threads(2)), through autograd for fwd+bwd
   torch/pycnn speed-up of pycnn over torch (> 1: pycnn is faster)
-  GB/s        bytes read + written by the pass (see BYTES in test_activations.py) / pycnn time
+  GB/s        bytes read + written by the pass (the op spec's cost model, Op.cost) / pycnn time
   copy GB/s   the faster copy of the same bytes: np.copyto (one thread) or torch's copy_
               (2 threads); arrays of this size largely stay in a 32 MiB L3
   of limit    pycnn GB/s / copy GB/s

@@ -6,19 +6,20 @@ array-generic references run by CuPy, and vs the device-to-device copy limit.
 Skips without a real GPU (the simulator is far too slow to time anything).  Every case
 checks pycnn's result against the CuPy reference first, warms up (so JIT compilation is
 never timed) and synchronises the device inside the timed function, so the clock reads
-finished work.  Each case prints one line: median ms, GB/s (the op's byte count from the
-registry, ``op.bytes``) and GFLOP/s (``op.flops``), and for pycnn the fraction of the
-copy bandwidth (a cupy copy of as many bytes as the op moves: 1 read + 1 write).
+finished work.  The cases are the GPU ``bench`` cases of the op specs (pycnn/ops/*.py), with
+their inputs, params and torch forms.  Each case prints one line: median ms, GB/s and
+GFLOP/s (the spec's cost model, ``Op.cost``: forward, or forward + backward), and for pycnn
+the fraction of the copy bandwidth (a cupy copy of as many bytes as the op moves).
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
 
+from pycnn.ops import routing
+
 pytest.importorskip("pytest_benchmark")
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+if routing.cuda_simulated():
     pytest.skip("no timing in the CUDA simulator", allow_module_level=True)
 cupy = pytest.importorskip("cupy")
 try:
@@ -32,60 +33,33 @@ from pycnn.ops import cuda_backend  # noqa: E402
 cuda_backend.kernels_package()  # before numba.cuda: the NumPy 2.5 import fix lives there
 pytest.importorskip("numba.cuda")
 
+import os  # noqa: E402
+
 import pycnn  # noqa: E402
 from pycnn.autograd import Context  # noqa: E402
+from pycnn.bench import measure  # noqa: E402
 from pycnn.ops import registry  # noqa: E402
 
 ROUNDS, WARMUP = 30, 5
-PHASES = ("fwd", "fwd+bwd")
+PHASES = registry.PHASES
 
-# (op, inputs as host-array shapes (None: absent), params); float32.  The convolutions are
-# the README net's at CIFAR-10 size; PyTorch runs them in plain FP32 (TF32 off) unless
-# PYCNN_BENCH_TF32=1.
-N = 256
-CASES = [
-    ("conv3x3", [(N, 3, 32, 32), (32, 3, 3, 3), (32,)], {}),
-    ("conv3x3", [(N, 32, 32, 32), (32, 32, 3, 3), (32,)], {}),
-    ("conv3x3", [(N, 64, 16, 16), (64, 64, 3, 3), (64,)], {}),
-    ("conv3x3", [(N, 128, 8, 8), (128, 128, 3, 3), (128,)], {}),
-    ("batchnorm", [(N, 32, 32, 32), (32,), (32,)], {}),
-    ("maxpool2x2", [(N, 64, 32, 32)], {}),
-    ("avgpool2x2", [(N, 64, 32, 32)], {}),
-    ("relu", [(N, 64, 32, 32)], {}),
-    ("leaky_relu", [(N, 64, 32, 32)], {"slope": 0.01}),
-    ("prelu", [(N, 64, 32, 32), (64,)], {}),
-    ("rrelu", [(N, 64, 32, 32)], {"training": True, "seed": 1}),
-    ("elu", [(N, 64, 32, 32)], {"alpha": 1.0}),
-    ("sigmoid", [(N, 64, 32, 32)], {}),
-    ("tanh", [(N, 64, 32, 32)], {}),
-    ("maxout", [(N, 64, 32, 32)], {"pieces": 2}),
-    ("dropout", [(N, 64, 32, 32)], {"p": 0.5, "seed": 1}),
-]
-
-
-def _torch_fn(name, params):
-    """The PyTorch equivalent of an op (torch.nn.functional), or None."""
-    import torch.nn.functional as tf
-    return {
-        "conv3x3": lambda x, w, b: tf.conv2d(x, w, b, padding=1),
-        "batchnorm": lambda x, g, b: tf.batch_norm(x, None, None, g, b, training=True),
-        "maxpool2x2": lambda x: tf.max_pool2d(x, 2),
-        "avgpool2x2": lambda x: tf.avg_pool2d(x, 2),
-        "relu": tf.relu,
-        "leaky_relu": lambda x: tf.leaky_relu(x, params.get("slope", 0.01)),
-        "prelu": tf.prelu,
-        "rrelu": lambda x: tf.rrelu(x, 1 / 8, 1 / 3, training=True),  # slopes 1/U(3, 8) ~ U(1/8, 1/3)
-        "elu": lambda x: tf.elu(x, params.get("alpha", 1.0)),
-        "sigmoid": lambda x: x.sigmoid(),
-        "tanh": lambda x: x.tanh(),
-        "maxout": lambda x: x.view(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:]).amax(dim=2),
-        "dropout": lambda x: tf.dropout(x, params.get("p", 0.5), training=True),
-    }.get(name)
+# (op, index into its spec's bench): every GPU case of every spec, float32.  PyTorch runs the
+# convolutions in plain FP32 (TF32 off) unless PYCNN_BENCH_TF32=1.
+CASES = [(op.name, i) for op in registry.all_ops() for i, case in enumerate(op.bench) if case.where == "gpu"]
 
 
 def _case_id(case):
-    name, shapes, _ = case
-    return f"{name}-{'x'.join(map(str, shapes[0]))}"
+    name, index = case
+    return f"{name}-{'x'.join(map(str, registry.get(name).bench[index].shapes[0]))}"
+
+
+def _host_case(case):
+    """(op, shapes, host inputs, params) of a case, from the spec."""
+    name, index = case
+    op = registry.get(name)
+    spec = op.bench[index]
+    inputs, params = op.bench_inputs(np.random.default_rng(0), spec.shapes, dict(spec.params))
+    return op, spec.shapes, inputs, params
 
 
 def _sync():
@@ -122,13 +96,7 @@ def _copy_seconds(nbytes):
 def _report(capsys, benchmark, label, name, phase, shapes, params, seconds, with_limit=False):
     if seconds is None:  # --benchmark-disable
         return
-    op = registry.get(name)
-    present = [s for s in shapes if s is not None]
-    # fwd+bwd, estimated from the forward's counts: bytes x 2.5 (a map: forward reads x and
-    # writes y, backward reads x and grad and writes grad_x: 5 arrays instead of 2); FLOPs x 3
-    # (conv: the input and the weight gradients each cost one forward)
-    nbytes = op.bytes(*present, itemsize=4, **params) * (1 if phase == "fwd" else 2.5)
-    flops = op.flops(*present, **params) * (1 if phase == "fwd" else 3)
+    flops, nbytes = registry.get(name).cost(phase, shapes, params)  # the spec's model, forward and backward
     line = (f"{name:<11}{phase:<8}{label:<7}{str(shapes[0]):<18}{seconds * 1e3:9.3f} ms "
             f"{nbytes / seconds / 1e9:8.1f} GB/s {flops / seconds / 1e9:9.1f} GFLOP/s")
     if with_limit:
@@ -137,10 +105,6 @@ def _report(capsys, benchmark, label, name, phase, shapes, params, seconds, with
                                 gb_per_s=nbytes / seconds / 1e9, gflop_per_s=flops / seconds / 1e9)
     with capsys.disabled():
         print(line)
-
-
-def _host_inputs(shapes, rng):
-    return [None if s is None else rng.standard_normal(s).astype(np.float32) for s in shapes]
 
 
 def _run_registry(impl, inputs, params, grad, phase):
@@ -155,9 +119,8 @@ def _run_registry(impl, inputs, params, grad, phase):
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_pycnn_cuda(benchmark, capsys, case, phase):
-    name, shapes, params = case
-    op = registry.get(name)
-    host = _host_inputs(shapes, np.random.default_rng(0))
+    op, shapes, host, params = _host_case(case)
+    name = op.name
     inputs = [None if a is None else cupy.asarray(a) for a in host]
     with pycnn.use_backend("cuda"):
         backend, _, impl = op.resolve(inputs, params)
@@ -175,9 +138,9 @@ def test_pycnn_cuda(benchmark, capsys, case, phase):
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_cupy_reference(benchmark, capsys, case, phase):
-    name, shapes, params = case
-    op = registry.get(name)
-    inputs = [None if a is None else cupy.asarray(a) for a in _host_inputs(shapes, np.random.default_rng(0))]
+    op, shapes, host, params = _host_case(case)
+    name = op.name
+    inputs = [None if a is None else cupy.asarray(a) for a in host]
     y = op.reference.forward(Context((False,) * len(inputs)), *inputs, **params)
     grad = cupy.ones_like(y)
     seconds = _bench(benchmark, lambda: _run_registry(op.reference, inputs, params, grad, phase))
@@ -191,22 +154,16 @@ def test_torch_cuda(benchmark, capsys, case, phase):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA")
-    name, shapes, params = case
+    op, shapes, host, params = _host_case(case)
     tf32 = os.environ.get("PYCNN_BENCH_TF32") == "1"
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
-    fn = _torch_fn(name, params)
-    host = _host_inputs(shapes, np.random.default_rng(0))
-    tensors = [None if a is None else torch.as_tensor(a, device="cuda").requires_grad_(phase != "fwd")
-               for a in host]
-    y = fn(*tensors)
-    grad = torch.ones_like(y)
+    forward, _ = measure.torch_runner(torch, op, "fwd", host, params, np.zeros(1, np.float32), device="cuda")
+    y_shape = tuple(forward()[0].shape)
+    run, _ = measure.torch_runner(torch, op, phase, host, params, np.ones(y_shape, np.float32), device="cuda")
 
     def step():
-        with torch.set_grad_enabled(phase != "fwd"):
-            out = fn(*tensors)
-            if phase != "fwd":
-                out.backward(grad)
+        run()
         torch.cuda.synchronize()
     seconds = _bench(benchmark, step)
-    _report(capsys, benchmark, "torch", name, phase, shapes, params, seconds)
+    _report(capsys, benchmark, "torch", op.name, phase, shapes, params, seconds)

@@ -133,21 +133,43 @@ def _build(T):
     # sigmoid and tanh through e = exp(-|x|) (never overflows, keeps the relative accuracy
     # of tiny outputs); their backward passes read x: y(1 - y) and 1 - y^2 from the output
     # are 0 wherever y rounds to 1, while e/(1 + e)^2 and 4e'/(1 + e')^2 are not.
+    @cuda.jit(device=True)
+    def logistic(v):
+        """(sigmoid(v), e = exp(-|v|), r = 1 / (1 + e)): sigmoid'(v) = e r^2 for either sign."""
+        e = T(math.exp(-abs(v)))
+        r = T(1) / (T(1) + e)
+        return (T(1) if v >= T(0) else e) * r, e, r
+
     @cuda.jit
     def sigmoid_forward(x, y):
         i = cuda.grid(1)
         if i < x.size:
-            v = x[i]
-            e = T(math.exp(-abs(v)))
-            y[i] = (T(1) if v >= T(0) else e) / (T(1) + e)
+            y[i] = logistic(x[i])[0]
 
     @cuda.jit
     def sigmoid_backward(x, grad, grad_x):
         i = cuda.grid(1)
         if i < x.size:
-            e = T(math.exp(-abs(x[i])))
-            s = T(1) / (T(1) + e)
-            grad_x[i] = grad[i] * (e * s * s)
+            _, e, r = logistic(x[i])
+            grad_x[i] = grad[i] * (e * r * r)
+
+    # ------------------------------------------------------------------- swish (SiLU)
+    # y = x * sigmoid(x) through e = exp(-|x|); y(-inf) = 0 (not -inf * 0); the gradient
+    # s + x e / (1 + e)^2 from x, its second term 0 where e is (x = +-inf or huge)
+    @cuda.jit
+    def swish_forward(x, y):
+        i = cuda.grid(1)
+        if i < x.size:
+            v = x[i]
+            y[i] = T(0) if v == -math.inf else v * logistic(v)[0]
+
+    @cuda.jit
+    def swish_backward(x, grad, grad_x):
+        i = cuda.grid(1)
+        if i < x.size:
+            v = x[i]
+            s, e, r = logistic(v)
+            grad_x[i] = grad[i] * (s + (v * e * r * r if e > T(0) else T(0)))
 
     @cuda.jit
     def tanh_forward(x, y):
@@ -192,7 +214,7 @@ def _build(T):
             j, t = ch // pieces, ch % pieces
             grad_x[n, ch, p] = grad[n, j, p] if winner[n, j, p] == t else T(0)
 
-    return SimpleNamespace(**{name: f for name, f in locals().items() if name != "T"})
+    return SimpleNamespace(**{name: f for name, f in locals().items() if name not in ("T", "logistic")})
 
 
 def _flat(a):
@@ -252,18 +274,19 @@ def prelu_backward(x, weight, grad, grad_x=None, grad_weight=None):
         launch(kernels.prelu_backward_weight, grid, (reduce.REDUCE_THREADS,), x, x3, g3, grad_weight)
 
 
-def _rrelu_args(dtype, lower, upper, training, seed):
+def _rrelu_args(dtype, lower, upper, seed, training):
     s = lambda v: _scalar(v, dtype)  # noqa: E731
     return (host_key(seed if training else 0), s(lower), s(upper - lower), bool(training),
             s(2.0 / (lower + upper)))
 
 
-def rrelu_forward(x, y, lower, upper, training, seed):
-    _map(_build(x.dtype).rrelu_forward, x, x, y, *_rrelu_args(x.dtype, lower, upper, training, seed))
+def rrelu_forward(x, y, lower, upper, seed, training):
+    """The arguments in the order of the C++ binding (pycnn/ops/_backend.py)."""
+    _map(_build(x.dtype).rrelu_forward, x, x, y, *_rrelu_args(x.dtype, lower, upper, seed, training))
 
 
-def rrelu_backward(x, grad, grad_x, lower, upper, training, seed):
-    _map(_build(x.dtype).rrelu_backward, x, x, grad, grad_x, *_rrelu_args(x.dtype, lower, upper, training, seed))
+def rrelu_backward(x, grad, grad_x, lower, upper, seed, training):
+    _map(_build(x.dtype).rrelu_backward, x, x, grad, grad_x, *_rrelu_args(x.dtype, lower, upper, seed, training))
 
 
 def elu_forward(x, y, alpha):
@@ -280,6 +303,14 @@ def sigmoid_forward(x, y):
 
 def sigmoid_backward(x, grad, grad_x):
     _map(_build(x.dtype).sigmoid_backward, x, x, grad, grad_x)
+
+
+def swish_forward(x, y):
+    _map(_build(x.dtype).swish_forward, x, x, y)
+
+
+def swish_backward(x, grad, grad_x):
+    _map(_build(x.dtype).swish_backward, x, x, grad, grad_x)
 
 
 def tanh_forward(x, y):

@@ -32,7 +32,7 @@ from ._launch import THREADS_1D, launch, per_dtype
 from .reduce import REDUCE_THREADS, block_sum
 
 # Activation codes of the epilogue (0: none).  prelu reads one slope per channel.
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 3, "elu": 4}
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 3, "elu": 4, "swish": 5}
 MAX_GRID = 65535  # grid y and z limits
 
 
@@ -46,11 +46,20 @@ def _build(T):
             return z if z > T(0) else z * slope
         if code == 4:
             return z if z > T(0) else alpha * T(math.expm1(z))
+        if code == 5:  # swish: z * sigmoid(z) through e = exp(-|z|)
+            e = T(math.exp(-abs(z)))
+            return T(0) if z == -math.inf else z * ((T(1) if z >= T(0) else e) / (T(1) + e))
         return z
 
     @cuda.jit(device=True)
     def activation_grad(z, g, code, slope, alpha):
-        """d act / dz * g, from the pre-activation z (exact: no y + alpha cancellation)."""
+        """d act / dz * g, from the pre-activation z (exact: no y + alpha cancellation), or
+        from y where the activation's spec says y determines it (relu, leaky_relu with a
+        slope >= 0, prelu with every slope > 0)."""
+        if code == 5:  # swish: s + z e / (1 + e)^2, e = exp(-|z|)
+            e = T(math.exp(-abs(z)))
+            r = T(1) / (T(1) + e)
+            return g * ((T(1) if z >= T(0) else e) * r + (z * e * r * r if e > T(0) else T(0)))
         if code == 0 or z > T(0):
             return g
         if code == 1:

@@ -376,31 +376,33 @@ def _apply(function, args, kwargs) -> Tensor:
 
 
 class OpFunction(Function):
-    """The autograd Function of a registry op: dispatches forward and backward to the
-    implementation chosen for the inputs' device and the forced backend."""
+    """The autograd Function of a registry op: runs on the route ``pycnn.ops.routing`` gives
+    the inputs (or the one planned already); the profiler records that route."""
 
     op = None  # set on the subclass made for each op
 
     @classmethod
-    def forward(cls, ctx, *inputs, algo="auto", **params):
-        backend, algorithm, impl = cls.op.resolve(inputs, params, algo)
-        ctx.backend, ctx.algo, ctx.impl = backend, algorithm, impl
+    def forward(cls, ctx, *inputs, algo="auto", route=None, **params):
+        if route is None:
+            from pycnn.ops import routing
+            route = routing.route(cls.op, inputs, params, algo)
+        ctx.route = route
         profile = _profile.get()
         if profile is None:
-            return impl.forward(ctx, *inputs, **params)
+            return route.impl.forward(ctx, *inputs, **params)
         start = profile.clock()
-        out = impl.forward(ctx, *inputs, **params)
-        profile.add(cls.op.name, backend, algorithm, "forward", profile.clock() - start)
+        out = route.impl.forward(ctx, *inputs, **params)
+        profile.add(cls.op.name, route.backend, route.algo, "forward", profile.clock() - start)
         return out
 
     @classmethod
     def backward(cls, ctx, grad_output):
-        profile = _profile.get()
+        route, profile = ctx.route, _profile.get()
         if profile is None:
-            return ctx.impl.backward(ctx, grad_output)
+            return route.impl.backward(ctx, grad_output)
         start = profile.clock()
-        grads = ctx.impl.backward(ctx, grad_output)
-        profile.add(cls.op.name, ctx.backend, ctx.algo, "backward", profile.clock() - start)
+        grads = route.impl.backward(ctx, grad_output)
+        profile.add(cls.op.name, route.backend, route.algo, "backward", profile.clock() - start)
         return grads
 
 
@@ -469,15 +471,17 @@ def op_function(name: str) -> type:
 
 def apply_op(name: str, *inputs, **params) -> Tensor:
     """Run registry op ``name``: ``inputs`` are differentiable arrays/Tensors (numbers are
-    promoted to 0-d arrays of the other inputs' dtype), ``params`` keyword arguments."""
+    promoted to 0-d arrays of the other inputs' dtype), ``params`` keyword arguments
+    (``algo``: an algorithm or 'auto'; ``route``: a route planned already, see nn.Sequential)."""
     from pycnn.ops import registry
     op = registry.get(name)
     algo = params.pop("algo", "auto")
+    route = params.pop("route", None)
     inputs = _promote_scalars(tuple(_foreign_array(x) for x in inputs))
     params = {key: _foreign_array(value) for key, value in params.items()}
     arrays = tuple(x.data if isinstance(x, Tensor) else x for x in inputs)
     op.check(*arrays, **params)
-    return op_function(name).apply(*inputs, algo=algo, **params)
+    return op_function(name).apply(*inputs, algo=algo, route=route, **params)
 
 
 def _promote_scalars(inputs):

@@ -1,55 +1,25 @@
-"""Which arrays live where, and which backend runs an op.
+"""Which arrays live where, and the C++ extension.
 
-Device follows the array: a NumPy array runs on the CPU (the C++ backend ``cpp`` where the
-extension is built, else the NumPy reference), an array exposing
-``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors) runs on the CUDA backend.
-
-``use_backend(name)`` (or the environment variable ``PYCNN_BACKEND``) forces a backend for
-tests and benchmarks.  A forced backend is a preference per op: an op that the backend does
-not implement runs its reference, which is written against the array API and so runs on
-the device of its inputs.
+A NumPy array lives on the CPU, an array exposing ``__cuda_array_interface__`` (CuPy,
+PyTorch CUDA tensors) on a CUDA device.  Which backend runs an op on them (and
+``use_backend``, ``PYCNN_BACKEND``) is decided in ``pycnn.ops.routing``.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
 import warnings
 
 import numpy as np
 
 BACKENDS = ("numpy", "cpp", "cuda")
 
-_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("pycnn_backend", default=None)
 
-
-def _check_backend_name(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Force ``name`` ('numpy', 'cpp' or 'cuda') for the ops run inside the block."""
-    token = _forced_backend.set(_check_backend_name(name))
-    try:
-        yield
-    finally:
-        _forced_backend.reset(token)
-
-
-def forced_backend() -> str | None:
-    """The backend forced by ``use_backend`` or ``PYCNN_BACKEND``, or None."""
-    name = _forced_backend.get()
-    if name is not None:
-        return name
-    env = os.environ.get("PYCNN_BACKEND", "").strip()
-    if env and env != "auto":
-        if env not in BACKENDS:
-            raise ValueError(f"environment variable PYCNN_BACKEND must be one of {BACKENDS} or 'auto', got {env!r}")
-        return env
-    return None
+def __getattr__(name):
+    """``use_backend`` and ``forced_backend`` moved to pycnn.ops.routing (the one routing
+    policy); they are still found here."""
+    if name in ("use_backend", "forced_backend"):
+        from pycnn.ops import routing
+        return getattr(routing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------- arrays

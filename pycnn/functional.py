@@ -16,7 +16,7 @@ def conv3x3(x, weight, bias=None, algo: str = "auto") -> Tensor:
 def conv3x3_act(x, weight, bias=None, prelu_weight=None, activation: str = "relu", slope: float = 0.01,
                 alpha: float = 1.0, algo: str = "auto") -> Tensor:
     """act(conv3x3(x, weight, bias)) in one pass: activation 'relu', 'leaky_relu' (slope),
-    'prelu' (prelu_weight, (K,)) or 'elu' (alpha).  Same result as the two calls."""
+    'prelu' (prelu_weight, (K,)), 'elu' (alpha) or 'swish'.  Same result as the two calls."""
     return apply_op("conv3x3_act", x, weight, bias, prelu_weight, algo=algo, activation=activation,
                     slope=slope, alpha=alpha)
 
@@ -62,6 +62,14 @@ def sigmoid(x) -> Tensor:
 
 def tanh(x) -> Tensor:
     return apply_op("tanh", x)
+
+
+def swish(x) -> Tensor:
+    """x * sigmoid(x) (SiLU); 0 at -inf, and its gradient 0 and 1 at -inf and +inf."""
+    return apply_op("swish", x)
+
+
+silu = swish
 
 
 def maxout(x, pieces: int = 2) -> Tensor:

@@ -20,6 +20,7 @@ ACTIVATIONS = {
     "rrelu": lambda c: nn.RReLU(),
     "elu": lambda c: nn.ELU(),
     "tanh": lambda c: nn.Tanh(),
+    "swish": lambda c: nn.SiLU(),
 }
 
 

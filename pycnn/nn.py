@@ -14,7 +14,7 @@ import numpy as np
 import pycnn.functional as F
 from pycnn import initializers as init
 from pycnn.device import array_module, to_device
-from pycnn.autograd import Tensor
+from pycnn.autograd import Tensor, apply_op
 
 
 class Parameter(Tensor):
@@ -143,11 +143,12 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied in order.  A Conv3x3 directly followed by a ReLU, LeakyReLU, PReLU or
-    ELU runs as one fused call (``F.conv3x3_act``: the activation is applied where the
-    convolution stores its output) when the backend that would run the convolution
-    implements the fused op; the result is that of the two layers.  ``fuse=False`` (or
-    setting ``.fuse``) runs every layer on its own."""
+    """Layers applied in order.  A Conv3x3 directly followed by an activation that conv3x3_act
+    applies (ReLU, LeakyReLU, PReLU, ELU, SiLU: the layers with ``conv_activation``) runs as
+    one fused call (the activation is applied where the convolution stores its output) when
+    the backend that would run the convolution runs the fused op on these inputs
+    (``routing.plan_fused``, asked once per pair); the result is that of the two layers.
+    ``fuse=False`` (or setting ``.fuse``) runs every layer on its own."""
 
     def __init__(self, *layers: Module, fuse: bool = True):
         super().__init__()
@@ -171,8 +172,9 @@ class Sequential(Module):
         i = 0
         while i < len(layers):
             layer = layers[i]
-            if self.fuse and i + 1 < len(layers) and _fusable(layer, layers[i + 1], x):
-                x = layers[i + 1].fused_after(layer, x)
+            planned = _plan_fusion(layer, layers[i + 1], x) if self.fuse and i + 1 < len(layers) else None
+            if planned is not None:
+                x = _fused(layer, layers[i + 1], x, planned)
                 i += 2
                 continue
             x = layer(x)
@@ -180,22 +182,27 @@ class Sequential(Module):
         return x
 
 
-def _fusable(conv, act, x) -> bool:
-    """Whether ``act(conv(x))`` can run as one conv3x3_act call: exactly a Conv3x3 and one of
-    the activations below, and the backend that runs conv3x3 on x runs conv3x3_act too (so a
-    fused call never falls back to a slower backend)."""
-    if type(conv) is not Conv3x3 or type(act) not in _CONV_ACTIVATIONS:
-        return False
+def _plan_fusion(conv, act, x):
+    """The route of ``act(conv(x))`` as one conv3x3_act call, or None: exactly a Conv3x3 and
+    a layer with ``conv_activation``, and the backend that runs conv3x3 on x runs the fused
+    op on these inputs (so a fused call never moves to a slower backend)."""
+    if type(conv) is not Conv3x3 or getattr(act, "conv_activation", None) is None:
+        return None
     if isinstance(act, PReLU) and act.weight.shape != (conv.out_channels,):
-        return False  # the unfused path reports the mismatch
-    from pycnn.ops import registry
-    inputs = (x.data if isinstance(x, Tensor) else x, conv.weight.data)
-    try:
-        backend, _, _ = registry.get("conv3x3").resolve(inputs, {}, conv.algo)
-        fused_backend, _, _ = registry.get("conv3x3_act").resolve(inputs, {}, conv.algo)
-    except (TypeError, ValueError):
-        return False
-    return backend == fused_backend
+        return None  # the unfused path reports the mismatch
+    from pycnn.ops import registry, routing
+    prelu_weight, params = act.epilogue()
+    inputs = tuple(None if a is None else (a.data if isinstance(a, Tensor) else a)
+                   for a in (x, conv.weight, conv.bias, prelu_weight))
+    return routing.plan_fused(registry.get("conv3x3_act"), inputs, {"activation": act.conv_activation, **params},
+                              conv.algo)
+
+
+def _fused(conv, act, x, route):
+    """act(conv(x)) in one conv3x3_act call on the planned route."""
+    prelu_weight, params = act.epilogue()
+    return apply_op("conv3x3_act", x, conv.weight, conv.bias, prelu_weight, algo=conv.algo, route=route,
+                    activation=act.conv_activation, **params)
 
 
 def _check_positive_int(name, value):
@@ -263,15 +270,19 @@ class Flatten(Module):
 
 
 class ReLU(Module):
+    conv_activation = "relu"  # nn.Sequential fuses it into a preceding Conv3x3
+
     def forward(self, x):
         return F.relu(x)
 
-    def fused_after(self, conv, x):
-        """self(conv(x)) in one call (nn.Sequential)."""
-        return F.conv3x3_act(x, conv.weight, conv.bias, activation="relu", algo=conv.algo)
+    def epilogue(self):
+        """(prelu_weight or None, params) of conv3x3_act applying this layer."""
+        return None, {}
 
 
 class LeakyReLU(Module):
+    conv_activation = "leaky_relu"
+
     def __init__(self, slope: float = 0.01):
         super().__init__()
         self.slope = slope
@@ -279,8 +290,8 @@ class LeakyReLU(Module):
     def forward(self, x):
         return F.leaky_relu(x, self.slope)
 
-    def fused_after(self, conv, x):
-        return F.conv3x3_act(x, conv.weight, conv.bias, activation="leaky_relu", slope=self.slope, algo=conv.algo)
+    def epilogue(self):
+        return None, {"slope": self.slope}
 
     def extra_repr(self):
         return f"slope={self.slope}"
@@ -288,6 +299,7 @@ class LeakyReLU(Module):
 
 class PReLU(Module):
     """Leaky ReLU whose slope is learned, one per channel (He et al. 2015; initial 0.25)."""
+    conv_activation = "prelu"
 
     def __init__(self, channels: int, initial_slope: float = 0.25, dtype=np.float32):
         super().__init__()
@@ -296,8 +308,8 @@ class PReLU(Module):
     def forward(self, x):
         return F.prelu(x, self.weight)
 
-    def fused_after(self, conv, x):
-        return F.conv3x3_act(x, conv.weight, conv.bias, self.weight, activation="prelu", algo=conv.algo)
+    def epilogue(self):
+        return self.weight, {}
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}"
@@ -319,6 +331,8 @@ class RReLU(Module):
 
 
 class ELU(Module):
+    conv_activation = "elu"
+
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
@@ -326,8 +340,8 @@ class ELU(Module):
     def forward(self, x):
         return F.elu(x, self.alpha)
 
-    def fused_after(self, conv, x):
-        return F.conv3x3_act(x, conv.weight, conv.bias, activation="elu", alpha=self.alpha, algo=conv.algo)
+    def epilogue(self):
+        return None, {"alpha": self.alpha}
 
     def extra_repr(self):
         return f"alpha={self.alpha}"
@@ -343,6 +357,20 @@ class Tanh(Module):
         return F.tanh(x)
 
 
+class SiLU(Module):
+    """x * sigmoid(x) (swish with beta = 1; PyTorch's SiLU)."""
+    conv_activation = "swish"
+
+    def forward(self, x):
+        return F.swish(x)
+
+    def epilogue(self):
+        return None, {}
+
+
+Swish = SiLU
+
+
 class Maxout(Module):
     """Max over groups of ``pieces`` consecutive channels: (N, C*k, ...) -> (N, C, ...)."""
 
@@ -355,10 +383,6 @@ class Maxout(Module):
 
     def extra_repr(self):
         return f"pieces={self.pieces}"
-
-
-# the layers nn.Sequential fuses into a preceding Conv3x3 (each has ``fused_after``)
-_CONV_ACTIVATIONS = (ReLU, LeakyReLU, PReLU, ELU)
 
 
 class BatchNorm(Module):

@@ -46,9 +46,12 @@ def test_bench_rejects_an_unknown_op(capsys):
     assert "nosuchop" in capsys.readouterr().err
 
 
-def test_cases_cover_the_issue_shapes():
+def test_cases_are_generated_from_the_specs():
+    from pycnn.ops import registry
     full = benchmarks.cases()
-    conv = {(c.shape, c.algo) for c in full if c.op == "conv3x3"}
-    assert conv == {(s, a) for s in benchmarks.CONV_SHAPES for a in ("direct", "winograd", "auto")}
-    for op in ("maxpool2x2", "avgpool2x2", "relu"):
-        assert {c.shape for c in full if c.op == op} == set(benchmarks.MAP_SHAPES)
+    conv = registry.get("conv3x3")
+    assert {(c.index, c.algo) for c in full if c.op == "conv3x3"} == {
+        (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu" for a in ("direct", "winograd", "auto")}
+    for op in ("maxpool2x2", "avgpool2x2", "relu", "swish"):
+        assert {c.shape for c in full if c.op == op} == {case.shapes for case in registry.get(op).bench_cases("cpu")}
+    assert {c.op for c in full if c.unfused} == {"conv3x3+relu"}

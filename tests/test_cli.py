@@ -56,7 +56,7 @@ def tiny_run(tmp_path_factory):
     (["--epochs", "2.5"], None, "pycnn train: argument --epochs: expected an integer, got '2.5'"),
     (["--lr", "fast"], None, "pycnn train: argument --lr: expected a number, got 'fast'"),
     (["--flip", "maybe"], None, "pycnn train: argument --flip: expected true or false, got 'maybe'"),
-    (["--activation", "swish"], None, "pycnn train: argument --activation: invalid choice: 'swish'"),
+    (["--activation", "gelu"], None, "pycnn train: argument --activation: invalid choice: 'gelu'"),
     (["--epochs", "0"], None, "pycnn train: epochs must be an integer >= 1, got 0"),
     (["--crop-padding", "40"], None, "pycnn train: crop_padding must be less than half the image side (8x8 images: "
                                      "at most 3), got 40"),

@@ -10,10 +10,12 @@ import pytest
 import pycnn
 from pycnn import nn
 from pycnn.autograd import Context
-from pycnn.ops import registry
+from pycnn.ops import conv, registry
 
-ACTIVATIONS = [("relu", {}), ("leaky_relu", {"slope": 0.1}), ("leaky_relu", {"slope": -0.3}), ("prelu", {}),
-               ("prelu", {"positive": True}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": -0.5})]
+# every activation conv3x3_act applies (from the specs), and both signs of its parameter
+ACTIVATIONS = [(a, {}) for a in conv.CONV_ACTIVATIONS] + [
+    ("leaky_relu", {"slope": 0.1}), ("leaky_relu", {"slope": -0.3}), ("prelu", {"positive": True}),
+    ("elu", {"alpha": -0.5})]
 
 
 def _algorithms():
@@ -57,8 +59,8 @@ def test_cpp_matches_the_composition_on_larger_shapes(rng, shape, activation, pa
             if e is not None:
                 np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max(),
                                            err_msg=f"{algo} gradient {i}")
-        keeps_z = params.get("slope", 0) < 0 or activation == "elu"  # elu: y + alpha cancels for z << 0
-        assert ctx.saved_is_pre == ((activation == "prelu" and not positive) or keeps_z), "what backward keeps"
+        from_y = conv.grad_from_output(activation, params.get("slope", 0.01), params.get("alpha", 1.0), inputs[3])
+        assert ctx.saved_is_pre == (not from_y), "what backward keeps"
 
 
 def test_inference_keeps_no_preactivation(rng):
@@ -83,17 +85,51 @@ def test_output_does_not_tell_negative_slopes_apart():
         C.conv3x3_act_backward(x, w, None, y, False, g, np.empty_like(x), None, None, None, "leaky_relu", -0.5)
 
 
+def test_the_rule_of_what_backward_keeps():
+    """relu always works from y; leaky_relu iff slope >= 0; prelu iff every slope > 0; elu
+    and swish never (the specs' ``conv_epilogue``)."""
+    positive, mixed = np.array([0.1, 0.2]), np.array([0.1, -0.2])
+    assert conv.grad_from_output("relu") and conv.grad_from_output("relu", slope=-1.0)
+    assert conv.grad_from_output("leaky_relu", slope=0.0) and not conv.grad_from_output("leaky_relu", slope=-0.1)
+    assert conv.grad_from_output("prelu", prelu_weight=positive)
+    assert not conv.grad_from_output("prelu", prelu_weight=mixed)
+    assert not conv.grad_from_output("elu", alpha=1.0) and not conv.grad_from_output("swish")
+    assert set(conv.CONV_ACTIVATIONS) == {"relu", "leaky_relu", "prelu", "elu", "swish"}
+
+
+def test_cpp_guard_agrees_with_the_spec():
+    """_C.conv3x3_act_saves_pre (the C++ side of the rule) on every activation, both signs."""
+    C = pytest.importorskip("pycnn._C")
+    if not hasattr(C, "conv3x3_act_saves_pre"):
+        pytest.skip("this build of pycnn._C has no conv3x3_act_saves_pre (rebuild the extension)")
+    for activation in conv.CONV_ACTIVATIONS:
+        for sign in (1.0, -1.0, 0.0):
+            weight = np.array([0.25, 0.5 * sign], np.float32) if activation == "prelu" else None
+            slope, alpha = 0.2 * sign, 1.0 * (sign or 1.0)
+            expected = not conv.grad_from_output(activation, slope, alpha, weight)
+            got = C.conv3x3_act_saves_pre(activation, slope, alpha, weight)
+            assert got == expected, (activation, sign)
+
+
 def _net(layers, fuse):
     pycnn.manual_seed(0)
     rng = np.random.default_rng(3)
     return nn.Sequential(*layers(rng), fuse=fuse)
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "prelu", "elu"])
+LAYERS = {"relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.2), "prelu": lambda: nn.PReLU(8),
+          "elu": lambda: nn.ELU(0.7), "swish": lambda: nn.SiLU()}
+
+
+def test_every_fusable_activation_has_a_layer():
+    assert sorted(LAYERS) == sorted(conv.CONV_ACTIVATIONS)
+    assert all(LAYERS[a]().conv_activation == a for a in LAYERS)
+
+
+@pytest.mark.parametrize("activation", conv.CONV_ACTIVATIONS)
 def test_sequential_fuses_conv_and_activation(rng, activation):
     _algorithms()
-    act = {"relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.2), "prelu": lambda: nn.PReLU(8),
-           "elu": lambda: nn.ELU(0.7)}[activation]
+    act = LAYERS[activation]
 
     def layers(r):
         return [nn.Conv3x3(3, 8, rng=r), act(), nn.MaxPool2(), nn.Conv3x3(8, 8, rng=r, algo="winograd"),

@@ -133,11 +133,11 @@ def test_maxout_matches_the_reference_on_any_thread_count(shape, pieces):
         np.testing.assert_array_equal(gx, expected_gx)
 
 
-def test_maxout_more_than_256_pieces_runs_on_the_reference():
+def test_maxout_more_than_256_pieces_is_refused():
+    """The router then runs the reference (auto) or raises (forced): tests/test_backend.py."""
     x = np.random.default_rng(5).standard_normal((2, 300, 2))
-    y, gx = run(cpp("maxout"), x, np.ones((2, 1, 2)), pieces=300)
-    np.testing.assert_array_equal(y[:, 0], x.max(axis=1))
-    assert gx.sum() == 4
+    assert "256 pieces" in cpp("maxout").refuses((x,), {"pieces": 300})
+    assert cpp("maxout").refuses((x,), {"pieces": 256}) is None
 
 
 def test_maxout_kernel_checks_its_arguments():

@@ -23,9 +23,9 @@ import pytest
 import pycnn
 import pycnn.functional as F
 from pycnn.autograd import Context
-from pycnn.ops import _util, registry
+from pycnn.ops import _util, registry, routing
 
-SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+SIMULATED = routing.cuda_simulated()
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba") is not None and importlib.util.find_spec("numba.cuda") is not None
 
 
@@ -54,9 +54,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Grid size")
 needs_cuda = pytest.mark.skipif(_SKIP_REASON is not None, reason=_SKIP_REASON or "")
 real_gpu_only = pytest.mark.skipif(SIMULATED or _SKIP_REASON is not None, reason="needs a real GPU with CuPy (not the simulator)")
 
-# ops that the cuda backend implements (conv3x3: algorithms "gemm", the default, and "direct")
-CUDA_OPS = ("conv3x3", "conv3x3_act", "batchnorm", "maxpool2x2", "avgpool2x2", "relu", "leaky_relu", "prelu", "rrelu", "elu",
-            "sigmoid", "tanh", "maxout", "dropout", "fancy_pca")
+# the ops with kernels: every op that is not portable (portable ones run their reference on CuPy)
+CUDA_OPS = tuple(op.name for op in registry.all_ops() if not op.portable)
 DTYPES = (np.float32, np.float64)
 TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10)}
 
@@ -130,7 +129,11 @@ def check_against_reference(op, sample, dtype, rng, needs=None, algo=None):
 def test_cuda_backend_registers_every_kernel_op():
     cuda_backend()
     for name in CUDA_OPS:
-        assert registry.get(name).algorithms("cuda"), f"{name} has no cuda implementation"
+        algorithms = registry.get(name).algorithms("cuda")
+        assert algorithms and "reference" not in algorithms, f"{name} has no cuda kernel"
+    for op in registry.all_ops():
+        if op.portable:
+            assert op.algorithms("cuda") == ["reference"], op.name
     assert registry.get("conv3x3").algorithms("cuda") == ["gemm", "direct"]
     assert registry.get("conv3x3_act").algorithms("cuda") == ["gemm"]
 
@@ -365,8 +368,8 @@ def test_small_network_trains_on_the_cuda_backend(monkeypatch):
     cb = cuda_backend()
     calls = []
     for kernel in ("im2col", "col2im"):  # conv3x3's default algorithm on cuda: im2col + GEMM
-        original = getattr(cb.K.gemm, kernel)
-        monkeypatch.setattr(cb.K.gemm, kernel, lambda *a, _f=original, _n=kernel: (calls.append(_n), _f(*a))[1])
+        original = getattr(cb.kernel_module("conv_gemm"), kernel)
+        monkeypatch.setattr(cb.kernel_module("conv_gemm"), kernel, lambda *a, _f=original, _n=kernel: (calls.append(_n), _f(*a))[1])
     losses = _train_small_network("cuda")
     assert calls.count("im2col") == 4 and "col2im" not in calls  # x needs no gradient
     assert all(np.isfinite(losses)), losses

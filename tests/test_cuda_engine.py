@@ -99,8 +99,8 @@ def test_cuda_batchnorm_statistics_stay_accurate_far_from_zero(offset, dtype, rt
     running_mean, running_var = np.zeros(3, dtype), np.ones(3, dtype)
     cb = cuda_backend()
     if not SIMULATED:  # 256 threads a block on a GPU: fewer values per thread, more blocks
-        monkeypatch.setattr(cb.K.bn, "ELEMENTS_PER_THREAD", 1)
-    assert cb.K.bn._split(x)[3] > 1  # the merge across blocks is exercised
+        monkeypatch.setattr(cb.kernel_module("batchnorm"), "ELEMENTS_PER_THREAD", 1)
+    assert cb.kernel_module("batchnorm")._split(x)[3] > 1  # the merge across blocks is exercised
     with pycnn.use_backend("cuda"):
         _, _, impl = registry.get("batchnorm").resolve((to_device(x),), {})
     rm, rv = to_device(running_mean), to_device(running_var)

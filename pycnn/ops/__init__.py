@@ -1,7 +1,8 @@
 """Every op of pycnn, declared once in the registry (see ``registry``).
 
 Importing this package declares the NumPy references and hooks in the backends, which
-register their implementations the first time they are asked for.
+register their implementations the first time they are asked for; ``routing`` decides
+which implementation runs each call.
 """
 from pycnn.ops import (activations, conv, dropout, elementwise, fancy_pca, linear, loss,  # noqa: F401 (declares)
                        norm, pool)

@@ -8,19 +8,30 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util
-from pycnn.ops.registry import Sample, declare
+import pycnn.ops._util as _util
+from pycnn.ops.registry import Epilogue, Sample, declare, map_bench
 
 
-def _elementwise_costs(flops_per_element: int, arrays_touched: int) -> dict:
-    """flops and bytes of a map over x: ``arrays_touched`` arrays of x's size read or written
-    (forward: read x, write y -> 2)."""
-    def flops(x_shape, *rest, **params):
-        return flops_per_element * int(np.prod(x_shape))
+def _per_element(count: int, itemsize_factor: bool = False):
+    if itemsize_factor:
+        return lambda x_shape, *rest, itemsize=4, **params: count * itemsize * int(np.prod(x_shape))
+    return lambda x_shape, *rest, **params: count * int(np.prod(x_shape))
 
-    def nbytes(x_shape, *rest, itemsize=4, **params):
-        return arrays_touched * itemsize * int(np.prod(x_shape))
-    return {"flops": flops, "bytes": nbytes}
+
+def _map_costs(forward_flops: int, backward_flops: int) -> dict:
+    """The costs of a map over x (per element of x): forward reads x and writes y (2 arrays),
+    backward reads x and grad_y and writes grad_x (3 arrays; prelu's O(C) weight and
+    gradient are left out, rrelu draws its slopes again)."""
+    return {"flops": _per_element(forward_flops), "backward_flops": _per_element(backward_flops),
+            "bytes": _per_element(2, True), "backward_bytes": _per_element(3, True)}
+
+
+def _functional(name, **fixed):
+    """torch.nn.functional.<name>, imported when first called."""
+    def call(*args, **params):
+        import torch.nn.functional as F
+        return getattr(F, name)(*args, **fixed, **params)
+    return call
 
 
 def _check_x(x, **params):
@@ -48,15 +59,22 @@ def relu_backward(ctx, grad):
     return (grad * (x > 0),)
 
 
-declare("relu", forward=relu_forward, backward=relu_backward, check=_check_x,
-        **_elementwise_costs(1, 2), samples=_x_samples)
+declare("relu", forward=relu_forward, backward=relu_backward, check=_check_x, **_map_costs(1, 1),
+        samples=_x_samples, torch=_functional("relu"), bench=map_bench(), elementwise=(),
+        conv_epilogue=Epilogue(grad_from_output=lambda params, weight: True))
 
 
 # --------------------------------------------------------------------------- leaky_relu
 
-def _check_leaky(x, slope=0.01):
-    _check_x(x)
-    _util.check_finite_number("slope", slope)
+def _check_x_and_number(name: str, default: float):
+    """The check of a map with one finite number parameter (leaky_relu's slope, elu's alpha)."""
+    def check(x, **params):
+        _check_x(x)
+        _util.check_finite_number(name, params.get(name, default))
+    return check
+
+
+_check_leaky = _check_x_and_number("slope", 0.01)
 
 
 def leaky_relu_forward(ctx, x, slope=0.01):
@@ -77,7 +95,11 @@ def _leaky_samples(rng, dtype):
 
 
 declare("leaky_relu", forward=leaky_relu_forward, backward=leaky_relu_backward, check=_check_leaky,
-        **_elementwise_costs(2, 2), samples=_leaky_samples)
+        **_map_costs(2, 2), samples=_leaky_samples, torch=lambda x, slope=0.01: _functional("leaky_relu")(x, slope),
+        bench=map_bench({"slope": 0.01}), elementwise=(("slope", 0.01, float),),
+        # y > 0 exactly when z > 0 for a slope >= 0; a negative slope makes both branches >= 0
+        conv_epilogue=Epilogue(params=("slope",), flops=2,
+                               grad_from_output=lambda params, weight: params.get("slope", 0.01) >= 0))
 
 
 # -------------------------------------------------------------------------------- prelu
@@ -120,16 +142,17 @@ def _prelu_samples(rng, dtype):
     return cases
 
 
-def _prelu_flops(x_shape, w_shape):
-    return 2 * int(np.prod(x_shape))
+def _prelu_bench_inputs(rng, shapes, params):
+    x_shape, w_shape = shapes
+    return (rng.standard_normal(x_shape, dtype=np.float32), rng.uniform(0.05, 0.3, w_shape).astype(np.float32)), params
 
 
-def _prelu_bytes(x_shape, w_shape, itemsize=4):
-    return 2 * itemsize * int(np.prod(x_shape))
-
-
-declare("prelu", forward=prelu_forward, backward=prelu_backward, check=_check_prelu,
-        flops=_prelu_flops, bytes=_prelu_bytes, samples=_prelu_samples)
+declare("prelu", forward=prelu_forward, backward=prelu_backward, check=_check_prelu, **_map_costs(2, 3),
+        samples=_prelu_samples, torch=_functional("prelu"), bench=map_bench(weight=True),
+        bench_inputs=_prelu_bench_inputs,
+        # y > 0 exactly when z > 0 where every slope is > 0 (the weight gradient is then sum(g * y) / a)
+        conv_epilogue=Epilogue(weight=True, flops=2,
+                               grad_from_output=lambda params, weight: bool((weight > 0).all())))
 
 
 # -------------------------------------------------------------------------------- rrelu
@@ -173,15 +196,31 @@ def _rrelu_samples(rng, dtype):
             Sample(xs[2].inputs, {"training": False})]
 
 
-declare("rrelu", forward=rrelu_forward, backward=rrelu_backward, check=_check_rrelu,
-        **_elementwise_costs(12, 2), samples=_rrelu_samples)
+def _torch_rrelu(x, lower=3.0, upper=8.0, training=False, seed=0):
+    """Written with pycnn's counter-based draws (torch's generator differs): checks the slopes."""
+    import torch
+    import torch.nn.functional as F
+    if not training:
+        return F.leaky_relu(x, 2.0 / (lower + upper))
+    u = torch.as_tensor(_util.uniform(seed, x.numel(), np.dtype(np.float64))).reshape(x.shape)
+    slopes = 1.0 / (lower + (upper - lower) * u)
+    return torch.where(x > 0, x, x * slopes)
+
+
+def _torch_native_rrelu(x, lower=3.0, upper=8.0, training=False, seed=0):
+    import torch.nn.functional as F
+    return F.rrelu(x, 1 / upper, 1 / lower, training=training)  # torch's bounds are the slopes
+
+
+declare("rrelu", forward=rrelu_forward, backward=rrelu_backward, check=_check_rrelu, **_map_costs(12, 12),
+        samples=_rrelu_samples, torch=_torch_rrelu, torch_native=_torch_native_rrelu,
+        bench=map_bench({"training": True, "seed": 1}),
+        elementwise=(("lower", 3.0, float), ("upper", 8.0, float), ("seed", 0, int), ("training", False, bool)))
 
 
 # ---------------------------------------------------------------------------------- elu
 
-def _check_elu(x, alpha=1.0):
-    _check_x(x)
-    _util.check_finite_number("alpha", alpha)
+_check_elu = _check_x_and_number("alpha", 1.0)
 
 
 def elu_forward(ctx, x, alpha=1.0):
@@ -201,8 +240,11 @@ def _elu_samples(rng, dtype):
     return [Sample(s.inputs, {"alpha": a}) for s, a in zip(_x_samples(rng, dtype), (1.0, 0.5, 2.0))]
 
 
-declare("elu", forward=elu_forward, backward=elu_backward, check=_check_elu,
-        **_elementwise_costs(4, 2), samples=_elu_samples)
+declare("elu", forward=elu_forward, backward=elu_backward, check=_check_elu, **_map_costs(4, 4),
+        samples=_elu_samples, torch=lambda x, alpha=1.0: _functional("elu")(x, alpha),
+        bench=map_bench({"alpha": 1.0}), elementwise=(("alpha", 1.0, float),),
+        # its derivative alpha * exp(z) read off the output as y + alpha cancels for z << 0
+        conv_epilogue=Epilogue(params=("alpha",), flops=4))
 
 
 # -------------------------------------------------------------------------- sigmoid, tanh
@@ -226,8 +268,12 @@ def sigmoid_backward(ctx, grad):
     return (grad * (e * s * s),)
 
 
-declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_check_x,
-        **_elementwise_costs(4, 2), samples=_x_samples)
+def _torch_method(name):
+    return lambda x: getattr(x, name)()
+
+
+declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_check_x, **_map_costs(4, 5),
+        samples=_x_samples, torch=_torch_method("sigmoid"), bench=map_bench(), elementwise=())
 
 
 def tanh_forward(ctx, x):
@@ -244,8 +290,46 @@ def tanh_backward(ctx, grad):
     return (grad * (x.dtype.type(4) * e * s * s),)
 
 
-declare("tanh", forward=tanh_forward, backward=tanh_backward, check=_check_x,
-        **_elementwise_costs(4, 2), samples=_x_samples)
+declare("tanh", forward=tanh_forward, backward=tanh_backward, check=_check_x, **_map_costs(4, 6),
+        samples=_x_samples, torch=_torch_method("tanh"), bench=map_bench(), elementwise=())
+
+
+# ----------------------------------------------------------------------- swish (SiLU)
+# y = x * sigmoid(x) (Ramachandran et al. 2017; PyTorch's silu).  Through e = exp(-|x|) as
+# sigmoid: nothing overflows, and the limits hold at the ends: y(-inf) = 0, y(+inf) = +inf,
+# y'(-inf) = 0, y'(+inf) = 1 (PyTorch gives NaN at -inf and NaN gradients at +-inf).
+
+def swish_forward(ctx, x):
+    xp = array_module(x)
+    one = x.dtype.type(1)
+    e = xp.exp(-xp.abs(x))
+    s = xp.where(x >= 0, one, e) / (one + e)  # sigmoid(x)
+    ctx.save_for_backward(x)
+    return xp.where(x == -xp.inf, x.dtype.type(0), x) * s  # -inf * 0 would be NaN
+
+
+def swish_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    xp = array_module(x)
+    one = x.dtype.type(1)
+    # y' = s + x s (1 - s), with s (1 - s) = e / (1 + e)^2 from x (no cancellation where s rounds to 1)
+    e = xp.exp(-xp.abs(x))
+    r = one / (one + e)
+    s = xp.where(x >= 0, one, e) * r
+    return (grad * (s + xp.where(e > 0, x, x.dtype.type(0)) * e * r * r),)  # e == 0: x is +-inf (or huge)
+
+
+def _swish_samples(rng, dtype):
+    """The usual sizes, then large |x| and the edge values (no gradient check: inf, NaN)."""
+    big = np.array([[-800.0, -100.0, -30.0, -1e-30, 0.0, 1e-30, 30.0, 100.0, 800.0]], dtype=dtype)
+    edges = np.array([[-np.inf, np.inf, np.nan, -1e38, 1e38, 0.5]], dtype=dtype)
+    return _x_samples(rng, dtype) + [Sample((big,), gradcheck=False),
+                                     Sample((edges,), gradcheck=False, torch_agrees=False)]
+
+
+declare("swish", forward=swish_forward, backward=swish_backward, check=_check_x, **_map_costs(5, 7),
+        samples=_swish_samples, torch=_functional("silu"), bench=map_bench(), elementwise=(),
+        conv_epilogue=Epilogue(flops=5))  # its gradient needs z (y does not determine it)
 
 
 # ------------------------------------------------------------------------------- maxout
@@ -259,6 +343,11 @@ def _check_maxout(x, pieces=2):
         raise ValueError(f"pieces must be a positive integer, got {pieces!r}")
     if x.shape[1] % pieces:
         raise ValueError(f"x must have a channel count divisible by pieces={pieces}, got {x.shape[1]} channels")
+
+
+def maxout_shape(x_shape, pieces=2):
+    """(N, C*k, ...) -> (N, C, ...)"""
+    return (x_shape[0], x_shape[1] // pieces) + tuple(x_shape[2:])
 
 
 def _grouped(x, pieces):
@@ -290,8 +379,18 @@ def _maxout_samples(rng, dtype):
 
 
 def _maxout_bytes(x_shape, itemsize=4, pieces=2):
-    return itemsize * int(np.prod(x_shape)) * (pieces + 1) // pieces
+    """Forward: read x (E elements), write y (E/k) and the winner of each group (1 byte);
+    backward: read grad_y (E/k) and the winners, write grad_x (E): the same bytes."""
+    elements = int(np.prod(x_shape))
+    return itemsize * elements + itemsize * elements // pieces + elements // pieces
+
+
+def _torch_maxout(x, pieces=2):
+    n, c = x.shape[:2]
+    return x.reshape((n, c // pieces, pieces) + tuple(x.shape[2:])).max(dim=2).values
 
 
 declare("maxout", forward=maxout_forward, backward=maxout_backward, check=_check_maxout,
-        flops=lambda x_shape, pieces=2: int(np.prod(x_shape)), bytes=_maxout_bytes, samples=_maxout_samples)
+        flops=lambda x_shape, pieces=2: int(np.prod(x_shape)), backward_flops=lambda x_shape, pieces=2: 0,
+        bytes=_maxout_bytes, backward_bytes=_maxout_bytes, samples=_maxout_samples, torch=_torch_maxout,
+        bench=map_bench({"pieces": 2}))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util, activations
-from pycnn.ops.registry import Sample, declare
+import pycnn.ops._util as _util
+import pycnn.ops.activations  # noqa: F401 (declares the activations conv3x3_act applies)
+from pycnn.ops.registry import BenchCase, Sample, all_ops, declare, get
 
 
 def _check_conv3x3(x, weight, bias=None):
@@ -94,14 +95,53 @@ def conv3x3_flops(x_shape, w_shape, b_shape=None):
     return 2 * n * w_shape[0] * h * w * c * 9
 
 
+def conv3x3_backward_flops(x_shape, w_shape, *shapes, **params):
+    """grad_x and grad_weight each cost one forward (the bias gradient is negligible)."""
+    return 2 * conv3x3_flops(x_shape, w_shape)
+
+
 def conv3x3_bytes(x_shape, w_shape, b_shape=None, itemsize=4):
     n, c, h, w = x_shape
     k = w_shape[0]
     return itemsize * (n * c * h * w + k * c * 9 + k + n * k * h * w)  # read x, w, b; write y
 
 
+def conv3x3_backward_bytes(x_shape, w_shape, b_shape=None, itemsize=4, **params):
+    """Read x, w and grad_y; write grad_x, grad_w and grad_b."""
+    n, c, h, w = x_shape
+    k = w_shape[0]
+    return itemsize * (2 * n * c * h * w + 2 * (k * c * 9 + k) + n * k * h * w)
+
+
+def _torch_conv3x3(x, w, b=None):
+    import torch.nn.functional as F
+    return F.conv2d(x, w, b, padding=1)
+
+
+def _conv_bench_inputs(rng, shapes, params):
+    """x, weight scaled by 1/sqrt(9 C) (outputs of unit size), bias; float32."""
+    x_shape, w_shape, b_shape = shapes[:3]
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    w = rng.standard_normal(w_shape, dtype=np.float32) / np.float32(np.sqrt(9 * x_shape[1]))
+    b = rng.standard_normal(b_shape, dtype=np.float32)
+    return (x, w, b) + tuple(None for _ in shapes[3:]), params
+
+
+def _conv_bench(shapes_ckh, n, where, extra=(), params=None):
+    """BenchCases at (C, K, H=W), batch n."""
+    return tuple(BenchCase(((n, c, h, h), (k, c, 3, 3), (k,)) + extra, dict(params or {}), where)
+                 for c, k, h in shapes_ckh)
+
+
+# CPU: the shapes of issue 3 (batch 32); GPU: the README net's at CIFAR-10 size (batch 256)
+_CONV_BENCH = (_conv_bench([(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8)],
+                           32, "cpu")
+               + _conv_bench([(3, 32, 32), (32, 32, 32), (64, 64, 16), (128, 128, 8)], 256, "gpu"))
+
 declare("conv3x3", forward=conv3x3_forward, backward=conv3x3_backward, check=_check_conv3x3,
-        flops=conv3x3_flops, bytes=conv3x3_bytes, samples=_conv_samples)
+        flops=conv3x3_flops, bytes=conv3x3_bytes, backward_flops=conv3x3_backward_flops,
+        backward_bytes=conv3x3_backward_bytes, samples=_conv_samples, torch=_torch_conv3x3,
+        bench=_CONV_BENCH, bench_inputs=_conv_bench_inputs)
 
 
 # ------------------------------------------------------------------------- conv3x3_act
@@ -121,15 +161,21 @@ class _Part:
         self.saved_tensors = arrays
 
 
-# activation -> (reference forward, reference backward, its extra inputs, its params)
-_ACTIVATION_REFS = {
-    "relu": (activations.relu_forward, activations.relu_backward, lambda pw: (), lambda slope, alpha: {}),
-    "leaky_relu": (activations.leaky_relu_forward, activations.leaky_relu_backward, lambda pw: (),
-                   lambda slope, alpha: {"slope": slope}),
-    "prelu": (activations.prelu_forward, activations.prelu_backward, lambda pw: (pw,), lambda slope, alpha: {}),
-    "elu": (activations.elu_forward, activations.elu_backward, lambda pw: (), lambda slope, alpha: {"alpha": alpha}),
-}
-CONV_ACTIVATIONS = tuple(_ACTIVATION_REFS)
+# the activations with a conv epilogue (declared in activations.py, in order)
+EPILOGUES = {op.name: op.conv_epilogue for op in all_ops() if op.conv_epilogue is not None}
+CONV_ACTIVATIONS = tuple(EPILOGUES)
+
+
+def _activation_call(activation, prelu_weight, params):
+    """(its extra inputs, its params) of the activation op inside conv3x3_act."""
+    epilogue = EPILOGUES[activation]
+    return ((prelu_weight,) if epilogue.weight else ()), {p: params[p] for p in epilogue.params}
+
+
+def grad_from_output(activation, slope=0.01, alpha=1.0, prelu_weight=None) -> bool:
+    """Whether conv3x3_act's backward can work from the output y alone (the rule of each
+    activation's spec); else it keeps the pre-activation z.  Every backend asks this."""
+    return EPILOGUES[activation].grad_from_output({"slope": slope, "alpha": alpha}, prelu_weight)
 
 
 def _check_conv3x3_act(x, weight, bias=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
@@ -149,15 +195,15 @@ def _check_conv3x3_act(x, weight, bias=None, prelu_weight=None, activation="relu
 
 def conv3x3_act_forward(ctx, x, weight, bias=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
     needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * 4
-    act_forward, _, act_inputs, act_params = _ACTIVATION_REFS[activation]
+    act_inputs, act_params = _activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
     ctx.conv_part, ctx.act_part = _Part(needs[:3]), _Part((True, needs[3]))
     ctx.activation = activation
     z = conv3x3_forward(ctx.conv_part, x, weight, bias)
-    return act_forward(ctx.act_part, z, *act_inputs(prelu_weight), **act_params(slope, alpha))
+    return get(activation).reference.forward(ctx.act_part, z, *act_inputs, **act_params)
 
 
 def conv3x3_act_backward(ctx, grad):
-    act_grads = _ACTIVATION_REFS[ctx.activation][1](ctx.act_part, grad)
+    act_grads = get(ctx.activation).reference.backward(ctx.act_part, grad)
     grad_prelu = act_grads[1] if len(act_grads) > 1 else None
     return conv3x3_backward(ctx.conv_part, act_grads[0]) + (grad_prelu,)
 
@@ -173,15 +219,13 @@ def _conv_act_samples(rng, dtype):
             case(2, 3, 4, 5, 6, "leaky_relu", slope=0.1), case(1, 2, 5, 3, 4, "leaky_relu", slope=-0.4),
             case(2, 3, 7, 4, 5, "prelu"), case(1, 1, 3, 3, 3, "prelu", bias=False),
             case(1, 2, 4, 4, 4, "prelu", positive=True),
-            case(2, 3, 4, 5, 6, "elu", alpha=1.0), case(1, 2, 3, 4, 5, "elu", alpha=-0.5)]
-
-
-_ACT_FLOPS = {"relu": 1, "leaky_relu": 2, "prelu": 2, "elu": 4}  # per output, as in activations.py
+            case(2, 3, 4, 5, 6, "elu", alpha=1.0), case(1, 2, 3, 4, 5, "elu", alpha=-0.5),
+            case(2, 3, 4, 5, 6, "swish"), case(1, 2, 3, 3, 4, "swish", bias=False)]
 
 
 def conv3x3_act_flops(x_shape, w_shape, b_shape=None, pw_shape=None, activation="relu", **params):
     n, c, h, w = x_shape
-    return conv3x3_flops(x_shape, w_shape) + _ACT_FLOPS[activation] * n * w_shape[0] * h * w
+    return conv3x3_flops(x_shape, w_shape) + EPILOGUES[activation].flops * n * w_shape[0] * h * w
 
 
 def conv3x3_act_bytes(x_shape, w_shape, b_shape=None, pw_shape=None, itemsize=4, **params):
@@ -189,5 +233,24 @@ def conv3x3_act_bytes(x_shape, w_shape, b_shape=None, pw_shape=None, itemsize=4,
     return conv3x3_bytes(x_shape, w_shape, b_shape, itemsize) + itemsize * (w_shape[0] if pw_shape else 0)
 
 
+def _torch_conv3x3_act(x, w, b=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
+    act_inputs, act_params = _activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
+    return get(activation).torch(_torch_conv3x3(x, w, b), *act_inputs, **act_params)
+
+
+def _unfused(inputs, params):
+    """conv3x3_act as the ops it fuses: [(op, extra inputs, params), ...], each op taking the
+    output of the one before as its first input."""
+    activation = params.get("activation", "relu")
+    act_inputs, act_params = _activation_call(activation, inputs[3], {"slope": params.get("slope", 0.01),
+                                                                      "alpha": params.get("alpha", 1.0)})
+    return [("conv3x3", tuple(inputs[:3]), {}), (activation, act_inputs, act_params)]
+
+
 declare("conv3x3_act", forward=conv3x3_act_forward, backward=conv3x3_act_backward, check=_check_conv3x3_act,
-        flops=conv3x3_act_flops, bytes=conv3x3_act_bytes, samples=_conv_act_samples)
+        flops=conv3x3_act_flops, bytes=conv3x3_act_bytes, samples=_conv_act_samples, torch=_torch_conv3x3_act,
+        backward_flops=conv3x3_backward_flops,
+        backward_bytes=lambda x_shape, w_shape, *shapes, itemsize=4, **p: conv3x3_backward_bytes(x_shape, w_shape,
+                                                                                                   itemsize=itemsize),
+        bench=_conv_bench([(64, 64, 32), (128, 128, 16)], 32, "cpu", (None,), {"activation": "relu"}),
+        bench_inputs=_conv_bench_inputs, unfused=_unfused)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util
-from pycnn.ops.registry import Sample, declare
+import pycnn.ops._util as _util
+from pycnn.ops.registry import Sample, declare, map_bench
 
 
 def _check_dropout(x, p=0.5, training=True, seed=0):
@@ -48,7 +48,27 @@ def _dropout_samples(rng, dtype):
             Sample((rng.standard_normal((2, 5)).astype(dtype),), {"p": 0.5, "training": False})]
 
 
+def _torch_dropout(x, p=0.5, training=True, seed=0):
+    """Written with pycnn's counter-based draws (torch's generator differs): checks the scaling."""
+    import torch
+    if not training:
+        return x * 1
+    u = torch.as_tensor(_util.uniform(seed, x.numel(), np.dtype(np.float64))).reshape(x.shape)
+    return x * (u >= p) / (1 - p)
+
+
+def _torch_native_dropout(x, p=0.5, training=True, seed=0):
+    import torch.nn.functional as F
+    return F.dropout(x, p, training=training)
+
+
+def _elements(factor):
+    return lambda x_shape, itemsize=4, **p: factor * itemsize * int(np.prod(x_shape))
+
+
 declare("dropout", forward=dropout_forward, backward=dropout_backward, check=_check_dropout,
-        samples=_dropout_samples,
+        samples=_dropout_samples, torch=_torch_dropout, torch_native=_torch_native_dropout,
         flops=lambda x_shape, **p: 12 * int(np.prod(x_shape)),
-        bytes=lambda x_shape, itemsize=4, **p: 2 * itemsize * int(np.prod(x_shape)))
+        bytes=_elements(2),           # read x, write y
+        backward_bytes=_elements(2),  # read grad_y, write grad_x (the mask is drawn again from the seed)
+        bench=map_bench({"p": 0.5, "seed": 1, "training": True}))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util
+import pycnn.ops._util as _util
 from pycnn.ops.registry import Sample, declare
 
 
@@ -51,7 +51,7 @@ def _map_bytes(*shapes, itemsize=4, **params):
     return itemsize * (out + sum(int(np.prod(s)) for s in shapes))
 
 
-def _declare_binary(name, forward, grads, positive_b=False):
+def _declare_binary(name, forward, grads, torch, positive_b=False):
     """A broadcasting binary op; ``grads(a, b, grad)`` gives the unreduced (grad_a, grad_b)."""
     def fwd(ctx, a, b):
         ctx.save_for_backward(a, b)
@@ -64,14 +64,15 @@ def _declare_binary(name, forward, grads, positive_b=False):
                 unbroadcast(grad_b, b.shape) if ctx.needs_input_grad[1] else None)
 
     declare(name, forward=fwd, backward=bwd, check=_check_binary, flops=_map_flops, bytes=_map_bytes,
-            samples=lambda rng, dtype: _binary_samples(rng, dtype, positive_b))
+            samples=lambda rng, dtype: _binary_samples(rng, dtype, positive_b), torch=torch, portable=True)
 
 
-_declare_binary("add", lambda a, b: a + b, lambda a, b, g: (g, g))
-_declare_binary("sub", lambda a, b: a - b, lambda a, b, g: (g, -g))
-_declare_binary("mul", lambda a, b: a * b, lambda a, b, g: (g * b, g * a))
+_declare_binary("add", lambda a, b: a + b, lambda a, b, g: (g, g), torch=lambda a, b: a + b)
+_declare_binary("sub", lambda a, b: a - b, lambda a, b, g: (g, -g), torch=lambda a, b: a - b)
+_declare_binary("mul", lambda a, b: a * b, lambda a, b, g: (g * b, g * a), torch=lambda a, b: a * b)
 # d(a/b)/db = -(a / b) / b: -a / (b * b) overflows (b * b underflows) long before the quotient does
-_declare_binary("div", lambda a, b: a / b, lambda a, b, g: (g / b, -g * (a / b) / b), positive_b=True)
+_declare_binary("div", lambda a, b: a / b, lambda a, b, g: (g / b, -g * (a / b) / b), torch=lambda a, b: a / b,
+                positive_b=True)
 
 
 # ------------------------------------------------------------------------------ unary maps
@@ -80,7 +81,7 @@ def _check_unary(x, **params):
     _util.check_float("x", x)
 
 
-def _declare_unary(name, forward, derivative, samples, check=_check_unary):
+def _declare_unary(name, forward, derivative, samples, torch, check=_check_unary):
     """An elementwise map; ``derivative(x, y, **params)`` is dy/dx."""
     def fwd(ctx, x, **params):
         y = forward(x, **params)
@@ -92,7 +93,8 @@ def _declare_unary(name, forward, derivative, samples, check=_check_unary):
         x, y = ctx.saved_tensors
         return (grad * derivative(x, y, **ctx.params),)
 
-    declare(name, forward=fwd, backward=bwd, check=check, flops=_map_flops, bytes=_map_bytes, samples=samples)
+    declare(name, forward=fwd, backward=bwd, check=check, flops=_map_flops, bytes=_map_bytes, samples=samples,
+            torch=torch, portable=True)
 
 
 def _positive_samples(rng, dtype):
@@ -109,16 +111,17 @@ def _check_pow(x, exponent=2.0):
     _util.check_finite_number("exponent", exponent)
 
 
-_declare_unary("exp", lambda x: array_module(x).exp(x), lambda x, y: y, _any_samples)
-_declare_unary("log", lambda x: array_module(x).log(x), lambda x, y: 1 / x, _positive_samples)
-_declare_unary("abs", lambda x: array_module(x).abs(x), lambda x, y: array_module(x).sign(x), _any_samples)
+_declare_unary("exp", lambda x: array_module(x).exp(x), lambda x, y: y, _any_samples, torch=lambda x: x.exp())
+_declare_unary("log", lambda x: array_module(x).log(x), lambda x, y: 1 / x, _positive_samples, torch=lambda x: x.log())
+_declare_unary("abs", lambda x: array_module(x).abs(x), lambda x, y: array_module(x).sign(x), _any_samples,
+               torch=lambda x: x.abs())
 _declare_unary(
     "pow", lambda x, exponent=2.0: x ** x.dtype.type(exponent),
     lambda x, y, exponent=2.0: x.dtype.type(exponent) * x ** x.dtype.type(exponent - 1),
     lambda rng, dtype: [Sample(s.inputs, {"exponent": e}) for s, e in
                         ((_positive_samples(rng, dtype)[0], 0.5), (_any_samples(rng, dtype)[0], 2.0),
                          (_any_samples(rng, dtype)[0], 3))],
-    check=_check_pow)
+    torch=lambda x, exponent=2.0: x ** exponent, check=_check_pow)
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -180,10 +183,17 @@ def _reduce_bytes(x_shape, itemsize=4, **params):
     return itemsize * int(np.prod(x_shape))
 
 
-declare("sum", forward=sum_forward, backward=sum_backward, check=_check_reduce,
-        flops=_reduce_flops, bytes=_reduce_bytes, samples=_reduce_samples)
-declare("mean", forward=mean_forward, backward=mean_backward, check=_check_reduce,
-        flops=_reduce_flops, bytes=_reduce_bytes, samples=_reduce_samples)
+def _torch_reduce(method):
+    def reduce(x, axis=None, keepdims=False):
+        dim = tuple(range(x.ndim)) if axis is None else axis
+        return getattr(x, method)(dim=dim, keepdim=keepdims)
+    return reduce
+
+
+declare("sum", forward=sum_forward, backward=sum_backward, check=_check_reduce, portable=True,
+        flops=_reduce_flops, bytes=_reduce_bytes, samples=_reduce_samples, torch=_torch_reduce("sum"))
+declare("mean", forward=mean_forward, backward=mean_backward, check=_check_reduce, portable=True,
+        flops=_reduce_flops, bytes=_reduce_bytes, samples=_reduce_samples, torch=_torch_reduce("mean"))
 
 
 # ------------------------------------------------------------------------------- shapes
@@ -222,11 +232,11 @@ def _no_cost(*shapes, **params):
     return 0
 
 
-declare("reshape", forward=reshape_forward, backward=reshape_backward, check=_check_reshape,
-        flops=_no_cost, bytes=_no_cost,
+declare("reshape", forward=reshape_forward, backward=reshape_backward, check=_check_reshape, portable=True,
+        flops=_no_cost, bytes=_no_cost, torch=lambda x, shape=None: x.reshape(shape),
         samples=lambda rng, dtype: [Sample((rng.standard_normal((2, 6)).astype(dtype),), {"shape": (3, -1)})])
-declare("flatten", forward=flatten_forward, backward=reshape_backward, check=_check_flatten,
-        flops=_no_cost, bytes=_no_cost,
+declare("flatten", forward=flatten_forward, backward=reshape_backward, check=_check_flatten, portable=True,
+        flops=_no_cost, bytes=_no_cost, torch=lambda x: x.flatten(1),
         samples=lambda rng, dtype: [Sample((rng.standard_normal((2, 3, 2, 2)).astype(dtype),))])
 
 
@@ -251,8 +261,10 @@ def matmul_backward(ctx, grad):
     return (grad @ b.T if ctx.needs_input_grad[0] else None, a.T @ grad if ctx.needs_input_grad[1] else None)
 
 
-declare("matmul", forward=matmul_forward, backward=matmul_backward, check=_check_matmul,
+declare("matmul", forward=matmul_forward, backward=matmul_backward, check=_check_matmul, portable=True,
+        torch=lambda a, b: a @ b,
         flops=lambda a, b: 2 * a[0] * a[1] * b[1],
+        backward_flops=lambda a, b: 4 * a[0] * a[1] * b[1],  # grad @ b.T and a.T @ grad
         bytes=lambda a, b, itemsize=4: itemsize * (a[0] * a[1] + b[0] * b[1] + a[0] * b[1]),
         samples=lambda rng, dtype: [Sample((rng.standard_normal((3, 4)).astype(dtype),
                                             rng.standard_normal((4, 2)).astype(dtype)))])

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util
-from pycnn.ops.registry import Sample, declare
+import pycnn.ops._util as _util
+from pycnn.ops.registry import BenchCase, Sample, declare
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -95,9 +95,30 @@ def _fancy_pca_flops(x_shape, **params):
 
 
 def _fancy_pca_bytes(x_shape, itemsize=4, **params):
-    # read the images, write the output; uint8 images read 1 byte per element and write 4
-    return 2 * itemsize * int(np.prod(x_shape))
+    """Read the images, write the output (itemsize: the images'): uint8 images (itemsize 1)
+    read 1 byte per element and write 4 (float32)."""
+    return (itemsize + (4 if itemsize == 1 else itemsize)) * int(np.prod(x_shape))
+
+
+def _torch_fancy_pca(x, eigvecs=None, eigvals=None, alphas=None, scale=None):
+    """x + scale * eigvecs @ (alphas[n] * eigvals), per image, written in torch."""
+    import torch
+    scale = (255.0 if x.dtype == torch.uint8 else 1.0) if scale is None else scale
+    t = torch.as_tensor
+    delta = (t(eigvecs) @ (t(alphas) * t(eigvals)).T).T * scale  # (N, 3)
+    dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype  # uint8 images give float32
+    return x.to(dtype) + delta.to(dtype)[:, :, None, None]
+
+
+def _bench_images(rng, shapes, params):
+    """uint8 RGB images and the colour statistics of random pixels."""
+    (shape,) = shapes
+    eigvals, eigvecs = np.linalg.eigh(np.cov(rng.uniform(0, 1, (3, 100))))
+    params = {"eigvecs": eigvecs, "eigvals": eigvals, "alphas": rng.normal(0, 0.1, (shape[0], 3)), **params}
+    return (rng.integers(0, 256, shape, dtype=np.uint8),), params
 
 
 declare("fancy_pca", forward=fancy_pca_forward, backward=fancy_pca_backward, check=_check_fancy_pca,
-        flops=_fancy_pca_flops, bytes=_fancy_pca_bytes, samples=_fancy_pca_samples)
+        flops=_fancy_pca_flops, bytes=_fancy_pca_bytes, samples=_fancy_pca_samples, torch=_torch_fancy_pca,
+        backward_flops=lambda x_shape, **params: 0, backward_bytes=lambda x_shape, itemsize=4, **params: 0,
+        bench=(BenchCase(((256, 3, 32, 32),), phases=("fwd",)),), bench_inputs=_bench_images)

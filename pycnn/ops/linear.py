@@ -9,7 +9,7 @@ the next layers need (pycnn/_threads.py).
 from __future__ import annotations
 
 from pycnn._threads import blas_single_threaded
-from pycnn.ops import _util
+import pycnn.ops._util as _util
 from pycnn.ops.registry import Sample, declare
 
 
@@ -60,5 +60,11 @@ def _linear_bytes(x_shape, w_shape, b_shape=None, itemsize=4):
     return itemsize * (n * f + o * f + o + n * o)
 
 
-declare("linear", forward=linear_forward, backward=linear_backward, check=_check_linear,
-        flops=_linear_flops, bytes=_linear_bytes, samples=_linear_samples)
+def _torch_linear(x, weight, bias=None):
+    import torch.nn.functional as F
+    return F.linear(x, weight, bias)
+
+
+declare("linear", forward=linear_forward, backward=linear_backward, check=_check_linear, portable=True,
+        flops=_linear_flops, bytes=_linear_bytes, samples=_linear_samples, torch=_torch_linear,
+        backward_flops=lambda x_shape, w_shape, b_shape=None: 2 * _linear_flops(x_shape, w_shape))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util
+import pycnn.ops._util as _util
 from pycnn.ops.registry import Sample, declare
 
 
@@ -81,8 +81,15 @@ def _ce_samples(rng, dtype):
             case(4, 5, label_smoothing=0.2, class_weight=np.linspace(0.5, 2, 5).astype(dtype))]
 
 
-declare("softmax_cross_entropy", forward=softmax_ce_forward, backward=softmax_ce_backward,
-        check=_check_softmax_ce, samples=_ce_samples,
+def _torch_ce(logits, labels=None, label_smoothing=0.0, class_weight=None):
+    import torch
+    weight = None if class_weight is None else torch.as_tensor(class_weight)
+    return torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels), weight=weight,
+                                             label_smoothing=label_smoothing)
+
+
+declare("softmax_cross_entropy", forward=softmax_ce_forward, backward=softmax_ce_backward, portable=True,
+        check=_check_softmax_ce, samples=_ce_samples, torch=_torch_ce,
         flops=lambda logits_shape, **p: 6 * int(np.prod(logits_shape)),
         bytes=lambda logits_shape, itemsize=4, **p: itemsize * int(np.prod(logits_shape)))
 
@@ -123,7 +130,13 @@ def _hinge_samples(rng, dtype):
     return [case(5, 4), case(1, 3), case(6, 10, margin=0.5)]
 
 
-declare("multiclass_hinge", forward=hinge_forward, backward=hinge_backward, check=_check_hinge,
-        samples=_hinge_samples,
+def _torch_hinge(scores, labels=None, margin=1.0):
+    import torch
+    # torch divides by the class count as well as the batch
+    return scores.shape[1] * torch.nn.functional.multi_margin_loss(scores, torch.as_tensor(labels), margin=margin)
+
+
+declare("multiclass_hinge", forward=hinge_forward, backward=hinge_backward, check=_check_hinge, portable=True,
+        samples=_hinge_samples, torch=_torch_hinge,
         flops=lambda scores_shape, **p: 3 * int(np.prod(scores_shape)),
         bytes=lambda scores_shape, itemsize=4, **p: itemsize * int(np.prod(scores_shape)))

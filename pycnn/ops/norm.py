@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn.device import array_module
-from pycnn.ops import _util
-from pycnn.ops.registry import Sample, declare
+import pycnn.ops._util as _util
+from pycnn.ops.registry import BenchCase, Sample, declare
 
 
 def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True,
@@ -100,7 +100,21 @@ def _bn_samples(rng, dtype):
             case((2, 3, 4, 4), training=False), case((5, 4), training=False)]
 
 
+def _torch_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
+    import torch
+    # the running statistics share memory with the NumPy arrays: updated in place, as ours
+    rm = None if running_mean is None else torch.from_numpy(running_mean)
+    rv = None if running_var is None else torch.from_numpy(running_var)
+    return torch.nn.functional.batch_norm(x, rm, rv, gamma, beta, training=training, momentum=momentum, eps=eps)
+
+
+def _elements_times(factor):
+    return lambda x_shape, *shapes, itemsize=4, **p: factor * itemsize * int(np.prod(x_shape))
+
+
 declare("batchnorm", forward=batchnorm_forward, backward=batchnorm_backward, check=_check_batchnorm,
-        samples=_bn_samples,
+        samples=_bn_samples, torch=_torch_batchnorm,
         flops=lambda x_shape, *shapes, **p: 8 * int(np.prod(x_shape)),
-        bytes=lambda x_shape, *shapes, itemsize=4, **p: 3 * itemsize * int(np.prod(x_shape)))
+        bytes=_elements_times(3),            # read x twice (statistics, normalisation), write y
+        backward_bytes=_elements_times(4),   # read x, read grad_y twice (sums, then grad_x), write grad_x
+        bench=(BenchCase(((256, 32, 32, 32), (32,), (32,)), where="gpu"),))

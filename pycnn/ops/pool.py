@@ -11,8 +11,8 @@ from __future__ import annotations
 
 
 from pycnn.device import array_module
-from pycnn.ops import _util
-from pycnn.ops.registry import Sample, declare
+import pycnn.ops._util as _util
+from pycnn.ops.registry import Sample, declare, map_bench
 
 
 def _check_pool(x):
@@ -41,6 +41,12 @@ def _unwindow2x2(windows, x_shape):
     out[:, :, :2 * ho, :2 * wo] = windows.reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(
         n, c, 2 * ho, 2 * wo)
     return out
+
+
+def pooled_shape(x_shape):
+    """(N, C, H, W) -> (N, C, H//2, W//2)"""
+    n, c, h, w = x_shape
+    return (n, c, h // 2, w // 2)
 
 
 def maxpool2x2_forward(ctx, x):
@@ -81,11 +87,27 @@ def _pool_flops(x_shape):
 
 
 def _pool_bytes(x_shape, itemsize=4):
+    """Read x, write y (the backward pass: read grad_y, write grad_x -- the same bytes)."""
     n, c, h, w = x_shape
-    return itemsize * (n * c * h * w + n * c * (h // 2) * (w // 2))  # read x, write y
+    return itemsize * (n * c * h * w + n * c * (h // 2) * (w // 2))
+
+
+def _maxpool_bytes(x_shape, itemsize=4):
+    """Plus the winner of each window (1 byte), written by forward and read by backward."""
+    n, c, h, w = x_shape
+    return _pool_bytes(x_shape, itemsize) + n * c * (h // 2) * (w // 2)
+
+
+def _torch_pool(name):
+    def pool(x):
+        import torch.nn.functional as F
+        return getattr(F, name)(x, 2)
+    return pool
 
 
 declare("maxpool2x2", forward=maxpool2x2_forward, backward=maxpool2x2_backward, check=_check_pool,
-        flops=_pool_flops, bytes=_pool_bytes, samples=_pool_samples)
+        flops=_pool_flops, bytes=_maxpool_bytes, backward_bytes=_maxpool_bytes, samples=_pool_samples,
+        torch=_torch_pool("max_pool2d"), bench=map_bench())
 declare("avgpool2x2", forward=avgpool2x2_forward, backward=avgpool2x2_backward, check=_check_pool,
-        flops=_pool_flops, bytes=_pool_bytes, samples=_pool_samples)
+        flops=_pool_flops, bytes=_pool_bytes, backward_bytes=_pool_bytes, samples=_pool_samples,
+        torch=_torch_pool("avg_pool2d"), bench=map_bench())

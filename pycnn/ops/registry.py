@@ -1,117 +1,193 @@
-"""The op registry: every op declared once, with its reference, costs and implementations.
+"""The op registry: every op declared once, with everything about it in one spec.
 
-An op is
+An op (``declare``) is
   * a reference ``forward(ctx, *inputs, **params) -> output`` and
     ``backward(ctx, grad_output) -> tuple of input gradients`` written against the array API
     (NumPy, and CuPy through the same code): short, plain, the spec;
-  * ``flops(*input_shapes, **params)`` and ``bytes(*input_shapes, itemsize, **params)``, so
-    benchmarks print GFLOP/s and GB/s;
   * ``check(*inputs, **params)``: the argument checks, shared by every implementation;
-  * implementations keyed by ``(backend, algorithm)``.  Forward and backward of one
-    implementation come as a pair: whatever ``forward`` stores on ``ctx`` is private to it.
-  * ``samples(rng, dtype)``: small inputs (odd sizes included) that drive the test suite.
+  * its costs, as functions of the input shapes: ``flops`` / ``bytes`` of the forward pass
+    and ``backward_flops`` / ``backward_bytes`` of the backward pass (``Op.cost``);
+  * ``torch(*tensors, **params)``: the op written in PyTorch (imported lazily), the
+    independent check; ``torch_native`` where torch draws its own random numbers (timed by
+    the benchmarks, never compared);
+  * ``samples(rng, dtype)``: small inputs and edge cases (odd sizes, NaN, infinities) that
+    drive the test suite;
+  * ``bench``: the benchmark cases (``BenchCase``: shapes, params, CPU or GPU), and
+    ``bench_inputs(rng, shapes, params)`` to make their arrays;
+  * implementations keyed by ``(backend, algorithm)`` (``register``; forward and backward
+    of one implementation come as a pair: what ``forward`` stores on ``ctx`` is private to
+    it).  ``portable`` ops are their reference on every backend (array-API code: NumPy with
+    single-threaded BLAS on the CPU, CuPy on a GPU), registered as the algorithm 'reference';
+  * for an activation that conv3x3_act can apply, ``conv_epilogue`` (``Epilogue``).
 
 ``inputs`` are the arrays an op differentiates through (None where one is optional, such as
 a missing bias); ``params`` are everything else (numbers, labels, running statistics).
+Which implementation runs a call is decided in ``pycnn.ops.routing``.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Iterator
 
-from pycnn.device import BACKENDS, cpp_extension, forced_backend, is_cuda_array
+import numpy as np
+
+from pycnn.device import BACKENDS
 
 REFERENCE = ("numpy", "reference")
+PHASES = ("fwd", "fwd+bwd")
 
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
     forward: Callable
     backward: Callable
+    # (inputs, params) -> None, or why this implementation cannot take the call
+    refuses: Callable | None = None
 
 
 @dataclasses.dataclass
 class Sample:
     """One test case: differentiable ``inputs`` and keyword ``params``.
-    ``differentiable`` says which inputs the gradient check perturbs."""
+    ``differentiable`` says which inputs the gradient check perturbs; ``gradcheck`` False
+    leaves the sample out of the finite-difference check (infinities, NaN)."""
     inputs: tuple
     params: dict = dataclasses.field(default_factory=dict)
     differentiable: tuple | None = None
+    gradcheck: bool = True
+    torch_agrees: bool = True  # False: PyTorch differs on purpose (says why where the sample is made)
 
     def __post_init__(self):
         if self.differentiable is None:
             self.differentiable = tuple(x is not None for x in self.inputs)
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchCase:
+    """One benchmark shape: input ``shapes`` (None: an absent input) and ``params``;
+    ``where`` 'cpu' (``pycnn bench``, bench/) or 'gpu' (bench/test_cuda.py)."""
+    shapes: tuple
+    params: dict = dataclasses.field(default_factory=dict)
+    where: str = "cpu"
+    phases: tuple = PHASES
+
+
+# x (N, C, H, W) of the memory-bound ops (maps, pooling): on the CPU 4-8 MiB (partly
+# cache-resident, as a copy of the same size is), on the GPU 64 MiB
+MAP_SHAPES = {"cpu": ((32, 64, 32, 32), (32, 128, 16, 16)), "gpu": ((256, 64, 32, 32),)}
+
+
+def map_bench(params=None, weight: bool = False, gpu: bool = True) -> tuple:
+    """The benchmark cases of a memory-bound op on x (N, C, H, W) at MAP_SHAPES; ``weight``:
+    it takes one value per channel as well (prelu)."""
+    wheres = ("cpu", "gpu") if gpu else ("cpu",)
+    return tuple(BenchCase((x, (x[1],)) if weight else (x,), dict(params or {}), where)
+                 for where in wheres for x in MAP_SHAPES[where])
+
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """How conv3x3_act applies an activation where the convolution stores its output.
+    ``params``: the conv3x3_act params it reads; ``weight``: it takes prelu_weight;
+    ``grad_from_output(params, prelu_weight)``: whether its backward can work from the output
+    y alone (else the pre-activation z is kept); ``flops`` per output element."""
+    params: tuple = ()
+    weight: bool = False
+    grad_from_output: Callable = lambda params, weight: False
+    flops: int = 1
+
+
+def _standard_normal(rng, shapes, params):
+    return tuple(None if s is None else rng.standard_normal(s, dtype=np.float32) for s in shapes), params
+
+
 @dataclasses.dataclass
 class Op:
     name: str
+    forward: dataclasses.InitVar[Callable]
+    backward: dataclasses.InitVar[Callable]
     check: Callable
     flops: Callable
     bytes: Callable
     samples: Callable
+    torch: Callable
+    backward_flops: Callable | None = None
+    backward_bytes: Callable | None = None
+    torch_native: Callable | None = None
+    bench: tuple = ()
+    bench_inputs: Callable = _standard_normal
+    portable: bool = False
+    conv_epilogue: Epilogue | None = None
+    # a map y = f(x, *params) whose gradient is computed from x: the params its kernels
+    # ``<name>_forward(x, y, *params)`` / ``<name>_backward(x, grad, grad_x, *params)`` take
+    # after the arrays, as (name, default, type) (every backend's elementwise idiom)
+    elementwise: tuple | None = None
+    # (inputs, params) -> [(op name, its extra inputs, its params), ...]: the ops this one fuses
+    unfused: Callable | None = None
     impls: dict = dataclasses.field(default_factory=dict)
-    # (backend, input shapes, params) -> algorithm, for backends with several algorithms
-    choose_algo: Callable | None = None
 
-    def register(self, backend: str, forward: Callable, backward: Callable, algo: str = "default") -> None:
+    def __post_init__(self, forward, backward):
+        self.register(*REFERENCE[:1], forward=forward, backward=backward, algo=REFERENCE[1])
+
+    def register(self, backend: str, forward: Callable, backward: Callable, algo: str = "default",
+                 refuses: Callable | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.impls[(backend, algo)] = Impl(forward, backward)
+        self.impls[(backend, algo)] = Impl(forward, backward, refuses)
 
     @property
     def reference(self) -> Impl:
         return self.impls[REFERENCE]
 
     def algorithms(self, backend: str) -> list[str]:
-        _load_backend(backend)
+        load_backend(backend)
         return [algo for (b, algo) in self.impls if b == backend]
 
     def backends(self) -> list[str]:
         for backend in BACKENDS:
-            _load_backend(backend)
+            load_backend(backend)
         return sorted({b for (b, _) in self.impls}, key=BACKENDS.index)
 
     def resolve(self, inputs, params, algo: str = "auto") -> tuple[str, str, Impl]:
-        """(backend, algorithm, implementation) for these inputs.
+        """(backend, algorithm, implementation) for these inputs (``routing.route``)."""
+        from pycnn.ops import routing
+        chosen = routing.route(self, inputs, params, algo)
+        return chosen.backend, chosen.algo, chosen.impl
 
-        The device of the inputs decides; a forced backend takes over where it implements
-        the op.  ``algo='auto'`` picks, a named algorithm must exist for that backend."""
-        on_gpu = any(is_cuda_array(x) for x in inputs if x is not None)
-        backend = forced_backend()
-        if backend is not None:
-            if backend == "cuda" and not on_gpu and not _cuda_simulated():
-                raise TypeError(f"{self.name}: backend 'cuda' needs CUDA arrays (CuPy), got host arrays")
-            if backend == "cpp" and on_gpu:
-                raise TypeError(f"{self.name}: backend 'cpp' needs host (NumPy) arrays, got CUDA arrays")
-        else:
-            backend = "cuda" if on_gpu else ("cpp" if cpp_extension() is not None else "numpy")
-        available = self.algorithms(backend)
-        if not available:
-            backend, available = "numpy", ["reference"]
-        if algo == "auto":
-            chosen = available[0]
-            if self.choose_algo is not None and len(available) > 1:
-                shapes = [None if x is None else tuple(x.shape) for x in inputs]
-                chosen = self.choose_algo(backend, shapes, params)
-        elif algo in available:
-            chosen = algo
-        else:
-            raise ValueError(
-                f"{self.name}: algo {algo!r} is not available on backend {backend!r}; "
-                f"choose one of {['auto'] + available}")
-        return backend, chosen, self.impls[(backend, chosen)]
+    def cost(self, phase: str, shapes, params=None, itemsize: int = 4) -> tuple[int, int]:
+        """(FLOPs, bytes read + written) of one pass ('fwd', 'bwd' or 'fwd+bwd') on inputs of
+        these shapes (None: an absent input)."""
+        params = dict(params or {})
+        flops = bwd_flops = nbytes = bwd_bytes = 0
+        if phase in ("fwd", "fwd+bwd"):
+            flops, nbytes = self.flops(*shapes, **params), self.bytes(*shapes, itemsize=itemsize, **params)
+        if phase in ("bwd", "fwd+bwd"):
+            bwd_flops = self.backward_flops(*shapes, **params)
+            bwd_bytes = self.backward_bytes(*shapes, itemsize=itemsize, **params)
+        if phase not in ("fwd", "bwd", "fwd+bwd"):
+            raise ValueError(f"phase must be 'fwd', 'bwd' or 'fwd+bwd', got {phase!r}")
+        return int(flops + bwd_flops), int(nbytes + bwd_bytes)
+
+    def bench_cases(self, where: str = "cpu") -> list[BenchCase]:
+        return [case for case in self.bench if case.where == where]
 
 
 REGISTRY: dict[str, Op] = {}
 
 
-def declare(name: str, *, forward, backward, check, flops, bytes, samples, choose_algo=None) -> Op:
-    """Declare an op with its NumPy reference; backends add implementations with ``register``."""
+def declare(name: str, **spec) -> Op:
+    """Declare an op (the fields of ``Op``); backends add implementations with ``register``.
+    Without ``backward_flops`` the backward costs the forward's FLOPs; without
+    ``backward_bytes`` it moves 3/2 of the forward's bytes (a map: read x and grad_y, write
+    grad_x, against read x, write y)."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} is already declared")
-    op = Op(name=name, check=check, flops=flops, bytes=bytes, samples=samples, choose_algo=choose_algo)
-    op.register(*REFERENCE[:1], forward=forward, backward=backward, algo=REFERENCE[1])
+    op = Op(name=name, **spec)
+    if op.backward_flops is None:
+        op.backward_flops = op.flops
+    if op.backward_bytes is None:
+        forward_bytes = op.bytes
+        op.backward_bytes = lambda *shapes, itemsize=4, **params: 3 * forward_bytes(
+            *shapes, itemsize=itemsize, **params) // 2
     REGISTRY[name] = op
     return op
 
@@ -124,7 +200,7 @@ def get(name: str) -> Op:
 
 
 def all_ops() -> Iterator[Op]:
-    return iter(REGISTRY.values())
+    return iter(list(REGISTRY.values()))
 
 
 # ------------------------------------------------------------ backends that load on demand
@@ -138,7 +214,7 @@ def add_backend_loader(backend: str, loader: Callable[[], None]) -> None:
     _backend_loaders[backend] = loader
 
 
-def _load_backend(backend: str) -> None:
+def load_backend(backend: str) -> None:
     if backend in _backends_loaded:
         return
     _backends_loaded.add(backend)
@@ -147,6 +223,4 @@ def _load_backend(backend: str) -> None:
         loader()
 
 
-def _cuda_simulated() -> bool:
-    import os
-    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+_load_backend = load_backend  # the name tests and the cuda backend used
