@@ -62,6 +62,12 @@ def _host_case(case):
     return op, spec.shapes, inputs, params
 
 
+def _device_case(case):
+    """(op, shapes, CuPy inputs, params) of a case."""
+    op, shapes, host, params = _host_case(case)
+    return op, shapes, [None if a is None else cupy.asarray(a) for a in host], params
+
+
 def _sync():
     cupy.cuda.get_current_stream().synchronize()
 
@@ -119,9 +125,7 @@ def _run_registry(impl, inputs, params, grad, phase):
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_pycnn_cuda(benchmark, capsys, case, phase):
-    op, shapes, host, params = _host_case(case)
-    name = op.name
-    inputs = [None if a is None else cupy.asarray(a) for a in host]
+    op, shapes, inputs, params = _device_case(case)
     with pycnn.use_backend("cuda"):
         backend, _, impl = op.resolve(inputs, params)
     assert backend == "cuda"
@@ -131,20 +135,17 @@ def test_pycnn_cuda(benchmark, capsys, case, phase):
     np.testing.assert_allclose(cupy.asnumpy(y), cupy.asnumpy(expected), rtol=1e-4, atol=1e-4)
     grad = cupy.ones_like(y)
     seconds = _bench(benchmark, lambda: _run_registry(impl, inputs, params, grad, phase))
-    _report(capsys, benchmark, "pycnn", name, phase, shapes, params, seconds, with_limit=True)
+    _report(capsys, benchmark, "pycnn", op.name, phase, shapes, params, seconds, with_limit=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_cupy_reference(benchmark, capsys, case, phase):
-    op, shapes, host, params = _host_case(case)
-    name = op.name
-    inputs = [None if a is None else cupy.asarray(a) for a in host]
-    y = op.reference.forward(Context((False,) * len(inputs)), *inputs, **params)
-    grad = cupy.ones_like(y)
+    op, shapes, inputs, params = _device_case(case)
+    grad = cupy.ones_like(op.reference.forward(Context((False,) * len(inputs)), *inputs, **params))
     seconds = _bench(benchmark, lambda: _run_registry(op.reference, inputs, params, grad, phase))
-    _report(capsys, benchmark, "cupy", name, phase, shapes, params, seconds)
+    _report(capsys, benchmark, "cupy", op.name, phase, shapes, params, seconds)
 
 
 @pytest.mark.gpu

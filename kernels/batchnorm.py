@@ -47,6 +47,18 @@ def _build(T):
             shared[2, tid] += shared[2, other] + delta * delta * (na * nb / n)
             shared[0, tid] = n
 
+    @cuda.jit(device=True)
+    def merge_block(shared, tid, n, mean, m2):
+        """Store this thread's triple, then tree-merge the block's into shared[:, 0]."""
+        shared[0, tid], shared[1, tid], shared[2, tid] = n, mean, m2
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                merge(shared, tid, tid + stride)
+            cuda.syncthreads()
+            stride //= 2
+
     @cuda.jit
     def moments(x, partial, channels, inner, count):
         # x is (N*C*P,), partial is (C*S*3,); grid (S, C), REDUCE_THREADS threads
@@ -62,14 +74,7 @@ def _build(T):
             mean += delta / n
             m2 += delta * (v - mean)
             e += blocks * cuda.blockDim.x
-        shared[0, tid], shared[1, tid], shared[2, tid] = n, mean, m2
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                merge(shared, tid, tid + stride)
-            cuda.syncthreads()
-            stride //= 2
+        merge_block(shared, tid, n, mean, m2)
         if tid == 0:
             out = (c * blocks + s) * 3
             partial[out], partial[out + 1], partial[out + 2] = shared[0, 0], shared[1, 0], shared[2, 0]
@@ -92,14 +97,7 @@ def _build(T):
                 mean += delta * (nb / total)
                 m2 += partial[at + 2] + delta * delta * (n * nb / total)
                 n = total
-        shared[0, tid], shared[1, tid], shared[2, tid] = n, mean, m2
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                merge(shared, tid, tid + stride)
-            cuda.syncthreads()
-            stride //= 2
+        merge_block(shared, tid, n, mean, m2)
         if tid == 0:
             mean, m2 = shared[1, 0], shared[2, 0]
             var = m2 / T(count)
