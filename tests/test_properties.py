@@ -30,6 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 import pycnn.ops  # noqa: E402,F401  (declares every op)
 from pycnn.autograd import Context  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
+from pycnn.ops.conv import CONV_ACTIVATIONS  # noqa: E402
 from tests.conftest import omp_threads  # noqa: E402
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -289,9 +290,10 @@ def test_conv3x3_matches_the_reference(algo, dtype, n, c, k, h, w, bias, scale, 
             assert_close_to(got, want, bound, tol, f"conv3x3/{algo} gradient {i}")
 
 
-ACTIVATIONS = st.sampled_from([("relu", {}), ("leaky_relu", {"slope": 0.1}), ("leaky_relu", {"slope": -0.4}),
-                               ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.5}), ("elu", {"alpha": -0.5}),
-                               ("prelu", {})])
+# every activation conv3x3_act applies (the specs), and parameters of both signs
+ACTIVATIONS = st.sampled_from([(name, {}) for name in CONV_ACTIVATIONS] + [
+    ("leaky_relu", {"slope": 0.1}), ("leaky_relu", {"slope": -0.4}), ("elu", {"alpha": 0.5}),
+    ("elu", {"alpha": -0.5})])
 
 
 @PROPERTY
@@ -413,9 +415,11 @@ def _finite_differences(implementation, inputs, params, g, index, step):
     return out
 
 
-GRADCHECK_OPS = st.sampled_from([("relu", {}), ("leaky_relu", {"slope": -0.3}), ("elu", {"alpha": 1.5}),
-                                 ("sigmoid", {}), ("tanh", {}), ("batchnorm", {}), ("batchnorm", {"training": False}),
-                                 ("conv3x3_act", {"activation": "elu"}), ("avgpool2x2", {})])
+# the elementwise family (the specs with ``elementwise``) and a few others
+ELEMENTWISE = [op.name for op in registry.all_ops() if op.elementwise is not None]
+GRADCHECK_OPS = st.sampled_from([(name, {}) for name in ELEMENTWISE] + [
+    ("leaky_relu", {"slope": -0.3}), ("elu", {"alpha": 1.5}), ("batchnorm", {}), ("batchnorm", {"training": False}),
+    ("conv3x3_act", {"activation": "elu"}), ("conv3x3_act", {"activation": "swish"}), ("avgpool2x2", {})])
 
 
 @FEW
@@ -453,18 +457,16 @@ def test_cpp_backward_matches_float64_finite_differences(op, scale, offset, seed
 # ----------------------------------------------------------------------- PyTorch
 
 def _torch_run(name, inputs, params, g):
-    """forward and input gradients of the PyTorch equivalent (tests/torch_equivalents.py), float64."""
+    """forward and input gradients of the PyTorch equivalent (the spec's ``torch``), float64."""
     torch = pytest.importorskip("torch")
-    from tests.torch_equivalents import TORCH_EQUIVALENTS
 
     tensors = [None if a is None else torch.tensor(as64(a), requires_grad=True) for a in inputs]
-    y = TORCH_EQUIVALENTS[name](*tensors, **params)
+    y = registry.get(name).torch(*tensors, **params)
     y.backward(torch.tensor(as64(g)))
     return y.detach().numpy(), [None if t is None else t.grad.numpy() for t in tensors]
 
 
-TORCH_OPS = st.sampled_from(["relu", "leaky_relu", "elu", "sigmoid", "tanh", "prelu", "maxpool2x2", "avgpool2x2",
-                             "conv3x3", "batchnorm"])
+TORCH_OPS = st.sampled_from(ELEMENTWISE + ["prelu", "maxpool2x2", "avgpool2x2", "conv3x3", "batchnorm"])
 
 
 @FEW
