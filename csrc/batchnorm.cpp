@@ -257,14 +257,8 @@ void backward_kernel(const T* x, const T* mean, const T* invstd, const T* gamma,
     }
 }
 
-template <typename T>
-const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
-template <typename T>
-T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
-
-}  // namespace
-
-namespace {
+using pycnn::data_of;
+using pycnn::mutable_data_of;
 
 void define(py::module_& m) {
     using pycnn::as_array_like;
@@ -284,9 +278,9 @@ void define(py::module_& m) {
             check_channels(fn, "var", var, d.C);
             dispatch_float(x, [&](auto zero) {
                 using T = decltype(zero);
-                const T* xp = cptr<T>(x);
-                T* mp = mptr<T>(mean);
-                T* vp = mptr<T>(var);
+                const T* xp = data_of<T>(x);
+                T* mp = mutable_data_of<T>(mean);
+                T* vp = mutable_data_of<T>(var);
                 py::gil_scoped_release nogil;
                 stats_kernel<T>(xp, mp, vp, d.N, d.C, d.S);
             });
@@ -310,8 +304,8 @@ void define(py::module_& m) {
             check_channels(fn, "shift", shift, d.C);
             dispatch_float(x, [&](auto zero) {
                 using T = decltype(zero);
-                const T *xp = cptr<T>(x), *mp = cptr<T>(mean), *ap = cptr<T>(scale), *bp = cptr<T>(shift);
-                T* yp = mptr<T>(y);
+                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ap = data_of<T>(scale), *bp = data_of<T>(shift);
+                T* yp = mutable_data_of<T>(y);
                 py::gil_scoped_release nogil;
                 apply_kernel<T>(xp, mp, ap, bp, yp, d.N, d.C, d.S);
             });
@@ -341,9 +335,9 @@ void define(py::module_& m) {
             }
             dispatch_float(x, [&](auto zero) {
                 using T = decltype(zero);
-                const T *xp = cptr<T>(x), *mp = cptr<T>(mean), *ip = cptr<T>(invstd), *gp = cptr<T>(gamma),
-                        *gop = cptr<T>(g);
-                T *gxp = mptr<T>(gx), *ggp = mptr<T>(ggamma), *gbp = mptr<T>(gbeta);
+                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ip = data_of<T>(invstd), *gp = data_of<T>(gamma),
+                        *gop = data_of<T>(g);
+                T *gxp = mutable_data_of<T>(gx), *ggp = mutable_data_of<T>(ggamma), *gbp = mutable_data_of<T>(gbeta);
                 py::gil_scoped_release nogil;
                 backward_kernel<T>(xp, mp, ip, gp, gop, gxp, ggp, gbp, d.N, d.C, d.S, training);
             });

@@ -39,8 +39,6 @@ void define_registered_bindings(py::module_& m);  // module.cpp
 
 }  // namespace pycnn
 
-void register_fancy_pca(py::module_& m);  // fancy_pca.cpp (not yet a pycnn::Bindings)
-
 namespace pycnn {
 
 // Loops over fewer elements than this run on one thread: starting the OpenMP team costs

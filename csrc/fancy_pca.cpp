@@ -140,9 +140,7 @@ py::array as_float64(const char* fn, const char* name, const py::object& obj, st
     return a;
 }
 
-}  // namespace
-
-void register_fancy_pca(py::module_& m) {
+void define(py::module_& m) {
     m.def(
         "fancy_pca_apply",
         [](const py::object& images_obj, const py::object& eigvecs_obj, const py::object& eigvals_obj,
@@ -213,3 +211,7 @@ void register_fancy_pca(py::module_& m) {
         "images (N, 3, H, W) uint8/float32/float64: sums (3,) += the sum of every pixel's RGB vector x, "
         "outer (3, 3) += the sum of x x^T (both float64, accumulated); returns the pixel count N*H*W.");
 }
+
+const pycnn::Bindings bindings(define);
+
+}  // namespace

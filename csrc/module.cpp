@@ -80,5 +80,4 @@ PYBIND11_MODULE(PYCNN_MODULE_NAME, m) {
         py::arg("n"), "Set the number of OpenMP threads for kernels called from this Python thread.");
 
     pycnn::define_registered_bindings(m);  // every file's pycnn::Bindings (common.hpp)
-    register_fancy_pca(m);
 }

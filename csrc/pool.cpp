@@ -296,8 +296,8 @@ void define(py::module_& m) {
             py::array arg = as_argmax(fn, arg_obj, x, true);
             pycnn::dispatch_float(x, [&](auto zero) {
                 using T = decltype(zero);
-                const T* xp = static_cast<const T*>(x.data());
-                T* yp = static_cast<T*>(y.mutable_data());
+                const T* xp = pycnn::data_of<T>(x);
+                T* yp = pycnn::mutable_data_of<T>(y);
                 auto* ap = static_cast<uint8_t*>(arg.mutable_data());
                 py::gil_scoped_release nogil;
                 maxpool_forward<T>(xp, yp, ap, d.planes, d.H, d.W);
@@ -317,9 +317,9 @@ void define(py::module_& m) {
             py::array arg = as_argmax(fn, arg_obj, gx, false);
             pycnn::dispatch_float(gx, [&](auto zero) {
                 using T = decltype(zero);
-                const T* gp = static_cast<const T*>(g.data());
+                const T* gp = pycnn::data_of<T>(g);
                 const auto* ap = static_cast<const uint8_t*>(arg.data());
-                T* gxp = static_cast<T*>(gx.mutable_data());
+                T* gxp = pycnn::mutable_data_of<T>(gx);
                 py::gil_scoped_release nogil;
                 maxpool_backward<T>(gp, ap, gxp, d.planes, d.H, d.W);
             });
@@ -336,8 +336,8 @@ void define(py::module_& m) {
             require_pooled(fn, "y", y, x);
             pycnn::dispatch_float(x, [&](auto zero) {
                 using T = decltype(zero);
-                const T* xp = static_cast<const T*>(x.data());
-                T* yp = static_cast<T*>(y.mutable_data());
+                const T* xp = pycnn::data_of<T>(x);
+                T* yp = pycnn::mutable_data_of<T>(y);
                 py::gil_scoped_release nogil;
                 avgpool_forward<T>(xp, yp, d.planes, d.H, d.W);
             });
@@ -353,8 +353,8 @@ void define(py::module_& m) {
             require_pooled(fn, "grad_y", g, gx);
             pycnn::dispatch_float(gx, [&](auto zero) {
                 using T = decltype(zero);
-                const T* gp = static_cast<const T*>(g.data());
-                T* gxp = static_cast<T*>(gx.mutable_data());
+                const T* gp = pycnn::data_of<T>(g);
+                T* gxp = pycnn::mutable_data_of<T>(gx);
                 py::gil_scoped_release nogil;
                 avgpool_backward<T>(gp, gxp, d.planes, d.H, d.W);
             });
