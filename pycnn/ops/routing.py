@@ -138,8 +138,9 @@ def route(op, inputs, params, algo: str = "auto") -> Route:
     available = op.algorithms(backend)
     if not available:
         how = " (forced by use_backend or PYCNN_BACKEND)" if forced else ""
+        loaded = sorted({b for (b, _) in op.impls}, key=BACKENDS.index)  # without loading another backend
         raise NoImplementation(f"{op.name}: backend {backend!r}{how} does not implement this op; "
-                               f"it runs on {op.backends()}")
+                               f"it runs on {loaded}")
     if algo != "auto" and algo not in available:
         raise ValueError(f"{op.name}: algo {algo!r} is not available on backend {backend!r}; "
                          f"choose one of {['auto'] + available}")
