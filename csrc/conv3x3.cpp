@@ -278,7 +278,6 @@ inline void grad_weight_block(const float* x, const float* gy, int64_t n0, int64
 // over every pixel: 6 broadcasts + kClVecs loads per 6 * kClVecs FMAs, no masks, no
 // horizontal sums.
 constexpr int64_t kGradWeightChannelsLastMinC = 16;  // below: the pixel-vectorised kernel
-constexpr int kWKB = 6;   // output channels per block
 
 // xt[n] (padded channels-last) from x[n] (C, H, W): borders and channels past C are zero.
 void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W) {
@@ -308,71 +307,182 @@ void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, i
     }
 }
 
-// acc (kWKB x NV vectors, in memory, row stride V::kClVecs vectors) += sum over the H x W
-// pixels of g[r][h * gstride + w] (broadcast) times the padded channels-last plane xt shifted
-// by `toff` floats.
-template <class V, int NV>
-inline void grad_weight_cl_block(const float* const* g, int64_t gstride, const float* xt, int64_t toff, int64_t Cp,
-                                 int64_t H, int64_t W, float* acc_mem) {
-    using Reg = typename V::Reg;
-    constexpr int L = V::kLanes, CV = V::kClVecs;
-    Reg acc[kWKB][NV];
-    for (int r = 0; r < kWKB; ++r)
-        for (int q = 0; q < NV; ++q) acc[r][q] = V::loadu(acc_mem + (r * CV + q) * L);
-    const int64_t Wp = W + 2;
-    for (int64_t h = 0; h < H; ++h) {
-        const float* xr = xt + h * Wp * Cp + toff;
-        const int64_t p0 = h * gstride;
-        for (int64_t w = 0; w < W; ++w) {
-            Reg xv[NV];
-            for (int q = 0; q < NV; ++q) xv[q] = V::loadu(xr + w * Cp + L * q);
-            for (int r = 0; r < kWKB; ++r) {
-                const Reg gr = V::set1(g[r][p0 + w]);
-                for (int q = 0; q < NV; ++q) acc[r][q] = V::fmadd(gr, xv[q], acc[r][q]);
+// Scratch arrays of the channels-last kernel (the padded planes, the packed gy), kept per
+// calling thread between calls and grown when needed: a fresh allocation of several MiB per
+// call costs its page faults (a third of the time of a 32 x 32 layer).  64-byte aligned, so
+// that the zmm loads of whole channel vectors do not straddle cache lines.
+float* scratch(std::vector<float>& buf, size_t n) {
+    if (buf.size() < n + 16) buf.assign(n + 16, 0.0f);  // (never shrinks)
+    const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+    return buf.data() + ((64 - addr % 64) % 64) / sizeof(float);
+}
+
+// gyb[kb][p][KB] (kb = 0 .. kblocks-1, block stride `kstride` floats) from one image of gy
+// (K, P): the output channels of block kb interleaved per pixel, rows past K zero, so that
+// the micro-kernel broadcasts its KB values from one pointer.
+template <int KB>
+void pack_grad_y(const float* gy, float* gyb, int64_t K, int64_t P, int64_t kstride) {
+    const int64_t kblocks = (K + KB - 1) / KB;
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+        float* out = gyb + kb * kstride;
+        for (int r = 0; r < KB; ++r) {
+            const int64_t k = kb * KB + r;
+            if (k < K) {
+                const float* src = gy + k * P;
+                for (int64_t p = 0; p < P; ++p) out[p * KB + r] = src[p];
+            } else {
+                for (int64_t p = 0; p < P; ++p) out[p * KB + r] = 0.0f;
             }
         }
     }
-    for (int r = 0; r < kWKB; ++r)
-        for (int q = 0; q < NV; ++q) V::storeu(acc_mem + (r * CV + q) * L, acc[r][q]);
+}
+
+// acc (KB x NV vectors, in memory, row stride NV vectors) += sum over images 0 .. nimg-1
+// (strides gstride, xstride) and their H x W pixels of g[p * KB + r] (broadcast) times the
+// padded channels-last plane xt shifted by `toff` floats.  Per pixel: NV loads, KB
+// broadcasts, KB * NV FMAs (KB * NV <= 24 accumulators).
+template <class V, int KB, int NV>
+inline void grad_weight_cl_block(const float* g, int64_t gstride, const float* xt, int64_t xstride, int64_t nimg,
+                                 int64_t toff, int64_t Cp, int64_t H, int64_t W, float* acc_mem) {
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes;
+    Reg acc[KB][NV];
+    for (int r = 0; r < KB; ++r)
+        for (int q = 0; q < NV; ++q) acc[r][q] = V::loadu(acc_mem + (r * NV + q) * L);
+    const int64_t Wp = W + 2;
+    for (int64_t n = 0; n < nimg; ++n) {
+        for (int64_t h = 0; h < H; ++h) {
+            const float* xr = xt + n * xstride + h * Wp * Cp + toff;
+            const float* gr = g + n * gstride + h * W * KB;
+            for (int64_t w = 0; w < W; ++w) {
+                Reg xv[NV];
+                for (int q = 0; q < NV; ++q) xv[q] = V::loadu(xr + w * Cp + L * q);
+                for (int r = 0; r < KB; ++r) {
+                    const Reg gb = V::set1(gr[w * KB + r]);
+                    for (int q = 0; q < NV; ++q) acc[r][q] = V::fmadd(gb, xv[q], acc[r][q]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < KB; ++r)
+        for (int q = 0; q < NV; ++q) V::storeu(acc_mem + (r * NV + q) * L, acc[r][q]);
+}
+
+// One work item on one chunk of images: output channels of one k block (g: their packed gy,
+// image stride P * KB), input channels c0 .. c0 + NV*L - 1 of the chunk's padded planes xt;
+// every tap.  acc (9 x KB x NV*L floats, the item's own) += the chunk's sums.  The images go
+// in sub-chunks whose planes (this block's channels) fit in L2; within one the accumulators of
+// a tap stay in registers over all its images.
+constexpr int64_t kClSubChunkBytes = 192 << 10;  // of L2 (1 MiB or more)
+
+template <class V, int KB, int NV>
+void grad_weight_cl_item(const float* g, const float* xt, int64_t nimg, int64_t Cp, int64_t H, int64_t W,
+                         int64_t c0, float* acc) {
+    constexpr int L = V::kLanes, CB = NV * L;
+    const int64_t P = H * W, Pp = (H + 2) * (W + 2);
+    const int64_t nb = std::max<int64_t>(1, kClSubChunkBytes / (Pp * CB * 4 + P * KB * 4));
+    for (int64_t n0 = 0; n0 < nimg; n0 += nb) {
+        const int64_t ni = std::min(nb, nimg - n0);
+        const float* gn = g + n0 * P * KB;
+        const float* xn = xt + n0 * Pp * Cp + c0;
+        for (int t = 0; t < 9; ++t) {
+            const int64_t toff = ((t / 3) * (W + 2) + t % 3) * Cp;
+            grad_weight_cl_block<V, KB, NV>(gn, P * KB, xn, Pp * Cp, ni, toff, Cp, H, W, acc + t * KB * CB);
+        }
+    }
+}
+
+// The batch goes in chunks of images (whose padded planes and packed gy take about 2 MiB):
+// the threads transpose a chunk's x to padded channels-last planes and pack its gy, then
+// share its work items (k block, c block); each item adds to accumulators of its own, so
+// every sum is taken over the images in order and the pixels in order whichever thread does
+// an item: the result depends neither on the thread count nor on the schedule.  Working on
+// a chunk at a time keeps the transposed data in cache (transposing the whole batch first
+// wrote and re-read up to 10 MiB).
+template <class V, int KB>
+void grad_weight_cl_run(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t Cp, int64_t K,
+                        int64_t H, int64_t W, int nvmax) {
+    constexpr int L = V::kLanes;
+    const int64_t P = H * W, Pp = (H + 2) * (W + 2);
+    const int64_t kblocks = (K + KB - 1) / KB, cbw = nvmax * L, cblocks = (Cp + cbw - 1) / cbw;
+    const int64_t items = kblocks * cblocks, item_acc = 9 * KB * cbw;
+    const int64_t per_image = Pp * Cp + kblocks * KB * P;
+    const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(1, (int64_t(2) << 20) / (per_image * 4)));
+    thread_local std::vector<float> xt_buf, gyb_buf, acc_buf;
+    float* const xt = scratch(xt_buf, static_cast<size_t>(nb * Pp * Cp));
+    float* const gyb = scratch(gyb_buf, static_cast<size_t>(kblocks * nb * P * KB));  // [kb][n][p][KB]
+    float* const acc = scratch(acc_buf, static_cast<size_t>(items * item_acc));
+    const int64_t kstride = nb * P * KB;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < items * item_acc; ++i) acc[i] = 0.0f;
+        for (int64_t n0 = 0; n0 < N; n0 += nb) {
+            const int64_t nimg = std::min(nb, N - n0);
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < nimg; ++n) {
+                to_padded_channels_last(x + (n0 + n) * C * P, xt + n * Pp * Cp, C, Cp, H, W);
+                pack_grad_y<KB>(gy + (n0 + n) * K * P, gyb + n * P * KB, K, P, kstride);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < items; ++item) {
+                const int64_t kb = item / cblocks, c0 = (item % cblocks) * cbw;
+                const int nv = static_cast<int>(std::min<int64_t>(nvmax, (Cp - c0) / L));
+                const float* g = gyb + kb * kstride;
+                float* a = acc + item * item_acc;
+                if constexpr (KB * 4 <= 24) {
+                    if (nv == 4) { grad_weight_cl_item<V, KB, 4>(g, xt, nimg, Cp, H, W, c0, a); continue; }
+                }
+                if constexpr (KB * 3 <= 24) {
+                    if (nv == 3) { grad_weight_cl_item<V, KB, 3>(g, xt, nimg, Cp, H, W, c0, a); continue; }
+                }
+                if constexpr (KB * 2 <= 24) {
+                    if (nv == 2) { grad_weight_cl_item<V, KB, 2>(g, xt, nimg, Cp, H, W, c0, a); continue; }
+                }
+                grad_weight_cl_item<V, KB, 1>(g, xt, nimg, Cp, H, W, c0, a);
+            }
+        }
+        // acc of item (kb, cb): [t][r][c - c0] with row stride nv * L
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t kb = item / cblocks, c0 = (item % cblocks) * cbw;
+            const int64_t cbn = std::min<int64_t>(nvmax, (Cp - c0) / L) * L;
+            const float* a = acc + item * item_acc;
+            for (int r = 0; r < KB && kb * KB + r < K; ++r)
+                for (int64_t c = c0; c < std::min<int64_t>(C, c0 + cbw); ++c)
+                    for (int t = 0; t < 9; ++t) gw[((kb * KB + r) * C + c) * 9 + t] = a[(t * KB + r) * cbn + (c - c0)];
+        }
+    }
 }
 
 template <class V>
 void grad_weight_channels_last(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K,
                                int64_t H, int64_t W) {
-    constexpr int L = V::kLanes, CV = V::kClVecs, CB = L * CV;  // CB input channels per block
+    constexpr int L = V::kLanes;
     static_assert(16 % L == 0, "Cp (a multiple of 16) must be whole vectors");
-    const int64_t P = H * W, Cp = (C + 15) / 16 * 16, Pp = (H + 2) * (W + 2);
-    std::unique_ptr<float[]> xt(new float[static_cast<size_t>(N * Pp * Cp)]);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; ++n) to_padded_channels_last(x + n * C * P, xt.get() + n * Pp * Cp, C, Cp, H, W);
-    const std::vector<float> zeros(static_cast<size_t>(P), 0.0f);  // the gy rows past K
-    const int64_t kblocks = (K + kWKB - 1) / kWKB, cblocks = (Cp + CB - 1) / CB;
-    // Items (k block, c block) own their outputs: no merging, independent of the thread count.
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int64_t kb = 0; kb < kblocks; ++kb) {
-        for (int64_t cb = 0; cb < cblocks; ++cb) {
-            const int64_t k0 = kb * kWKB, c0 = cb * CB;
-            const int nv = static_cast<int>(std::min<int64_t>(CV, (Cp - c0) / L));
-            alignas(64) float acc[9][kWKB * CB] = {};
-            for (int64_t n = 0; n < N; ++n) {
-                const float* g[kWKB];
-                for (int r = 0; r < kWKB; ++r) g[r] = k0 + r < K ? gy + (n * K + k0 + r) * P : zeros.data();
-                const float* xn = xt.get() + n * Pp * Cp + c0;
-                for (int t = 0; t < 9; ++t) {
-                    const int64_t toff = ((t / 3) * (W + 2) + t % 3) * Cp;
-                    switch (nv) {
-                        case 4: grad_weight_cl_block<V, CV < 4 ? CV : 4>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                        case 3: grad_weight_cl_block<V, CV < 3 ? CV : 3>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                        case 2: grad_weight_cl_block<V, CV < 2 ? CV : 2>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                        default: grad_weight_cl_block<V, 1>(g, W, xn, toff, Cp, H, W, acc[t]); break;
-                    }
-                }
-            }
-            for (int r = 0; r < kWKB && k0 + r < K; ++r)
-                for (int64_t c = c0; c < std::min<int64_t>(C, c0 + CB); ++c)
-                    for (int t = 0; t < 9; ++t) gw[((k0 + r) * C + c) * 9 + t] = acc[t][r * CB + (c - c0)];
-        }
+    // accumulators KB x NV of the register file: 24 of 32 zmm, 12 of 16 ymm
+    constexpr int kMaxAcc = L == 16 ? 24 : 12, kMaxNV = L == 16 ? 4 : 2;
+    const int64_t Cp = (C + 15) / 16 * 16;
+    const int nvmax = static_cast<int>(std::min<int64_t>(kMaxNV, Cp / L));
+    const int64_t cblocks = (Cp + nvmax * L - 1) / (nvmax * L);
+    const int64_t threads = omp_get_max_threads();
+    // cost ~ rounds of items over the threads x cycles of an item per pixel and tap (KB * nv
+    // FMAs + overhead)
+    int best = 0;
+    double best_cost = 0.0;
+    for (int kb : {12, 8, 6, 4}) {
+        if (kb * nvmax > kMaxAcc) continue;
+        const int64_t items = (K + kb - 1) / kb * cblocks, rounds = (items + threads - 1) / threads;
+        const double cost = static_cast<double>(rounds) * (kb * nvmax + 2.0);
+        if (best == 0 || cost < best_cost) best = kb, best_cost = cost;
     }
+    switch (best) {
+        case 12: if constexpr (12 <= kMaxAcc) return grad_weight_cl_run<V, 12>(x, gy, gw, N, C, Cp, K, H, W, nvmax); break;
+        case 8: return grad_weight_cl_run<V, 8>(x, gy, gw, N, C, Cp, K, H, W, nvmax);
+        case 6: return grad_weight_cl_run<V, 6>(x, gy, gw, N, C, Cp, K, H, W, nvmax);
+        default: break;
+    }
+    grad_weight_cl_run<V, 4>(x, gy, gw, N, C, Cp, K, H, W, nvmax);
 }
 
 
