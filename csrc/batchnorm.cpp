@@ -9,18 +9,21 @@
 // enough).  This is done per (n, c) row while it is in L1, and the rows are merged by Chan's
 // formula (stats_kernel).  Every sum has a fixed order that depends on the shape alone: the
 // results are the same on any number of OpenMP threads.
+#include "activation.hpp"
 #include "common.hpp"
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 using pycnn::kParallelMinElements;
+namespace act = pycnn::act;
 
 struct BatchNormDims {
     int64_t N, C, S;
@@ -57,9 +60,15 @@ constexpr int64_t kColumnBlock = 64;  // channels per thread in the S = 1 layout
 //           lanes in a fixed order), then the rows of a channel are added in order of n;
 //   S = 1:  (N, C) input: each channel is summed in order of n by one thread, the loop over
 //           a block of channels vectorised (one lane per channel).
-template <typename T, typename Term>
+// `prologue(r)` (S > 1 only) runs on the thread that sums row r, just before: batchnorm_act's
+// backward writes the row of u there, so that it is summed while it is in L1.
+struct NoPrologue {
+    void operator()(int64_t) const {}
+};
+
+template <typename T, typename Term, typename Prologue = NoPrologue>
 void channel_sums(const T* u, const T* v, const double* shift, int64_t N, int64_t C, int64_t S, Term term,
-                  std::vector<Terms>& out) {
+                  std::vector<Terms>& out, Prologue prologue = Prologue()) {
     out.assign(static_cast<size_t>(C), Terms{0.0, 0.0});
     Terms* outp = out.data();
     const bool parallel = N * C * S >= kParallelMinElements;
@@ -69,6 +78,7 @@ void channel_sums(const T* u, const T* v, const double* shift, int64_t N, int64_
         Terms* rowp = per_row.data();
 #pragma omp parallel for schedule(static) if (parallel)
         for (int64_t r = 0; r < rows; ++r) {
+            prologue(r);
             const double sc = shift[r % C];
             const T* ur = u + r * S;
             const T* vr = v + r * S;
@@ -199,10 +209,12 @@ void stats_kernel(const T* x, T* mean, T* var, int64_t N, int64_t C, int64_t S) 
     }
 }
 
-// y = (x - mean[c]) * scale[c] + shift[c]
+// z = (x - mean[c]) * scale[c] + shift[c];  y = z, or y = act(z) with an activation (batchnorm_act:
+// applied to each row while it is in L1, z kept in `pre` where that is not null).
 template <typename T>
 void apply_kernel(const T* x, const T* mean, const T* scale, const T* shift, T* y, int64_t N, int64_t C,
-                  int64_t S) {
+                  int64_t S, act::RowForward<T> activation = nullptr, const act::Params<T>& params = {},
+                  T* pre = nullptr) {
     const int64_t rows = N * C;
 #pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
     for (int64_t r = 0; r < rows; ++r) {
@@ -212,6 +224,10 @@ void apply_kernel(const T* x, const T* mean, const T* scale, const T* shift, T* 
         T* yr = y + r * S;
 #pragma omp simd
         for (int64_t i = 0; i < S; ++i) yr[i] = (xr[i] - m) * a + b;
+        if (activation) {
+            if (pre) std::memcpy(pre + r * S, yr, sizeof(T) * static_cast<size_t>(S));
+            activation(yr, yr, S, params.channel(c));
+        }
     }
 }
 
@@ -219,15 +235,22 @@ void apply_kernel(const T* x, const T* mean, const T* scale, const T* shift, T* 
 //   grad_beta = sum g,  grad_gamma = sum g * x_hat
 //   training:   grad_x = gamma * invstd * (g - grad_beta / M - x_hat * grad_gamma / M)
 //   evaluation: grad_x = gamma * invstd * g
-template <typename T>
-void backward_kernel(const T* x, const T* mean, const T* invstd, const T* gamma, const T* g, T* gx, T* ggamma,
-                     T* gbeta, int64_t N, int64_t C, int64_t S, bool training) {
+// The gradient sums of g (sum g, sum g * (x - mean)) per channel; prologue(r) as in channel_sums.
+template <typename T, typename Prologue = NoPrologue>
+std::vector<Terms> backward_sums(const T* x, const T* mean, const T* g, int64_t N, int64_t C, int64_t S,
+                                 Prologue prologue = Prologue()) {
     std::vector<double> shift(mean, mean + C);
     std::vector<Terms> sums;
     channel_sums(g, x, shift.data(), N, C, S, [](T gi, T xi, double m) {
         const double gv = static_cast<double>(gi);
         return Terms{gv, gv * (static_cast<double>(xi) - m)};
-    }, sums);
+    }, sums, prologue);
+    return sums;
+}
+
+template <typename T>
+void backward_from_sums(const T* x, const T* mean, const T* invstd, const T* gamma, const T* g, T* gx, T* ggamma,
+                        T* gbeta, int64_t N, int64_t C, int64_t S, bool training, const std::vector<Terms>& sums) {
     const double count = static_cast<double>(N * S);
     std::vector<T> k0(C), k1(C), k2(C);  // grad_x = k0 * g + k1 * (x - mean) + k2
     for (int64_t c = 0; c < C; ++c) {
@@ -253,12 +276,65 @@ void backward_kernel(const T* x, const T* mean, const T* invstd, const T* gamma,
         const T* gr = g + r * S;
         T* gxr = gx + r * S;
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) gxr[i] = a * gr[i] + b * (xr[i] - m) + d;
+        for (int64_t i = 0; i < S; ++i) gxr[i] = a * gr[i] + b * (xr[i] - m) + d;  // gr may be gxr
+    }
+}
+
+template <typename T>
+void backward_kernel(const T* x, const T* mean, const T* invstd, const T* gamma, const T* g, T* gx, T* ggamma,
+                     T* gbeta, int64_t N, int64_t C, int64_t S, bool training) {
+    backward_from_sums(x, mean, invstd, gamma, g, gx, ggamma, gbeta, N, C, S, training,
+                       backward_sums(x, mean, g, N, C, S));
+}
+
+// batchnorm_act's backward: gz = g * act'(saved) (saved = y, or the pre-activation z where
+// saved_is_pre) goes into gx row by row, each row summed while in L1 (S > 1; for 2-D inputs a
+// pass of its own), then gx = the batch norm gradient of gz, in place.  gprelu (prelu only, may
+// be null): per-row double sums of the slope's gradient terms, added in order of n.
+template <typename T>
+void backward_act_kernel(const T* x, const T* mean, const T* invstd, const T* gamma, const T* saved,
+                         bool saved_is_pre, const T* g, T* gx, T* ggamma, T* gbeta, T* gprelu, int64_t N, int64_t C,
+                         int64_t S, bool training, act::RowBackward<T> activation, const act::Params<T>& params) {
+    const int64_t rows = N * C;
+    std::vector<double> row_sum(gprelu ? static_cast<size_t>(rows) : 0);
+    double* row_sum_p = row_sum.data();
+    auto activation_row = [&](int64_t r) {
+        const double acc = activation(saved + r * S, g + r * S, gx + r * S, S, params.channel(r % C));
+        if (row_sum_p) row_sum_p[r] = acc;
+    };
+    std::vector<Terms> sums;
+    if (S > 1) {
+        sums = backward_sums(x, mean, static_cast<const T*>(gx), N, C, S, activation_row);
+    } else {
+#pragma omp parallel for schedule(static) if (rows >= kParallelMinElements)
+        for (int64_t r = 0; r < rows; ++r) activation_row(r);
+        sums = backward_sums(x, mean, static_cast<const T*>(gx), N, C, S);
+    }
+    backward_from_sums(x, mean, invstd, gamma, static_cast<const T*>(gx), gx, ggamma, gbeta, N, C, S, training, sums);
+    if (!gprelu) return;
+    for (int64_t c = 0; c < C; ++c) {
+        double acc = 0.0;
+        for (int64_t n = 0; n < N; ++n) acc += row_sum_p[n * C + c];
+        gprelu[c] = static_cast<T>(saved_is_pre ? acc : acc / static_cast<double>(params.channel(c).slope));
     }
 }
 
 using pycnn::data_of;
 using pycnn::mutable_data_of;
+
+// prelu_weight of batchnorm_act: (C,) like x for a per-channel activation, None otherwise (an
+// empty array is returned for None).
+py::array prelu_weight_arg(const char* fn, const act::ConvActivation& a, const py::object& obj, const py::array& x,
+                           int64_t C) {
+    if (obj.is_none() == a.per_channel) {
+        throw py::value_error(std::string(fn) + (a.per_channel ? ": activation 'prelu' needs prelu_weight of shape (C,)"
+                                                               : ": prelu_weight must be None unless activation is 'prelu'"));
+    }
+    if (obj.is_none()) return py::array();  // not read: the caller tests obj
+    py::array w = pycnn::as_array_like(fn, "prelu_weight", obj, "x", x);
+    check_channels(fn, "prelu_weight", w, C);
+    return w;
+}
 
 void define(py::module_& m) {
     using pycnn::as_array_like;
@@ -345,6 +421,108 @@ void define(py::module_& m) {
         py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("gamma"), py::arg("grad_out"), py::arg("grad_in"),
         py::arg("grad_gamma"), py::arg("grad_beta"), py::arg("training"),
         "Gradients of batch norm; training=True includes the dependence of the batch statistics on x.");
+
+    // ------------------------------------------------ batch norm + activation in one pass
+    m.def(
+        "batchnorm_act_forward",
+        [](const py::object& x_obj, const py::object& mean_obj, const py::object& scale_obj,
+           const py::object& shift_obj, const py::object& a_obj, const py::object& y_obj, const py::object& pre_obj,
+           const std::string& activation, double slope, double alpha) {
+            const char* fn = "batchnorm_act_forward";
+            const act::ConvActivation& fns = act::conv_activation(fn, activation);
+            py::array x = as_float_array(fn, "x", x_obj);
+            py::array mean = as_array_like(fn, "mean", mean_obj, "x", x);
+            py::array scale = as_array_like(fn, "scale", scale_obj, "x", x);
+            py::array shift = as_array_like(fn, "shift", shift_obj, "x", x);
+            py::array y = as_array_like(fn, "y", y_obj, "x", x, true);
+            pycnn::check_same_shape(fn, "y", y, "x", x);
+            const BatchNormDims d = batchnorm_dims(fn, x);
+            check_channels(fn, "mean", mean, d.C);
+            check_channels(fn, "scale", scale, d.C);
+            check_channels(fn, "shift", shift, d.C);
+            py::array a = prelu_weight_arg(fn, fns, a_obj, x, d.C);
+            const bool has_prelu = !a_obj.is_none();
+            py::array pre;
+            if (!pre_obj.is_none()) {
+                pre = as_array_like(fn, "pre", pre_obj, "x", x, true);
+                pycnn::check_same_shape(fn, "pre", pre, "x", x);
+            }
+            dispatch_float(x, [&](auto zero) {
+                using T = decltype(zero);
+                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ap = data_of<T>(scale), *bp = data_of<T>(shift);
+                const act::Params<T> params =
+                    act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, has_prelu ? d.C : 0);
+                T* yp = mutable_data_of<T>(y);
+                T* prep = pre_obj.is_none() ? nullptr : mutable_data_of<T>(pre);
+                py::gil_scoped_release nogil;
+                apply_kernel<T>(xp, mp, ap, bp, yp, d.N, d.C, d.S, fns.forward<T>(), params, prep);
+            });
+        },
+        py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("shift"), py::arg("prelu_weight"), py::arg("y"),
+        py::arg("pre"), py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0,
+        "y = act((x - mean[c]) * scale[c] + shift[c]) in one pass over (N, C) or (N, C, H, W): the activations of "
+        "conv3x3_act (prelu_weight (C,) for 'prelu', None otherwise).  pre: None or an array like x that receives "
+        "the pre-activation (the backward pass needs it where conv3x3_act_saves_pre says so).");
+    m.def(
+        "batchnorm_act_backward",
+        [](const py::object& x_obj, const py::object& mean_obj, const py::object& invstd_obj,
+           const py::object& gamma_obj, const py::object& a_obj, const py::object& s_obj, bool saved_is_pre,
+           const py::object& g_obj, const py::object& gx_obj, const py::object& ggamma_obj,
+           const py::object& gbeta_obj, const py::object& ga_obj, bool training, const std::string& activation,
+           double slope, double alpha) {
+            const char* fn = "batchnorm_act_backward";
+            const act::ConvActivation& fns = act::conv_activation(fn, activation);
+            py::array x = as_float_array(fn, "x", x_obj);
+            py::array mean = as_array_like(fn, "mean", mean_obj, "x", x);
+            py::array invstd = as_array_like(fn, "invstd", invstd_obj, "x", x);
+            py::array gamma = as_array_like(fn, "gamma", gamma_obj, "x", x);
+            py::array saved = as_array_like(fn, "saved", s_obj, "x", x);
+            py::array g = as_array_like(fn, "grad_out", g_obj, "x", x);
+            py::array gx = as_array_like(fn, "grad_in", gx_obj, "x", x, true);
+            py::array ggamma = as_array_like(fn, "grad_gamma", ggamma_obj, "x", x, true);
+            py::array gbeta = as_array_like(fn, "grad_beta", gbeta_obj, "x", x, true);
+            for (auto [name, a] : {std::pair<const char*, py::array*>{"saved", &saved}, {"grad_out", &g},
+                                   {"grad_in", &gx}}) {
+                pycnn::check_same_shape(fn, name, *a, "x", x);
+            }
+            const BatchNormDims d = batchnorm_dims(fn, x);
+            for (auto [name, a] : {std::pair<const char*, py::array*>{"mean", &mean}, {"invstd", &invstd},
+                                   {"gamma", &gamma}, {"grad_gamma", &ggamma}, {"grad_beta", &gbeta}}) {
+                check_channels(fn, name, *a, d.C);
+            }
+            py::array a = prelu_weight_arg(fn, fns, a_obj, x, d.C);
+            const bool has_prelu = !a_obj.is_none();
+            py::array ga;
+            if (!ga_obj.is_none()) {
+                if (!has_prelu) throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless activation is 'prelu'");
+                ga = as_array_like(fn, "grad_prelu_weight", ga_obj, "x", x, true);
+                check_channels(fn, "grad_prelu_weight", ga, d.C);
+            }
+            if (!saved_is_pre && act::saves_pre(fn, activation, slope, alpha, a_obj)) {
+                throw py::value_error(std::string(fn) + ": activation '" + activation +
+                                      "' with these parameters needs the pre-activation (saved_is_pre=True): "
+                                      "its gradient can't be read off the output");
+            }
+            dispatch_float(x, [&](auto zero) {
+                using T = decltype(zero);
+                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ip = data_of<T>(invstd), *gp = data_of<T>(gamma),
+                        *sp = data_of<T>(saved), *gop = data_of<T>(g);
+                const act::Params<T> params =
+                    act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, has_prelu ? d.C : 0);
+                T *gxp = mutable_data_of<T>(gx), *ggp = mutable_data_of<T>(ggamma), *gbp = mutable_data_of<T>(gbeta);
+                T* gap = ga_obj.is_none() ? nullptr : mutable_data_of<T>(ga);
+                py::gil_scoped_release nogil;
+                backward_act_kernel<T>(xp, mp, ip, gp, sp, saved_is_pre, gop, gxp, ggp, gbp, gap, d.N, d.C, d.S,
+                                       training, fns.backward<T>(), params);
+            });
+        },
+        py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("gamma"), py::arg("prelu_weight"), py::arg("saved"),
+        py::arg("saved_is_pre"), py::arg("grad_out"), py::arg("grad_in"), py::arg("grad_gamma"), py::arg("grad_beta"),
+        py::arg("grad_prelu_weight"), py::arg("training"), py::arg("activation"), py::arg("slope") = 0.01,
+        py::arg("alpha") = 1.0,
+        "Gradients of batchnorm_act_forward: grad_out is the gradient of y = act(batch norm of x); saved is y "
+        "(saved_is_pre=False, where conv3x3_act_saves_pre allows it) or the pre-activation; grad_prelu_weight "
+        "(C,) or None (prelu only).  grad_in, grad_gamma, grad_beta are overwritten.");
 }
 
 const pycnn::Bindings bindings(define);

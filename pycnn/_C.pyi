@@ -101,6 +101,16 @@ def batchnorm_apply(x: _Array, mean: _Array, scale: _Array, shift: _Array, y: _A
 def batchnorm_backward(x: _Array, mean: _Array, invstd: _Array, gamma: _Array, grad_out: _Array, grad_in: _Array,
                        grad_gamma: _Array, grad_beta: _Array, training: bool) -> None:
     """Gradients of batch norm; training=True includes the dependence of the batch statistics on x."""
+# batch norm + an activation of conv3x3_act in one pass (prelu_weight (C,) for "prelu", else None);
+# pre: None or an array like x for the pre-activation, which the backward pass needs where
+# conv3x3_act_saves_pre says so (saved is then pre, saved_is_pre=True; else saved is y).
+def batchnorm_act_forward(x: _Array, mean: _Array, scale: _Array, shift: _Array, prelu_weight: _Array | None,
+                          y: _Array, pre: _Array | None, activation: str, slope: float = 0.01,
+                          alpha: float = 1.0) -> None: ...
+def batchnorm_act_backward(x: _Array, mean: _Array, invstd: _Array, gamma: _Array, prelu_weight: _Array | None,
+                           saved: _Array, saved_is_pre: bool, grad_out: _Array, grad_in: _Array, grad_gamma: _Array,
+                           grad_beta: _Array, grad_prelu_weight: _Array | None, training: bool, activation: str,
+                           slope: float = 0.01, alpha: float = 1.0) -> None: ...
 
 # --------------------------------------------------- 2x2 pooling (csrc/pool.cpp)
 # x (N, C, H, W) -> y (N, C, H//2, W//2); argmax is uint8 shaped like y (0..3, row-major).

@@ -103,6 +103,16 @@ def batch_norm(x, gamma, beta, running_mean=None, running_var=None, training: bo
                     training=training, momentum=momentum, eps=eps)
 
 
+def batch_norm_act(x, gamma, beta, prelu_weight=None, running_mean=None, running_var=None, training: bool = True,
+                   momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu", slope: float = 0.01,
+                   alpha: float = 1.0) -> Tensor:
+    """act(batch_norm(x, ...)) in one pass, the activations of conv3x3_act (prelu_weight (C,)
+    for 'prelu').  Same result as the two calls."""
+    return apply_op("batchnorm_act", x, gamma, beta, prelu_weight, running_mean=running_mean,
+                    running_var=running_var, training=training, momentum=momentum, eps=eps, activation=activation,
+                    slope=slope, alpha=alpha)
+
+
 def dropout(x, p: float = 0.5, training: bool = True, seed: int | None = None) -> Tensor:
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
     if seed is None:

@@ -143,11 +143,11 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied in order.  A Conv3x3 directly followed by an activation that conv3x3_act
-    applies (ReLU, LeakyReLU, PReLU, ELU, SiLU: the layers with ``conv_activation``) runs as
-    one fused call (the activation is applied where the convolution stores its output) when
-    the backend that would run the convolution runs the fused op on these inputs
-    (``routing.plan_fused``, asked once per pair); the result is that of the two layers.
+    """Layers applied in order.  A Conv3x3 or a BatchNorm directly followed by an activation
+    that conv3x3_act / batchnorm_act apply (ReLU, LeakyReLU, PReLU, ELU, SiLU: the layers with
+    ``conv_activation``) runs as one fused call (the activation is applied where the output
+    is stored) when the backend that would run the first layer runs the fused op on these
+    inputs (``routing.plan_fused``, asked once per pair); the result is that of the two layers.
     ``fuse=False`` (or setting ``.fuse``) runs every layer on its own."""
 
     def __init__(self, *layers: Module, fuse: bool = True):
@@ -182,27 +182,39 @@ class Sequential(Module):
         return x
 
 
-def _plan_fusion(conv, act, x):
-    """The route of ``act(conv(x))`` as one conv3x3_act call, or None: exactly a Conv3x3 and
-    a layer with ``conv_activation``, and the backend that runs conv3x3 on x runs the fused
-    op on these inputs (so a fused call never moves to a slower backend)."""
-    if type(conv) is not Conv3x3 or getattr(act, "conv_activation", None) is None:
+def _fusion(layer, act, x):
+    """(fused op, its inputs, params, algo) of ``act(layer(x))``, or None: a Conv3x3 or a
+    BatchNorm followed by a layer with ``conv_activation`` (whose PReLU has one slope per
+    channel; otherwise the unfused path reports the mismatch)."""
+    if type(layer) not in (Conv3x3, BatchNorm) or getattr(act, "conv_activation", None) is None:
         return None
-    if isinstance(act, PReLU) and act.weight.shape != (conv.out_channels,):
-        return None  # the unfused path reports the mismatch
+    channels = layer.out_channels if type(layer) is Conv3x3 else layer.weight.shape[0]
+    if isinstance(act, PReLU) and act.weight.shape != (channels,):
+        return None
+    prelu_weight, params = act.epilogue()
+    params = {"activation": act.conv_activation, **params}
+    if type(layer) is Conv3x3:
+        return "conv3x3_act", (x, layer.weight, layer.bias, prelu_weight), params, layer.algo
+    return "batchnorm_act", (x, layer.weight, layer.bias, prelu_weight), {**layer.batch_norm_params(), **params}, "auto"
+
+
+def _plan_fusion(layer, act, x):
+    """The route of ``act(layer(x))`` as one fused call, or None (``_fusion``; and the backend
+    that runs the layer on x must run the fused op on these inputs, so a fused call never
+    moves to a slower backend)."""
+    fusion = _fusion(layer, act, x)
+    if fusion is None:
+        return None
     from pycnn.ops import registry, routing
-    prelu_weight, params = act.epilogue()
-    inputs = tuple(None if a is None else (a.data if isinstance(a, Tensor) else a)
-                   for a in (x, conv.weight, conv.bias, prelu_weight))
-    return routing.plan_fused(registry.get("conv3x3_act"), inputs, {"activation": act.conv_activation, **params},
-                              conv.algo)
+    op, inputs, params, algo = fusion
+    arrays = tuple(None if a is None else (a.data if isinstance(a, Tensor) else a) for a in inputs)
+    return routing.plan_fused(registry.get(op), arrays, params, algo)
 
 
-def _fused(conv, act, x, route):
-    """act(conv(x)) in one conv3x3_act call on the planned route."""
-    prelu_weight, params = act.epilogue()
-    return apply_op("conv3x3_act", x, conv.weight, conv.bias, prelu_weight, algo=conv.algo, route=route,
-                    activation=act.conv_activation, **params)
+def _fused(layer, act, x, route):
+    """act(layer(x)) in one fused call on the planned route."""
+    op, inputs, params, algo = _fusion(layer, act, x)
+    return apply_op(op, *inputs, algo=algo, route=route, **params)
 
 
 def _check_positive_int(name, value):
@@ -398,9 +410,12 @@ class BatchNorm(Module):
         self.register_buffer("running_mean", np.zeros(channels, dtype))
         self.register_buffer("running_var", np.ones(channels, dtype))
 
+    def batch_norm_params(self) -> dict:
+        return {"running_mean": self.running_mean, "running_var": self.running_var, "training": self.training,
+                "momentum": self.momentum, "eps": self.eps}
+
     def forward(self, x):
-        return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                            training=self.training, momentum=self.momentum, eps=self.eps)
+        return F.batch_norm(x, self.weight, self.bias, **self.batch_norm_params())
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, momentum={self.momentum}, eps={self.eps}"

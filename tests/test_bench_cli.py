@@ -54,4 +54,4 @@ def test_cases_are_generated_from_the_specs():
         (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu" for a in ("direct", "winograd", "auto")}
     for op in ("maxpool2x2", "avgpool2x2", "relu", "swish"):
         assert {c.shape for c in full if c.op == op} == {case.shapes for case in registry.get(op).bench_cases("cpu")}
-    assert {c.op for c in full if c.unfused} == {"conv3x3+relu"}
+    assert {c.op for c in full if c.unfused} == {"conv3x3+relu", "batchnorm+relu"}

@@ -150,7 +150,7 @@ declare("conv3x3", forward=conv3x3_forward, backward=conv3x3_backward, check=_ch
 # activation 'prelu' (None otherwise); params activation, slope (leaky_relu), alpha (elu).
 # The reference is the composition of the two references above and in activations.py.
 
-class _Part:
+class Part:
     """The context of one part of the composition (what its reference forward keeps)."""
 
     def __init__(self, needs_input_grad):
@@ -166,7 +166,7 @@ EPILOGUES = {op.name: op.conv_epilogue for op in all_ops() if op.conv_epilogue i
 CONV_ACTIVATIONS = tuple(EPILOGUES)
 
 
-def _activation_call(activation, prelu_weight, params):
+def activation_call(activation, prelu_weight, params):
     """(its extra inputs, its params) of the activation op inside conv3x3_act."""
     epilogue = EPILOGUES[activation]
     return ((prelu_weight,) if epilogue.weight else ()), {p: params[p] for p in epilogue.params}
@@ -178,25 +178,30 @@ def grad_from_output(activation, slope=0.01, alpha=1.0, prelu_weight=None) -> bo
     return EPILOGUES[activation].grad_from_output({"slope": slope, "alpha": alpha}, prelu_weight)
 
 
-def _check_conv3x3_act(x, weight, bias=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
-    _check_conv3x3(x, weight, bias)
+def check_activation(x, prelu_weight, channels: int, activation, slope, alpha) -> None:
+    """The checks of a fused activation (conv3x3_act, batchnorm_act) on ``channels`` channels."""
     if activation not in CONV_ACTIVATIONS:
         raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
     _util.check_finite_number("slope", slope)
     _util.check_finite_number("alpha", alpha)
-    if activation == "prelu":
+    if EPILOGUES[activation].weight:
         if prelu_weight is None:
-            raise ValueError("activation 'prelu' needs prelu_weight, one slope per output channel")
+            raise ValueError(f"activation {activation!r} needs prelu_weight, one slope per output channel")
         _util.check_float_arrays(x=x, prelu_weight=prelu_weight)
-        _util.check_shape("prelu_weight", prelu_weight, (weight.shape[0],))
+        _util.check_shape("prelu_weight", prelu_weight, (channels,))
     elif prelu_weight is not None:
         raise ValueError(f"prelu_weight must be None for activation {activation!r}")
 
 
+def _check_conv3x3_act(x, weight, bias=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
+    _check_conv3x3(x, weight, bias)
+    check_activation(x, prelu_weight, weight.shape[0], activation, slope, alpha)
+
+
 def conv3x3_act_forward(ctx, x, weight, bias=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
     needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * 4
-    act_inputs, act_params = _activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
-    ctx.conv_part, ctx.act_part = _Part(needs[:3]), _Part((True, needs[3]))
+    act_inputs, act_params = activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
+    ctx.conv_part, ctx.act_part = Part(needs[:3]), Part((True, needs[3]))
     ctx.activation = activation
     z = conv3x3_forward(ctx.conv_part, x, weight, bias)
     return get(activation).reference.forward(ctx.act_part, z, *act_inputs, **act_params)
@@ -234,7 +239,7 @@ def conv3x3_act_bytes(x_shape, w_shape, b_shape=None, pw_shape=None, itemsize=4,
 
 
 def _torch_conv3x3_act(x, w, b=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
-    act_inputs, act_params = _activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
+    act_inputs, act_params = activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
     return get(activation).torch(_torch_conv3x3(x, w, b), *act_inputs, **act_params)
 
 
@@ -242,7 +247,7 @@ def _unfused(inputs, params):
     """conv3x3_act as the ops it fuses: [(op, extra inputs, params), ...], each op taking the
     output of the one before as its first input."""
     activation = params.get("activation", "relu")
-    act_inputs, act_params = _activation_call(activation, inputs[3], {"slope": params.get("slope", 0.01),
+    act_inputs, act_params = activation_call(activation, inputs[3], {"slope": params.get("slope", 0.01),
                                                                       "alpha": params.get("alpha", 1.0)})
     return [("conv3x3", tuple(inputs[:3]), {}), (activation, act_inputs, act_params)]
 

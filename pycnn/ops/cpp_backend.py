@@ -130,20 +130,25 @@ def choose_conv3x3_algo(shapes, params):
 _WINOGRAD_MIN_CHANNELS = 32
 
 
-def _batchnorm(C):
+def _statistics(C, x, running_mean, running_var, training, momentum, eps):
+    """(mean, invstd) (C,) that normalise x: the batch's in training (the running statistics
+    updated in place, where given), else the running ones."""
     from pycnn.ops.norm import update_running_stats
+    channels = x.shape[1]
+    if training:
+        mean, var = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+        C.batchnorm_stats(x, mean, var)
+        if running_mean is not None:
+            update_running_stats(running_mean, running_var, mean, var, x.size // channels, momentum)
+    else:
+        mean, var = kernel_array(running_mean), running_var
+    return mean, (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
 
+
+def _batchnorm(C):
     # x (N, C) or (N, C, H, W); gamma, beta and the statistics (C,)
     def forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
-        channels = x.shape[1]
-        if training:
-            mean, var = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
-            C.batchnorm_stats(x, mean, var)
-            if running_mean is not None:
-                update_running_stats(running_mean, running_var, mean, var, x.size // channels, momentum)
-        else:
-            mean, var = kernel_array(running_mean), running_var
-        invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
+        mean, invstd = _statistics(C, x, running_mean, running_var, training, momentum, eps)
         y = _util.empty_like(x)
         C.batchnorm_apply(x, mean, gamma * invstd, beta, y)
         ctx.save_for_backward(x, mean, invstd, gamma)
@@ -156,6 +161,34 @@ def _batchnorm(C):
         ggamma, gbeta = _util.empty(gamma.shape, x.dtype, x), _util.empty(gamma.shape, x.dtype, x)
         C.batchnorm_backward(x, mean, invstd, gamma, grad_like(grad, x), gx, ggamma, gbeta, ctx.training)
         return tuple(g if needs_grad(ctx, i) else None for i, g in enumerate((gx, ggamma, gbeta)))
+    return forward, backward
+
+
+def _batchnorm_act(C):
+    # x (N, C) or (N, C, H, W); gamma, beta, prelu_weight (prelu only) and the statistics (C,)
+    #   -> y = act(batchnorm(x)); what is saved for the backward pass as in conv3x3_act
+    def forward(ctx, x, gamma, beta, prelu_weight=None, *, running_mean=None, running_var=None, training=True,
+                momentum=0.1, eps=1e-5, activation="relu", slope=0.01, alpha=1.0):
+        mean, invstd = _statistics(C, x, running_mean, running_var, training, momentum, eps)
+        y = _util.empty_like(x)
+        keep_pre = any(needs_grad(ctx, i) for i in range(4)) and \
+            not conv.grad_from_output(activation, slope, alpha, prelu_weight)
+        pre = _util.empty_like(x) if keep_pre else None
+        C.batchnorm_act_forward(x, mean, gamma * invstd, beta, prelu_weight, y, pre, activation, float(slope),
+                                float(alpha))
+        ctx.save_for_backward(x, mean, invstd, gamma, prelu_weight, pre if keep_pre else y)
+        ctx.training, ctx.saved_is_pre = training, keep_pre
+        ctx.act_params = (activation, float(slope), float(alpha))
+        return y
+
+    def backward(ctx, grad):
+        x, mean, invstd, gamma, prelu_weight, saved = ctx.saved_tensors
+        gx = _util.empty_like(x)
+        ggamma, gbeta = _util.empty(gamma.shape, x.dtype, x), _util.empty(gamma.shape, x.dtype, x)
+        ga = _util.empty_like(prelu_weight) if prelu_weight is not None and needs_grad(ctx, 3) else None
+        C.batchnorm_act_backward(x, mean, invstd, gamma, prelu_weight, saved, ctx.saved_is_pre, grad_like(grad, x),
+                                 gx, ggamma, gbeta, ga, ctx.training, *ctx.act_params)
+        return tuple(g if needs_grad(ctx, i) else None for i, g in enumerate((gx, ggamma, gbeta))) + (ga,)
     return forward, backward
 
 
@@ -174,6 +207,8 @@ def load() -> None:
     cpp.register("avgpool2x2", *shape_map_pair(C.avgpool2x2_forward, C.avgpool2x2_backward, pool.pooled_shape))
     cpp.register("dropout", *dropout_pair(C.dropout_forward, C.dropout_backward))
     cpp.register("batchnorm", *_batchnorm(C))
+    if hasattr(C, "batchnorm_act_forward"):  # (an extension built before batchnorm_act lacks it)
+        cpp.register("batchnorm_act", *_batchnorm_act(C))
     cpp.register("fancy_pca", *_fancy_pca(C))
     for algo in ("direct", "winograd"):
         cpp.register("conv3x3", *_conv3x3(C, algo), algo=algo)

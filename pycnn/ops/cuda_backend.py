@@ -24,7 +24,8 @@ import numpy as np
 
 from pycnn.device import array_module
 from pycnn.ops import _util, activations, conv, pool, registry
-from pycnn.ops._backend import Backend, dropout_pair, needs_grad, prelu_pair, shape_map_pair, winner_pair
+from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, needs_grad, prelu_pair, shape_map_pair,
+                               winner_pair)
 
 # ------------------------------------------------------------------------ finding kernels/
 
@@ -250,5 +251,6 @@ def load() -> None:
                                                 pool.pooled_shape))
     cuda.register("dropout", *dropout_pair(K.dropout.dropout_apply, K.dropout.dropout_apply))
     cuda.register("batchnorm", *_batchnorm(K))
+    cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo="chain")  # no fused kernel (yet)
     cuda.register("fancy_pca", *_fancy_pca(K))
     cuda.portable()  # linear, the losses, arithmetic: the reference on CuPy

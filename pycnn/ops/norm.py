@@ -13,7 +13,8 @@ import numpy as np
 
 from pycnn.device import array_module
 import pycnn.ops._util as _util
-from pycnn.ops.registry import BenchCase, Sample, declare
+from pycnn.ops import conv
+from pycnn.ops.registry import BenchCase, Sample, declare, get
 
 
 def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True,
@@ -118,3 +119,75 @@ declare("batchnorm", forward=batchnorm_forward, backward=batchnorm_backward, che
         bytes=_elements_times(3),            # read x twice (statistics, normalisation), write y
         backward_bytes=_elements_times(4),   # read x, read grad_y twice (sums, then grad_x), write grad_x
         bench=(BenchCase(((256, 32, 32, 32), (32,), (32,)), where="gpu"),))
+
+
+# ------------------------------------------------------------------------ batchnorm_act
+# Batch norm + activation in one call (the C++ backend applies the activation to each row of
+# the normalised output while it is in L1, and folds the activation's gradient into the pass
+# that sums the batch norm gradient).  Inputs x, gamma, beta, prelu_weight (C,) for 'prelu'
+# (None otherwise); params those of batchnorm plus activation, slope, alpha, as conv3x3_act.
+# The reference is the composition of the two references.
+
+def _check_batchnorm_act(x, gamma, beta, prelu_weight=None, running_mean=None, running_var=None, training=True,
+                         momentum=0.1, eps=1e-5, activation="relu", slope=0.01, alpha=1.0):
+    _check_batchnorm(x, gamma, beta, running_mean, running_var, training, momentum, eps)
+    conv.check_activation(x, prelu_weight, x.shape[1], activation, slope, alpha)
+
+
+def _split(params):
+    """(batchnorm's params, the activation's (slope, alpha))."""
+    act = {k: params.pop(k) for k in ("slope", "alpha") if k in params}
+    return params, act
+
+
+def batchnorm_act_forward(ctx, x, gamma, beta, prelu_weight=None, activation="relu", **params):
+    bn_params, act_params = _split(params)
+    needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * 4
+    act_inputs, act_params = conv.activation_call(activation, prelu_weight, {"slope": 0.01, "alpha": 1.0, **act_params})
+    ctx.bn_part, ctx.act_part = conv.Part(needs[:3]), conv.Part((True, needs[3]))
+    ctx.activation = activation
+    z = batchnorm_forward(ctx.bn_part, x, gamma, beta, **bn_params)
+    return get(activation).reference.forward(ctx.act_part, z, *act_inputs, **act_params)
+
+
+def batchnorm_act_backward(ctx, grad):
+    act_grads = get(ctx.activation).reference.backward(ctx.act_part, grad)
+    grad_prelu = act_grads[1] if len(act_grads) > 1 else None
+    return batchnorm_backward(ctx.bn_part, act_grads[0]) + (grad_prelu,)
+
+
+def _bn_act_samples(rng, dtype):
+    out = []
+    for i, (activation, extra) in enumerate([("relu", {}), ("leaky_relu", {"slope": -0.3}), ("prelu", {}),
+                                             ("elu", {"alpha": 0.7}), ("swish", {})]):
+        for sample in _bn_samples(rng, dtype)[i % 2::2]:
+            x, gamma, beta = sample.inputs
+            pw = rng.uniform(-0.4, 0.6, x.shape[1]).astype(dtype) if activation == "prelu" else None
+            out.append(Sample((x, gamma, beta, pw), dict(sample.params, activation=activation, **extra)))
+    return out
+
+
+def _torch_batchnorm_act(x, gamma, beta, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0, **params):
+    act_inputs, act_params = conv.activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
+    return get(activation).torch(_torch_batchnorm(x, gamma, beta, **params), *act_inputs, **act_params)
+
+
+def _bn_act_unfused(inputs, params):
+    """batchnorm_act as the ops it fuses (see conv3x3_act's)."""
+    params = dict(params)
+    activation = params.pop("activation", "relu")
+    bn_params, act_params = _split(params)
+    act_inputs, act_params = conv.activation_call(activation, inputs[3], {"slope": 0.01, "alpha": 1.0, **act_params})
+    return [("batchnorm", tuple(inputs[:3]), bn_params), (activation, act_inputs, act_params)]
+
+
+def _bn_act_flops(x_shape, *shapes, activation="relu", **params):
+    return (8 + conv.EPILOGUES[activation].flops) * int(np.prod(x_shape))
+
+
+declare("batchnorm_act", forward=batchnorm_act_forward, backward=batchnorm_act_backward, check=_check_batchnorm_act,
+        samples=_bn_act_samples, torch=_torch_batchnorm_act, flops=_bn_act_flops,
+        bytes=_elements_times(3),            # as batchnorm: the activation is applied in place, in L1
+        backward_bytes=_elements_times(5),   # read x, y and grad_y, write grad_x, read it back
+        bench=(BenchCase(((64, 32, 32, 32), (32,), (32,), None), {"activation": "relu"}),),
+        unfused=_bn_act_unfused)
