@@ -42,8 +42,9 @@ from pycnn.autograd import Context, _from_torch, _profile
 from pycnn.ops import registry
 
 __all__ = ["AvgPool2", "Conv3x3", "Conv3x3Act", "Dropout", "ELU", "LeakyReLU", "MaxPool2", "Maxout", "PReLU",
-           "RReLU", "ReLU", "Sigmoid", "Tanh", "apply_op", "avg_pool2x2", "conv3x3", "conv3x3_act", "dropout", "elu",
-           "function", "leaky_relu", "linear", "max_pool2x2", "maxout", "prelu", "relu", "rrelu", "sigmoid", "tanh"]
+           "RReLU", "ReLU", "SiLU", "Sigmoid", "Tanh", "apply_op", "avg_pool2x2", "conv3x3", "conv3x3_act", "dropout",
+           "elu", "function", "leaky_relu", "linear", "max_pool2x2", "maxout", "prelu", "relu", "rrelu", "sigmoid",
+           "swish", "tanh"]
 
 # ------------------------------------------------------------------------ arrays and tensors
 
@@ -308,6 +309,11 @@ def tanh(x) -> torch.Tensor:
     return apply_op("tanh", x)
 
 
+def swish(x) -> torch.Tensor:
+    """x * sigmoid(x) (SiLU)."""
+    return apply_op("swish", x)
+
+
 def maxout(x, pieces: int = 2) -> torch.Tensor:
     """Max over groups of ``pieces`` consecutive channels: (N, C*k, ...) -> (N, C, ...)."""
     return apply_op("maxout", x, pieces=pieces)
@@ -482,6 +488,11 @@ class Sigmoid(torch.nn.Module):
 class Tanh(torch.nn.Module):
     def forward(self, x):
         return tanh(x)
+
+
+class SiLU(torch.nn.Module):
+    def forward(self, x):
+        return swish(x)
 
 
 class Maxout(torch.nn.Module):
