@@ -199,7 +199,8 @@ def run(quick: bool = False, ops=None, use_torch: bool = True, log=None) -> tupl
 
 def table(rows: list[Row], facts: dict) -> str:
     """The rows as one aligned text table, with what the columns mean."""
-    header = (f"{'op':<14}{'algo':<10}{'shape':<20}{'pass':<9}{'pycnn ms':>9}{'torch ms':>9}{'speedup':>8}"
+    w = max([14] + [len(r.op) + 1 for r in rows])  # the op column
+    header = (f"{'op':<{w}}{'algo':<10}{'shape':<20}{'pass':<9}{'pycnn ms':>9}{'torch ms':>9}{'speedup':>8}"
               f"{'GB/s':>7}{'GFLOP/s':>9}{'of limit':>9}")
     lines = [f"pycnn vs PyTorch CPU ({facts.get('torch') or 'torch not installed'}), {facts['threads']} threads, "
              "float32, medians", header, "-" * len(header)]
@@ -208,7 +209,7 @@ def table(rows: list[Row], facts: dict) -> str:
         return f"{'-':>{width}}" if value is None or (isinstance(value, float) and math.isnan(value)) else \
             f"{value:>{width}{fmt}}"
     for r in rows:
-        lines.append(f"{r.op:<14}{r.algo:<10}{r.shape:<20}{r.phase:<9}{num(r.pycnn_ms, 9, '.3f')}"
+        lines.append(f"{r.op:<{w}}{r.algo:<10}{r.shape:<20}{r.phase:<9}{num(r.pycnn_ms, 9, '.3f')}"
                      f"{num(r.torch_ms, 9, '.3f')}{num(r.speedup, 7, '.2f')}{'x' if r.speedup else ' '}"
                      f"{num(r.gbps, 7, '.1f')}{num(r.gflops, 9, '.1f')}{num(r.limit_fraction, 9, '.2f')}")
     if facts.get("fma_peak_gflops"):
