@@ -16,13 +16,18 @@
 //   (input channel, tap): 4 masked loads of x, 6 broadcasts of weights, 24 FMAs (3 x 8 when
 //   there are at most 3 output channels).  Threads split the (image, channel block) pairs.
 //   grad_input: the same kernel with the filter flipped and transposed (K -> C channels).
-//   grad_weight, C >= 16: x is transposed to zero-padded channels-last planes, then a block
-//   of 6 output x 64 input channels accumulates, for one tap, gy[k, p] (broadcast) times the
-//   64 channels of x at the tapped pixel: 6 broadcasts + 4 loads per 24 FMAs, no masks and
-//   no horizontal sums.  C < 16 (a first layer): 3 output channels x 9 taps = 27
-//   accumulators for one input channel, vectorised over pixels with the tap masks, summed
-//   horizontally once per chunk of images.  Threads split the (k, c) blocks, which own their
-//   outputs: nothing is merged, the result does not depend on the thread count.
+//   grad_weight, C >= 16: the batch goes in chunks of images; per chunk, x is transposed to
+//   zero-padded channels-last planes and gy packed per block of KB output channels, then a
+//   block of KB output x NV vectors of input channels (KB x NV <= 24 zmm: 6 x 4, 8 x 3,
+//   12 x 2; KB chosen per call for the least padded work x rounds of items per thread)
+//   accumulates, for one tap, gy[k, p] (broadcast) times the channels of x at the tapped
+//   pixel: KB broadcasts + NV loads per KB * NV FMAs, no masks, no horizontal sums.
+//   C < 16 (a first layer): x is copied to three column-shifted zero-padded planes, gy is
+//   read in place; 3 output channels x 9 taps = 27 accumulators for one input channel,
+//   vectorised over pixels with plain loads, summed horizontally once at the end.  Work items
+//   (k blocks; x c blocks for C >= 16) own their accumulators and outputs: nothing is merged, every sum runs
+//   over the images and pixels in order, the result depends neither on the thread count nor
+//   on the schedule (and the channels-last result not on the vector width either).
 // float64 (and float32 in the generic build): plain loops, for gradient checks.
 #include "common.hpp"
 #include "conv3x3.hpp"
@@ -237,39 +242,6 @@ void forward_simd(const float* x, const float* w, const float* b, float* y, int6
     forward_blocked<V, V::kFwdKB, V::kFwdNV>(x, w, b, y, N, C, K, H, W, ep);
 }
 
-// ----------------------------------------------------------- grad_weight micro-kernel
-// sums[r][t] = sum over images n0 .. n1-1 and pixels of gy[n, k0+r] * x[n, c shifted by tap t],
-// for r < nk <= V::kGradKB (x 9 taps accumulators).
-// (A function of its own: inside the OpenMP loop gcc 12 kept the accumulators in memory.)
-template <class V>
-inline void grad_weight_block(const float* x, const float* gy, int64_t n0, int64_t n1, int64_t C, int64_t K,
-                              int64_t P, int64_t c, int64_t k0, int nk, const TapMasks<V>& tm,
-                              float sums[V::kGradKB][9]) {
-    using Reg = typename V::Reg;
-    constexpr int L = V::kLanes, KB = V::kGradKB;
-    Reg acc[KB][9];
-    for (int r = 0; r < KB; ++r)
-        for (int t = 0; t < 9; ++t) acc[r][t] = V::zero();
-    int64_t off[9];
-    for (int t = 0; t < 9; ++t) off[t] = tm.off[t];
-    for (int64_t n = n0; n < n1; ++n) {
-        const float* xc = x + (n * C + c) * P;
-        const float* g0 = gy + (n * K + k0) * P;
-        for (int64_t v = 0; v < tm.nvec; ++v) {
-            const typename V::Mask* mv = tm.at(v);
-            Reg g[KB];  // rows past K read nothing (no lanes)
-            for (int r = 0; r < KB; ++r) g[r] = load_masked<V>(r < nk ? mv[9] : V::no_lanes(), g0 + L * v, r * P);
-#pragma GCC unroll 9
-            for (int t = 0; t < 9; ++t) {
-                const Reg xv = load_masked<V>(mv[t], xc + L * v, off[t]);
-                for (int r = 0; r < KB; ++r) acc[r][t] = V::fmadd(g[r], xv, acc[r][t]);
-            }
-        }
-    }
-    for (int r = 0; r < KB; ++r)
-        for (int t = 0; t < 9; ++t) sums[r][t] = simd::hsum<V>(acc[r][t]);
-}
-
 // --------------------------------------------- grad_weight, channels-last (C >= 16)
 // x is first transposed to zero-padded channels-last planes xt[n][(H+2)*(W+2)][Cp] (Cp = C
 // rounded up to 16); then for a block of 6 output channels and CB = V::kClVecs vectors of
@@ -308,9 +280,12 @@ void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, i
 }
 
 // Scratch arrays of the channels-last kernel (the padded planes, the packed gy), kept per
-// calling thread between calls and grown when needed: a fresh allocation of several MiB per
-// call costs its page faults (a third of the time of a 32 x 32 layer).  64-byte aligned, so
+// calling thread between calls and grown when needed (up to about kChunkBytes, plus the
+// accumulators): a fresh allocation of several MiB per call costs its page faults (a third
+// of the time of a 32 x 32 layer).  64-byte aligned, so
 // that the zmm loads of whole channel vectors do not straddle cache lines.
+constexpr int64_t kChunkBytes = int64_t(8) << 20;  // the transposed data of one chunk of images
+
 float* scratch(std::vector<float>& buf, size_t n) {
     if (buf.size() < n + 16) buf.assign(n + 16, 0.0f);  // (never shrinks)
     const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
@@ -407,7 +382,7 @@ void grad_weight_cl_run(const float* x, const float* gy, float* gw, int64_t N, i
     const int64_t kblocks = (K + KB - 1) / KB, cbw = nvmax * L, cblocks = (Cp + cbw - 1) / cbw;
     const int64_t items = kblocks * cblocks, item_acc = 9 * KB * cbw;
     const int64_t per_image = Pp * Cp + kblocks * KB * P;
-    const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(1, (int64_t(2) << 20) / (per_image * 4)));
+    const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(1, kChunkBytes / (per_image * 4)));
     thread_local std::vector<float> xt_buf, gyb_buf, acc_buf;
     float* const xt = scratch(xt_buf, static_cast<size_t>(nb * Pp * Cp));
     float* const gyb = scratch(gyb_buf, static_cast<size_t>(kblocks * nb * P * KB));  // [kb][n][p][KB]
@@ -415,8 +390,6 @@ void grad_weight_cl_run(const float* x, const float* gy, float* gw, int64_t N, i
     const int64_t kstride = nb * P * KB;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < items * item_acc; ++i) acc[i] = 0.0f;
         for (int64_t n0 = 0; n0 < N; n0 += nb) {
             const int64_t nimg = std::min(nb, N - n0);
 #pragma omp for schedule(static)
@@ -430,27 +403,24 @@ void grad_weight_cl_run(const float* x, const float* gy, float* gw, int64_t N, i
                 const int nv = static_cast<int>(std::min<int64_t>(nvmax, (Cp - c0) / L));
                 const float* g = gyb + kb * kstride;
                 float* a = acc + item * item_acc;
+                if (n0 == 0) std::fill(a, a + item_acc, 0.0f);
                 if constexpr (KB * 4 <= 24) {
-                    if (nv == 4) { grad_weight_cl_item<V, KB, 4>(g, xt, nimg, Cp, H, W, c0, a); continue; }
+                    if (nv == 4) grad_weight_cl_item<V, KB, 4>(g, xt, nimg, Cp, H, W, c0, a);
                 }
                 if constexpr (KB * 3 <= 24) {
-                    if (nv == 3) { grad_weight_cl_item<V, KB, 3>(g, xt, nimg, Cp, H, W, c0, a); continue; }
+                    if (nv == 3) grad_weight_cl_item<V, KB, 3>(g, xt, nimg, Cp, H, W, c0, a);
                 }
                 if constexpr (KB * 2 <= 24) {
-                    if (nv == 2) { grad_weight_cl_item<V, KB, 2>(g, xt, nimg, Cp, H, W, c0, a); continue; }
+                    if (nv == 2) grad_weight_cl_item<V, KB, 2>(g, xt, nimg, Cp, H, W, c0, a);
                 }
-                grad_weight_cl_item<V, KB, 1>(g, xt, nimg, Cp, H, W, c0, a);
+                if (nv == 1) grad_weight_cl_item<V, KB, 1>(g, xt, nimg, Cp, H, W, c0, a);
+                if (n0 + nimg < N) continue;
+                // the last chunk: gw from acc ([t][r][c - c0], row stride nv * L)
+                for (int r = 0; r < KB && kb * KB + r < K; ++r)
+                    for (int64_t c = c0; c < std::min<int64_t>(C, c0 + cbw); ++c)
+                        for (int t = 0; t < 9; ++t)
+                            gw[((kb * KB + r) * C + c) * 9 + t] = a[(t * KB + r) * nv * L + (c - c0)];
             }
-        }
-        // acc of item (kb, cb): [t][r][c - c0] with row stride nv * L
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < items; ++item) {
-            const int64_t kb = item / cblocks, c0 = (item % cblocks) * cbw;
-            const int64_t cbn = std::min<int64_t>(nvmax, (Cp - c0) / L) * L;
-            const float* a = acc + item * item_acc;
-            for (int r = 0; r < KB && kb * KB + r < K; ++r)
-                for (int64_t c = c0; c < std::min<int64_t>(C, c0 + cbw); ++c)
-                    for (int t = 0; t < 9; ++t) gw[((kb * KB + r) * C + c) * 9 + t] = a[(t * KB + r) * cbn + (c - c0)];
         }
     }
 }
@@ -486,30 +456,114 @@ void grad_weight_channels_last(const float* x, const float* gy, float* gw, int64
 }
 
 
-// ------------------------------------- grad_weight, pixel-vectorised (few input channels)
+// ------------------------------- grad_weight, pixel-vectorised (few input channels: C < 16)
+// gy is read in place, as flat planes of P pixels, L pixels per vector.  x is first copied,
+// per image and channel, to three column-shifted planes with a zero row above and below:
+//   xs[j][(hh) * W + w] = x[hh-1, w+j-1]  (zero where w+j-1 or hh-1 falls outside the image),
+// so that tap (i, j) of pixel q = h * W + w is xs[j][q + i * W]: plain loads (aligned when
+// W is a multiple of L), no masks, no mask table.  Only the last vector of a gy plane, when P
+// is not a multiple of L, is a masked load.  Per vector: KB loads of gy (V::kGradKB output
+// channels: 3 with AVX-512, 1 with AVX2), 9 loads of x, 9 * KB FMAs.
+// The batch goes in chunks of images whose shifted planes take up to kChunkBytes; the work
+// items are the k blocks, which take every input channel in turn on a sub-chunk of images
+// (whose gy planes stay in cache: gy, the larger array, is read from memory once) and own
+// their accumulators (L lanes each): every sum runs over the images and pixels in order
+// whichever thread takes an item, and is summed across lanes once at the end.
+// am (KB x 9 vectors, in memory; zero where `fresh`) += sum over images 0 .. nimg-1 (strides
+// xstride, gstride) and their vectors of gy[r] x tap t of the shifted planes; with `last`,
+// am[r * 9 + t] receives the sums over the lanes instead.  (A function of its own: inside the
+// OpenMP loop gcc 12 kept the accumulators in memory.)
+template <class V>
+void grad_weight_pixels_block(const float* x0, int64_t xstride, const float* g0, int64_t gstride, int64_t nimg,
+                              int nk, int64_t P, int64_t W, int64_t nvec, int64_t Xs, typename V::Mask tail, bool fresh,
+                              bool last, float* am) {
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes, KB = V::kGradKB;
+    Reg a[KB][9];
+    for (int r = 0; r < KB; ++r)
+        for (int t = 0; t < 9; ++t) a[r][t] = fresh ? V::zero() : V::loadu(am + (r * 9 + t) * L);
+    const int64_t full = P % L == 0 ? nvec : nvec - 1;
+    for (int64_t n = 0; n < nimg; ++n) {
+        const float* xn = x0 + n * xstride;
+        const float* gn = g0 + n * gstride;
+        for (int64_t v = 0; v < nvec; ++v) {
+            Reg g[KB];
+            if (v < full) {
+                for (int r = 0; r < KB; ++r) g[r] = r < nk ? V::loadu(gn + r * P + v * L) : V::zero();
+            } else {
+                for (int r = 0; r < KB; ++r) g[r] = r < nk ? V::maskz_loadu(tail, gn + r * P + v * L) : V::zero();
+            }
+            const float* xv0 = xn + v * L;
+#pragma GCC unroll 9
+            for (int t = 0; t < 9; ++t) {
+                const Reg xv = V::loadu(xv0 + (t % 3) * Xs + (t / 3) * W);
+                for (int r = 0; r < KB; ++r) a[r][t] = V::fmadd(g[r], xv, a[r][t]);
+            }
+        }
+    }
+    if (last) {
+        for (int r = 0; r < KB; ++r)
+            for (int t = 0; t < 9; ++t) am[r * 9 + t] = simd::hsum<V>(a[r][t]);
+        return;
+    }
+    for (int r = 0; r < KB; ++r)
+        for (int t = 0; t < 9; ++t) V::storeu(am + (r * 9 + t) * L, a[r][t]);
+}
+
 template <class V>
 void grad_weight_pixels(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K, int64_t H,
                         int64_t W) {
-    constexpr int kGKB = V::kGradKB;
-    const int64_t P = H * W;
-    const TapMasks<V> tm(H, W, 1);
-    const int64_t kblocks = (K + kGKB - 1) / kGKB;
-    // Images are taken in chunks whose x fits in L2 (~512 KiB): every (k-block, c) item
-    // re-reads the chunk's x plane of channel c, from cache.  Items own their outputs:
-    // the first chunk writes gw, later ones add to it.
-    const int64_t nb = std::max<int64_t>(1, (int64_t(1) << 19) / (C * P * 4));
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-        const int64_t n1 = std::min(N, n0 + nb);
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int64_t kb = 0; kb < kblocks; ++kb) {
-            for (int64_t c = 0; c < C; ++c) {
-                const int64_t k0 = kb * kGKB;
-                const int nk = static_cast<int>(std::min<int64_t>(kGKB, K - k0));
-                float sums[kGKB][9];
-                grad_weight_block<V>(x, gy, n0, n1, C, K, P, c, k0, nk, tm, sums);
-                for (int r = 0; r < nk; ++r) {
-                    float* out = gw + ((k0 + r) * C + c) * 9;
-                    for (int t = 0; t < 9; ++t) out[t] = (n0 == 0 ? 0.0f : out[t]) + sums[r][t];
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes, KB = V::kGradKB;
+    const int64_t P = H * W, nvec = (P + L - 1) / L;
+    const int64_t Xs = (nvec * L + 2 * W + L - 1) / L * L;  // shifted plane stride (floats), read up to nvec*L + 2W
+    const int64_t kblocks = (K + KB - 1) / KB;
+    const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(1, kChunkBytes / (3 * C * Xs * 4)));
+    // sub-chunks of images whose KB gy planes stay in L1/L2 while every channel c reads them
+    const int64_t nsub = std::max<int64_t>(1, (int64_t(48) << 10) / (KB * P * 4));
+    thread_local std::vector<float> xs_buf, acc_buf;
+    float* const xs = scratch(xs_buf, static_cast<size_t>(nb * C * 3 * Xs));    // [n][c][j][Xs]
+    float* const acc = scratch(acc_buf, static_cast<size_t>(kblocks * C * KB * 9 * L));  // [kb][c][r][t][lane]
+    const typename V::Mask tail = V::mask_from_bits(P % L == 0 ? (1u << L) - 1 : (1u << (P % L)) - 1);
+#pragma omp parallel
+    {
+        for (int64_t n0 = 0; n0 < N; n0 += nb) {
+            const int64_t nimg = std::min(nb, N - n0);
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t n = 0; n < nimg; ++n) {
+                for (int64_t c = 0; c < C; ++c) {
+                    const float* src = x + ((n0 + n) * C + c) * P;
+                    for (int j = 0; j < 3; ++j) {
+                        float* dst = xs + ((n * C + c) * 3 + j) * Xs;
+                        std::fill(dst, dst + W, 0.0f);
+                        for (int64_t h = 0; h < H; ++h) {
+                            float* row = dst + (h + 1) * W;
+                            const float* sr = src + h * W;
+                            for (int64_t w = 0; w < W; ++w) {
+                                const int64_t wi = w + j - 1;
+                                row[w] = wi >= 0 && wi < W ? sr[wi] : 0.0f;
+                            }
+                        }
+                        std::fill(dst + (H + 1) * W, dst + Xs, 0.0f);
+                    }
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t kb = 0; kb < kblocks; ++kb) {
+                const int64_t k0 = kb * KB;
+                const int nk = static_cast<int>(std::min<int64_t>(KB, K - k0));
+                float* const ak = acc + kb * C * KB * 9 * L;
+                for (int64_t s0 = 0; s0 < nimg; s0 += nsub) {
+                    const int64_t s1 = std::min(nimg, s0 + nsub);
+                    for (int64_t c = 0; c < C; ++c) {
+                        float* am = ak + c * KB * 9 * L;
+                        const bool last = n0 + nimg == N && s1 == nimg;
+                        grad_weight_pixels_block<V>(xs + (s0 * C + c) * 3 * Xs, C * 3 * Xs, gy + ((n0 + s0) * K + k0) * P,
+                                                    K * P, s1 - s0, nk, P, W, nvec, Xs, tail, n0 == 0 && s0 == 0, last, am);
+                        if (!last) continue;
+                        for (int r = 0; r < nk; ++r)  // the last images: am holds the sums
+                            for (int t = 0; t < 9; ++t) gw[((k0 + r) * C + c) * 9 + t] = am[r * 9 + t];
+                    }
                 }
             }
         }
