@@ -252,10 +252,63 @@ void forward_simd(const float* x, const float* w, const float* b, float* y, int6
 constexpr int64_t kGradWeightChannelsLastMinC = 16;  // below: the pixel-vectorised kernel
 
 // xt[n] (padded channels-last) from x[n] (C, H, W): borders and channels past C are zero.
+#if PYCNN_CONV_AVX512
+// r[i] = column i of the 16 x 16 matrix whose rows were r[0..15] (unpack, shuffle, 2 x shuffle_f32x4).
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {
+        t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+        r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+    }
+}
+
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+#endif
+
 void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W) {
     const int64_t Wp = W + 2;
     for (int64_t p = 0; p < Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);                   // top row
     for (int64_t p = (H + 1) * Wp; p < (H + 2) * Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);  // bottom
+#if PYCNN_CONV_AVX512
+    // 16 pixels x 16 channels at a time, transposed in registers
+    for (int64_t h = 0; h < H; ++h) {
+        float* row = xt + (h + 1) * Wp * Cp;
+        std::memset(row, 0, sizeof(float) * Cp);                    // left column
+        std::memset(row + (W + 1) * Cp, 0, sizeof(float) * Cp);     // right column
+        for (int64_t w0 = 0; w0 < W; w0 += 16) {
+            const int64_t nw = std::min<int64_t>(16, W - w0);
+            const __mmask16 m = first_lanes(nw);
+            for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
+                __m512 r[16];
+                for (int cc = 0; cc < 16; ++cc) {
+                    const int64_t c = c0 + cc;
+                    r[cc] = c < C ? _mm512_maskz_loadu_ps(m, x + (c * H + h) * W + w0) : _mm512_setzero_ps();
+                }
+                transpose16(r);
+                for (int64_t ww = 0; ww < nw; ++ww) _mm512_storeu_ps(row + (w0 + ww + 1) * Cp + c0, r[ww]);
+            }
+        }
+    }
+    return;
+#endif
     for (int64_t h = 0; h < H; ++h) {
         float* row = xt + (h + 1) * Wp * Cp;
         std::memset(row, 0, sizeof(float) * Cp);                    // left column
@@ -298,6 +351,25 @@ float* scratch(std::vector<float>& buf, size_t n) {
 template <int KB>
 void pack_grad_y(const float* gy, float* gyb, int64_t K, int64_t P, int64_t kstride) {
     const int64_t kblocks = (K + KB - 1) / KB;
+#if PYCNN_CONV_AVX512
+    static_assert(KB <= 16, "one 16 x 16 transposition per 16 pixels");
+    const __mmask16 kbm = first_lanes(KB);
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+        float* out = gyb + kb * kstride;
+        for (int64_t p0 = 0; p0 < P; p0 += 16) {
+            const int64_t np = std::min<int64_t>(16, P - p0);
+            const __mmask16 m = first_lanes(np);
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) {
+                const int64_t k = kb * KB + i;
+                r[i] = i < KB && k < K ? _mm512_maskz_loadu_ps(m, gy + k * P + p0) : _mm512_setzero_ps();
+            }
+            transpose16(r);
+            for (int64_t i = 0; i < np; ++i) _mm512_mask_storeu_ps(out + (p0 + i) * KB, kbm, r[i]);
+        }
+    }
+    return;
+#endif
     for (int64_t kb = 0; kb < kblocks; ++kb) {
         float* out = gyb + kb * kstride;
         for (int r = 0; r < KB; ++r) {
