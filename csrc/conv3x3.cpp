@@ -337,7 +337,10 @@ void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, i
 // accumulators): a fresh allocation of several MiB per call costs its page faults (a third
 // of the time of a 32 x 32 layer).  64-byte aligned, so
 // that the zmm loads of whole channel vectors do not straddle cache lines.
-constexpr int64_t kChunkBytes = int64_t(8) << 20;  // the transposed data of one chunk of images
+// The transposed data of one chunk of images: large enough for one chunk at batch 64 in the
+// README net (17 MiB at C = 32, 32 x 32), as every chunk costs two barriers and a barrier on
+// a loaded machine waits for a thread that lost its core.
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 float* scratch(std::vector<float>& buf, size_t n) {
     if (buf.size() < n + 16) buf.assign(n + 16, 0.0f);  // (never shrinks)
@@ -439,13 +442,14 @@ void grad_weight_cl_item(const float* g, const float* xt, int64_t nimg, int64_t 
     }
 }
 
-// The batch goes in chunks of images (whose padded planes and packed gy take about 2 MiB):
-// the threads transpose a chunk's x to padded channels-last planes and pack its gy, then
-// share its work items (k block, c block); each item adds to accumulators of its own, so
-// every sum is taken over the images in order and the pixels in order whichever thread does
-// an item: the result depends neither on the thread count nor on the schedule.  Working on
-// a chunk at a time keeps the transposed data in cache (transposing the whole batch first
-// wrote and re-read up to 10 MiB).
+// The batch goes in chunks of images (whose padded planes and packed gy take up to
+// kChunkBytes): the threads transpose a chunk's x to padded channels-last planes and pack its
+// gy, then share its work items (k block, c block); each item adds to accumulators of its
+// own, so every sum is taken over the images in order and the pixels in order whichever
+// thread does an item: the result depends neither on the thread count nor on the schedule.
+// Within a chunk, an item takes the images in sub-chunks that fit in L2.  Both loops are
+// scheduled dynamically: on a machine shared with other processes a thread that loses its
+// core holds up the other at the barrier by one image or item at most.
 template <class V, int KB>
 void grad_weight_cl_run(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t Cp, int64_t K,
                         int64_t H, int64_t W, int nvmax) {
@@ -464,7 +468,7 @@ void grad_weight_cl_run(const float* x, const float* gy, float* gw, int64_t N, i
     {
         for (int64_t n0 = 0; n0 < N; n0 += nb) {
             const int64_t nimg = std::min(nb, N - n0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
             for (int64_t n = 0; n < nimg; ++n) {
                 to_padded_channels_last(x + (n0 + n) * C * P, xt + n * Pp * Cp, C, Cp, H, W);
                 pack_grad_y<KB>(gy + (n0 + n) * K * P, gyb + n * P * KB, K, P, kstride);
@@ -601,7 +605,7 @@ void grad_weight_pixels(const float* x, const float* gy, float* gw, int64_t N, i
     {
         for (int64_t n0 = 0; n0 < N; n0 += nb) {
             const int64_t nimg = std::min(nb, N - n0);
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 1)
             for (int64_t n = 0; n < nimg; ++n) {
                 for (int64_t c = 0; c < C; ++c) {
                     const float* src = x + ((n0 + n) * C + c) * P;
