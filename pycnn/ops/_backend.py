@@ -171,48 +171,9 @@ def prelu_pair(forward_kernel, backward_kernel, skips_none: bool = False):
 
 # ------------------------------------------------- a fused op as the chain it replaces
 
-class _Step:
-    """The context of one op of a chain (what its implementation keeps between passes)."""
-
-    def __init__(self, needs_input_grad):
-        self.needs_input_grad = tuple(needs_input_grad)
-        self.saved_tensors = ()
-
-    def save_for_backward(self, *arrays):
-        self.saved_tensors = arrays
-
-
 def chain_pair(fused: str) -> tuple[Callable, Callable]:
-    """A fused op (one with ``unfused``, e.g. batchnorm_act) run as the ops it replaces, each on
-    the route it would take by itself: for a backend without a fused kernel, so that a planned
-    fusion never runs slower than the two calls (registered as the algorithm 'chain', which is
-    what the profiler then shows)."""
+    """A fused op run as the ops it replaces, each on the route it would take by itself: for
+    a backend without a fused kernel, so that a planned fusion never runs slower than the
+    separate calls (registered as the algorithm 'chain', which the profiler then shows)."""
     from pycnn.ops import routing
-    op = registry.get(fused)
-
-    def forward(ctx, *inputs, **params):
-        needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * len(inputs)
-        ctx.steps, ctx.input_count, out = [], len(inputs), None
-        for i, (name, extra, step_params) in enumerate(op.unfused(inputs, params)):
-            step_inputs = tuple(extra) if i == 0 else (out,) + tuple(extra)
-            # where each step input comes from: an input of the fused op (its index), or the chain (None)
-            where = [None if (i > 0 and j == 0) else
-                     next((k for k, a in enumerate(inputs) if a is not None and a is x), None)
-                     for j, x in enumerate(step_inputs)]
-            step = _Step(True if k is None else needs[k] for k in where)
-            impl = routing.route(registry.get(name), step_inputs, step_params).impl
-            out = impl.forward(step, *step_inputs, **step_params)
-            ctx.steps.append((step, impl, where))
-        return out
-
-    def backward(ctx, grad):
-        grads = [None] * ctx.input_count
-        for step, impl, where in reversed(ctx.steps):
-            step_grads, grad = impl.backward(step, grad), None
-            for k, g in zip(where, step_grads):
-                if k is None:
-                    grad = g  # into the step before
-                elif g is not None:
-                    grads[k] = g if grads[k] is None else grads[k] + g
-        return tuple(grads)
-    return forward, backward
+    return registry.chain_pair(fused, lambda op, inputs, params: routing.route(op, inputs, params).impl)

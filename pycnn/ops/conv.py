@@ -11,7 +11,7 @@ import numpy as np
 from pycnn.device import array_module
 import pycnn.ops._util as _util
 import pycnn.ops.activations  # noqa: F401 (declares the activations conv3x3_act applies)
-from pycnn.ops.registry import BenchCase, Sample, all_ops, declare, get
+from pycnn.ops.registry import BenchCase, Sample, all_ops, chain_pair, declare, get
 
 
 def _check_conv3x3(x, weight, bias=None):
@@ -148,18 +148,7 @@ declare("conv3x3", forward=conv3x3_forward, backward=conv3x3_backward, check=_ch
 # conv3x3 + bias + activation in one call (the C++ backend applies the activation where the
 # convolution stores its output).  Inputs x, weight, bias (K,) or None, prelu_weight (K,) for
 # activation 'prelu' (None otherwise); params activation, slope (leaky_relu), alpha (elu).
-# The reference is the composition of the two references above and in activations.py.
-
-class Part:
-    """The context of one part of the composition (what its reference forward keeps)."""
-
-    def __init__(self, needs_input_grad):
-        self.needs_input_grad = tuple(needs_input_grad)
-        self.saved_tensors = ()
-
-    def save_for_backward(self, *arrays):
-        self.saved_tensors = arrays
-
+# The reference is the composition of the two references (registry.chain_pair).
 
 # the activations with a conv epilogue (declared in activations.py, in order)
 EPILOGUES = {op.name: op.conv_epilogue for op in all_ops() if op.conv_epilogue is not None}
@@ -198,19 +187,8 @@ def _check_conv3x3_act(x, weight, bias=None, prelu_weight=None, activation="relu
     check_activation(x, prelu_weight, weight.shape[0], activation, slope, alpha)
 
 
-def conv3x3_act_forward(ctx, x, weight, bias=None, prelu_weight=None, activation="relu", slope=0.01, alpha=1.0):
-    needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * 4
-    act_inputs, act_params = activation_call(activation, prelu_weight, {"slope": slope, "alpha": alpha})
-    ctx.conv_part, ctx.act_part = Part(needs[:3]), Part((True, needs[3]))
-    ctx.activation = activation
-    z = conv3x3_forward(ctx.conv_part, x, weight, bias)
-    return get(activation).reference.forward(ctx.act_part, z, *act_inputs, **act_params)
-
-
-def conv3x3_act_backward(ctx, grad):
-    act_grads = get(ctx.activation).reference.backward(ctx.act_part, grad)
-    grad_prelu = act_grads[1] if len(act_grads) > 1 else None
-    return conv3x3_backward(ctx.conv_part, act_grads[0]) + (grad_prelu,)
+# the reference: conv3x3's, then the activation's (the chain of _unfused below)
+conv3x3_act_forward, conv3x3_act_backward = chain_pair("conv3x3_act")
 
 
 def _conv_act_samples(rng, dtype):

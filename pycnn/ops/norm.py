@@ -14,7 +14,7 @@ import numpy as np
 from pycnn.device import array_module
 import pycnn.ops._util as _util
 from pycnn.ops import conv
-from pycnn.ops.registry import BenchCase, Sample, declare, get
+from pycnn.ops.registry import BenchCase, Sample, chain_pair, declare, get
 
 
 def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True,
@@ -140,20 +140,8 @@ def _split(params):
     return params, act
 
 
-def batchnorm_act_forward(ctx, x, gamma, beta, prelu_weight=None, activation="relu", **params):
-    bn_params, act_params = _split(params)
-    needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * 4
-    act_inputs, act_params = conv.activation_call(activation, prelu_weight, {"slope": 0.01, "alpha": 1.0, **act_params})
-    ctx.bn_part, ctx.act_part = conv.Part(needs[:3]), conv.Part((True, needs[3]))
-    ctx.activation = activation
-    z = batchnorm_forward(ctx.bn_part, x, gamma, beta, **bn_params)
-    return get(activation).reference.forward(ctx.act_part, z, *act_inputs, **act_params)
-
-
-def batchnorm_act_backward(ctx, grad):
-    act_grads = get(ctx.activation).reference.backward(ctx.act_part, grad)
-    grad_prelu = act_grads[1] if len(act_grads) > 1 else None
-    return batchnorm_backward(ctx.bn_part, act_grads[0]) + (grad_prelu,)
+# the reference: batch norm's, then the activation's (the chain of _bn_act_unfused below)
+batchnorm_act_forward, batchnorm_act_backward = chain_pair("batchnorm_act")
 
 
 def _bn_act_samples(rng, dtype):

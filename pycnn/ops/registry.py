@@ -224,3 +224,51 @@ def load_backend(backend: str) -> None:
 
 
 _load_backend = load_backend  # the name tests and the cuda backend used
+
+
+# ------------------------------------------------- a fused op as the chain it replaces
+
+class Step:
+    """The context of one op of a chain (what its implementation keeps between passes)."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = tuple(needs_input_grad)
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *arrays):
+        self.saved_tensors = arrays
+
+
+def chain_pair(fused: str, implementation: Callable | None = None) -> tuple[Callable, Callable]:
+    """``forward``/``backward`` of a fused op (conv3x3_act, batchnorm_act) as the chain of ops
+    it replaces (its spec's ``unfused``), each run by ``implementation(op, inputs, params)``:
+    by default the references (the fused op's reference is that composition), or a backend's
+    own routes (a backend without a fused kernel).  Every step keeps its own context."""
+    implementation = implementation or (lambda op, inputs, params: op.reference)
+
+    def forward(ctx, *inputs, **params):
+        needs = tuple(getattr(ctx, "needs_input_grad", ())) + (True,) * len(inputs)
+        ctx.steps, ctx.input_count, out = [], len(inputs), None
+        for i, (name, extra, step_params) in enumerate(get(fused).unfused(inputs, params)):
+            step_inputs = tuple(extra) if i == 0 else (out,) + tuple(extra)
+            # where each step input comes from: an input of the fused op (its index), or the chain (None)
+            where = [None if (i > 0 and j == 0) else
+                     next((k for k, a in enumerate(inputs) if a is not None and a is x), None)
+                     for j, x in enumerate(step_inputs)]
+            step = Step(True if k is None else needs[k] for k in where)
+            impl = implementation(get(name), step_inputs, step_params)
+            out = impl.forward(step, *step_inputs, **step_params)
+            ctx.steps.append((step, impl, where))
+        return out
+
+    def backward(ctx, grad):
+        grads = [None] * ctx.input_count
+        for step, impl, where in reversed(ctx.steps):
+            step_grads, grad = impl.backward(step, grad), None
+            for k, g in zip(where, step_grads):
+                if k is None:
+                    grad = g  # into the step before
+                elif g is not None:
+                    grads[k] = g if grads[k] is None else grads[k] + g
+        return tuple(grads)
+    return forward, backward
