@@ -336,6 +336,50 @@ py::array prelu_weight_arg(const char* fn, const act::ConvActivation& a, const p
     return w;
 }
 
+// The checked arrays of batchnorm_apply / batchnorm_act_forward.
+struct ApplyArgs {
+    py::array x, mean, scale, shift, y;
+    BatchNormDims d;
+    ApplyArgs(const char* fn, const py::object& x_obj, const py::object& mean_obj, const py::object& scale_obj,
+              const py::object& shift_obj, const py::object& y_obj)
+        : x(pycnn::as_float_array(fn, "x", x_obj)),
+          mean(pycnn::as_array_like(fn, "mean", mean_obj, "x", x)),
+          scale(pycnn::as_array_like(fn, "scale", scale_obj, "x", x)),
+          shift(pycnn::as_array_like(fn, "shift", shift_obj, "x", x)),
+          y(pycnn::as_array_like(fn, "y", y_obj, "x", x, true)),
+          d(batchnorm_dims(fn, x)) {
+        pycnn::check_same_shape(fn, "y", y, "x", x);
+        check_channels(fn, "mean", mean, d.C);
+        check_channels(fn, "scale", scale, d.C);
+        check_channels(fn, "shift", shift, d.C);
+    }
+};
+
+// The checked arrays of batchnorm_backward / batchnorm_act_backward.
+struct BackwardArgs {
+    py::array x, mean, invstd, gamma, g, gx, ggamma, gbeta;
+    BatchNormDims d;
+    BackwardArgs(const char* fn, const py::object& x_obj, const py::object& mean_obj, const py::object& invstd_obj,
+                 const py::object& gamma_obj, const py::object& g_obj, const py::object& gx_obj,
+                 const py::object& ggamma_obj, const py::object& gbeta_obj)
+        : x(pycnn::as_float_array(fn, "x", x_obj)),
+          mean(pycnn::as_array_like(fn, "mean", mean_obj, "x", x)),
+          invstd(pycnn::as_array_like(fn, "invstd", invstd_obj, "x", x)),
+          gamma(pycnn::as_array_like(fn, "gamma", gamma_obj, "x", x)),
+          g(pycnn::as_array_like(fn, "grad_out", g_obj, "x", x)),
+          gx(pycnn::as_array_like(fn, "grad_in", gx_obj, "x", x, true)),
+          ggamma(pycnn::as_array_like(fn, "grad_gamma", ggamma_obj, "x", x, true)),
+          gbeta(pycnn::as_array_like(fn, "grad_beta", gbeta_obj, "x", x, true)),
+          d(batchnorm_dims(fn, x)) {
+        pycnn::check_same_shape(fn, "grad_out", g, "x", x);
+        pycnn::check_same_shape(fn, "grad_in", gx, "x", x);
+        for (auto [name, a] : {std::pair<const char*, py::array*>{"mean", &mean}, {"invstd", &invstd},
+                               {"gamma", &gamma}, {"grad_gamma", &ggamma}, {"grad_beta", &gbeta}}) {
+            check_channels(fn, name, *a, d.C);
+        }
+    }
+};
+
 void define(py::module_& m) {
     using pycnn::as_array_like;
     using pycnn::as_float_array;
@@ -367,23 +411,14 @@ void define(py::module_& m) {
         "batchnorm_apply",
         [](const py::object& x_obj, const py::object& mean_obj, const py::object& scale_obj,
            const py::object& shift_obj, const py::object& y_obj) {
-            const char* fn = "batchnorm_apply";
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array mean = as_array_like(fn, "mean", mean_obj, "x", x);
-            py::array scale = as_array_like(fn, "scale", scale_obj, "x", x);
-            py::array shift = as_array_like(fn, "shift", shift_obj, "x", x);
-            py::array y = as_array_like(fn, "y", y_obj, "x", x, true);
-            pycnn::check_same_shape(fn, "y", y, "x", x);
-            const BatchNormDims d = batchnorm_dims(fn, x);
-            check_channels(fn, "mean", mean, d.C);
-            check_channels(fn, "scale", scale, d.C);
-            check_channels(fn, "shift", shift, d.C);
-            dispatch_float(x, [&](auto zero) {
+            ApplyArgs a("batchnorm_apply", x_obj, mean_obj, scale_obj, shift_obj, y_obj);
+            dispatch_float(a.x, [&](auto zero) {
                 using T = decltype(zero);
-                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ap = data_of<T>(scale), *bp = data_of<T>(shift);
-                T* yp = mutable_data_of<T>(y);
+                const T *xp = data_of<T>(a.x), *mp = data_of<T>(a.mean), *ap = data_of<T>(a.scale),
+                        *bp = data_of<T>(a.shift);
+                T* yp = mutable_data_of<T>(a.y);
                 py::gil_scoped_release nogil;
-                apply_kernel<T>(xp, mp, ap, bp, yp, d.N, d.C, d.S);
+                apply_kernel<T>(xp, mp, ap, bp, yp, a.d.N, a.d.C, a.d.S);
             });
         },
         py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("shift"), py::arg("y"),
@@ -393,29 +428,15 @@ void define(py::module_& m) {
         [](const py::object& x_obj, const py::object& mean_obj, const py::object& invstd_obj,
            const py::object& gamma_obj, const py::object& g_obj, const py::object& gx_obj,
            const py::object& ggamma_obj, const py::object& gbeta_obj, bool training) {
-            const char* fn = "batchnorm_backward";
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array mean = as_array_like(fn, "mean", mean_obj, "x", x);
-            py::array invstd = as_array_like(fn, "invstd", invstd_obj, "x", x);
-            py::array gamma = as_array_like(fn, "gamma", gamma_obj, "x", x);
-            py::array g = as_array_like(fn, "grad_out", g_obj, "x", x);
-            py::array gx = as_array_like(fn, "grad_in", gx_obj, "x", x, true);
-            py::array ggamma = as_array_like(fn, "grad_gamma", ggamma_obj, "x", x, true);
-            py::array gbeta = as_array_like(fn, "grad_beta", gbeta_obj, "x", x, true);
-            pycnn::check_same_shape(fn, "grad_out", g, "x", x);
-            pycnn::check_same_shape(fn, "grad_in", gx, "x", x);
-            const BatchNormDims d = batchnorm_dims(fn, x);
-            for (auto [name, a] : {std::pair<const char*, py::array*>{"mean", &mean}, {"invstd", &invstd},
-                                   {"gamma", &gamma}, {"grad_gamma", &ggamma}, {"grad_beta", &gbeta}}) {
-                check_channels(fn, name, *a, d.C);
-            }
-            dispatch_float(x, [&](auto zero) {
+            BackwardArgs b("batchnorm_backward", x_obj, mean_obj, invstd_obj, gamma_obj, g_obj, gx_obj,
+                                 ggamma_obj, gbeta_obj);
+            dispatch_float(b.x, [&](auto zero) {
                 using T = decltype(zero);
-                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ip = data_of<T>(invstd), *gp = data_of<T>(gamma),
-                        *gop = data_of<T>(g);
-                T *gxp = mutable_data_of<T>(gx), *ggp = mutable_data_of<T>(ggamma), *gbp = mutable_data_of<T>(gbeta);
+                const T *xp = data_of<T>(b.x), *mp = data_of<T>(b.mean), *ip = data_of<T>(b.invstd),
+                        *gp = data_of<T>(b.gamma), *gop = data_of<T>(b.g);
+                T *gxp = mutable_data_of<T>(b.gx), *ggp = mutable_data_of<T>(b.ggamma), *gbp = mutable_data_of<T>(b.gbeta);
                 py::gil_scoped_release nogil;
-                backward_kernel<T>(xp, mp, ip, gp, gop, gxp, ggp, gbp, d.N, d.C, d.S, training);
+                backward_kernel<T>(xp, mp, ip, gp, gop, gxp, ggp, gbp, b.d.N, b.d.C, b.d.S, training);
             });
         },
         py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("gamma"), py::arg("grad_out"), py::arg("grad_in"),
@@ -430,32 +451,24 @@ void define(py::module_& m) {
            const std::string& activation, double slope, double alpha) {
             const char* fn = "batchnorm_act_forward";
             const act::ConvActivation& fns = act::conv_activation(fn, activation);
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array mean = as_array_like(fn, "mean", mean_obj, "x", x);
-            py::array scale = as_array_like(fn, "scale", scale_obj, "x", x);
-            py::array shift = as_array_like(fn, "shift", shift_obj, "x", x);
-            py::array y = as_array_like(fn, "y", y_obj, "x", x, true);
-            pycnn::check_same_shape(fn, "y", y, "x", x);
-            const BatchNormDims d = batchnorm_dims(fn, x);
-            check_channels(fn, "mean", mean, d.C);
-            check_channels(fn, "scale", scale, d.C);
-            check_channels(fn, "shift", shift, d.C);
-            py::array a = prelu_weight_arg(fn, fns, a_obj, x, d.C);
+            ApplyArgs b(fn, x_obj, mean_obj, scale_obj, shift_obj, y_obj);
+            const py::array a = prelu_weight_arg(fn, fns, a_obj, b.x, b.d.C);
             const bool has_prelu = !a_obj.is_none();
             py::array pre;
             if (!pre_obj.is_none()) {
-                pre = as_array_like(fn, "pre", pre_obj, "x", x, true);
-                pycnn::check_same_shape(fn, "pre", pre, "x", x);
+                pre = as_array_like(fn, "pre", pre_obj, "x", b.x, true);
+                pycnn::check_same_shape(fn, "pre", pre, "x", b.x);
             }
-            dispatch_float(x, [&](auto zero) {
+            dispatch_float(b.x, [&](auto zero) {
                 using T = decltype(zero);
-                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ap = data_of<T>(scale), *bp = data_of<T>(shift);
+                const T *xp = data_of<T>(b.x), *mp = data_of<T>(b.mean), *ap = data_of<T>(b.scale),
+                        *bp = data_of<T>(b.shift);
                 const act::Params<T> params =
-                    act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, has_prelu ? d.C : 0);
-                T* yp = mutable_data_of<T>(y);
+                    act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, has_prelu ? b.d.C : 0);
+                T* yp = mutable_data_of<T>(b.y);
                 T* prep = pre_obj.is_none() ? nullptr : mutable_data_of<T>(pre);
                 py::gil_scoped_release nogil;
-                apply_kernel<T>(xp, mp, ap, bp, yp, d.N, d.C, d.S, fns.forward<T>(), params, prep);
+                apply_kernel<T>(xp, mp, ap, bp, yp, b.d.N, b.d.C, b.d.S, fns.forward<T>(), params, prep);
             });
         },
         py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("shift"), py::arg("prelu_weight"), py::arg("y"),
@@ -472,47 +485,32 @@ void define(py::module_& m) {
            double slope, double alpha) {
             const char* fn = "batchnorm_act_backward";
             const act::ConvActivation& fns = act::conv_activation(fn, activation);
-            py::array x = as_float_array(fn, "x", x_obj);
-            py::array mean = as_array_like(fn, "mean", mean_obj, "x", x);
-            py::array invstd = as_array_like(fn, "invstd", invstd_obj, "x", x);
-            py::array gamma = as_array_like(fn, "gamma", gamma_obj, "x", x);
-            py::array saved = as_array_like(fn, "saved", s_obj, "x", x);
-            py::array g = as_array_like(fn, "grad_out", g_obj, "x", x);
-            py::array gx = as_array_like(fn, "grad_in", gx_obj, "x", x, true);
-            py::array ggamma = as_array_like(fn, "grad_gamma", ggamma_obj, "x", x, true);
-            py::array gbeta = as_array_like(fn, "grad_beta", gbeta_obj, "x", x, true);
-            for (auto [name, a] : {std::pair<const char*, py::array*>{"saved", &saved}, {"grad_out", &g},
-                                   {"grad_in", &gx}}) {
-                pycnn::check_same_shape(fn, name, *a, "x", x);
-            }
-            const BatchNormDims d = batchnorm_dims(fn, x);
-            for (auto [name, a] : {std::pair<const char*, py::array*>{"mean", &mean}, {"invstd", &invstd},
-                                   {"gamma", &gamma}, {"grad_gamma", &ggamma}, {"grad_beta", &gbeta}}) {
-                check_channels(fn, name, *a, d.C);
-            }
-            py::array a = prelu_weight_arg(fn, fns, a_obj, x, d.C);
+            BackwardArgs b(fn, x_obj, mean_obj, invstd_obj, gamma_obj, g_obj, gx_obj, ggamma_obj, gbeta_obj);
+            const py::array saved = as_array_like(fn, "saved", s_obj, "x", b.x);
+            pycnn::check_same_shape(fn, "saved", saved, "x", b.x);
+            const py::array a = prelu_weight_arg(fn, fns, a_obj, b.x, b.d.C);
             const bool has_prelu = !a_obj.is_none();
             py::array ga;
             if (!ga_obj.is_none()) {
                 if (!has_prelu) throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless activation is 'prelu'");
-                ga = as_array_like(fn, "grad_prelu_weight", ga_obj, "x", x, true);
-                check_channels(fn, "grad_prelu_weight", ga, d.C);
+                ga = as_array_like(fn, "grad_prelu_weight", ga_obj, "x", b.x, true);
+                check_channels(fn, "grad_prelu_weight", ga, b.d.C);
             }
             if (!saved_is_pre && act::saves_pre(fn, activation, slope, alpha, a_obj)) {
                 throw py::value_error(std::string(fn) + ": activation '" + activation +
                                       "' with these parameters needs the pre-activation (saved_is_pre=True): "
                                       "its gradient can't be read off the output");
             }
-            dispatch_float(x, [&](auto zero) {
+            dispatch_float(b.x, [&](auto zero) {
                 using T = decltype(zero);
-                const T *xp = data_of<T>(x), *mp = data_of<T>(mean), *ip = data_of<T>(invstd), *gp = data_of<T>(gamma),
-                        *sp = data_of<T>(saved), *gop = data_of<T>(g);
+                const T *xp = data_of<T>(b.x), *mp = data_of<T>(b.mean), *ip = data_of<T>(b.invstd),
+                        *gp = data_of<T>(b.gamma), *sp = data_of<T>(saved), *gop = data_of<T>(b.g);
                 const act::Params<T> params =
-                    act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, has_prelu ? d.C : 0);
-                T *gxp = mutable_data_of<T>(gx), *ggp = mutable_data_of<T>(ggamma), *gbp = mutable_data_of<T>(gbeta);
+                    act::make_params<T>(slope, alpha, has_prelu ? data_of<T>(a) : nullptr, has_prelu ? b.d.C : 0);
+                T *gxp = mutable_data_of<T>(b.gx), *ggp = mutable_data_of<T>(b.ggamma), *gbp = mutable_data_of<T>(b.gbeta);
                 T* gap = ga_obj.is_none() ? nullptr : mutable_data_of<T>(ga);
                 py::gil_scoped_release nogil;
-                backward_act_kernel<T>(xp, mp, ip, gp, sp, saved_is_pre, gop, gxp, ggp, gbp, gap, d.N, d.C, d.S,
+                backward_act_kernel<T>(xp, mp, ip, gp, sp, saved_is_pre, gop, gxp, ggp, gbp, gap, b.d.N, b.d.C, b.d.S,
                                        training, fns.backward<T>(), params);
             });
         },
