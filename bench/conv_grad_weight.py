@@ -13,7 +13,7 @@ fraction of the FMA peak (pycnn._C.fma_peak_gflops, measured in the pycnn worker
   pycnn   _C.conv3x3_backward(x, w, gy, None, gw, None): the weight gradient only, float32,
           the OpenMP default thread count (2 on the reference machine)
   torch   torch.ops.aten.convolution_backward(..., output_mask=[False, True, False]),
-          torch.set_num_threads(2)
+          torch.set_num_threads(threads or 2)
   --baseline DIR (repeatable): one more worker each, pycnn with the extension binaries of DIR
           (PYCNN_EXTENSION_DIR), e.g. a copy of build/*/_C_avx*.so taken before a change;
           its column "DIR/pycnn" is its time over the current build's.
@@ -38,7 +38,7 @@ def flops(n, c, k, h, w):
 
 
 # ----------------------------------------------------------------------------- workers
-def _worker(framework: str, cases: list[tuple[int, int, int, int, int]]) -> None:
+def _worker(framework: str, cases: list[tuple[int, int, int, int, int]], threads: int = 0) -> None:
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -52,7 +52,7 @@ def _worker(framework: str, cases: list[tuple[int, int, int, int, int]]) -> None
     if framework == "torch":
         import torch
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads or 2)
         tdata = [tuple(torch.from_numpy(a) for a in d) for d in data]
 
         def make(i):
@@ -66,6 +66,8 @@ def _worker(framework: str, cases: list[tuple[int, int, int, int, int]]) -> None
     else:
         from pycnn import _C
 
+        if threads:
+            _C.set_num_threads(threads)
         outs = [np.empty_like(d[1]) for d in data]
 
         def make(i):
@@ -103,11 +105,12 @@ def _worker(framework: str, cases: list[tuple[int, int, int, int, int]]) -> None
 
 
 class Worker:
-    def __init__(self, name, framework, cases, env_extra=None):
+    def __init__(self, name, framework, cases, env_extra=None, threads=0):
         env = dict(os.environ)
         env.update(env_extra or {})
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", framework, "--cases", json.dumps(cases)],
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", framework, "--cases", json.dumps(cases),
+                                      "--threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = json.loads(self.proc.stdout.readline())
 
@@ -130,6 +133,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cases", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads of every worker (default: torch 2, pycnn the OpenMP default)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--budget", type=float, default=0.15, help="seconds per timed block (default 0.15)")
     ap.add_argument("--baseline", action="append", default=[],
@@ -141,14 +146,15 @@ def main() -> None:
     ap.add_argument("--shapes", type=int, nargs="+", help="indices into the six shapes (default all)")
     args = ap.parse_args()
     if args.worker:
-        _worker(args.worker, [tuple(c) for c in json.loads(args.cases)])
+        _worker(args.worker, [tuple(c) for c in json.loads(args.cases)], args.threads)
         return
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
     cases = [(n, c, k, h, w) for n in args.batch for (c, k, h, w) in shapes]
-    workers = [Worker("pycnn", "pycnn", cases), Worker("torch", "torch", cases)]
+    workers = [Worker("pycnn", "pycnn", cases, threads=args.threads),
+               Worker("torch", "torch", cases, threads=args.threads)]
     for folder in args.baseline:
         workers.append(Worker(os.path.basename(os.path.normpath(folder)), "pycnn", cases,
-                              {"PYCNN_EXTENSION_DIR": os.path.abspath(folder)}))
+                              {"PYCNN_EXTENSION_DIR": os.path.abspath(folder)}, threads=args.threads))
     others = [wk.name for wk in workers[2:]]
     peak = workers[0].info["fma_peak_gflops"]
     load0 = os.getloadavg()[0]
