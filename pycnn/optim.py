@@ -127,6 +127,16 @@ def _project_rows(weight, max_norm: float) -> None:
     rows *= scale
 
 
+def _cuda_kernels(w, grad, group):
+    """The fused optimiser kernels (pycnn.kernels.optim) where they apply to this parameter:
+    a C-contiguous CUDA array with a gradient of its dtype, and no L1 term; else None."""
+    if group["l1"] or not is_cuda_array(w) or not (w.flags.c_contiguous and grad.flags.c_contiguous) \
+            or grad.dtype != w.dtype:
+        return None
+    from pycnn.ops import cuda_backend
+    return cuda_backend.optimiser_kernels()
+
+
 class SGD(Optimizer):
     """SGD with momentum, classical or Nesterov (PyTorch's formulation):
         v = momentum * v + grad
@@ -145,11 +155,8 @@ class SGD(Optimizer):
         """CUDA parameters: one kernel per parameter (pycnn.kernels.optim) instead of the six
         array operations of _update; L1 and max-norm keep the generic path."""
         w, grad = p.data, p.grad
-        if group["l1"] or not is_cuda_array(w) or not (w.flags.c_contiguous and grad.flags.c_contiguous):
-            return False
-        from pycnn.ops import cuda_backend
-        kernels = cuda_backend.optimiser_kernels()
-        if kernels is None or grad.dtype != w.dtype:
+        kernels = _cuda_kernels(w, grad, group)
+        if kernels is None:
             return False
         velocity, first = None, False
         if group["momentum"]:
@@ -185,6 +192,24 @@ class Adam(Optimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1,
                                       max_norm=max_norm))
+
+    def _fused_update(self, p, group, state) -> bool:
+        """CUDA parameters: one kernel per parameter (pycnn.kernels.optim.adam_step); L1 and
+        max-norm keep the generic path, as in SGD."""
+        w, grad = p.data, p.grad
+        kernels = _cuda_kernels(w, grad, group)
+        if kernels is None:
+            return False
+        step = state.get("step", 0) + 1
+        if step == 1:
+            state["m"], state["v"] = array_module(w).empty_like(w), array_module(w).empty_like(w)
+        beta1, beta2 = group["betas"]
+        kernels.adam_step(w, grad, state["m"], state["v"], group["lr"], beta1, beta2, group["eps"],
+                          group["weight_decay"], step)
+        state["step"] = step
+        if group["max_norm"] is not None and p.ndim > 1:
+            _project_rows(w, group["max_norm"])
+        return True
 
     def _update(self, p, grad, group, state):
         beta1, beta2 = group["betas"]

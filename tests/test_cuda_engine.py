@@ -177,6 +177,28 @@ def test_fused_sgd_kernel_matches_the_array_operations(momentum, nesterov, weigh
         np.testing.assert_allclose(to_host(w), reference.data, rtol=1e-12, atol=1e-12)
 
 
+@needs_cuda
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_fused_adam_kernel_matches_the_array_operations(weight_decay):
+    """pycnn.kernels.optim.adam_step (what Adam runs on CUDA parameters) against Adam's own
+    array operations on the host, over three steps (the first creates the moments)."""
+    from pycnn import optim
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((4, 3)).astype(np.float64)
+    grads = [rng.standard_normal((4, 3)) for _ in range(3)]
+    reference = pycnn.Tensor(w0.copy(), requires_grad=True)
+    opt = optim.Adam([reference], lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
+    kernels = cuda_backend().optimiser_kernels()
+    w = to_device(w0.copy())
+    m, v = to_device(np.full_like(w0, np.nan)), to_device(np.full_like(w0, np.nan))
+    for step, g in enumerate(grads, start=1):
+        reference.grad = g.copy()
+        opt.step()
+        kernels.adam_step(w, to_device(g), m, v, 0.01, 0.8, 0.99, 1e-6, weight_decay, step)
+        np.testing.assert_allclose(to_host(w), reference.data, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(to_host(m), opt.state[id(reference)]["m"], rtol=1e-12, atol=1e-15)
+
+
 # ----------------------------------------------------- sigmoid and tanh over the whole range
 
 @needs_cuda

@@ -84,6 +84,7 @@ def _compile_all_kernels_to_ptx() -> None:
         ones = np.ones(5, dtype)
         cb.kernel_module("optim").sgd_step(ones, ones, ones, 0.1, 0.9, 0.01, True, False)
         cb.kernel_module("optim").sgd_step(ones, ones, None, 0.1, 0.0, 0.01, False, False)
+        cb.kernel_module("optim").adam_step(ones, ones, ones, ones, 1e-3, 0.9, 0.999, 1e-8, 0.0, 2)
     promoted = [qualname for (qualname, signature), ptx in compiled.items()
                 if "moments" not in qualname and ".f64" in ptx
                 and all(getattr(a, "dtype", a) != numba.float64 for a in signature)]
