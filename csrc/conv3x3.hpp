@@ -1,4 +1,5 @@
-// Shared pieces of the conv3x3 kernels (conv3x3.cpp: direct; conv3x3_winograd.cpp: Winograd;
+// Shared pieces of the conv3x3 kernels (conv3x3.cpp: direct; conv3x3_winograd.cpp: Winograd
+// F(2x2, 3x3); conv3x3_winograd4.cpp: Winograd F(4x4, 3x3);
 // conv3x3_bindings.cpp: the Python bindings of conv3x3 and conv3x3_act).
 //
 // Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), bias is (K,), y is (N, K, H, W); P = H * W.
@@ -61,6 +62,15 @@ void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64
                       const Epilogue<T>& ep = Epilogue<T>());
 template <typename T>
 void winograd_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+
+// Winograd F(4x4, 3x3) (conv3x3_winograd4.cpp): forward and grad_input, as above; 36
+// multiplies per 4x4 outputs and channel instead of F(2x2, 3x3)'s 64 (and the direct 144),
+// with a float32 error about 5x the direct kernel's (the file says what was measured).
+template <typename T>
+void winograd4_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
+                       int64_t W, const Epilogue<T>& ep = Epilogue<T>());
+template <typename T>
+void winograd4_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
 
 // The whole backward pass of either algorithm ("winograd": grad_x by Winograd); gx, gw, gb
 // may each be null (not computed).

@@ -1,5 +1,6 @@
 // The Python bindings of the conv3x3 family: conv3x3_forward / conv3x3_backward (algo
-// "direct": conv3x3.cpp, "winograd": conv3x3_winograd.cpp) and conv3x3_act, conv3x3 + bias +
+// "direct": conv3x3.cpp, "winograd": conv3x3_winograd.cpp, F(2x2, 3x3), "winograd4":
+// conv3x3_winograd4.cpp, F(4x4, 3x3)) and conv3x3_act, conv3x3 + bias +
 // activation in one pass (the NumPy reference, the composition of conv3x3 and the activation,
 // is in pycnn/ops/conv.py).
 //
@@ -56,12 +57,13 @@ ConvDims conv_dims(const char* fn, const py::array& x, const py::array& w) {
     return {x.shape(0), x.shape(1), w.shape(0), x.shape(2), x.shape(3)};
 }
 
-enum class Algo { Direct, Winograd };
+enum class Algo { Direct, Winograd, Winograd4 };
 
 Algo parse_algo(const char* fn, const std::string& algo) {
     if (algo == "direct") return Algo::Direct;
     if (algo == "winograd") return Algo::Winograd;
-    throw py::value_error(std::string(fn) + ": algo must be 'direct' or 'winograd', got '" + algo + "'");
+    if (algo == "winograd4") return Algo::Winograd4;
+    throw py::value_error(std::string(fn) + ": algo must be 'direct', 'winograd' or 'winograd4', got '" + algo + "'");
 }
 
 // What every conv3x3 call takes: x (N, C, H, W), weight (K, C, 3, 3) and the algorithm, checked,
@@ -121,8 +123,13 @@ struct ConvGrads {
         T* gxp = mutable_data_or_null<T>(want_x, gx);
         T* gwp = mutable_data_or_null<T>(want_w, gw);
         T* gbp = mutable_data_or_null<T>(want_b, gb);
-        return [=, winograd = c.algo == Algo::Winograd, d = c.d](const T* gy) {
-            cv::backward<T>(winograd, xp, wp, gy, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+        return [=, algo = c.algo, d = c.d](const T* gy) {
+            if (algo == Algo::Winograd4) {  // grad_x by F(4x4, 3x3); grad_weight, grad_bias as the others
+                if (gxp) cv::winograd4_grad_input<T>(gy, wp, gxp, d.N, d.C, d.K, d.H, d.W);
+                cv::backward<T>(false, xp, wp, gy, nullptr, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+                return;
+            }
+            cv::backward<T>(algo == Algo::Winograd, xp, wp, gy, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
         };
     }
 };
@@ -137,7 +144,8 @@ void run_forward(const ConvCall& c, bool has_bias, const py::array& b, py::array
     const ConvDims& d = c.d;
     py::gil_scoped_release nogil;
     if (c.algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
-    else cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+    else if (c.algo == Algo::Winograd) cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+    else cv::winograd4_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
 }
 
 // The prelu weight (K,): required for a per-channel activation (prelu), refused otherwise.
@@ -165,7 +173,8 @@ void define(py::module_& m) {
         },
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("algo") = "direct",
         "x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None -> y (N, K, H, W) (overwritten): 3x3 "
-        "cross-correlation, stride 1, zero padding 1.  algo: 'direct' or 'winograd' (F(2x2, 3x3)).");
+        "cross-correlation, stride 1, zero padding 1.  algo: 'direct', 'winograd' (F(2x2, 3x3)) or 'winograd4' "
+        "(F(4x4, 3x3): fewer multiplies, float32 error about 5x the direct kernel's).");
     m.def(
         "conv3x3_backward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& g_obj, const py::object& gx_obj,
@@ -184,8 +193,8 @@ void define(py::module_& m) {
         py::arg("x"), py::arg("weight"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"),
         py::arg("grad_bias"), py::arg("algo") = "direct",
         "Gradients of conv3x3_forward; each of grad_x, grad_weight, grad_bias is None (not computed) or "
-        "an array to overwrite.  algo 'winograd' computes grad_x by Winograd F(2x2, 3x3) with the flipped "
-        "filter; grad_weight is always computed directly.");
+        "an array to overwrite.  algo 'winograd' ('winograd4') computes grad_x by Winograd F(2x2, 3x3) "
+        "(F(4x4, 3x3)) with the flipped filter; grad_weight is always computed directly.");
     m.def(
         "conv3x3_act_forward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& a_obj,

@@ -51,7 +51,7 @@ def test_cases_are_generated_from_the_specs():
     full = benchmarks.cases()
     conv = registry.get("conv3x3")
     assert {(c.index, c.algo) for c in full if c.op == "conv3x3"} == {
-        (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu" for a in ("direct", "winograd", "auto")}
+        (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu" for a in ("direct", "winograd", "winograd4", "auto")}
     for op in ("maxpool2x2", "avgpool2x2", "relu", "swish"):
         assert {c.shape for c in full if c.op == op} == {case.shapes for case in registry.get(op).bench_cases("cpu")}
     assert {c.op for c in full if c.unfused} == {"conv3x3+relu", "batchnorm+relu"}

@@ -56,7 +56,7 @@ def _fancy_pca(C):
 
 
 # ------------------------------------------------------------- conv3x3 and 2x2 pooling
-# csrc/conv3x3.cpp, csrc/conv3x3_winograd.cpp, csrc/pool.cpp
+# csrc/conv3x3.cpp, csrc/conv3x3_winograd.cpp, csrc/conv3x3_winograd4.cpp, csrc/pool.cpp
 
 def _conv3x3(C, algo):
     # x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None -> y (N, K, H, W)
@@ -116,18 +116,63 @@ def _conv3x3_act(C, algo):
     return forward, backward
 
 
+def _winograd4_refuses(C, also=None):
+    """winograd4's ``refuses``: an extension built before csrc/conv3x3_winograd4.cpp does not
+    know the algorithm (auto then moves on); ``also``: the op's other reasons."""
+    built = "winograd4" in (C.conv3x3_forward.__doc__ or "")
+
+    def refuses(inputs, params):
+        if not built:
+            return "this build of pycnn._C has no winograd4 (rebuild the extension)"
+        return also(inputs, params) if also is not None else None
+    return refuses
+
+
 def choose_conv3x3_algo(shapes, params):
     """The C++ backend's ``auto`` for conv3x3 and conv3x3_act.
 
     Measured on 2 cores of a Zen 5 (AVX-512), batch 32, float32 (bench/test_conv_pool.py):
     Winograd F(2x2, 3x3) wins from 32 input and output channels on (1.3-1.45x torch for
     H = 16..32, 1.0-1.1x for H = 8, 3-5x the direct kernel for H <= 4); with fewer channels
-    the transforms cost more than the saved multiplies and the direct kernel wins (C = 3)."""
+    the transforms cost more than the saved multiplies and the direct kernel wins (C = 3).
+
+    Winograd F(4x4, 3x3) ("winograd4") where it was measured faster than both others, forward
+    and grad_x: 8 <= C, K <= 128 and H, W >= 8 (the table below: 1.2-2x).  Not for C = 3
+    (direct 1.3-1.7x faster) or C = 4 (a tie), nor H, W < 8: faster at 4x4 and 6x6, but at
+    2x2 (one 4x4 tile per image) F(2x2, 3x3) is faster, and at 3x3 and 5x5 (a tie in
+    multiplies: 8x8 outputs computed for 5x5) nothing could be measured cleanly; nor above
+    128 channels (C = K = 256: 1.2x in CPU time, not faster in wall-clock time)."""
     c, k = shapes[0][1], shapes[1][0]
+    h, w = shapes[0][2], shapes[0][3]
+    if (_WINOGRAD4_MIN_CHANNELS <= min(c, k) and max(c, k) <= _WINOGRAD4_MAX_CHANNELS
+            and min(h, w) >= _WINOGRAD4_MIN_SIZE):
+        return "winograd4"
     return "winograd" if min(c, k) >= _WINOGRAD_MIN_CHANNELS else "direct"
 
 
 _WINOGRAD_MIN_CHANNELS = 32
+# The winograd4 rule's measurements: float32, batch 64, AMD EPYC (Zen 4, AVX-512: _C_avx512),
+# 2 threads, ms of CPU time of both threads (OMP_WAIT_POLICY=passive), median of 7-9 rounds
+# with the algorithms interleaved (a standalone harness of the three kernels, 2026-11-27; the
+# machine was shared, load average 1.4-3.5, so wall-clock medians were often a scheduler tick;
+# at load 1.9 they were, e.g. 32,32,32,32: 8.5 / 7.0 / 4.4 ms forward, 64,64,16,16: 8.1 / 5.5
+# / 3.6 ms, direct / F(2x2) / F(4x4)), forward / grad_x:
+#   C, K, H, W       direct         F(2x2, 3x3)    F(4x4, 3x3)
+#   3, 32, 32, 32    1.95 / 1.95    4.11 / 5.49    2.63 / 3.42
+#   32, 32, 32, 32   18.0 / 17.7    15.4 / 15.1    10.1 / 10.1
+#   32, 64, 16, 16   7.87 / 8.21    5.92 / 6.74    3.25 / 3.85
+#   64, 64, 16, 16   16.1 / 16.2    11.7 / 11.4    7.46 / 7.59
+#   64, 128, 8, 8    7.54 / 7.32    7.31 / 6.61    4.22 / 4.41
+#   128, 128, 8, 8   13.7 / 14.1    11.4 / 10.7    6.75 / 6.21
+#   16, 16, 32, 32   3.98 / 3.95    5.00 / 4.61    3.03 / 2.97
+#   16, 32, 16, 16   2.18 / 2.19    2.33 / 2.20    1.32 / 1.28
+#   8, 16, 32, 32    2.51 / 2.86    3.23 / 3.75    2.06 / 2.07
+#   128, 128, 16, 16 57.0 / 56.5    34.7 / 34.4    27.7 / 27.0
+#   256, 256, 8, 8   51.3 / 52.6    34.8 / 36.0    29.3 / 30.9
+#   64, 64, 6, 6     3.46 / 3.45    2.01 / 2.22    1.81 / 1.80
+#   64, 64, 4, 4     3.29 / 3.32    1.14 / 1.16    0.63 / 0.58
+#   64, 64, 2, 2     3.36 / 3.27    0.42 / 0.42    0.50 / 0.48
+_WINOGRAD4_MIN_CHANNELS, _WINOGRAD4_MAX_CHANNELS, _WINOGRAD4_MIN_SIZE = 8, 128, 8
 
 
 def _statistics(C, x, running_mean, running_var, training, momentum, eps):
@@ -210,9 +255,12 @@ def load() -> None:
     if hasattr(C, "batchnorm_act_forward"):  # (an extension built before batchnorm_act lacks it)
         cpp.register("batchnorm_act", *_batchnorm_act(C))
     cpp.register("fancy_pca", *_fancy_pca(C))
-    for algo in ("direct", "winograd"):
-        cpp.register("conv3x3", *_conv3x3(C, algo), algo=algo)
-        cpp.register("conv3x3_act", *_conv3x3_act(C, algo), algo=algo, refuses=_conv3x3_act_refuses(C))
+    for algo in ("direct", "winograd", "winograd4"):
+        four = algo == "winograd4"
+        act_refuses = _conv3x3_act_refuses(C)
+        cpp.register("conv3x3", *_conv3x3(C, algo), algo=algo, refuses=_winograd4_refuses(C) if four else None)
+        cpp.register("conv3x3_act", *_conv3x3_act(C, algo), algo=algo,
+                     refuses=_winograd4_refuses(C, act_refuses) if four else act_refuses)
     routing.register_auto("cpp", "conv3x3", choose_conv3x3_algo)
     routing.register_auto("cpp", "conv3x3_act", choose_conv3x3_algo)
     cpp.portable()  # linear, the losses, arithmetic: NumPy with single-threaded BLAS
