@@ -97,6 +97,8 @@ def chain_runner(op, phase, inputs, params, grad):
 def check(op, impl, phase, inputs, params, grad, rtol=1e-5):
     """impl vs the float64 reference on the first 2 images (tolerances relative to the
     largest value)."""
+    if any(a is not None and a.dtype == np.float32 for a in inputs):
+        rtol *= getattr(impl, "rounding", 1.0)  # an algorithm that rounds more says so (winograd4)
     sub = _subbatch(inputs, params, 2)
     g = grad[:sub[0].shape[0]]
     y, grads = run_impl(impl, phase, sub, params, g)

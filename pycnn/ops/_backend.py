@@ -40,7 +40,7 @@ class Backend:
         self.name, self.prepare = name, prepare
 
     def register(self, op: str, forward: Callable, backward: Callable, algo: str = "default",
-                 refuses: Callable | None = None) -> None:
+                 refuses: Callable | None = None, rounding: float = 1.0) -> None:
         """Register a pair whose input arrays and incoming gradient pass through ``prepare``
         (params are left alone: running statistics are updated in place)."""
         prepare = self.prepare
@@ -50,7 +50,8 @@ class Backend:
 
         def backward_prepared(ctx, grad):
             return backward(ctx, prepare(grad))
-        registry.get(op).register(self.name, forward_prepared, backward_prepared, algo=algo, refuses=refuses)
+        registry.get(op).register(self.name, forward_prepared, backward_prepared, algo=algo, refuses=refuses,
+                                  rounding=rounding)
 
     def elementwise(self, bindings) -> None:
         """Register every elementwise op whose two bindings ``bindings`` has."""

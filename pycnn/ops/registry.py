@@ -43,6 +43,10 @@ class Impl:
     backward: Callable
     # (inputs, params) -> None, or why this implementation cannot take the call
     refuses: Callable | None = None
+    # float32 rounding relative to the plain kernels (Winograd F(4x4, 3x3): 10, its transforms
+    # amplify rounding); the tests and the benchmarks' correctness check scale their float32
+    # tolerances by it
+    rounding: float = 1.0
 
 
 @dataclasses.dataclass
@@ -129,10 +133,10 @@ class Op:
         self.register(*REFERENCE[:1], forward=forward, backward=backward, algo=REFERENCE[1])
 
     def register(self, backend: str, forward: Callable, backward: Callable, algo: str = "default",
-                 refuses: Callable | None = None) -> None:
+                 refuses: Callable | None = None, rounding: float = 1.0) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.impls[(backend, algo)] = Impl(forward, backward, refuses)
+        self.impls[(backend, algo)] = Impl(forward, backward, refuses, rounding)
 
     @property
     def reference(self) -> Impl:
