@@ -71,7 +71,7 @@ def measure(batch: int, images: int, rounds: int, steps: int, fancy_pca: float, 
     return {"batch": batch, "images": len(splits.train_y), "bare_img_s": statistics.median(bare),
             "epoch_img_s": statistics.median(epoch), "ratio": statistics.median(ratios),
             "rounds": {"bare": bare, "epoch": epoch}, "load": statistics.median(loads),
-            "threads": pycnn.threads()["openmp"] if isinstance(pycnn.threads(), dict) else None,
+            "openmp": pycnn.threads()["openmp"],
             "fancy_pca": fancy_pca, "prefetch": prefetch, "numpy": np.__version__}
 
 

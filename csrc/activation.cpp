@@ -45,5 +45,14 @@ bool saves_pre(const char* fn, const std::string& activation, double slope, doub
     });
 }
 
+void check_saved(const char* fn, const std::string& activation, bool saved_is_pre, double slope, double alpha,
+                 const py::object& prelu_weight) {
+    if (!saved_is_pre && saves_pre(fn, activation, slope, alpha, prelu_weight)) {
+        throw py::value_error(std::string(fn) + ": activation '" + activation +
+                              "' with these parameters needs the pre-activation (saved_is_pre=True): "
+                              "its gradient can't be read off the output");
+    }
+}
+
 }  // namespace act
 }  // namespace pycnn

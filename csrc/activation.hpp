@@ -255,9 +255,14 @@ const ConvActivation& conv_activation(const char* fn, const std::string& name);
 // Whether conv3x3_act's backward pass needs the pre-activation z (saved_is_pre=True) rather than
 // the output y, for these parameters (prelu_weight: None, or the (K,) slopes of 'prelu', which
 // needs them and which alone takes them).  The one place that decides it for the CPU: the
-// binding conv3x3_act_saves_pre and the check of conv3x3_act_backward.
+// binding conv3x3_act_saves_pre and check_saved.
 bool saves_pre(const char* fn, const std::string& activation, double slope, double alpha,
                const py::object& prelu_weight);
+
+// The check of the fused backward passes (conv3x3_act, batchnorm_act): ValueError where the
+// output y was saved (saved_is_pre=False) but saves_pre says the gradient needs z.
+void check_saved(const char* fn, const std::string& activation, bool saved_is_pre, double slope, double alpha,
+                 const py::object& prelu_weight);
 
 }  // namespace act
 }  // namespace pycnn

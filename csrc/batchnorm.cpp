@@ -496,11 +496,7 @@ void define(py::module_& m) {
                 ga = as_array_like(fn, "grad_prelu_weight", ga_obj, "x", b.x, true);
                 check_channels(fn, "grad_prelu_weight", ga, b.d.C);
             }
-            if (!saved_is_pre && act::saves_pre(fn, activation, slope, alpha, a_obj)) {
-                throw py::value_error(std::string(fn) + ": activation '" + activation +
-                                      "' with these parameters needs the pre-activation (saved_is_pre=True): "
-                                      "its gradient can't be read off the output");
-            }
+            act::check_saved(fn, activation, saved_is_pre, slope, alpha, a_obj);
             dispatch_float(b.x, [&](auto zero) {
                 using T = decltype(zero);
                 const T *xp = data_of<T>(b.x), *mp = data_of<T>(b.mean), *ip = data_of<T>(b.invstd),

@@ -239,11 +239,7 @@ void define(py::module_& m) {
             if (want_a && !has_prelu) {
                 throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless activation is 'prelu'");
             }
-            if (!saved_is_pre && act::saves_pre(fn, activation, slope, alpha, a_obj)) {
-                throw py::value_error(std::string(fn) + ": activation '" + activation +
-                                      "' with these parameters needs the pre-activation (saved_is_pre=True): "
-                                      "its gradient can't be read off the output");
-            }
+            act::check_saved(fn, activation, saved_is_pre, slope, alpha, a_obj);
             pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
                 const act::Params<T> params = act::make_params<T>(slope, alpha, data_or_null<T>(has_prelu, a), c.d.K);

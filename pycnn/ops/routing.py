@@ -24,6 +24,7 @@ import os
 from typing import Callable
 
 from pycnn.device import BACKENDS, cpp_extension, is_cuda_array
+from pycnn.ops.registry import REFERENCE
 
 
 class NoImplementation(NotImplementedError):
@@ -129,7 +130,6 @@ def device_backend(inputs) -> str:
 
 def route(op, inputs, params, algo: str = "auto") -> Route:
     """The route of one call of ``op`` (see the module docstring)."""
-    from pycnn.ops.registry import REFERENCE
     try:
         backend = device_backend(inputs)
     except TypeError as exc:
