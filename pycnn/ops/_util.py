@@ -6,6 +6,7 @@ import contextvars
 
 import numpy as np
 
+from pycnn import memory
 from pycnn.device import array_module
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -98,11 +99,13 @@ def nan_filled_outputs():
 
 
 def empty(shape, dtype, like):
-    """An uninitialised output array on the device of ``like`` (NaN-filled under test)."""
+    """An uninitialised output array on the device of ``like`` (NaN-filled under test); on the
+    host, large ones come from the buffer pool (pycnn.memory)."""
     xp = array_module(like)
+    out = memory.empty(shape, dtype) if xp is np else xp.empty(shape, dtype=dtype)
     if _nan_fill.get():
-        return xp.full(shape, np.nan, dtype=dtype)
-    return xp.empty(shape, dtype=dtype)
+        out.fill(np.nan)
+    return out
 
 
 def empty_like(a):
