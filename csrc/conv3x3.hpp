@@ -63,7 +63,8 @@ void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64
 template <typename T>
 void winograd_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
 
-// Winograd F(4x4, 3x3) (conv3x3_winograd4.cpp): forward and grad_input, as above; 36
+// Winograd F(4x4, 3x3) (conv3x3_winograd4.cpp): forward and grad_input, as above (and
+// grad_weight below); 36
 // multiplies per 4x4 outputs and channel instead of F(2x2, 3x3)'s 64 (and the direct 144),
 // with a float32 error about 5x the direct kernel's (the file says what was measured).
 template <typename T>
@@ -71,6 +72,16 @@ void winograd4_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int6
                        int64_t W, const Epilogue<T>& ep = Epilogue<T>());
 template <typename T>
 void winograd4_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+
+// grad_weight by Winograd F(4x4, 3x3) (conv3x3_winograd4_grad_weight.cpp): gw = sum over the
+// 4x4 output tiles of G^T [(A gy A^T) . (B^T x B)] G, 36 multiplies per tile and channel pair
+// instead of 144.
+template <typename T>
+void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+
+// x (C, H, W) of one image -> xt ((H + 2) x (W + 2) pixels of Cp >= C channels, channels
+// contiguous): zero on the 1-pixel border and in the channels past C (conv3x3_grad_weight.cpp).
+void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W);
 
 // The whole backward pass of either algorithm ("winograd": grad_x by Winograd); gx, gw, gb
 // may each be null (not computed).

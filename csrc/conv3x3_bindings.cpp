@@ -124,9 +124,10 @@ struct ConvGrads {
         T* gwp = mutable_data_or_null<T>(want_w, gw);
         T* gbp = mutable_data_or_null<T>(want_b, gb);
         return [=, algo = c.algo, d = c.d](const T* gy) {
-            if (algo == Algo::Winograd4) {  // grad_x by F(4x4, 3x3); grad_weight, grad_bias as the others
+            if (algo == Algo::Winograd4) {  // grad_x and grad_weight by F(4x4, 3x3)
                 if (gxp) cv::winograd4_grad_input<T>(gy, wp, gxp, d.N, d.C, d.K, d.H, d.W);
-                cv::backward<T>(false, xp, wp, gy, nullptr, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+                if (gwp) cv::winograd4_grad_weight<T>(xp, gy, gwp, d.N, d.C, d.K, d.H, d.W);
+                if (gbp) cv::grad_bias<T>(gy, gbp, d.N, d.K, d.H * d.W);
                 return;
             }
             cv::backward<T>(algo == Algo::Winograd, xp, wp, gy, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
@@ -194,7 +195,8 @@ void define(py::module_& m) {
         py::arg("grad_bias"), py::arg("algo") = "direct",
         "Gradients of conv3x3_forward; each of grad_x, grad_weight, grad_bias is None (not computed) or "
         "an array to overwrite.  algo 'winograd' ('winograd4') computes grad_x by Winograd F(2x2, 3x3) "
-        "(F(4x4, 3x3)) with the flipped filter; grad_weight is always computed directly.");
+        "(F(4x4, 3x3)) with the flipped filter; 'winograd4' also computes grad_weight by F(4x4, 3x3) (the "
+        "adjoint of its forward), the others directly.");
     m.def(
         "conv3x3_act_forward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& a_obj,

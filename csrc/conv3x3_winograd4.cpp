@@ -1,6 +1,6 @@
 // conv3x3 by Winograd F(4x4, 3x3) (Lavin & Gray 2015): forward, and grad_input as a Winograd
-// convolution with the flipped, transposed filter.  grad_weight is computed directly
-// (conv3x3.cpp: direct_grad_weight).  The F(2x2, 3x3) kernels are in conv3x3_winograd.cpp.
+// convolution with the flipped, transposed filter.  grad_weight, the adjoint of the forward, is
+// in conv3x3_winograd4_grad_weight.cpp.  The F(2x2, 3x3) kernels are in conv3x3_winograd.cpp.
 //
 // Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), y is (N, K, H, W).  The output is cut
 // into 4x4 tiles (th = ceil(H/4) by tw = ceil(W/4) per image); tile (ty, tx) reads the 6x6
