@@ -102,11 +102,22 @@ def _quiet_simulator():
         yield
 
 
+_launches = 0  # every launch through ``launch`` in this process (both paths)
+
+
+def launch_count() -> int:
+    """Kernels launched through ``launch`` so far in this process, on either path and in the
+    simulator too (the kernels per training step: the difference of two readings)."""
+    return _launches
+
+
 def launch(kernel, grid, block, like, *args) -> None:
     """``kernel[grid, block, stream](*args)`` on the stream of ``like`` (an array the kernel
     works on).  CuPy arrays go through the raw launch path (``_rawlaunch``: compiled once
     per signature, launched by CuPy on its current stream); anything else, and every
     launch under ``PYCNN_CUDA_LAUNCH=numba``, through Numba's dispatcher."""
+    global _launches
+    _launches += 1
     if _raw_launch_wanted(like) and kernel not in _numba_only:
         try:
             raw = _rawlaunch.compiled(kernel, args)

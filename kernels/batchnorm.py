@@ -1,5 +1,7 @@
 """Batch normalisation, the rules of ``pycnn.ops.norm``: statistics per channel over N (and
-H, W), the biased variance to normalise, the unbiased one for the running variance.
+H, W), the biased variance to normalise, the unbiased one for the running variance; with an
+activation applied in the same pass (batchnorm_act: the activations of ``epilogue``; code 0,
+none, is plain batch norm, so the two ops share every kernel).
 
 x is viewed as (N, C, P) (P = H*W, or 1 for (N, C) input) and passed flat; M = N*P values
 per channel.
@@ -11,13 +13,18 @@ Statistics (numerically stable and deterministic: no E[x^2] - E[x]^2, no atomics
   ``finalize``  one block per channel merges its S partials (strided, then a tree: a
                 fixed order), writes mean and 1/sqrt(var + eps), and updates the
                 running statistics in place.
-Forward:  y = (x - mean) * inv_std * gamma + beta                      (``normalize``)
-Backward, with x_hat = (x - mean) * inv_std recomputed from the saved x:
-  ``grad_sums``     grid (S, C): partial sums of grad and grad * x_hat;
-  ``grad_finalize`` grad_beta[c] = sum grad, grad_gamma[c] = sum grad * x_hat (a block
-                    per channel);
-  ``grad_input``    grad_x = gamma * inv_std * (grad - grad_beta / M - x_hat * grad_gamma / M)
-                    (training), or grad * gamma * inv_std (evaluation).
+Forward, one pass (``normalize``):
+  x_hat = (x - mean) * inv_std,  z = x_hat * gamma + beta,  y = act(z)
+Backward: nothing but x is kept; x_hat and z are recomputed from it (the same device function
+as forward: the same z, bit for bit), so the activation's gradient needs neither y nor z in
+memory, and no host-side choice between them.  With gz = act'(z) * grad:
+  ``grad_sums``     grid (S, C): partial sums of gz, gz * x_hat (and for prelu, of grad * z
+                    where z <= 0: the slope's gradient);
+  ``grad_finalize`` grad_beta[c] = sum gz, grad_gamma[c] = sum gz * x_hat, grad_slopes[c]
+                    (a block per channel, a fixed order);
+  ``grad_input``    grad_x = gamma * inv_std * (gz - grad_beta / M - x_hat * grad_gamma / M)
+                    (training), or gz * gamma * inv_std (evaluation).
+Launches: statistics 2 + forward 1; backward 2 reductions + 1.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ import numpy as np
 from numba import cuda
 
 from ._launch import THREADS_1D, launch, per_dtype
+from .epilogue import ACTIVATIONS, PRELU
+from .epilogue import device_functions as epilogue_functions
 from .reduce import REDUCE_THREADS, block_sums
 
 ELEMENTS_PER_THREAD = 8  # values per thread of the reduction grids
@@ -108,61 +117,86 @@ def _build(T):
                 running_mean[c] = keep * running_mean[c] + momentum * mean
                 running_var[c] = keep * running_var[c] + momentum * (m2 / T(count - 1))
 
+    functions = epilogue_functions(T)
+    activate, activation_grad = functions.activate, functions.activation_grad
+
+    @cuda.jit(device=True)
+    def affine(v, m, scale, g, b):
+        """(x_hat, z) of one value: forward and backward compute z alike."""
+        x_hat = (v - m) * scale
+        return x_hat, x_hat * g + b
+
     @cuda.jit
-    def normalize(x, mean, inv_std, gamma, beta, y, channels, inner, size):
-        # x and y are (N*C*P,); mean, inv_std, gamma, beta are (C,); 1-D grid over x
+    def normalize(x, mean, inv_std, gamma, beta, slopes, y, channels, inner, size, code, slope, alpha):
+        # x and y are (N*C*P,); mean, inv_std, gamma, beta, slopes (prelu's; else not read)
+        # are (C,); 1-D grid over x
         i = cuda.grid(1)
         if i < size:
             c = (i // inner) % channels
-            y[i] = (x[i] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
+            _, z = affine(x[i], mean[c], inv_std[c], gamma[c], beta[c])
+            y[i] = activate(z, code, slopes[c] if code == PRELU else slope, alpha)
 
     @cuda.jit
-    def grad_sums(x, grad, mean, inv_std, partial, channels, inner, count):
-        # partial is (C*S*2,): sums of grad and grad * x_hat; grid (S, C), REDUCE_THREADS
-        shared = cuda.shared.array((2, REDUCE_THREADS), T)
-        sums = cuda.local.array(2, T)  # grad, grad * x_hat
+    def grad_sums(x, grad, mean, inv_std, gamma, beta, slopes, partial, channels, inner, count, code, slope,
+                  alpha):
+        # partial is (C*S*3,): sums of gz, gz * x_hat and (prelu) grad * z where z <= 0;
+        # grid (S, C), REDUCE_THREADS threads
+        shared = cuda.shared.array((3, REDUCE_THREADS), T)
+        sums = cuda.local.array(3, T)
         c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
-        m, scale = mean[c], inv_std[c]
-        sums[0], sums[1] = T(0), T(0)
+        m, scale, g_c, b_c = mean[c], inv_std[c], gamma[c], beta[c]
+        a = slopes[c] if code == PRELU else slope
+        sums[0], sums[1], sums[2] = T(0), T(0), T(0)
         e = s * cuda.blockDim.x + cuda.threadIdx.x
         while e < count:
             at = ((e // inner) * channels + c) * inner + e % inner
             g = grad[at]
-            sums[0] += g
-            sums[1] += g * (x[at] - m) * scale
+            x_hat, z = affine(x[at], m, scale, g_c, b_c)
+            gz = activation_grad(z, g, code, a, alpha)
+            sums[0] += gz
+            sums[1] += gz * x_hat
+            if code == PRELU and not z > T(0):
+                sums[2] += g * z
             e += blocks * cuda.blockDim.x
-        block_sums(shared, sums, 2)
+        block_sums(shared, sums, 3)  # a constant count: sums stays in registers
         if cuda.threadIdx.x == 0:
-            out = (c * blocks + s) * 2
+            out = (c * blocks + s) * 3
             partial[out], partial[out + 1] = shared[0, 0], shared[1, 0]
+            if code == PRELU:
+                partial[out + 2] = shared[2, 0]
 
     @cuda.jit
-    def grad_finalize(partial, blocks, grad_beta, grad_gamma):
-        # grid (C,), REDUCE_THREADS threads: strided partial sums, then a tree (fixed order)
-        shared = cuda.shared.array((2, REDUCE_THREADS), T)
-        sums = cuda.local.array(2, T)
+    def grad_finalize(partial, blocks, grad_beta, grad_gamma, grad_slopes, terms):
+        # grid (C,), REDUCE_THREADS threads: strided partial sums, then a tree (fixed order);
+        # grad_slopes is written when terms == 3
+        shared = cuda.shared.array((3, REDUCE_THREADS), T)
+        sums = cuda.local.array(3, T)
         c = cuda.blockIdx.x
-        sums[0], sums[1] = T(0), T(0)
+        sums[0], sums[1], sums[2] = T(0), T(0), T(0)
         for s in range(cuda.threadIdx.x, blocks, cuda.blockDim.x):
-            sums[0] += partial[(c * blocks + s) * 2]
-            sums[1] += partial[(c * blocks + s) * 2 + 1]
-        block_sums(shared, sums, 2)
+            at = (c * blocks + s) * 3
+            sums[0] += partial[at]
+            sums[1] += partial[at + 1]
+            if terms == 3:
+                sums[2] += partial[at + 2]
+        block_sums(shared, sums, 3)  # a constant count: sums stays in registers
         if cuda.threadIdx.x == 0:
             grad_beta[c], grad_gamma[c] = shared[0, 0], shared[1, 0]
+            if terms == 3:
+                grad_slopes[c] = shared[2, 0]
 
     @cuda.jit
-    def grad_input(x, grad, mean, inv_std, gamma, grad_beta, grad_gamma, grad_x, channels, inner, size,
-                   count, training):
+    def grad_input(x, grad, mean, inv_std, gamma, beta, slopes, grad_beta, grad_gamma, grad_x, channels, inner,
+                   size, count, training, code, slope, alpha):
         # x, grad, grad_x are (N*C*P,); the rest (C,); 1-D grid over x
         i = cuda.grid(1)
         if i < size:
             c = (i // inner) % channels
-            scale = gamma[c] * inv_std[c]
-            g = grad[i]
+            x_hat, z = affine(x[i], mean[c], inv_std[c], gamma[c], beta[c])
+            gz = activation_grad(z, grad[i], code, slopes[c] if code == PRELU else slope, alpha)
             if training:
-                x_hat = (x[i] - mean[c]) * inv_std[c]
-                g = g - (grad_beta[c] + x_hat * grad_gamma[c]) / T(count)
-            grad_x[i] = scale * g
+                gz = gz - (grad_beta[c] + x_hat * grad_gamma[c]) / T(count)
+            grad_x[i] = gamma[c] * inv_std[c] * gz
 
     return SimpleNamespace(moments=moments, finalize=finalize, normalize=normalize, grad_sums=grad_sums,
                            grad_finalize=grad_finalize, grad_input=grad_input)
@@ -195,25 +229,42 @@ def statistics(x, mean, inv_std, running_mean, running_var, momentum, eps, xp) -
            dtype(momentum), dtype(eps), np.int64(count))
 
 
-def normalize(x, mean, inv_std, gamma, beta, y) -> None:
+def _activation_args(x, slopes, activation, slope, alpha):
+    """(slopes or a stand-in, code, slope, alpha) as the kernels take them."""
+    dtype = x.dtype.type
+    code = ACTIVATIONS[activation]
+    if (code == PRELU) != (slopes is not None):
+        raise ValueError("batchnorm: prelu_weight (C,) is needed for activation 'prelu', and only for it")
+    return (slopes if slopes is not None else x.reshape(-1)[:1]), np.int32(code), dtype(slope), dtype(alpha)
+
+
+def normalize(x, mean, inv_std, gamma, beta, y, slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
+    """y = act((x - mean) * inv_std * gamma + beta) (activation None: batch norm alone)."""
     channels, inner, _, _ = _split(x)
+    stand_in, code, slope, alpha = _activation_args(x, slopes, activation, slope, alpha)
     grid = (-(-x.size // THREADS_1D),)
-    launch(_build(x.dtype).normalize, grid, (THREADS_1D,), x, x.reshape(-1), mean, inv_std, gamma, beta,
-           y.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size))
+    launch(_build(x.dtype).normalize, grid, (THREADS_1D,), x, x.reshape(-1), mean, inv_std, gamma, beta, stand_in,
+           y.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size), code, slope, alpha)
 
 
-def backward(x, grad, mean, inv_std, gamma, grad_x, grad_gamma, grad_beta, training, xp) -> None:
-    """grad_gamma, grad_beta (C,) and grad_x (like x; None: not wanted) of batch norm."""
+def backward(x, grad, mean, inv_std, gamma, beta, grad_x, grad_gamma, grad_beta, training, xp, slopes=None,
+             grad_slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
+    """grad_gamma, grad_beta (C,), grad_x (like x; None: not wanted) and, for prelu,
+    grad_slopes (C,; None: not wanted) of y = act(batch norm of x)."""
     k = _build(x.dtype)
     channels, inner, count, blocks = _split(x)
+    stand_in, code, slope, alpha = _activation_args(x, slopes, activation, slope, alpha)
     flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
-    partial = xp.empty((channels * blocks * 2,), dtype=x.dtype)
-    launch(k.grad_sums, (blocks, channels), (REDUCE_THREADS,), flat_x, flat_x, flat_g, mean, inv_std, partial,
-           np.int64(channels), np.int64(inner), np.int64(count))
-    launch(k.grad_finalize, (channels,), (REDUCE_THREADS,), flat_x, partial, np.int64(blocks),
-           grad_beta, grad_gamma)
+    partial = xp.empty((channels * blocks * 3,), dtype=x.dtype)
+    launch(k.grad_sums, (blocks, channels), (REDUCE_THREADS,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta,
+           stand_in, partial, np.int64(channels), np.int64(inner), np.int64(count), code, slope, alpha)
+    if grad_slopes is not None and code != PRELU:
+        raise ValueError("batchnorm: grad_slopes is prelu's only")
+    terms = 3 if grad_slopes is not None else 2
+    launch(k.grad_finalize, (channels,), (REDUCE_THREADS,), flat_x, partial, np.int64(blocks), grad_beta,
+           grad_gamma, grad_slopes if grad_slopes is not None else stand_in, np.int32(terms))
     if grad_x is not None:
         grid = (-(-x.size // THREADS_1D),)
-        launch(k.grad_input, grid, (THREADS_1D,), flat_x, flat_x, flat_g, mean, inv_std, gamma, grad_beta,
-               grad_gamma, grad_x.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size),
-               np.int64(count), np.uint8(training))
+        launch(k.grad_input, grid, (THREADS_1D,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta, stand_in,
+               grad_beta, grad_gamma, grad_x.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size),
+               np.int64(count), np.uint8(training), code, slope, alpha)

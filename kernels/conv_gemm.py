@@ -22,51 +22,23 @@ are contiguous.  Arrays are passed flat (1-D) with their sizes as int32 scalars.
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
 
 from ._launch import THREADS_1D, launch, per_dtype
+from .epilogue import ACTIVATIONS
+from .epilogue import device_functions as epilogue_functions
 from .reduce import REDUCE_THREADS, block_sum
 
-# Activation codes of the epilogue (0: none).  prelu reads one slope per channel.
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "prelu": 3, "elu": 4, "swish": 5}
 MAX_GRID = 65535  # grid y and z limits
 
 
 @per_dtype
 def _build(T):
-    @cuda.jit(device=True)
-    def activate(z, code, slope, alpha):
-        if code == 1:
-            return z if z > T(0) else T(0)
-        if code == 2 or code == 3:
-            return z if z > T(0) else z * slope
-        if code == 4:
-            return z if z > T(0) else alpha * T(math.expm1(z))
-        if code == 5:  # swish: z * sigmoid(z) through e = exp(-|z|)
-            e = T(math.exp(-abs(z)))
-            return T(0) if z == -math.inf else z * ((T(1) if z >= T(0) else e) / (T(1) + e))
-        return z
-
-    @cuda.jit(device=True)
-    def activation_grad(z, g, code, slope, alpha):
-        """d act / dz * g, from the pre-activation z (exact: no y + alpha cancellation), or
-        from y where the activation's spec says y determines it (relu, leaky_relu with a
-        slope >= 0, prelu with every slope > 0)."""
-        if code == 5:  # swish: s + z e / (1 + e)^2, e = exp(-|z|)
-            e = T(math.exp(-abs(z)))
-            r = T(1) / (T(1) + e)
-            return g * ((T(1) if z >= T(0) else e) * r + (z * e * r * r if e > T(0) else T(0)))
-        if code == 0 or z > T(0):
-            return g
-        if code == 1:
-            return T(0)
-        if code == 4:
-            return g * alpha * T(math.exp(z))
-        return g * slope
+    functions = epilogue_functions(T)
+    activate, activation_grad = functions.activate, functions.activation_grad
 
     @cuda.jit
     def im2col(x, cols, channels, height, width, pixels):

@@ -24,8 +24,8 @@ import numpy as np
 
 from pycnn.device import array_module
 from pycnn.ops import _util, activations, conv, pool, registry
-from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, needs_grad, prelu_pair, shape_map_pair,
-                               winner_pair)
+from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, grad_like, needs_grad, prelu_pair,
+                               shape_map_pair, winner_pair)
 
 # ------------------------------------------------------------------------ finding kernels/
 
@@ -152,9 +152,13 @@ def _conv3x3_gemm(K, fused: bool):
     return conv_forward, conv_backward
 
 
-def _batchnorm(K):
-    # x (N, C) or (N, C, H, W); gamma, beta and the statistics (C,) (kernels/batchnorm.py)
-    def forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
+def _batchnorm(K, fused: bool):
+    """batchnorm (``fused`` False) or batchnorm_act: x (N, C) or (N, C, H, W); gamma, beta,
+    prelu_weight and the statistics (C,) (kernels/batchnorm.py).  Forward: the statistics
+    (2 launches), then one pass that normalises and applies the activation; backward keeps x
+    only (z is recomputed: no y or z in memory), 2 reduction launches, then grad_x."""
+    def forward(ctx, x, gamma, beta, prelu_weight=None, running_mean=None, running_var=None, training=True,
+                momentum=0.1, eps=1e-5, activation=None, slope=0.01, alpha=1.0):
         xp = array_module(x)
         c = x.shape[1]
         if training:
@@ -172,20 +176,29 @@ def _batchnorm(K):
             mean = _c(running_mean).astype(x.dtype, copy=False)
             inv_std = (1 / xp.sqrt(running_var + eps)).astype(x.dtype)
         y = _util.empty_like(x)
-        K.bn.normalize(x, mean, inv_std, gamma, beta, y)
-        ctx.save_for_backward(x, gamma, mean, inv_std)
-        ctx.training = training
+        K.bn.normalize(x, mean, inv_std, gamma, beta, y, prelu_weight, activation, slope, alpha)
+        ctx.save_for_backward(x, gamma, beta, prelu_weight, mean, inv_std)
+        ctx.training, ctx.act = training, (activation, slope, alpha)
         return y
 
     def backward(ctx, grad):
-        x, gamma, mean, inv_std = ctx.saved_tensors
+        x, gamma, beta, prelu_weight, mean, inv_std = ctx.saved_tensors
         c = x.shape[1]
         grad_gamma = _util.empty((c,), x.dtype, x)
         grad_beta = _util.empty((c,), x.dtype, x)
         grad_x = _util.empty_like(x) if needs_grad(ctx, 0) else None
-        K.bn.backward(x, grad, mean, inv_std, gamma, grad_x, grad_gamma, grad_beta, ctx.training, array_module(x))
-        return grad_x, (grad_gamma if needs_grad(ctx, 1) else None), (grad_beta if needs_grad(ctx, 2) else None)
-    return forward, backward
+        grad_slopes = _util.empty((c,), x.dtype, x) if prelu_weight is not None and needs_grad(ctx, 3) else None
+        K.bn.backward(x, grad_like(grad, x), mean, inv_std, gamma, beta, grad_x, grad_gamma, grad_beta, ctx.training,
+                      array_module(x), prelu_weight, grad_slopes, *ctx.act)
+        grads = (grad_x, grad_gamma if needs_grad(ctx, 1) else None, grad_beta if needs_grad(ctx, 2) else None)
+        return grads + (grad_slopes,) if fused else grads
+
+    if fused:
+        return forward, backward
+
+    def bn_forward(ctx, x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
+        return forward(ctx, x, gamma, beta, None, running_mean, running_var, training, momentum, eps)
+    return bn_forward, backward
 
 
 def _fancy_pca(K):
@@ -250,7 +263,8 @@ def load() -> None:
     cuda.register("avgpool2x2", *shape_map_pair(K.pool.avgpool2x2_forward, K.pool.avgpool2x2_backward,
                                                 pool.pooled_shape))
     cuda.register("dropout", *dropout_pair(K.dropout.dropout_apply, K.dropout.dropout_apply))
-    cuda.register("batchnorm", *_batchnorm(K))
-    cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo="chain")  # no fused kernel (yet)
+    cuda.register("batchnorm", *_batchnorm(K, fused=False))
+    cuda.register("batchnorm_act", *_batchnorm(K, fused=True), algo="fused")
+    cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo="chain")  # batchnorm, then the activation
     cuda.register("fancy_pca", *_fancy_pca(K))
     cuda.portable()  # linear, the losses, arithmetic: the reference on CuPy
