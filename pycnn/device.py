@@ -45,9 +45,23 @@ def device_of(a) -> str:
     return "cuda" if is_cuda_array(a) else "cpu"
 
 
+_host_read_checks: list = []
+
+
+def on_host_read(check) -> None:
+    """Run ``check()`` after every ``to_host``: where errors that kernels found on the device
+    without a host synchronisation (the cuda loss's label check) are raised, once the copy
+    has synchronised."""
+    if check not in _host_read_checks:
+        _host_read_checks.append(check)
+
+
 def to_host(a) -> np.ndarray:
     """``a`` as a NumPy array (copied from the GPU when it lives there)."""
-    return a.get() if is_cuda_array(a) and hasattr(a, "get") else np.asarray(a)
+    host = a.get() if is_cuda_array(a) and hasattr(a, "get") else np.asarray(a)
+    for check in _host_read_checks:
+        check()
+    return host
 
 
 def to_device(a, device: str):

@@ -9,7 +9,8 @@ current CuPy stream (NumPy arrays under ``NUMBA_ENABLE_CUDASIM=1``).
 The wrappers follow the idiom of both compiled backends (pycnn/ops/_backend.py): factories
 ``_op(K)`` closing over ``K``, the namespace of the kernel modules, and the elementwise family
 registered from the specs.  Portable ops (linear, the losses, arithmetic) are registered as
-their array-generic reference, which runs on the same device (CuPy).
+their array-generic reference, which runs on the same device (CuPy); softmax_cross_entropy
+has a kernel of its own ('kernel', the auto choice) besides its reference.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from pycnn import device
 from pycnn.device import array_module
 from pycnn.ops import _util, activations, conv, pool, registry
 from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, grad_like, needs_grad, prelu_pair,
@@ -201,6 +203,32 @@ def _batchnorm(K, fused: bool):
     return bn_forward, backward
 
 
+def _softmax_ce(K):
+    """logits (N, C), labels (N,) integers on the same device (checked by the kernel, on the
+    device: no host synchronisation), class_weight (C,) or None (kernels/loss.py): one launch
+    forward, one backward."""
+    def forward(ctx, logits, labels=None, label_smoothing=0.0, class_weight=None):
+        xp = array_module(logits)
+        n, _ = logits.shape
+        loss = _util.empty((), logits.dtype, logits)
+        lse = xp.empty((n,), dtype=logits.dtype)       # fully written by the kernel
+        stats = xp.empty((2,), dtype=logits.dtype)     # W, sum_c w_c
+        labels, class_weight = _c(labels), _c(class_weight)  # params are not prepared with the inputs
+        K.loss.softmax_ce_forward(logits, labels, class_weight, label_smoothing, loss, lse, stats)
+        ctx.save_for_backward(logits, lse, stats)
+        ctx.params = (labels, class_weight, label_smoothing)
+        return loss
+
+    def backward(ctx, grad):
+        logits, lse, stats = ctx.saved_tensors
+        labels, class_weight, smoothing = ctx.params
+        grad_logits = _util.empty_like(logits)
+        K.loss.softmax_ce_backward(logits, labels, class_weight, smoothing, lse, stats, grad_like(grad, logits),
+                                   grad_logits)
+        return (grad_logits,)
+    return forward, backward
+
+
 def _fancy_pca(K):
     """images (N, 3, H, W) uint8 / float32 / float64 -> float32 / float32 / float64 (see
     pycnn/ops/fancy_pca.py); the kernel works in the output dtype, so uint8 images are
@@ -226,7 +254,8 @@ def _fancy_pca(K):
 # ----------------------------------------------------------------------------- loading
 
 _KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "bn": "batchnorm", "optim": "optim", "pool": "pool",
-                   "act": "activations", "dropout": "dropout", "reduce": "reduce", "fancy_pca": "fancy_pca"}
+                   "act": "activations", "dropout": "dropout", "reduce": "reduce", "fancy_pca": "fancy_pca",
+                   "loss": "loss"}
 _optim = None
 
 
@@ -267,4 +296,6 @@ def load() -> None:
     cuda.register("batchnorm_act", *_batchnorm(K, fused=True), algo="fused")
     cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo="chain")  # batchnorm, then the activation
     cuda.register("fancy_pca", *_fancy_pca(K))
-    cuda.portable()  # linear, the losses, arithmetic: the reference on CuPy
+    cuda.register("softmax_cross_entropy", *_softmax_ce(K), algo="kernel")
+    device.on_host_read(K.loss.raise_label_errors)  # bad labels found on the device are raised there
+    cuda.portable()  # linear, the other losses, arithmetic: the reference on CuPy (softmax_cross_entropy's too)

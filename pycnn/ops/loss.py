@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn.device import array_module
+from pycnn.device import array_module, is_cuda_array
 import pycnn.ops._util as _util
 from pycnn.ops.registry import Sample, declare
 
@@ -28,8 +28,10 @@ def _check_softmax_ce(logits, labels=None, label_smoothing=0.0, class_weight=Non
         raise TypeError(f"labels must be an integer array, got {getattr(labels, 'dtype', type(labels).__name__)}")
     _util.check_shape("labels", labels, (n,))
     _util.check_same_device(logits=logits, labels=labels)
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
-        raise ValueError(f"labels must lie in [0, {c}), got values in [{int(labels.min())}, {int(labels.max())}]")
+    # labels on a GPU are checked where they are used, so that checking them costs no host
+    # synchronisation here: on the device by the cuda kernel, by check_label_range in the references
+    if not is_cuda_array(labels):
+        check_label_range(labels, c)
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if class_weight is not None:
@@ -37,6 +39,12 @@ def _check_softmax_ce(logits, labels=None, label_smoothing=0.0, class_weight=Non
         _util.check_shape("class_weight", class_weight, (c,))
         if float(class_weight.min()) < 0:
             raise ValueError("class_weight must be non-negative")
+
+
+def check_label_range(labels, classes: int) -> None:
+    """labels in [0, classes) (reads them: a host synchronisation for CUDA arrays)."""
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
 
 
 def log_softmax(logits):
@@ -57,6 +65,8 @@ def _targets(logits, labels, label_smoothing, class_weight):
 
 
 def softmax_ce_forward(ctx, logits, labels=None, label_smoothing=0.0, class_weight=None):
+    if is_cuda_array(labels):
+        check_label_range(labels, logits.shape[1])
     logp = log_softmax(logits)
     weighted_targets, total_weight = _targets(logits, labels, label_smoothing, class_weight)
     ctx.save_for_backward(logp, weighted_targets)
@@ -104,6 +114,8 @@ def _check_hinge(scores, labels=None, margin=1.0):
 
 
 def hinge_forward(ctx, scores, labels=None, margin=1.0):
+    if is_cuda_array(labels):
+        check_label_range(labels, scores.shape[1])
     xp = array_module(scores)
     n = scores.shape[0]
     rows = xp.arange(n)
