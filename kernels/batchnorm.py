@@ -6,25 +6,26 @@ none, is plain batch norm, so the two ops share every kernel).
 x is viewed as (N, C, P) (P = H*W, or 1 for (N, C) input) and passed flat; M = N*P values
 per channel.
 
-Statistics (numerically stable and deterministic: no E[x^2] - E[x]^2, no atomics):
+Statistics (numerically stable and deterministic: no E[x^2] - E[x]^2, no atomic sums):
   ``moments``   grid (S, C): block (s, c) runs Welford's update over a grid-stride share
                 of channel c, merges its threads with Chan's formula, writes
-                (count, mean, M2) to partial[c, s];
-  ``finalize``  one block per channel merges its S partials (strided, then a tree: a
-                fixed order), writes mean and 1/sqrt(var + eps), and updates the
-                running statistics in place.
+                (count, mean, M2) to partial[c, s]; the last block of channel c to finish
+                (a fence, then a ticket: ``last_block``) merges the S partials (strided,
+                then a tree: a fixed order, whichever block is last), writes mean and
+                1/sqrt(var + eps), and updates the running statistics in place.
 Forward, one pass (``normalize``):
   x_hat = (x - mean) * inv_std,  z = x_hat * gamma + beta,  y = act(z)
 Backward: nothing but x is kept; x_hat and z are recomputed from it (the same device function
 as forward: the same z, bit for bit), so the activation's gradient needs neither y nor z in
 memory, and no host-side choice between them.  With gz = act'(z) * grad:
   ``grad_sums``     grid (S, C): partial sums of gz, gz * x_hat (and for prelu, of grad * z
-                    where z <= 0: the slope's gradient);
-  ``grad_finalize`` grad_beta[c] = sum gz, grad_gamma[c] = sum gz * x_hat, grad_slopes[c]
-                    (a block per channel, a fixed order);
+                    where z <= 0: the slope's gradient); the last block of each channel
+                    adds them (a fixed order): grad_beta[c] = sum gz, grad_gamma[c] =
+                    sum gz * x_hat, grad_slopes[c];
   ``grad_input``    grad_x = gamma * inv_std * (gz - grad_beta / M - x_hat * grad_gamma / M)
                     (training), or gz * gamma * inv_std (evaluation).
-Launches: statistics 2 + forward 1; backward 2 reductions + 1.
+Launches: forward 2 (statistics, normalize), backward 2 (grad_sums, grad_input).  The
+tickets are int32 zeros kept per device and stream, reset by each launch's last blocks.
 """
 from __future__ import annotations
 
@@ -68,10 +69,27 @@ def _build(T):
             cuda.syncthreads()
             stride //= 2
 
+    @cuda.jit(device=True)
+    def last_block(flag, tickets, c, blocks):
+        """Whether this block is the last of channel c's ``blocks`` to finish (the answer to
+        every thread): its partial result, written before, is published by a fence, then a
+        ticket is taken.  The last block sees every block's partial and resets the ticket
+        for the next launch."""
+        if cuda.threadIdx.x == 0:
+            cuda.threadfence()
+            flag[0] = 1 if cuda.atomic.add(tickets, c, 1) == blocks - 1 else 0
+            if flag[0] == 1:
+                tickets[c] = 0
+        cuda.syncthreads()
+        return flag[0] == 1
+
     @cuda.jit
-    def moments(x, partial, channels, inner, count):
-        # x is (N*C*P,), partial is (C*S*3,); grid (S, C), REDUCE_THREADS threads
+    def moments(x, partial, tickets, mean_out, inv_std_out, running_mean, running_var, update_running, momentum,
+                eps, channels, inner, count):
+        # x is (N*C*P,), partial is (C*S*3,), tickets (>= C,) int32 zeros; mean_out,
+        # inv_std_out, running_* are (C,); grid (S, C), REDUCE_THREADS threads
         shared = cuda.shared.array((3, REDUCE_THREADS), T)
+        flag = cuda.shared.array(1, np.int32)
         c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
         tid = cuda.threadIdx.x
         n, mean, m2 = T(0), T(0), T(0)
@@ -87,18 +105,13 @@ def _build(T):
         if tid == 0:
             out = (c * blocks + s) * 3
             partial[out], partial[out + 1], partial[out + 2] = shared[0, 0], shared[1, 0], shared[2, 0]
-
-    @cuda.jit
-    def finalize(partial, blocks, mean_out, inv_std_out, running_mean, running_var, update_running,
-                 momentum, eps, count):
-        # partial is (C*S*3,); mean_out, inv_std_out, running_* are (C,)
-        # grid (C,), REDUCE_THREADS threads: each merges partials tid, tid + threads, ...
-        # in order, then the block merges its threads (Chan) as in moments
-        shared = cuda.shared.array((3, REDUCE_THREADS), T)
-        c, tid = cuda.blockIdx.x, cuda.threadIdx.x
+        if not last_block(flag, tickets, c, blocks):
+            return
+        # the last block merges the S partials of channel c: each thread those of tid,
+        # tid + threads, ... in order, then the block its threads (Chan), as above
         n, mean, m2 = T(0), T(0), T(0)
-        for s in range(tid, blocks, cuda.blockDim.x):
-            at = (c * blocks + s) * 3
+        for b in range(tid, blocks, cuda.blockDim.x):
+            at = (c * blocks + b) * 3
             nb = partial[at]
             if nb > T(0):
                 total = n + nb
@@ -137,11 +150,13 @@ def _build(T):
             y[i] = activate(z, code, slopes[c] if code == PRELU else slope, alpha)
 
     @cuda.jit
-    def grad_sums(x, grad, mean, inv_std, gamma, beta, slopes, partial, channels, inner, count, code, slope,
-                  alpha):
+    def grad_sums(x, grad, mean, inv_std, gamma, beta, slopes, partial, tickets, grad_beta, grad_gamma, grad_slopes,
+                  want_slopes, channels, inner, count, code, slope, alpha):
         # partial is (C*S*3,): sums of gz, gz * x_hat and (prelu) grad * z where z <= 0;
-        # grid (S, C), REDUCE_THREADS threads
+        # tickets (>= C,) int32 zeros; grad_beta, grad_gamma, grad_slopes (written when
+        # want_slopes) are (C,); grid (S, C), REDUCE_THREADS threads
         shared = cuda.shared.array((3, REDUCE_THREADS), T)
+        flag = cuda.shared.array(1, np.int32)
         sums = cuda.local.array(3, T)
         c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
         m, scale, g_c, b_c = mean[c], inv_std[c], gamma[c], beta[c]
@@ -161,28 +176,20 @@ def _build(T):
         block_sums(shared, sums, 3)  # a constant count: sums stays in registers
         if cuda.threadIdx.x == 0:
             out = (c * blocks + s) * 3
-            partial[out], partial[out + 1] = shared[0, 0], shared[1, 0]
-            if code == PRELU:
-                partial[out + 2] = shared[2, 0]
-
-    @cuda.jit
-    def grad_finalize(partial, blocks, grad_beta, grad_gamma, grad_slopes, terms):
-        # grid (C,), REDUCE_THREADS threads: strided partial sums, then a tree (fixed order);
-        # grad_slopes is written when terms == 3
-        shared = cuda.shared.array((3, REDUCE_THREADS), T)
-        sums = cuda.local.array(3, T)
-        c = cuda.blockIdx.x
+            partial[out], partial[out + 1], partial[out + 2] = shared[0, 0], shared[1, 0], shared[2, 0]
+        if not last_block(flag, tickets, c, blocks):
+            return
+        # the last block adds the S partials of channel c: strided, then a tree (a fixed order)
         sums[0], sums[1], sums[2] = T(0), T(0), T(0)
-        for s in range(cuda.threadIdx.x, blocks, cuda.blockDim.x):
-            at = (c * blocks + s) * 3
+        for b in range(cuda.threadIdx.x, blocks, cuda.blockDim.x):
+            at = (c * blocks + b) * 3
             sums[0] += partial[at]
             sums[1] += partial[at + 1]
-            if terms == 3:
-                sums[2] += partial[at + 2]
-        block_sums(shared, sums, 3)  # a constant count: sums stays in registers
+            sums[2] += partial[at + 2]
+        block_sums(shared, sums, 3)
         if cuda.threadIdx.x == 0:
             grad_beta[c], grad_gamma[c] = shared[0, 0], shared[1, 0]
-            if terms == 3:
+            if want_slopes:
                 grad_slopes[c] = shared[2, 0]
 
     @cuda.jit
@@ -198,8 +205,7 @@ def _build(T):
                 gz = gz - (grad_beta[c] + x_hat * grad_gamma[c]) / T(count)
             grad_x[i] = gamma[c] * inv_std[c] * gz
 
-    return SimpleNamespace(moments=moments, finalize=finalize, normalize=normalize, grad_sums=grad_sums,
-                           grad_finalize=grad_finalize, grad_input=grad_input)
+    return SimpleNamespace(moments=moments, normalize=normalize, grad_sums=grad_sums, grad_input=grad_input)
 
 
 def _split(x):
@@ -213,20 +219,34 @@ def _split(x):
     return c, inner, count, blocks
 
 
+_tickets: dict = {}  # (device, stream) -> int32 zeros, one per channel: the last-block tickets
+
+
+def _tickets_for(x, channels, xp):
+    """The ticket counters of the reductions on x's device and the current stream (zero
+    between launches: each launch's last block resets its channel's)."""
+    key = "host" if xp is np else (x.device.id, xp.cuda.get_current_stream().ptr)
+    tickets = _tickets.get(key)
+    if tickets is None or tickets.size < channels:
+        tickets = _tickets[key] = xp.zeros((max(channels, 256),), dtype=np.int32)
+    return tickets
+
+
 def statistics(x, mean, inv_std, running_mean, running_var, momentum, eps, xp) -> None:
-    """mean and inv_std (C,) of x in training; updates running_* (C,) in place when given."""
+    """mean and inv_std (C,) of x in training; updates running_* (C,) in place when given.
+    One launch: the last block of each channel merges its partials."""
     k = _build(x.dtype)
     channels, inner, count, blocks = _split(x)
     flat = x.reshape(-1)
     partial = xp.empty((channels * blocks * 3,), dtype=x.dtype)
-    launch(k.moments, (blocks, channels), (REDUCE_THREADS,), flat, flat, partial, np.int64(channels),
-           np.int64(inner), np.int64(count))
     update = running_mean is not None
-    unused = xp.empty((1,), dtype=x.dtype)  # stands for absent running statistics
+    # absent running statistics: a buffer of its own (a view of an output would be copied
+    # back over it by the simulator, which copies every argument back)
+    unused = xp.empty((1,), dtype=x.dtype)
     dtype = x.dtype.type
-    launch(k.finalize, (channels,), (REDUCE_THREADS,), flat, partial, np.int64(blocks), mean, inv_std,
-           running_mean if update else unused, running_var if update else unused, np.uint8(update),
-           dtype(momentum), dtype(eps), np.int64(count))
+    launch(k.moments, (blocks, channels), (REDUCE_THREADS,), flat, flat, partial, _tickets_for(x, channels, xp), mean,
+           inv_std, running_mean if update else unused, running_var if update else unused, np.uint8(update),
+           dtype(momentum), dtype(eps), np.int64(channels), np.int64(inner), np.int64(count))
 
 
 def _activation_args(x, slopes, activation, slope, alpha):
@@ -255,14 +275,13 @@ def backward(x, grad, mean, inv_std, gamma, beta, grad_x, grad_gamma, grad_beta,
     channels, inner, count, blocks = _split(x)
     stand_in, code, slope, alpha = _activation_args(x, slopes, activation, slope, alpha)
     flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
-    partial = xp.empty((channels * blocks * 3,), dtype=x.dtype)
-    launch(k.grad_sums, (blocks, channels), (REDUCE_THREADS,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta,
-           stand_in, partial, np.int64(channels), np.int64(inner), np.int64(count), code, slope, alpha)
     if grad_slopes is not None and code != PRELU:
         raise ValueError("batchnorm: grad_slopes is prelu's only")
-    terms = 3 if grad_slopes is not None else 2
-    launch(k.grad_finalize, (channels,), (REDUCE_THREADS,), flat_x, partial, np.int64(blocks), grad_beta,
-           grad_gamma, grad_slopes if grad_slopes is not None else stand_in, np.int32(terms))
+    partial = xp.empty((channels * blocks * 3,), dtype=x.dtype)
+    launch(k.grad_sums, (blocks, channels), (REDUCE_THREADS,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta,
+           stand_in, partial, _tickets_for(x, channels, xp), grad_beta, grad_gamma,
+           grad_slopes if grad_slopes is not None else xp.empty((1,), dtype=x.dtype), np.uint8(grad_slopes is not None),
+           np.int64(channels), np.int64(inner), np.int64(count), code, slope, alpha)
     if grad_x is not None:
         grid = (-(-x.size // THREADS_1D),)
         launch(k.grad_input, grid, (THREADS_1D,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta, stand_in,

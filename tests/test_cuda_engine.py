@@ -117,40 +117,111 @@ def test_cuda_batchnorm_statistics_stay_accurate_far_from_zero(offset, dtype, rt
 
 # ------------------------------------------------------------------ kernels per training step
 
-# kernels of our own per op and pass (matrix products, by cuBLAS, counted apart)
-EXPECTED_LAUNCHES = {
-    # conv3x3 (gemm): forward im2col + epilogue; backward transpose + col2im (x needs a gradient)
-    "conv3x3": (2, 2), "batchnorm": (3, 3), "relu": (1, 1), "maxpool2x2": (1, 1),
-}
+# Ops that run as their array-generic reference on cuda (CuPy), with the array operations
+# (launches) their reference code makes per pass: linear  y = x @ w.T; y += b  /  grad @ w,
+# grad.T @ x, grad.sum(0); flatten a reshape.
+CUPY_LAUNCHES = {"linear": (2, 3), "flatten": (0, 0)}
+# What the step below measures: 100 launches for 24 layers, 4.17 a layer (4.67 with batchnorm_act
+# as 3 + 3 launches); 3.33 without the optimiser's one launch per parameter (20).  The issue's
+# goal, ~3, needs a multi-tensor optimiser kernel (one launch for every parameter).
+LAUNCHES_PER_LAYER = 4.2
+
+
+def _counting_routes(monkeypatch, records):
+    """Wrap every route so that each top-level op call records (op, algo, pass, our kernel
+    launches, matrix products): chained steps inside a fused op count for the fused op."""
+    from pycnn.kernels import _launch
+    from pycnn.ops import routing
+    real_route, depth, gemms = routing.route, [0], [0]
+    real_matmul = np.matmul  # conv3x3 'gemm' calls xp.matmul: cuBLAS on a GPU
+
+    def matmul(*a, **k):
+        gemms[0] += 1
+        return real_matmul(*a, **k)
+    monkeypatch.setattr(np, "matmul", matmul)
+
+    def counted(name, algo, phase, run):
+        def call(*a, **k):
+            depth[0] += 1
+            launches, products = _launch.launch_count(), gemms[0]
+            try:
+                return run(*a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    records.append((name, algo, phase, _launch.launch_count() - launches, gemms[0] - products))
+        return call
+
+    def route(op, inputs, params, algo="auto"):
+        r = real_route(op, inputs, params, algo)
+        impl = registry.Impl(counted(op.name, r.algo, "forward", r.impl.forward),
+                             counted(op.name, r.algo, "backward", r.impl.backward), r.impl.refuses, r.impl.rounding)
+        return routing.Route(r.backend, r.algo, impl)
+    monkeypatch.setattr(routing, "route", route)
 
 
 @needs_cuda
-def test_a_training_step_launches_a_known_small_number_of_kernels(monkeypatch):
-    """A VGG-style step on the cuda backend: count every kernel launch (one place: the
-    kernel modules' ``launch``) and every matrix product, per layer."""
-    cb = cuda_backend()
+def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkeypatch, capsys):
+    """One step of the README's CIFAR-10 net as ``pycnn train`` builds it (VGG, 3 stages of
+    2 x conv3x3 + BN + ReLU, max pooling, dropout, linear; SGD with Nesterov momentum and
+    weight decay) on the cuda backend, widths and image shrunk for the simulator (the
+    launches do not depend on them).  Counts, per layer: our kernel launches (one counter,
+    ``kernels._launch.launch_count``), cuBLAS matrix products, and the CuPy operations of
+    the ops that run as references; the optimiser's fused kernels count for the parameters'
+    layers."""
+    from pycnn import optim
     from pycnn.kernels import _launch
-    launches = []
-    for module in ("conv_gemm", "batchnorm", "pool", "activations", "reduce", "dropout", "conv3x3"):
-        mod = cb.kernel_module(module)
-        monkeypatch.setattr(mod, "launch", lambda kernel, *a, _real=_launch.launch: (
-            launches.append(kernel.py_func.__name__), _real(kernel, *a))[1])
-    net = models.vgg(1, 4, 2, widths=(2, 3), convs_per_stage=1)
-    if not SIMULATED:
+    from pycnn.training import config as config_module, runs
+    cuda_backend()
+    config = config_module.Config(dataset="cifar10", widths=(2, 3, 4), convs_per_stage=2)  # README: 32, 64, 128
+    net = models.build(runs.model_spec(config, 3, 8, 10), seed=0)
+    optimiser = runs.make_optimiser(config, net)
+    if SIMULATED:  # the fused optimiser kernels take CUDA arrays; the simulator's are NumPy
+        monkeypatch.setattr(optim, "is_cuda_array", lambda a: True)
+    else:
         net.to("cuda")
     rng = np.random.default_rng(0)
-    x = pycnn.Tensor(to_device(rng.standard_normal((2, 1, 4, 4)).astype(np.float32)), requires_grad=True)
-    labels = to_device(np.array([0, 1]))
+    x = pycnn.Tensor(to_device(rng.standard_normal((2, 3, 8, 8)).astype(np.float32)))
+    labels = to_device(np.array([3, 7]))
+    records = []
+    _counting_routes(monkeypatch, records)
     with pycnn.use_backend("cuda"):
         loss = F.softmax_cross_entropy(net(x), labels)
-        forward = len(launches)
-        loss.backward()
-    backward = len(launches) - forward
-    layers = {"conv3x3": 2, "batchnorm": 2, "relu": 2, "maxpool2x2": 2}
-    assert forward == sum(EXPECTED_LAUNCHES[op][0] * n for op, n in layers.items()), launches[:forward]
-    assert backward == sum(EXPECTED_LAUNCHES[op][1] * n for op, n in layers.items()), launches[forward:]
-    assert (forward + backward) / sum(layers.values()) <= 4.0
+        optimiser.zero_grad()
+        loss.backward()  # + 1 CuPy fill: the seed gradient (ones)
+        before = _launch.launch_count()
+        optimiser.step()
+        optimiser_launches = _launch.launch_count() - before
+    parameters = sum(1 for p in net.parameters() if p.requires_grad)
+    assert optimiser_launches == parameters  # one fused SGD kernel per parameter
 
+    per_op = {}
+    for name, algo, phase, ours, products in records:
+        entry = per_op.setdefault(name, {"algo": algo, "calls": 0, "forward": 0, "backward": 0, "gemm": 0})
+        entry["calls"] += phase == "forward"
+        entry[phase] += ours
+        entry["gemm"] += products
+    reference_ops = {name for name, e in per_op.items() if e["algo"] == "reference"}
+    assert reference_ops <= set(CUPY_LAUNCHES), reference_ops  # every other op runs kernels of our own
+    assert per_op["batchnorm_act"]["algo"] == "fused" and "batchnorm" not in per_op and "relu" not in per_op
+    cupy = sum(per_op[name]["calls"] * sum(CUPY_LAUNCHES[name]) for name in reference_ops) + 1
+    layers = len(net)  # the Sequential's modules: conv, BN, ReLU (fused with the BN), pooling, flatten, ...
+    total = sum(e["forward"] + e["backward"] + e["gemm"] for e in per_op.values()) + cupy + optimiser_launches
+    with capsys.disabled():
+        print(f"\nlaunches of one training step, {layers} layers, {parameters} parameters:")
+        print("| op | algo | calls | ours fwd | ours bwd | cuBLAS | CuPy |")
+        for name, e in per_op.items():
+            print(f"| {name} | {e['algo']} | {e['calls']} | {e['forward']} | {e['backward']} | {e['gemm']} | "
+                  f"{e['calls'] * sum(CUPY_LAUNCHES.get(name, (0, 0)))} |")
+        print(f"| optimiser (SGD) | fused | {parameters} | {optimiser_launches} | | | |")
+        print(f"total {total} = {total / layers:.2f} per layer "
+              f"({(total - optimiser_launches) / layers:.2f} without the optimiser)")
+    # exact figures per op and pass, so that a regression says where it is
+    assert (per_op["conv3x3"]["forward"], per_op["conv3x3"]["backward"], per_op["conv3x3"]["gemm"]) == (12, 11, 17)
+    assert (per_op["batchnorm_act"]["forward"], per_op["batchnorm_act"]["backward"]) == (12, 12)
+    assert (per_op["maxpool2x2"]["forward"], per_op["maxpool2x2"]["backward"]) == (3, 3)
+    assert (per_op["softmax_cross_entropy"]["forward"], per_op["softmax_cross_entropy"]["backward"]) == (1, 1)
+    assert total / layers <= LAUNCHES_PER_LAYER, (total, layers)
 
 
 # --------------------------------------------------------------------------- optimiser
