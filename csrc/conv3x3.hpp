@@ -79,10 +79,6 @@ void winograd4_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, 
 template <typename T>
 void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
 
-// x (C, H, W) of one image -> xt ((H + 2) x (W + 2) pixels of Cp >= C channels, channels
-// contiguous): zero on the 1-pixel border and in the channels past C (conv3x3_grad_weight.cpp).
-void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W);
-
 // The whole backward pass of either algorithm ("winograd": grad_x by Winograd); gx, gw, gb
 // may each be null (not computed).
 template <typename T>

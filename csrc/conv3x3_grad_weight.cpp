@@ -108,8 +108,6 @@ inline void transpose16(__m512 r[16]) {
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
 #endif
 
-}  // namespace
-
 void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W) {
     const int64_t Wp = W + 2;
     for (int64_t p = 0; p < Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);                   // top row
@@ -158,8 +156,6 @@ void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, i
         }
     }
 }
-
-namespace {
 
 // Scratch arrays of the channels-last kernel (the padded planes, the packed gy), kept per
 // calling thread between calls and grown when needed (up to about kChunkBytes, plus the

@@ -140,7 +140,8 @@ def test_grad_x_matches_finite_differences(rng):
     np.testing.assert_allclose(grad_x, numeric, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("shape", [(3, 20, 13, 17, 15), (40, 16, 8, 8, 8)], ids=str)  # 40: several image groups
+@pytest.mark.parametrize("shape", [(3, 20, 13, 17, 15), (3, 24, 30, 17, 15), (20, 64, 64, 32, 32)],
+                         ids=str)  # grad_weight: direct below 24 channels, Winograd from 24 (20 images: 2 groups)
 def test_result_does_not_depend_on_the_thread_count(shape, rng):
     n, c, k, h, w = shape
     x, weight, b = _inputs(rng, shape, np.float32)
@@ -158,11 +159,18 @@ def test_result_does_not_depend_on_the_thread_count(shape, rng):
             np.testing.assert_array_equal(a, want)
 
 
+# grad_weight by Winograd (from 24 input and output channels): odd sizes, K and C not multiples
+# of the GEMM blocks (4 x 6), 1x1 images, a batch of several image groups (20 x 64 x 32 x 32:
+# 512 KiB of transforms per xi hold 16 images in float32, 8 in float64)
+GRAD_WEIGHT_SHAPES = [(3, 24, 25, 7, 9), (2, 30, 24, 5, 13), (4, 25, 31, 1, 1), (1, 24, 24, 4, 4),
+                      (2, 37, 29, 3, 2), (20, 64, 64, 32, 32)]
+
+
+@pytest.mark.parametrize("shape", GRAD_WEIGHT_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_grad_weight_over_several_image_groups(dtype, rng):
-    # a batch larger than one group (16 MiB of transforms): the groups' sums add up in M
-    n, c, k, h, w = 70, 24, 20, 16, 16
-    x, weight, _ = _inputs(rng, (n, c, k, h, w), dtype)
+def test_grad_weight_by_winograd(shape, dtype, rng):
+    x, weight, _ = _inputs(rng, shape, dtype)
+    n, _, k, h, w = shape
     g = rng.standard_normal((n, k, h, w)).astype(dtype)
     gw = np.full_like(weight, np.nan)
     C.conv3x3_backward(x, weight, g, None, gw, None, "winograd4")
