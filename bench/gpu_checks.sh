@@ -25,7 +25,8 @@ print('python', sys.version.split()[0], '| numpy', numpy.__version__, '| cupy', 
 status=0
 if [[ ",$STAGES," == *",tests,"* ]]; then
   timeout "${TESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -W ignore::RuntimeWarning \
-    tests/test_cuda_backend.py tests/test_cuda_engine.py 2>&1 | tee "$OUT/tests.txt" || status=1
+    tests/test_cuda_backend.py tests/test_cuda_engine.py tests/test_cuda_fused.py tests/test_cuda_loss.py \
+    tests/test_cuda_ptx.py 2>&1 | tee "$OUT/tests.txt" || status=1
 fi
 if [[ ",$STAGES," == *",step,"* ]]; then
   timeout "${STEP_TIMEOUT:-360}" $PY bench/gpu_step.py --batches "${STEP_BATCHES:-256,64,1024}" \

@@ -101,11 +101,13 @@ def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False) -> dic
     result = _time_steps(step, cupy.cuda.Device().synchronize, steps, warmup)
     if profile:
         _profile_pycnn(net, opt, x, y, step)
-    raw = cuda_backend.kernels_package()._rawlaunch
-    before = raw.launch_count()
+    kernels = cuda_backend.kernels_package()
+    before, raw_before = kernels._launch.launch_count(), kernels._rawlaunch.launch_count()
     step()
     cupy.cuda.Device().synchronize()
-    result["pycnn_kernels_per_step"] = raw.launch_count() - before
+    # every launch of our kernels (either path), and those that took the raw path
+    result["pycnn_kernels_per_step"] = kernels._launch.launch_count() - before
+    result["pycnn_raw_launches_per_step"] = kernels._rawlaunch.launch_count() - raw_before
     return result
 
 

@@ -177,5 +177,6 @@ declare("batchnorm_act", forward=batchnorm_act_forward, backward=batchnorm_act_b
         samples=_bn_act_samples, torch=_torch_batchnorm_act, flops=_bn_act_flops,
         bytes=_elements_times(3),            # as batchnorm: the activation is applied in place, in L1
         backward_bytes=_elements_times(5),   # read x, y and grad_y, write grad_x, read it back
-        bench=(BenchCase(((64, 32, 32, 32), (32,), (32,), None), {"activation": "relu"}),),
+        bench=(BenchCase(((64, 32, 32, 32), (32,), (32,), None), {"activation": "relu"}),
+               BenchCase(((256, 32, 32, 32), (32,), (32,), None), {"activation": "relu"}, where="gpu")),
         unfused=_bn_act_unfused)
