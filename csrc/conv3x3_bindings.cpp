@@ -16,7 +16,6 @@
 #include "activation.hpp"
 #include "conv3x3.hpp"
 
-#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -103,12 +102,6 @@ const T* data_or_null(bool has, const py::array& a) { return has ? data_of<T>(a)
 template <typename T>
 T* mutable_data_or_null(bool has, py::array& a) { return has ? mutable_data_of<T>(a) : nullptr; }
 
-// winograd4's grad_weight by Winograd from this many input and output channels, directly below:
-// one thread, batch 128, float32 (2026-11-27), direct / Winograd ms at C, K, H = W:
-// 16,16,32: 8.1 / 9.5;  32,16,32: 15.9 / 17.5;  16,64,16: 7.5 / 9.4;  24,24,32: 21.5 / 17.0;
-// 32,32,32: 29.8 / 24.5;  64,64,16: 35.8 / 17.1;  128,128,8: 27.6 / 15.5;  256,256,8: 157 / 82.
-constexpr int64_t kWinograd4GradWeightMinChannels = 24;
-
 // The outputs of a backward call: grad_x, grad_weight, grad_bias, each None (not computed) or
 // an array to overwrite.
 struct ConvGrads {
@@ -131,12 +124,9 @@ struct ConvGrads {
         T* gwp = mutable_data_or_null<T>(want_w, gw);
         T* gbp = mutable_data_or_null<T>(want_b, gb);
         return [=, algo = c.algo, d = c.d](const T* gy) {
-            if (algo == Algo::Winograd4) {  // grad_x and (from 24 channels) grad_weight by F(4x4, 3x3)
+            if (algo == Algo::Winograd4) {  // grad_x and grad_weight by F(4x4, 3x3)
                 if (gxp) cv::winograd4_grad_input<T>(gy, wp, gxp, d.N, d.C, d.K, d.H, d.W);
-                if (gwp && std::min(d.C, d.K) >= kWinograd4GradWeightMinChannels)
-                    cv::winograd4_grad_weight<T>(xp, gy, gwp, d.N, d.C, d.K, d.H, d.W);
-                else if (gwp)
-                    cv::direct_grad_weight<T>(xp, gy, gwp, d.N, d.C, d.K, d.H, d.W);
+                if (gwp) cv::winograd4_grad_weight<T>(xp, gy, gwp, d.N, d.C, d.K, d.H, d.W);
                 if (gbp) cv::grad_bias<T>(gy, gbp, d.N, d.K, d.H * d.W);
                 return;
             }
@@ -206,7 +196,7 @@ void define(py::module_& m) {
         "Gradients of conv3x3_forward; each of grad_x, grad_weight, grad_bias is None (not computed) or "
         "an array to overwrite.  algo 'winograd' ('winograd4') computes grad_x by Winograd F(2x2, 3x3) "
         "(F(4x4, 3x3)) with the flipped filter; 'winograd4' also computes grad_weight by F(4x4, 3x3) (the "
-        "adjoint of its forward) from 24 input and output channels, the others directly.");
+        "adjoint of its forward), the others directly.");
     m.def(
         "conv3x3_act_forward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& a_obj,

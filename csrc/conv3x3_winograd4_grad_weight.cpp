@@ -4,24 +4,23 @@
 // 6x6 input patch of the tile, g a 3x3 filter; the matrices are in conv3x3_winograd4.cpp).
 // y is linear in g, and its adjoint gives, summed over the images n and the tiles t:
 //   gw[k, c] = G^T M[k, c] G,   M[k, c] = sum_{n, t} (A gy_{n,k,t} A^T) . (B^T x_{n,c,t} B)
-// that is 36 GEMMs  M[xi] (K x C) = Z[xi] (K x tiles) . V[xi]^T (tiles x C)  with
-//   V[xi][c][t] = (B^T x B)[xi] of tile t of channel c   (the forward's input transform)
-//   Z[xi][k][t] = (A gy A^T)[xi] of tile t of channel k  (gy zero outside the image)
+// that is 36 GEMMs  M[xi] (K x C) = Z[xi] (K x tiles) . V[xi] (tiles x C)  with
+//   V[xi][t][c] = (B^T x B)[xi] of tile t of channel c   (the forward's input transform)
+//   Z[xi][t][k] = (A gy A^T)[xi] of tile t of channel k  (gy zero outside the image)
 // 36 multiplies per tile and channel pair instead of the direct kernel's 9 x 16 = 144.
 //
-// Tiles are contiguous (t = image * tiles per image + tile row * tiles per row + tile column),
-// so both transforms read the image planes as they are (NCHW) and run vectorised over tiles,
-// through strips as in the forward pass: the patch rows of a run of tile rows are copied to
-// zero-padded strips where tile j reads columns 4j .. 4j + 5.  The GEMMs are dot products over
-// the tiles: a block of 4 output x 6 input channels keeps 24 vector accumulators over the
-// tiles (AVX2: 2 x 6), summed across lanes once per group.
-// The batch goes in groups of images whose V and Z rows of one xi fit in L2 (the whole group
-// then fits in L3), each group in two phases: the transforms, a channel per task, then the
-// GEMMs, an (xi, block of output channels) per task, which adds its sums into its own entries
-// of M.  The tiles of a group are summed in order and the groups in order: the result depends
-// neither on the thread count nor on the schedule.
-// float32 error: tests/test_winograd4.py bounds it with the forward's (measured in the closing
-// table of conv3x3_winograd4.cpp).
+// Work stays in each thread's caches, as in the forward pass.  The tile rows (image, ty) are
+// cut into blocks of up to 256 tiles whose V and Z fit in about 2 MiB; for a block, a thread
+//   1. copies the 6 input rows (4 gy rows) of each tile row to channels-last slabs, zero-padded
+//      (16 x 16 transposes in registers with AVX-512), so that
+//   2. both transforms run vectorised over channels, writing V and Z with channels contiguous;
+//   3. adds the block's 36 GEMMs into its slice's M: 6 output channels x 4 vectors of input
+//      channels of M stay in registers while the block's tiles stream past (6 broadcasts and
+//      4 loads per 24 fused multiply-adds).
+// The blocks are shared out to a fixed number of slices (from the problem's size, never the
+// thread count); each slice sums its blocks in order into its own M, the slices are added in
+// order at the end: the result depends neither on the thread count nor on the schedule.
+// float32 error: about the forward's (tests/test_winograd4.py bounds it with the same bound).
 #include "conv3x3.hpp"
 
 #include <omp.h>
@@ -40,230 +39,280 @@ namespace conv {
 namespace {
 
 constexpr int kXi = 36;
-constexpr int64_t kXiRowBytes = int64_t(512) << 10;  // the V and Z rows of one xi in a group, at most
-constexpr int64_t kStripTiles = 256;                  // tiles per strip run, at least (a whole tile row)
-
-#if PYCNN_SIMD
-#if defined(__AVX512F__)
-constexpr int kKR = 4, kCR = 6;  // GEMM block: output x input channels (24 zmm accumulators)
-#else
-constexpr int kKR = 2, kCR = 6;  // 12 ymm accumulators
-#endif
-constexpr int kPad = simd::Isa::kLanes;
-#else
-constexpr int kKR = 4, kCR = 6;
-constexpr int kPad = 16;
-#endif
+constexpr int kRows = 6;                            // output channels per GEMM block
+constexpr int64_t kBlockBytes = int64_t(2) << 20;   // V and Z of one block of tiles, at most
+constexpr int64_t kMaxBlockTiles = 256;
+constexpr int64_t kSliceBytes = int64_t(48) << 20;  // the M of every slice together, at most
+constexpr int64_t kMaxSlices = 16;
+constexpr int64_t kSliceTiles = 64;                 // tiles per slice, at least (where there are that many)
 
 int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
-// The tile rows of the group's images: row r = image * th + ty, tw tiles each.
-struct Geometry {
-    int64_t H, W, th, tw, slen;  // slen: strip row length (4 tiles columns per tile, and slack)
+struct Plan {
+    int64_t N, C, K, H, W;
+    int64_t th, tw;                    // tiles per column and per row of an image
+    int64_t Cp, Kp, mrows, kblocks;    // channels rounded up to 16; M rows (whole blocks of 6)
+    int64_t xw, gw;                    // slab widths in pixels: 4 tw + 2 (x), 4 tw (gy)
+    int64_t rows_per_block, nblocks, block_tiles;
+    int64_t slices;
+    Plan(int64_t N_, int64_t C_, int64_t K_, int64_t H_, int64_t W_, size_t item) : N(N_), C(C_), K(K_), H(H_), W(W_) {
+        th = (H + 3) / 4, tw = (W + 3) / 4;
+        kblocks = (K + kRows - 1) / kRows;
+        mrows = kblocks * kRows;
+        Cp = round_up(C, 16), Kp = round_up(mrows, 16);
+        xw = 4 * tw + 2, gw = 4 * tw;
+        const int64_t tile_bytes = kXi * (Cp + Kp) * static_cast<int64_t>(item);
+        const int64_t want = std::clamp<int64_t>(kBlockBytes / tile_bytes, 1, kMaxBlockTiles);
+        rows_per_block = std::max<int64_t>(1, want / tw);
+        const int64_t rows = N * th;
+        nblocks = (rows + rows_per_block - 1) / rows_per_block;
+        block_tiles = rows_per_block * tw;
+        const int64_t m_bytes = kXi * mrows * Cp * static_cast<int64_t>(item);
+        const int64_t by_tiles = std::max<int64_t>(1, rows * tw / kSliceTiles);
+        const int64_t most = std::clamp<int64_t>(std::min({by_tiles, kSliceBytes / m_bytes, nblocks}), 1, kMaxSlices);
+        for (slices = 1; 2 * slices <= most;) slices *= 2;  // a power of two: even shares for 2, 4, ... threads
+    }
 };
 
-// V[xi][c][t] (xi stride vs) of tile rows r0 .. r1 - 1 of channel plane group `x` (the group's
-// first image, channel c; images cstride apart): strips lo (input columns 4j - 1 .. 4j + 2 of
-// tile j) and hi (4j + 3, 4j + 4), 6 rows each (input rows 4 ty - 1 .. 4 ty + 4).
+// dst[(w + offset) * Cp + c] = src[c * cstride + w] for w < W, c < C, and 0 for C <= c < Cp:
+// one image row of C channels (channel planes cstride apart) to channels-last pixels.
 template <typename T>
-void input_run(const Geometry& g, const T* x, int64_t cstride, int64_t r0, int64_t r1, T* lo, T* hi, T* v,
-               int64_t vs) {
-    const int64_t H = g.H, W = g.W, tw = g.tw, sw = 4 * tw;
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / g.th, ty = r % g.th, at = (r - r0) * sw;
-        for (int a = 0; a < 6; ++a) {  // lo[i] = x[row][i - 1], hi[i] = x[row][i + 3] (zero outside)
-            T* l = lo + a * g.slen + at;
-            T* h = hi + a * g.slen + at;
-            const int64_t row = 4 * ty - 1 + a;
-            const T* src = x + n * cstride + row * W;
-            const bool inside = row >= 0 && row < H;
-            for (int64_t i = 0; i < sw; ++i) {
-                l[i] = inside && i >= 1 && i <= W ? src[i - 1] : T(0);
-                h[i] = inside && i + 3 < W ? src[i + 3] : T(0);
-            }
-        }
-    }
-    const int64_t tiles = (r1 - r0) * tw, slen = g.slen;
-    T* out = v + r0 * tw;
-#pragma omp simd
-    for (int64_t j = 0; j < tiles; ++j) {
-        T t[6][6];  // B^T d: t[i][q] for patch column q
-        for (int q = 0; q < 6; ++q) {
-            const T* s = q < 4 ? lo + 4 * j + q : hi + 4 * j + (q - 4);
-            const T d0 = s[0], d1 = s[slen], d2 = s[2 * slen], d3 = s[3 * slen], d4 = s[4 * slen], d5 = s[5 * slen];
-            const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
-            const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
-            t[0][q] = T(4) * d0 - T(5) * d2 + d4;
-            t[1][q] = a1 + a2;
-            t[2][q] = a1 - a2;
-            t[3][q] = b1 + b2;
-            t[4][q] = b1 - b2;
-            t[5][q] = T(4) * d1 - T(5) * d3 + d5;
-        }
-        for (int i = 0; i < 6; ++i) {  // (B^T d) B
-            const T d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
-            const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
-            const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
-            T* o = out + 6 * i * vs + j;
-            o[0] = T(4) * d0 - T(5) * d2 + d4;
-            o[vs] = a1 + a2;
-            o[2 * vs] = a1 - a2;
-            o[3 * vs] = b1 + b2;
-            o[4 * vs] = b1 - b2;
-            o[5 * vs] = T(4) * d1 - T(5) * d3 + d5;
-        }
-    }
-}
-
-// Z[xi][k][t] (xi stride zs) of tile rows r0 .. r1 - 1 of gy's channel k: A d A^T of the 4x4
-// patch at rows 4 ty .. 4 ty + 3, columns 4 tx .. 4 tx + 3 (zero past the image), through one
-// strip s of 4 rows where tile j reads columns 4j .. 4j + 3.
-// A (6 x 4) has the rows [1 0 0 0], [1 1 1 1], [1 -1 1 -1], [1 2 4 8], [1 -2 4 -8], [0 0 0 1].
-template <typename T>
-void grad_run(const Geometry& g, const T* gy, int64_t kstride, int64_t r0, int64_t r1, T* s, T* z, int64_t zs) {
-    const int64_t H = g.H, W = g.W, tw = g.tw, sw = 4 * tw;
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / g.th, ty = r % g.th, at = (r - r0) * sw;
-        for (int a = 0; a < 4; ++a) {  // s[i] = gy[row][i] (zero outside)
-            T* d = s + a * g.slen + at;
-            const int64_t row = 4 * ty + a;
-            const T* src = gy + n * kstride + row * W;
-            const bool inside = row < H;
-            for (int64_t i = 0; i < sw; ++i) d[i] = inside && i < W ? src[i] : T(0);
-        }
-    }
-    const int64_t tiles = (r1 - r0) * tw, slen = g.slen;
-    T* out = z + r0 * tw;
-#pragma omp simd
-    for (int64_t j = 0; j < tiles; ++j) {
-        T t[6][4];  // A d: t[i][q] for patch column q
-        for (int q = 0; q < 4; ++q) {
-            const T* p = s + 4 * j + q;
-            const T d0 = p[0], d1 = p[slen], d2 = p[2 * slen], d3 = p[3 * slen];
-            const T e = d0 + d2, o = d1 + d3, e4 = d0 + T(4) * d2, o8 = T(2) * d1 + T(8) * d3;
-            t[0][q] = d0;
-            t[1][q] = e + o;
-            t[2][q] = e - o;
-            t[3][q] = e4 + o8;
-            t[4][q] = e4 - o8;
-            t[5][q] = d3;
-        }
-        for (int i = 0; i < 6; ++i) {  // (A d) A^T
-            const T d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3];
-            const T e = d0 + d2, o = d1 + d3, e4 = d0 + T(4) * d2, o8 = T(2) * d1 + T(8) * d3;
-            T* q = out + 6 * i * zs + j;
-            q[0] = d0;
-            q[zs] = e + o;
-            q[2 * zs] = e - o;
-            q[3 * zs] = e4 + o8;
-            q[4 * zs] = e4 - o8;
-            q[5 * zs] = d3;
-        }
-    }
-}
-
-// sums[i][c] = dot(z[i], v[c]) over n (a multiple of kPad) for kKR rows z and kCR rows v.
-template <typename T>
-void dot_block(const T* const z[kKR], const T* const v[kCR], int64_t n, T sums[kKR][kCR]) {
-#if PYCNN_SIMD
+void row_to_channels_last(const T* src, int64_t cstride, int64_t C, int64_t Cp, int64_t W, T* dst, int64_t offset) {
+#if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float>) {
-        using V = simd::Isa;
-        using Reg = typename V::Reg;
-        constexpr int L = V::kLanes;
-        Reg acc[kKR][kCR];
-        for (int i = 0; i < kKR; ++i)
-            for (int c = 0; c < kCR; ++c) acc[i][c] = V::zero();
-        for (int64_t t = 0; t < n; t += L) {
-            Reg zz[kKR];
-            for (int i = 0; i < kKR; ++i) zz[i] = V::loadu(z[i] + t);
-            for (int c = 0; c < kCR; ++c) {
-                const Reg vv = V::loadu(v[c] + t);
-                for (int i = 0; i < kKR; ++i) acc[i][c] = V::fmadd(zz[i], vv, acc[i][c]);
+        for (int64_t w0 = 0; w0 < W; w0 += 16) {
+            const int64_t nw = std::min<int64_t>(16, W - w0);
+            const __mmask16 m = simd::first_lanes(nw);
+            for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
+                __m512 r[16];
+                for (int cc = 0; cc < 16; ++cc) {
+                    const int64_t c = c0 + cc;
+                    r[cc] = c < C ? _mm512_maskz_loadu_ps(m, src + c * cstride + w0) : _mm512_setzero_ps();
+                }
+                simd::transpose16(r);
+                for (int64_t ww = 0; ww < nw; ++ww) _mm512_storeu_ps(dst + (w0 + ww + offset) * Cp + c0, r[ww]);
             }
         }
-        for (int i = 0; i < kKR; ++i)
-            for (int c = 0; c < kCR; ++c) {
-                float lanes[L];
-                V::storeu(lanes, acc[i][c]);
-                float total = 0.0f;
-                for (int l = 0; l < L; ++l) total += lanes[l];
-                sums[i][c] = total;
-            }
         return;
     }
 #endif
-    for (int i = 0; i < kKR; ++i)
-        for (int c = 0; c < kCR; ++c) {
-            T total = T(0);
-#pragma omp simd reduction(+ : total)
-            for (int64_t t = 0; t < n; ++t) total += z[i][t] * v[c][t];
-            sums[i][c] = total;
+    for (int64_t w = 0; w < W; ++w) {
+        T* d = dst + (w + offset) * Cp;
+        for (int64_t c = 0; c < C; ++c) d[c] = src[c * cstride + w];
+        std::fill(d + C, d + Cp, T(0));
+    }
+}
+
+// The slabs of tile row (n, ty): xs[a] (a < 6) = input row 4 ty - 1 + a at pixels 1 .. W of
+// xw (zero around and outside the image), gs[a] (a < 4) = gy row 4 ty + a at pixels 0 .. W - 1
+// of gw (zero past W and H).
+template <typename T>
+void fill_slabs(const Plan& p, const T* x, const T* gy, int64_t n, int64_t ty, T* xs, T* gs) {
+    const int64_t H = p.H, W = p.W, Cp = p.Cp, Kp = p.Kp, plane = H * W;
+    for (int a = 0; a < 6; ++a) {
+        T* row = xs + a * p.xw * Cp;
+        const int64_t h = 4 * ty - 1 + a;
+        if (h < 0 || h >= H) {
+            std::fill(row, row + p.xw * Cp, T(0));
+            continue;
+        }
+        std::fill(row, row + Cp, T(0));                          // pixel 0 (column -1)
+        std::fill(row + (W + 1) * Cp, row + p.xw * Cp, T(0));    // columns W .. 4 tw
+        row_to_channels_last(x + n * p.C * plane + h * W, plane, p.C, Cp, W, row, 1);
+    }
+    for (int a = 0; a < 4; ++a) {
+        T* row = gs + a * p.gw * Kp;
+        const int64_t h = 4 * ty + a;
+        if (h >= H) {
+            std::fill(row, row + p.gw * Kp, T(0));
+            continue;
+        }
+        std::fill(row + W * Kp, row + p.gw * Kp, T(0));
+        row_to_channels_last(gy + n * p.K * plane + h * W, plane, p.K, Kp, W, row, 0);
+    }
+}
+
+// V and Z of the tw tiles of one tile row, from its slabs: tile tx of the row is tile t0 + tx
+// of the block; V[xi][t][c] at v + (xi * block_tiles + t) * Cp + c (Z likewise with Kp).
+template <typename T>
+void transform_row(const Plan& p, const T* xs, const T* gs, int64_t t0, T* v, T* z) {
+    const int64_t Cp = p.Cp, Kp = p.Kp, vs = p.block_tiles * Cp, zs = p.block_tiles * Kp;
+    const int64_t xrow = p.xw * Cp, grow = p.gw * Kp;
+    for (int64_t tx = 0; tx < p.tw; ++tx) {
+        const T* d = xs + 4 * tx * Cp;  // the patch: d[a * xrow + b * Cp + c]
+        T* out = v + (t0 + tx) * Cp;
+#pragma omp simd
+        for (int64_t c = 0; c < Cp; ++c) {
+            T t[6][6];  // B^T d: t[i][q] for patch column q
+            for (int q = 0; q < 6; ++q) {
+                const T* s = d + q * Cp + c;
+                const T d0 = s[0], d1 = s[xrow], d2 = s[2 * xrow], d3 = s[3 * xrow], d4 = s[4 * xrow],
+                        d5 = s[5 * xrow];
+                const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
+                const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
+                t[0][q] = T(4) * d0 - T(5) * d2 + d4;
+                t[1][q] = a1 + a2;
+                t[2][q] = a1 - a2;
+                t[3][q] = b1 + b2;
+                t[4][q] = b1 - b2;
+                t[5][q] = T(4) * d1 - T(5) * d3 + d5;
+            }
+            for (int i = 0; i < 6; ++i) {  // (B^T d) B
+                const T d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
+                const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
+                const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
+                T* o = out + 6 * i * vs + c;
+                o[0] = T(4) * d0 - T(5) * d2 + d4;
+                o[vs] = a1 + a2;
+                o[2 * vs] = a1 - a2;
+                o[3 * vs] = b1 + b2;
+                o[4 * vs] = b1 - b2;
+                o[5 * vs] = T(4) * d1 - T(5) * d3 + d5;
+            }
+        }
+        // A d A^T of the 4x4 gy patch; A (6 x 4) has the rows [1 0 0 0], [1 1 1 1], [1 -1 1 -1],
+        // [1 2 4 8], [1 -2 4 -8], [0 0 0 1]
+        const T* g = gs + 4 * tx * Kp;
+        T* zout = z + (t0 + tx) * Kp;
+#pragma omp simd
+        for (int64_t k = 0; k < Kp; ++k) {
+            T t[6][4];  // A d: t[i][q] for patch column q
+            for (int q = 0; q < 4; ++q) {
+                const T* s = g + q * Kp + k;
+                const T d0 = s[0], d1 = s[grow], d2 = s[2 * grow], d3 = s[3 * grow];
+                const T e = d0 + d2, o = d1 + d3, e4 = d0 + T(4) * d2, o8 = T(2) * d1 + T(8) * d3;
+                t[0][q] = d0;
+                t[1][q] = e + o;
+                t[2][q] = e - o;
+                t[3][q] = e4 + o8;
+                t[4][q] = e4 - o8;
+                t[5][q] = d3;
+            }
+            for (int i = 0; i < 6; ++i) {  // (A d) A^T
+                const T d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3];
+                const T e = d0 + d2, o = d1 + d3, e4 = d0 + T(4) * d2, o8 = T(2) * d1 + T(8) * d3;
+                T* r = zout + 6 * i * zs + k;
+                r[0] = d0;
+                r[zs] = e + o;
+                r[2 * zs] = e - o;
+                r[3 * zs] = e4 + o8;
+                r[4 * zs] = e4 - o8;
+                r[5 * zs] = d3;
+            }
+        }
+    }
+}
+
+#if PYCNN_SIMD
+// m[r][js .. js + NQ L) += sum_t z[t][r] v[t][js ..] for r < nk (z rows Kp apart, v rows Cp apart).
+template <int NQ>
+inline void gemm_block(const float* z, const float* v, float* m, int64_t tiles, int64_t Kp, int64_t Cp, int64_t js,
+                       int nk) {
+    using V = simd::Isa;
+    using Reg = typename V::Reg;
+    constexpr int L = V::kLanes;
+    Reg acc[kRows][NQ];
+    for (int r = 0; r < kRows; ++r)
+        for (int q = 0; q < NQ; ++q) acc[r][q] = r < nk ? V::loadu(m + r * Cp + js + L * q) : V::zero();
+    for (int64_t t = 0; t < tiles; ++t) {
+        const float* zt = z + t * Kp;
+        const float* vt = v + t * Cp + js;
+        Reg vv[NQ];
+        for (int q = 0; q < NQ; ++q) vv[q] = V::loadu(vt + L * q);
+        for (int r = 0; r < kRows; ++r) {
+            const Reg zr = V::set1(zt[r]);
+            for (int q = 0; q < NQ; ++q) acc[r][q] = V::fmadd(zr, vv[q], acc[r][q]);
+        }
+    }
+    for (int r = 0; r < nk; ++r)
+        for (int q = 0; q < NQ; ++q) V::storeu(m + r * Cp + js + L * q, acc[r][q]);
+}
+#endif
+
+// m[r][c] += sum_t z[t][r] v[t][c] for the nk rows of one block of 6, every column c < Cp.
+template <typename T>
+void gemm_rows(const T* z, const T* v, T* m, int64_t tiles, int64_t Kp, int64_t Cp, int nk) {
+#if PYCNN_SIMD
+    if constexpr (std::is_same_v<T, float>) {
+        using V = simd::Isa;
+        constexpr int L = V::kLanes, NQ = V::kWinoVecs, B = L * NQ;
+        int64_t js = 0;
+        for (; js + B <= Cp; js += B) gemm_block<NQ>(z, v, m, tiles, Kp, Cp, js, nk);
+        const int rest = static_cast<int>((Cp - js) / L);  // Cp is a multiple of 16: whole vectors
+        if constexpr (NQ == 4) {
+            if (rest == 3) gemm_block<3>(z, v, m, tiles, Kp, Cp, js, nk);
+            else if (rest == 2) gemm_block<2>(z, v, m, tiles, Kp, Cp, js, nk);
+            else if (rest == 1) gemm_block<1>(z, v, m, tiles, Kp, Cp, js, nk);
+        } else {
+            if (rest == 1) gemm_block<1>(z, v, m, tiles, Kp, Cp, js, nk);
+        }
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < tiles; ++t)
+        for (int r = 0; r < nk; ++r) {
+            const T zr = z[t * Kp + r];
+            T* mr = m + r * Cp;
+            const T* vt = v + t * Cp;
+#pragma omp simd
+            for (int64_t c = 0; c < Cp; ++c) mr[c] += zr * vt[c];
         }
 }
 
+// 64-byte aligned scratch, kept per thread between calls and grown when needed (never shrinks):
+// slot 0 the calling thread's (the slices' M), slot 1 each team thread's (slabs, V, Z).
 template <typename T>
 T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> buf[2];  // kept between calls, grown when needed (never shrinks)
+    thread_local std::vector<T> buf[2];
     if (buf[slot].size() < n + 16) buf[slot].resize(n + 16);
-    T* p = buf[slot].data();
-    return p + (64 - reinterpret_cast<std::uintptr_t>(p) % 64) % 64 / sizeof(T);
+    T* q = buf[slot].data();
+    return q + (64 - reinterpret_cast<std::uintptr_t>(q) % 64) % 64 / sizeof(T);
 }
 
 }  // namespace
 
 template <typename T>
 void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
-    Geometry g{H, W, (H + 3) / 4, (W + 3) / 4, 0};
-    const int64_t per_image = g.th * g.tw;
-    const int64_t group = std::clamp<int64_t>(kXiRowBytes / ((C + K) * per_image * int64_t(sizeof(T))), 1, N);
-    const int64_t tpad = round_up(group * per_image, kPad);  // tiles of a row of V and Z (zero past the group's)
-    const int64_t run_rows = std::max<int64_t>(1, kStripTiles / g.tw);  // tile rows per strip run
-    g.slen = 4 * run_rows * g.tw + 16;
-
-    // The calling thread's scratch: M (36 x K x C), V (36 x C x tpad), Z (36 x K x tpad), a row of zeros.
-    const int64_t m_size = kXi * K * C, v_size = kXi * C * tpad, z_size = kXi * K * tpad;
-    T* const m = scratch<T>(0, static_cast<size_t>(m_size + v_size + z_size + tpad));
-    T* const v = m + m_size;
-    T* const z = v + v_size;
-    T* const zeros = z + z_size;
-    std::fill(zeros, zeros + tpad, T(0));
-    std::fill(m, m + m_size, T(0));
-    const int64_t kblocks = (K + kKR - 1) / kKR, cblocks = (C + kCR - 1) / kCR;
+    const Plan p(N, C, K, H, W, sizeof(T));
+    const int64_t Cp = p.Cp, Kp = p.Kp, m_size = kXi * p.mrows * Cp;
+    T* const ms = scratch<T>(0, static_cast<size_t>(p.slices * m_size));  // M of slice s at ms + s m_size
 
 #pragma omp parallel
     {
-        T* const strips = scratch<T>(1, static_cast<size_t>(12 * g.slen));  // this thread's: lo, hi (6 rows each)
-        for (int64_t n0 = 0; n0 < N; n0 += group) {
-            const int64_t ng = std::min(group, N - n0), tiles = ng * per_image, rows = ng * g.th;
+        const int64_t xslab = 6 * p.xw * Cp, gslab = 4 * p.gw * Kp;
+        T* const xs = scratch<T>(1, static_cast<size_t>(xslab + gslab + kXi * p.block_tiles * (Cp + Kp)));
+        T* const gs = xs + xslab;
+        T* const v = gs + gslab;
+        T* const z = v + kXi * p.block_tiles * Cp;
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < C + K; ++item) {  // the transforms of one channel of x or gy
-                const bool is_x = item < C;
-                const int64_t ch = is_x ? item : item - C, nch = is_x ? C : K;
-                T* rows_out = (is_x ? v : z) + ch * tpad;  // row of xi = 0; xi stride nch * tpad
-                const int64_t xs = nch * tpad;
-                for (int64_t r0 = 0; r0 < rows; r0 += run_rows) {
-                    const int64_t r1 = std::min(rows, r0 + run_rows);
-                    if (is_x)
-                        input_run(g, x + (n0 * C + ch) * H * W, C * H * W, r0, r1, strips, strips + 6 * g.slen,
-                                  rows_out, xs);
-                    else
-                        grad_run(g, gy + (n0 * K + ch) * H * W, K * H * W, r0, r1, strips, rows_out, xs);
+        for (int64_t s = 0; s < p.slices; ++s) {
+            T* const m = ms + s * m_size;
+            std::fill(m, m + m_size, T(0));
+            const int64_t b0 = s * p.nblocks / p.slices, b1 = (s + 1) * p.nblocks / p.slices;
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t r0 = b * p.rows_per_block, r1 = std::min(p.N * p.th, r0 + p.rows_per_block);
+                for (int64_t r = r0; r < r1; ++r) {
+                    fill_slabs(p, x, gy, r / p.th, r % p.th, xs, gs);
+                    transform_row(p, xs, gs, (r - r0) * p.tw, v, z);
                 }
-                for (int xi = 0; xi < kXi; ++xi) std::fill(rows_out + xi * xs + tiles, rows_out + xi * xs + tpad, T(0));
+                const int64_t tiles = (r1 - r0) * p.tw;
+                for (int xi = 0; xi < kXi; ++xi)
+                    for (int64_t kb = 0; kb < p.kblocks; ++kb) {
+                        const int nk = static_cast<int>(std::min<int64_t>(kRows, K - kb * kRows));
+                        gemm_rows(z + xi * p.block_tiles * Kp + kb * kRows, v + xi * p.block_tiles * Cp,
+                                  m + (xi * p.mrows + kb * kRows) * Cp, tiles, Kp, Cp, nk);
+                    }
             }
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < kXi * kblocks; ++task) {  // M[xi][rows of kb] += Z[xi] V[xi]^T
-                const int64_t xi = task / kblocks, k0 = task % kblocks * kKR;
-                const T* zrow[kKR];
-                for (int i = 0; i < kKR; ++i) zrow[i] = k0 + i < K ? z + (xi * K + k0 + i) * tpad : zeros;
-                for (int64_t cb = 0; cb < cblocks; ++cb) {
-                    const int64_t c0 = cb * kCR;
-                    const T* vrow[kCR];
-                    for (int c = 0; c < kCR; ++c) vrow[c] = c0 + c < C ? v + (xi * C + c0 + c) * tpad : zeros;
-                    T sums[kKR][kCR];
-                    dot_block<T>(zrow, vrow, tpad, sums);
-                    for (int i = 0; i < kKR && k0 + i < K; ++i)
-                        for (int c = 0; c < kCR && c0 + c < C; ++c) m[(xi * K + k0 + i) * C + c0 + c] += sums[i][c];
+        }
+        // M = the sum of the slices' (in slice order) into slice 0
+        if (p.slices > 1) {
+#pragma omp for schedule(static)
+            for (int64_t i0 = 0; i0 < m_size; i0 += 1024) {
+                const int64_t i1 = std::min(m_size, i0 + 1024);
+                for (int64_t s = 1; s < p.slices; ++s) {
+                    const T* src = ms + s * m_size;
+#pragma omp simd
+                    for (int64_t i = i0; i < i1; ++i) ms[i] += src[i];
                 }
             }
         }
@@ -271,9 +320,10 @@ void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C,
         // [0 -1/6 -1/6 1/6 1/6 1] (in double: 36 values per filter, a small cost)
 #pragma omp for schedule(static)
         for (int64_t kc = 0; kc < K * C; ++kc) {
+            const int64_t k = kc / C, c = kc % C;
             const double q = 1.0 / 4, s = 1.0 / 6, e = 1.0 / 12, f = 1.0 / 24;
             double mm[6][6];
-            for (int xi = 0; xi < kXi; ++xi) mm[xi / 6][xi % 6] = static_cast<double>(m[xi * K * C + kc]);
+            for (int xi = 0; xi < kXi; ++xi) mm[xi / 6][xi % 6] = static_cast<double>(ms[(xi * p.mrows + k) * Cp + c]);
             double r[3][6];  // G^T M
             for (int b = 0; b < 6; ++b) {
                 const double m0 = mm[0][b], m1 = mm[1][b], m2 = mm[2][b], m3 = mm[3][b], m4 = mm[4][b], m5 = mm[5][b];

@@ -141,7 +141,7 @@ def test_grad_x_matches_finite_differences(rng):
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 13, 17, 15), (3, 24, 30, 17, 15), (20, 64, 64, 32, 32)],
-                         ids=str)  # grad_weight: direct below 24 channels, Winograd from 24 (20 images: 2 groups)
+                         ids=str)  # 20 x 64 x 32 x 32: several blocks and slices
 def test_result_does_not_depend_on_the_thread_count(shape, rng):
     n, c, k, h, w = shape
     x, weight, b = _inputs(rng, shape, np.float32)
@@ -159,11 +159,12 @@ def test_result_does_not_depend_on_the_thread_count(shape, rng):
             np.testing.assert_array_equal(a, want)
 
 
-# grad_weight by Winograd (from 24 input and output channels): odd sizes, K and C not multiples
-# of the GEMM blocks (4 x 6), 1x1 images, a batch of several image groups (20 x 64 x 32 x 32:
-# 512 KiB of transforms per xi hold 16 images in float32, 8 in float64)
-GRAD_WEIGHT_SHAPES = [(3, 24, 25, 7, 9), (2, 30, 24, 5, 13), (4, 25, 31, 1, 1), (1, 24, 24, 4, 4),
-                      (2, 37, 29, 3, 2), (20, 64, 64, 32, 32)]
+# grad_weight by Winograd: odd sizes, K not a multiple of the GEMM's 6 rows nor C of 16 lanes,
+# 1x1 and 2-pixel images, W of more than 16 pixels per transposition, a batch of many blocks
+# and slices (20 x 64 x 32 x 32: blocks of 4 tile rows, 16 slices), one image of many tile
+# rows, channels past 16 for the AVX-512 transposes
+GRAD_WEIGHT_SHAPES = [(3, 24, 25, 7, 9), (2, 30, 7, 5, 13), (4, 1, 31, 1, 1), (1, 17, 24, 4, 4),
+                      (2, 37, 29, 3, 2), (20, 64, 64, 32, 32), (1, 5, 3, 41, 37), (3, 2, 40, 6, 18)]
 
 
 @pytest.mark.parametrize("shape", GRAD_WEIGHT_SHAPES, ids=str)
