@@ -14,9 +14,10 @@ namespace pycnn {
 // x = k*ln2 + r with |r| <= ln2/2 (Cody-Waite: k*ln2_hi is exact), expm1(r) by its Taylor
 // series (truncation < 2^-24 relative for float with 7 terms, < 2^-56 for double with 13),
 // then exp(x) = 2^k * (1 + expm1(r)).  Horner steps are explicit fused multiply-adds.
-// Within ~2 ulp of NumPy's expm1 / exp on x <= 0, subnormal results of exp included (2^k is
-// applied as two normal factors 2^(k/2) 2^(k - k/2), so only the last product rounds to a
-// subnormal: exp(-100) in float32 is 3.7e-44, not 0).
+// float32, proven over every input x <= 0 by exhaustion (bench/exp_ulp.py, against float64
+// NumPy): exp within 1.059 ulp, expm1 within 0.872 ulp of the exact value, subnormal results of
+// exp included (2^k is applied as two normal factors 2^(k/2) 2^(k - k/2), so only the last
+// product rounds to a subnormal: exp(-100) in float32 is 3.7e-44, not 0).
 
 inline constexpr double kInvFactorial[] = {
     1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0, 1.0 / 40320.0,
