@@ -67,12 +67,18 @@ class Optimizer:
 
     def step(self) -> None:
         with no_grad():
+            fused, ids = [], set()  # (p, group, state) of the parameters the optimiser's kernels update
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     state = self.state.setdefault(id(p), {})
-                    if self._fused_update(p, group, state):
+                    if self._fusable(p, group):
+                        if id(p) in ids:  # listed twice: updated twice, one launch after the other
+                            self._apply_fused(fused)
+                            fused, ids = [], set()
+                        fused.append((p, group, state))
+                        ids.add(id(p))
                         continue
                     grad = p.grad
                     if group["weight_decay"]:
@@ -82,14 +88,26 @@ class Optimizer:
                     p.data -= self._update(p, grad, group, state).astype(p.dtype, copy=False)
                     if group["max_norm"] is not None and p.ndim > 1:
                         _project_rows(p.data, group["max_norm"])
+            self._apply_fused(fused)
+
+    def _apply_fused(self, fused) -> None:
+        if fused:
+            self._fused_updates(fused)
+            for p, group, _ in fused:
+                if group["max_norm"] is not None and p.ndim > 1:
+                    _project_rows(p.data, group["max_norm"])
 
     def _update(self, p, grad, group, state):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _fused_update(self, p, group, state) -> bool:
-        """Apply the whole update (regularisers included) in one kernel where the optimiser
-        has one for this parameter's device; False: use the array operations."""
+    def _fusable(self, p, group) -> bool:
+        """Whether the optimiser's kernels update this parameter (regularisers included,
+        max-norm projected afterwards); False: the array operations of ``_update``."""
         return False
+
+    def _fused_updates(self, items) -> None:  # pragma: no cover - only with _fusable
+        """Update every (p, group, state) of ``items`` with the optimiser's kernels."""
+        raise NotImplementedError
 
     # --------------------------------------------------------- state, for checkpoints
     def state_dict(self) -> dict:
@@ -151,24 +169,28 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       l1=l1, max_norm=max_norm))
 
-    def _fused_update(self, p, group, state) -> bool:
-        """CUDA parameters: one kernel per parameter (pycnn.kernels.optim) instead of the six
-        array operations of _update; L1 and max-norm keep the generic path."""
-        w, grad = p.data, p.grad
-        kernels = _cuda_kernels(w, grad, group)
-        if kernels is None:
-            return False
-        velocity, first = None, False
-        if group["momentum"]:
-            velocity = state.get("velocity")
-            first = velocity is None
-            if first:
-                velocity = state["velocity"] = array_module(w).empty_like(w)
-        kernels.sgd_step(w, grad, velocity, group["lr"], group["momentum"], group["weight_decay"],
-                         group["nesterov"], first)
-        if group["max_norm"] is not None and p.ndim > 1:
-            _project_rows(w, group["max_norm"])
-        return True
+    def _fusable(self, p, group) -> bool:
+        return _cuda_kernels(p.data, p.grad, group) is not None
+
+    def _fused_updates(self, items) -> None:
+        """CUDA parameters: multi-tensor kernels (pycnn.kernels.optim.sgd_multi_step), one
+        launch for up to 20 parameters of the same momentum and Nesterov flag, whatever their
+        groups' lr and weight decay, instead of the six array operations of _update per
+        parameter; L1 keeps the generic path."""
+        buckets: dict = {}
+        for p, group, state in items:
+            w = p.data
+            velocity, first = None, False
+            if group["momentum"]:
+                velocity = state.get("velocity")
+                first = velocity is None
+                if first:
+                    velocity = state["velocity"] = array_module(w).empty_like(w)
+            buckets.setdefault((group["momentum"], bool(group["nesterov"])), []).append(
+                (w, p.grad, velocity, group["lr"], group["weight_decay"], first))
+        kernels = _cuda_kernels(items[0][0].data, items[0][0].grad, items[0][1])
+        for (momentum, nesterov), entries in buckets.items():
+            kernels.sgd_multi_step(entries, momentum, nesterov)
 
     def _update(self, p, grad, group, state):
         momentum = group["momentum"]
@@ -193,23 +215,25 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1,
                                       max_norm=max_norm))
 
-    def _fused_update(self, p, group, state) -> bool:
-        """CUDA parameters: one kernel per parameter (pycnn.kernels.optim.adam_step); L1 and
-        max-norm keep the generic path, as in SGD."""
-        w, grad = p.data, p.grad
-        kernels = _cuda_kernels(w, grad, group)
-        if kernels is None:
-            return False
-        step = state.get("step", 0) + 1
-        if step == 1:
-            state["m"], state["v"] = array_module(w).empty_like(w), array_module(w).empty_like(w)
-        beta1, beta2 = group["betas"]
-        kernels.adam_step(w, grad, state["m"], state["v"], group["lr"], beta1, beta2, group["eps"],
-                          group["weight_decay"], step)
-        state["step"] = step
-        if group["max_norm"] is not None and p.ndim > 1:
-            _project_rows(w, group["max_norm"])
-        return True
+    def _fusable(self, p, group) -> bool:
+        return _cuda_kernels(p.data, p.grad, group) is not None
+
+    def _fused_updates(self, items) -> None:
+        """CUDA parameters: multi-tensor kernels (pycnn.kernels.optim.adam_multi_step), one
+        launch for up to 15 parameters of the same betas and eps (each parameter its own
+        step count, lr and weight decay); L1 keeps the generic path, as in SGD."""
+        buckets: dict = {}
+        for p, group, state in items:
+            w = p.data
+            step = state.get("step", 0) + 1
+            if step == 1:
+                state["m"], state["v"] = array_module(w).empty_like(w), array_module(w).empty_like(w)
+            state["step"] = step
+            buckets.setdefault((tuple(group["betas"]), group["eps"]), []).append(
+                (w, p.grad, state["m"], state["v"], group["lr"], group["weight_decay"], step))
+        kernels = _cuda_kernels(items[0][0].data, items[0][0].grad, items[0][1])
+        for ((beta1, beta2), eps), entries in buckets.items():
+            kernels.adam_multi_step(entries, beta1, beta2, eps)
 
     def _update(self, p, grad, group, state):
         beta1, beta2 = group["betas"]

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import pycnn.functional as F
 from pycnn import random as _random
-from pycnn.device import array_module, to_device, to_host
+from pycnn.device import array_module, is_cuda_array, to_device, to_host
 from pycnn.autograd import Tensor, no_grad
 
 
@@ -68,7 +68,17 @@ def _new_history() -> dict:
 def regularisation_loss(optimizer) -> float:
     """The regularisation term of the optimiser's groups at the current weights:
     sum of ``0.5 * weight_decay * |w|^2 + l1 * |w|_1`` over the parameters it updates."""
+    return start_regularisation_loss(optimizer)()
+
+
+def start_regularisation_loss(optimizer):
+    """``regularisation_loss`` in two halves: the work is queued now, the returned function
+    gives the value.  Host parameters are summed here, as always; CUDA parameters on the
+    device (one launch per 32 of them, pycnn.kernels.optim.sum_squares_and_abs), read back
+    in one copy when the value is asked for, instead of one host synchronisation per
+    parameter."""
     total = 0.0
+    on_device = []  # (flat weights, weight decay, l1) of the CUDA parameters
     for group in optimizer.param_groups:
         decay, l1 = group.get("weight_decay", 0.0), group.get("l1", 0.0)
         if not (decay or l1):
@@ -77,11 +87,25 @@ def regularisation_loss(optimizer) -> float:
             if not getattr(p, "requires_grad", True):
                 continue
             flat = p.data.reshape(-1)
+            if is_cuda_array(flat):
+                on_device.append((flat, decay, l1))
+                continue
             if decay:
                 total += 0.5 * decay * float(array_module(flat).dot(flat, flat))
             if l1:
                 total += l1 * float(array_module(flat).abs(flat).sum())
-    return total
+    if not on_device:
+        return lambda: total
+    from pycnn.ops import cuda_backend
+    parts, finish = cuda_backend.optimiser_kernels().sum_squares_and_abs([flat for flat, _, _ in on_device])
+
+    def value() -> float:
+        sums = finish(to_host(parts))  # (parameters, 2): sum of w^2, sum of |w|, in float64
+        device_total = 0.0
+        for (_, decay, l1), (squares, absolute) in zip(on_device, sums):
+            device_total += 0.5 * decay * float(squares) + l1 * float(absolute)
+        return total + device_total
+    return value
 
 
 class Trainer:
@@ -221,8 +245,9 @@ class Trainer:
             loss = self.loss(logits, labels)
             self.optimizer.zero_grad()
             loss.backward()
+            reg_loss = start_regularisation_loss(self.optimizer)  # queued before the loss's read: one wait
             data_loss = loss.item()
-            reg_loss = regularisation_loss(self.optimizer)
+            reg_loss = reg_loss()
             value = data_loss + reg_loss
             self._check_divergence(value)
             h["batch_lr"].append(self.optimizer.param_groups[0]["lr"])
