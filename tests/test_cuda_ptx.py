@@ -1,14 +1,16 @@
 """Every Numba-CUDA kernel compiles for a GPU: each cuda wrapper runs on NumPy arrays with
 its launches replaced by ``cuda.compile_ptx`` (sm_90), which needs NVVM but no GPU and no
-driver; float32 kernels must stay in float32, and (where nvJitLink is installed) no kernel
-may spill registers to local memory.  The ops and samples are those of the registry
-(tests/test_cuda_backend.py: every op with kernels).
+driver; float32 kernels must stay in float32, every kernel's parameters fit in 4 KB (the
+multi-tensor optimiser kernels pass up to 20 tensors by value), and (where nvJitLink is
+installed) no kernel may spill registers to local memory.  The ops and samples are those
+of the registry (tests/test_cuda_backend.py: every op with kernels).
 
     PYTHONPATH=. python tests/test_cuda_ptx.py --compile-ptx      (what the test runs)
 """
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,9 @@ def _compile_all_kernels_to_ptx() -> None:
             raw_types = _rawlaunch.numba_types(args)
             assert [str(t) for t in raw_types] == [str(t).replace(", readonly", "") for t in signature], key
             _rawlaunch.check_ptx_params(ptx, raw_types)
+            # CUDA's classic parameter limit (ptxas for sm_90 allows 32 KB, older drivers 4 KB)
+            param_bytes = struct.calcsize("@" + _rawlaunch._param_codes(raw_types))
+            assert param_bytes <= 4096, (key, param_bytes)
 
     for name in KERNEL_MODULES:
         cb.kernel_module(name).launch = compile_instead_of_launch
@@ -88,6 +93,11 @@ def _compile_all_kernels_to_ptx() -> None:
         cb.kernel_module("optim").sgd_step(ones, ones, ones, 0.1, 0.9, 0.01, True, False)
         cb.kernel_module("optim").sgd_step(ones, ones, None, 0.1, 0.0, 0.01, False, False)
         cb.kernel_module("optim").adam_step(ones, ones, ones, ones, 1e-3, 0.9, 0.999, 1e-8, 0.0, 2)
+        # the multi-tensor kernels: every slot's parameters must fit CUDA's 4 KB (ptxas checks)
+        cb.kernel_module("optim").sgd_multi_step([(ones, ones, ones, 0.1, 0.01, False)], 0.9, True)
+        cb.kernel_module("optim").sgd_multi_step([(ones, ones, None, 0.1, 0.01, False)], 0.0, False)
+        cb.kernel_module("optim").adam_multi_step([(ones, ones, ones, ones, 1e-3, 0.0, 2)], 0.9, 0.999, 1e-8)
+        cb.kernel_module("optim").sum_squares_and_abs([ones])
     promoted = [qualname for (qualname, signature), ptx in compiled.items()
                 if "moments" not in qualname and ".f64" in ptx
                 and all(getattr(a, "dtype", a) != numba.float64 for a in signature)]
