@@ -2,15 +2,15 @@
 # Every GPU check of pycnn in one run, for a machine with an NVIDIA GPU, CuPy, numba-cuda
 # and PyTorch (CUDA): correctness of the cuda backend on the real device, then the training
 # step against PyTorch, then the per-op benchmarks.  Results land in $OUT (default
-# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, ops.txt.
+# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, profile.txt, ops.txt.
 #
-#   bash bench/gpu_checks.sh                  # everything (about 6 minutes on an H200)
+#   bash bench/gpu_checks.sh                  # everything (about 6 minutes on an H200 before the profile stage)
 #   STAGES=tests,step bash bench/gpu_checks.sh
 #   STEP_BATCHES=256 STEP_REPEATS=1 bash bench/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
-STAGES=${STAGES:-tests,step,ops}
+STAGES=${STAGES:-tests,step,profile,ops}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -31,6 +31,12 @@ fi
 if [[ ",$STAGES," == *",step,"* ]]; then
   timeout "${STEP_TIMEOUT:-360}" $PY bench/gpu_step.py --batches "${STEP_BATCHES:-256,64,1024}" \
     --repeats "${STEP_REPEATS:-3}" --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" || status=1
+fi
+if [[ ",$STAGES," == *",profile,"* ]]; then
+  # device time per op, the multi-tensor optimiser against one launch per parameter, the
+  # regularisation term's one read against one per parameter, host enqueue time
+  timeout "${PROFILE_TIMEOUT:-180}" $PY bench/gpu_step.py --profile --batches 256 2>&1 | tee "$OUT/profile.txt" \
+    || status=1
 fi
 if [[ ",$STAGES," == *",ops,"* ]]; then
   timeout "${OPS_TIMEOUT:-240}" $PY -m pytest -q -s -p no:cacheprovider bench/test_cuda.py --benchmark-only \

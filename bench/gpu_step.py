@@ -70,7 +70,8 @@ def _profile_pycnn(net, opt, x, y, step) -> None:
     for _ in range(5):
         opt.step()
     sync()
-    print(f"optimiser step: {(time.perf_counter() - start) / 5 * 1e3:.3f} ms", flush=True)
+    print(f"optimiser step (multi-tensor kernels): {(time.perf_counter() - start) / 5 * 1e3:.3f} ms", flush=True)
+    _profile_optimiser_paths(net, opt, sync)
     start = time.perf_counter()
     for _ in range(5):
         step()
@@ -78,6 +79,42 @@ def _profile_pycnn(net, opt, x, y, step) -> None:
     sync()
     total = (time.perf_counter() - start) / 5
     print(f"host time to enqueue a step: {enqueue * 1e3:.3f} ms of {total * 1e3:.3f} ms", flush=True)
+
+
+def _profile_optimiser_paths(net, opt, sync) -> None:
+    """The multi-tensor SGD update against the per-parameter kernel (one launch each, what
+    SGD ran before), and the trainer's regularisation term: one launch and one read against
+    one host read per parameter (the old loop), each timed with the GPU synchronised."""
+    import cupy
+    from pycnn import optim
+    from pycnn.ops import cuda_backend
+    from pycnn.training.trainer import regularisation_loss
+    kernels = cuda_backend.optimiser_kernels()
+    params = [p for p in net.parameters() if p.grad is not None]
+    velocities = [opt.state[id(p)]["velocity"] for p in params]
+
+    def timed(run, repeats=20):
+        run()
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        sync()
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    def per_parameter():
+        for p, v in zip(params, velocities):
+            kernels.sgd_step(p.data, p.grad, v, 1e-9, 0.9, 0.0, True, False)
+    print(f"optimiser, one launch per parameter ({len(params)}): {timed(per_parameter):.3f} ms; "
+          f"multi-tensor: {timed(opt.step):.3f} ms", flush=True)
+    decayed = optim.SGD(optim.param_groups(net, weight_decay=5e-4), lr=0.01)
+
+    def read_per_parameter():
+        return sum(0.5 * 5e-4 * float(cupy.dot(p.data.reshape(-1), p.data.reshape(-1)))
+                   for p in decayed.param_groups[0]["params"])
+    print(f"regularisation term, one read per parameter: {timed(read_per_parameter):.3f} ms; "
+          f"one launch and one read: {timed(lambda: regularisation_loss(decayed)):.3f} ms "
+          f"(values {read_per_parameter():.6g} / {regularisation_loss(decayed):.6g})", flush=True)
 
 
 def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False) -> dict:
