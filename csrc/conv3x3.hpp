@@ -85,6 +85,17 @@ template <typename T>
 void backward(bool winograd, const T* x, const T* w, const T* gy, T* gx, T* gw, T* gb, int64_t N, int64_t C,
               int64_t K, int64_t H, int64_t W);
 
+// Scratch of a kernel, kept per thread between calls and grown when needed (never shrinks),
+// 64-byte aligned: fresh allocations of a few MiB per call cost their page faults.  Each Owner
+// (a kernel's tag type) and slot (0 or 1) has its own buffer.
+template <class Owner, typename T>
+T* thread_scratch(int slot, size_t n) {
+    thread_local std::vector<T> buf[2];
+    if (buf[slot].size() < n + 64 / sizeof(T)) buf[slot].resize(n + 64 / sizeof(T));
+    T* p = buf[slot].data();
+    return p + (64 - reinterpret_cast<std::uintptr_t>(p) % 64) % 64 / sizeof(T);
+}
+
 // w (K, C, 3, 3) -> (C, K, 3, 3) with each 3x3 filter rotated by 180 degrees: the filter of
 // grad_input as a forward convolution from K to C channels.
 template <typename T>

@@ -17,6 +17,7 @@
 // float64 (and float32 in the generic build): plain loops, for gradient checks.
 #include "common.hpp"
 #include "conv3x3.hpp"
+#include "channels_last.hpp"
 
 #include <omp.h>
 
@@ -84,50 +85,13 @@ using simd::transpose16;
 
 void to_padded_channels_last(const float* x, float* xt, int64_t C, int64_t Cp, int64_t H, int64_t W) {
     const int64_t Wp = W + 2;
-    for (int64_t p = 0; p < Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);                   // top row
-    for (int64_t p = (H + 1) * Wp; p < (H + 2) * Wp; ++p) std::memset(xt + p * Cp, 0, sizeof(float) * Cp);  // bottom
-#if PYCNN_CONV_AVX512
-    // 16 pixels x 16 channels at a time, transposed in registers
+    std::memset(xt, 0, sizeof(float) * Wp * Cp);                    // top row
+    std::memset(xt + (H + 1) * Wp * Cp, 0, sizeof(float) * Wp * Cp);  // bottom row
     for (int64_t h = 0; h < H; ++h) {
         float* row = xt + (h + 1) * Wp * Cp;
-        std::memset(row, 0, sizeof(float) * Cp);                    // left column
-        std::memset(row + (W + 1) * Cp, 0, sizeof(float) * Cp);     // right column
-        for (int64_t w0 = 0; w0 < W; w0 += 16) {
-            const int64_t nw = std::min<int64_t>(16, W - w0);
-            const __mmask16 m = first_lanes(nw);
-            for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
-                __m512 r[16];
-                for (int cc = 0; cc < 16; ++cc) {
-                    const int64_t c = c0 + cc;
-                    r[cc] = c < C ? _mm512_maskz_loadu_ps(m, x + (c * H + h) * W + w0) : _mm512_setzero_ps();
-                }
-                transpose16(r);
-                for (int64_t ww = 0; ww < nw; ++ww) _mm512_storeu_ps(row + (w0 + ww + 1) * Cp + c0, r[ww]);
-            }
-        }
-    }
-    return;
-#endif
-    for (int64_t h = 0; h < H; ++h) {
-        float* row = xt + (h + 1) * Wp * Cp;
-        std::memset(row, 0, sizeof(float) * Cp);                    // left column
-        std::memset(row + (W + 1) * Cp, 0, sizeof(float) * Cp);     // right column
-        for (int64_t w0 = 0; w0 < W; w0 += 16) {
-            const int64_t nw = std::min<int64_t>(16, W - w0);
-            for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
-                float tile[16][16];  // [w][c]
-                for (int64_t cc = 0; cc < 16; ++cc) {
-                    const int64_t c = c0 + cc;
-                    if (c < C) {
-                        const float* src = x + (c * H + h) * W + w0;
-                        for (int64_t ww = 0; ww < nw; ++ww) tile[ww][cc] = src[ww];
-                    } else {
-                        for (int64_t ww = 0; ww < nw; ++ww) tile[ww][cc] = 0.0f;
-                    }
-                }
-                for (int64_t ww = 0; ww < nw; ++ww) std::memcpy(row + (w0 + ww + 1) * Cp + c0, tile[ww], sizeof(tile[ww]));
-            }
-        }
+        std::memset(row, 0, sizeof(float) * Cp);                 // left column
+        std::memset(row + (W + 1) * Cp, 0, sizeof(float) * Cp);  // right column
+        row_to_channels_last(x + h * W, H * W, C, Cp, W, row, 1);
     }
 }
 

@@ -382,16 +382,11 @@ __attribute__((noinline)) void output_transform(const Plan& p, const T* m, const
     }
 }
 
-// Scratch kept per thread between calls and grown when needed (never shrinks), as conv3x3.cpp's
-// grad_weight does: fresh allocations of a few MiB per call cost their page faults (measured:
-// 570 per call at C = K = 64, 16 x 16, batch 64, some 10% of the time).  Slot 0: the
-// transformed filter (the calling thread's), slot 1: V, M and the strips (each team thread's).
-template <typename T>
-T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> buf[2];
-    if (buf[slot].size() < n) buf[slot].resize(n);
-    return buf[slot].data();
-}
+// Scratch (conv3x3.hpp: thread_scratch): fresh allocations of a few MiB per call cost their
+// page faults (measured: 570 per call at C = K = 64, 16 x 16, batch 64, some 10% of the time).
+// Slot 0: the transformed filter (the calling thread's), slot 1: V, M and the strips (each
+// team thread's).
+struct Winograd4Scratch;
 
 template <typename T>
 void winograd4(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
@@ -399,13 +394,14 @@ void winograd4(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, i
     const Plan p(N, C, K, H, W);
     const int64_t kblocks = (K + kKB - 1) / kKB;
     const int64_t ustride = kblocks * C * kKB;  // one xi of u
-    T* const u = scratch<T>(0, static_cast<size_t>(kXi * ustride));
+    T* const u = thread_scratch<Winograd4Scratch, T>(0, static_cast<size_t>(kXi * ustride));
     // One parallel region for the whole call (each region costs a wake-up of the team, which
     // on a busy machine can be a scheduler tick): the filter transform, then the chunks.
 #pragma omp parallel
     {
         transform_filter(w, u, C, K);
-        T* const v = scratch<T>(1, static_cast<size_t>((C + K) * kVStride + 16 * kSlen));  // V: C x kVStride
+        // V: C x kVStride
+        T* const v = thread_scratch<Winograd4Scratch, T>(1, static_cast<size_t>((C + K) * kVStride + 16 * kSlen));
         T* const m = v + C * kVStride;    // M: K x kVStride
         T* const lo = m + K * kVStride;   // the strips: lo, hi (6 rows each), out (4 rows)
         T* const hi = lo + 6 * kSlen;

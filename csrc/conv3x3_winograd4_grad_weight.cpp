@@ -12,7 +12,7 @@
 // Work stays in each thread's caches, as in the forward pass.  The tile rows (image, ty) are
 // cut into blocks of up to 256 tiles whose V and Z fit in about 2 MiB; for a block, a thread
 //   1. copies the 6 input rows (4 gy rows) of each tile row to channels-last slabs, zero-padded
-//      (16 x 16 transposes in registers with AVX-512), so that
+//      (channels_last.hpp, shared with the direct kernel), so that
 //   2. both transforms run vectorised over channels, writing V and Z with channels contiguous;
 //   3. adds the block's 36 GEMMs into its slice's M: 6 output channels x 4 vectors of input
 //      channels of M stay in registers while the block's tiles stream past (6 broadcasts and
@@ -26,6 +26,7 @@
 // kernel (whose sums run over 16x more terms of one product each): 2-5x its largest error, like
 // the forward (tests/test_winograd4.py bounds both with one bound).
 #include "conv3x3.hpp"
+#include "channels_last.hpp"
 
 #include <omp.h>
 
@@ -77,35 +78,6 @@ struct Plan {
         for (slices = 1; 2 * slices <= most;) slices *= 2;  // a power of two: even shares for 2, 4, ... threads
     }
 };
-
-// dst[(w + offset) * Cp + c] = src[c * cstride + w] for w < W, c < C, and 0 for C <= c < Cp:
-// one image row of C channels (channel planes cstride apart) to channels-last pixels.
-template <typename T>
-void row_to_channels_last(const T* src, int64_t cstride, int64_t C, int64_t Cp, int64_t W, T* dst, int64_t offset) {
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
-        for (int64_t w0 = 0; w0 < W; w0 += 16) {
-            const int64_t nw = std::min<int64_t>(16, W - w0);
-            const __mmask16 m = simd::first_lanes(nw);
-            for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
-                __m512 r[16];
-                for (int cc = 0; cc < 16; ++cc) {
-                    const int64_t c = c0 + cc;
-                    r[cc] = c < C ? _mm512_maskz_loadu_ps(m, src + c * cstride + w0) : _mm512_setzero_ps();
-                }
-                simd::transpose16(r);
-                for (int64_t ww = 0; ww < nw; ++ww) _mm512_storeu_ps(dst + (w0 + ww + offset) * Cp + c0, r[ww]);
-            }
-        }
-        return;
-    }
-#endif
-    for (int64_t w = 0; w < W; ++w) {
-        T* d = dst + (w + offset) * Cp;
-        for (int64_t c = 0; c < C; ++c) d[c] = src[c * cstride + w];
-        std::fill(d + C, d + Cp, T(0));
-    }
-}
 
 // The slabs of tile row (n, ty): xs[a] (a < 6) = input row 4 ty - 1 + a at pixels 1 .. W of
 // xw (zero around and outside the image), gs[a] (a < 4) = gy row 4 ty + a at pixels 0 .. W - 1
@@ -263,15 +235,7 @@ void gemm_rows(const T* z, const T* v, T* m, int64_t tiles, int64_t Kp, int64_t 
         }
 }
 
-// 64-byte aligned scratch, kept per thread between calls and grown when needed (never shrinks):
-// slot 0 the calling thread's (the slices' M), slot 1 each team thread's (slabs, V, Z).
-template <typename T>
-T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> buf[2];
-    if (buf[slot].size() < n + 16) buf[slot].resize(n + 16);
-    T* q = buf[slot].data();
-    return q + (64 - reinterpret_cast<std::uintptr_t>(q) % 64) % 64 / sizeof(T);
-}
+struct GradWeightScratch;  // the tag of this kernel's thread_scratch buffers
 
 }  // namespace
 
@@ -279,12 +243,14 @@ template <typename T>
 void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
     const Plan p(N, C, K, H, W, sizeof(T));
     const int64_t Cp = p.Cp, Kp = p.Kp, m_size = kXi * p.mrows * Cp;
-    T* const ms = scratch<T>(0, static_cast<size_t>(p.slices * m_size));  // M of slice s at ms + s m_size
+    // M of slice s at ms + s m_size
+    T* const ms = thread_scratch<GradWeightScratch, T>(0, static_cast<size_t>(p.slices * m_size));
 
 #pragma omp parallel
     {
         const int64_t xslab = 6 * p.xw * Cp, gslab = 4 * p.gw * Kp;
-        T* const xs = scratch<T>(1, static_cast<size_t>(xslab + gslab + kXi * p.block_tiles * (Cp + Kp)));
+        const size_t slabs_v_z = static_cast<size_t>(xslab + gslab + kXi * p.block_tiles * (Cp + Kp));
+        T* const xs = thread_scratch<GradWeightScratch, T>(1, slabs_v_z);
         T* const gs = xs + xslab;
         T* const v = gs + gslab;
         T* const z = v + kXi * p.block_tiles * Cp;
