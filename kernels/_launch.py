@@ -63,6 +63,31 @@ def array_module(a):
     return cupy
 
 
+_empty_arrays: dict = {}
+
+
+def empty_of(like, dtype=None):
+    """A cached (0,) array of ``dtype`` (default: like's) on like's device: what a kernel gets
+    for an array argument it does not read (an unused slot, an absent live table)."""
+    dtype = np.dtype(like.dtype if dtype is None else dtype)
+    device = getattr(getattr(like, "device", None), "id", None)
+    key = (type(like), dtype, device)
+    empty = _empty_arrays.get(key)
+    if empty is None:
+        empty = _empty_arrays[key] = array_module(like).empty(0, dtype)
+    return empty
+
+
+def live_args(live, like, dtype):
+    """The (table, index) kernel arguments of a value that a captured CUDA graph reads from
+    device memory: ``live`` is the pair (table, index) that pycnn.cuda_graph hands out; for
+    ``live`` None, an empty table and index -1 (the kernel uses its by-value argument)."""
+    if live is None:
+        return empty_of(like, dtype), np.int32(-1)
+    table, index = live
+    return table, np.int32(index)
+
+
 def on_device(a):
     """What a kernel is launched with: a NumPy array in the simulator, else a device view."""
     if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
@@ -103,6 +128,24 @@ def _quiet_simulator():
 
 
 _launches = 0  # every launch through ``launch`` in this process (both paths)
+_trace = None   # a list while ``tracing``: what each launch baked in
+
+
+@contextlib.contextmanager
+def tracing(trace: list):
+    """Append to ``trace``, for every launch in the block, (kernel name, grid, block, the
+    shapes of its arrays and its by-value arguments): what a captured CUDA graph fixes."""
+    global _trace
+    previous, _trace = _trace, trace
+    try:
+        yield trace
+    finally:
+        _trace = previous
+
+
+def _baked(kernel, grid, block, args) -> tuple:
+    values = tuple(("array", a.dtype.str, a.shape) if _is_array(a) else (type(a).__name__, a) for a in args)
+    return (kernel.py_func.__qualname__, tuple(np.atleast_1d(grid)), tuple(np.atleast_1d(block)), values)
 
 
 def launch_count() -> int:
@@ -118,6 +161,8 @@ def launch(kernel, grid, block, like, *args) -> None:
     launch under ``PYCNN_CUDA_LAUNCH=numba``, through Numba's dispatcher."""
     global _launches
     _launches += 1
+    if _trace is not None:
+        _trace.append(_baked(kernel, grid, block, args))
     if _raw_launch_wanted(like) and kernel not in _numba_only:
         try:
             raw = _rawlaunch.compiled(kernel, args)

@@ -15,7 +15,7 @@ from numba import cuda
 
 from . import reduce
 from .reduce import REDUCE_THREADS
-from ._launch import config_1d, launch, per_dtype
+from ._launch import config_1d, launch, live_args, per_dtype
 from .pool import wins
 from .rng import UNIFORM_SCALE, host_key, random_bits24
 
@@ -92,27 +92,30 @@ def _build(T):
 
     # ---------------------------------------------------------------------------- rrelu
     @cuda.jit(device=True)
-    def rrelu_slope(i, key, lower, span, training, eval_slope):
-        """Element i's slope: 1 / (lower + span * u_i) in training, else the fixed one."""
+    def rrelu_slope(i, key, keys, key_index, lower, span, training, eval_slope):
+        """Element i's slope: 1 / (lower + span * u_i) in training, else the fixed one; the
+        stream key is keys[key_index] when key_index >= 0 (a captured step), else key."""
         if not training:
             return eval_slope
-        u = T(random_bits24(key, i)) * T(UNIFORM_SCALE)
+        k = keys[key_index] if key_index >= 0 else key
+        u = T(random_bits24(k, i)) * T(UNIFORM_SCALE)
         return T(1) / (lower + span * u)
 
     @cuda.jit
-    def rrelu_forward(x, y, key, lower, span, training, eval_slope):
+    def rrelu_forward(x, y, key, keys, key_index, lower, span, training, eval_slope):
         i = cuda.grid(1)
         if i < x.size:
             v = x[i]
-            y[i] = v if v > T(0) else v * rrelu_slope(i, key, lower, span, training, eval_slope)
+            y[i] = v if v > T(0) else v * rrelu_slope(i, key, keys, key_index, lower, span, training, eval_slope)
 
     @cuda.jit
-    def rrelu_backward(x, grad, grad_x, key, lower, span, training, eval_slope):
+    def rrelu_backward(x, grad, grad_x, key, keys, key_index, lower, span, training, eval_slope):
         # the slopes are drawn again from the seed instead of being stored by forward
         i = cuda.grid(1)
         if i < x.size:
             g = grad[i]
-            grad_x[i] = g if x[i] > T(0) else g * rrelu_slope(i, key, lower, span, training, eval_slope)
+            grad_x[i] = g if x[i] > T(0) else g * rrelu_slope(i, key, keys, key_index, lower, span, training,
+                                                                eval_slope)
 
     # ------------------------------------------------------------------------------ elu
     @cuda.jit
@@ -274,19 +277,21 @@ def prelu_backward(x, weight, grad, grad_x=None, grad_weight=None):
         launch(kernels.prelu_backward_weight, grid, (reduce.REDUCE_THREADS,), x, x3, g3, grad_weight)
 
 
-def _rrelu_args(dtype, lower, upper, seed, training):
-    s = lambda v: _scalar(v, dtype)  # noqa: E731
-    return (host_key(seed if training else 0), s(lower), s(upper - lower), bool(training),
+def _rrelu_args(x, lower, upper, seed, training, live_key):
+    s = lambda v: _scalar(v, x.dtype)  # noqa: E731
+    keys, key_index = live_args(live_key if training else None, x, np.uint64)
+    return (host_key(seed if training else 0), keys, key_index, s(lower), s(upper - lower), bool(training),
             s(2.0 / (lower + upper)))
 
 
-def rrelu_forward(x, y, lower, upper, seed, training):
-    """The arguments in the order of the C++ binding (pycnn/ops/_backend.py)."""
-    _map(_build(x.dtype).rrelu_forward, x, x, y, *_rrelu_args(x.dtype, lower, upper, seed, training))
+def rrelu_forward(x, y, lower, upper, seed, training, live_key=None):
+    """The arguments in the order of the C++ binding (pycnn/ops/_backend.py); ``live_key``:
+    (table, index) of a stream key read on the device instead of seed's (pycnn.cuda_graph)."""
+    _map(_build(x.dtype).rrelu_forward, x, x, y, *_rrelu_args(x, lower, upper, seed, training, live_key))
 
 
-def rrelu_backward(x, grad, grad_x, lower, upper, seed, training):
-    _map(_build(x.dtype).rrelu_backward, x, x, grad, grad_x, *_rrelu_args(x.dtype, lower, upper, seed, training))
+def rrelu_backward(x, grad, grad_x, lower, upper, seed, training, live_key=None):
+    _map(_build(x.dtype).rrelu_backward, x, x, grad, grad_x, *_rrelu_args(x, lower, upper, seed, training, live_key))
 
 
 def elu_forward(x, y, alpha):

@@ -12,18 +12,20 @@ import math
 import numpy as np
 from numba import cuda
 
-from ._launch import config_1d, launch, per_dtype
+from ._launch import config_1d, launch, live_args, per_dtype
 from .rng import UNIFORM_SCALE, host_key, random_bits24
 
 
 @per_dtype
 def _build(T):
     @cuda.jit
-    def dropout_kernel(x, y, key, threshold, scale):
-        # x and y are flat (size,): y = x * (scale if kept else 0); also used for backward
+    def dropout_kernel(x, y, key, keys, key_index, threshold, scale):
+        # x and y are flat (size,): y = x * (scale if kept else 0); also used for backward.
+        # The stream key is keys[key_index] when key_index >= 0 (a captured step), else key.
         i = cuda.grid(1)
         if i < x.size:
-            keep = random_bits24(key, i) >= threshold
+            k = keys[key_index] if key_index >= 0 else key
+            keep = random_bits24(k, i) >= threshold
             y[i] = x[i] * (scale if keep else T(0))
     return dropout_kernel
 
@@ -36,8 +38,11 @@ def _mask_args(dtype, p, seed):
     return host_key(seed), np.uint64(threshold), scale
 
 
-def dropout_apply(x, y, p, seed) -> None:
+def dropout_apply(x, y, p, seed, live_key=None) -> None:
     """y = x * mask(p, seed) for flat-viewable C-contiguous x, y (forward: x is the input;
-    backward: x is the output gradient and y the input gradient)."""
+    backward: x is the output gradient and y the input gradient).  ``live_key``: (table,
+    index) of a uint64 stream key read on the device instead of seed's (pycnn.cuda_graph)."""
     grid, block = config_1d(x.size)
-    launch(_build(x.dtype), grid, block, x, x.reshape(-1), y.reshape(-1), *_mask_args(x.dtype, p, seed))
+    key, threshold, scale = _mask_args(x.dtype, p, seed)
+    keys, key_index = live_args(live_key, x, np.uint64)
+    launch(_build(x.dtype), grid, block, x, x.reshape(-1), y.reshape(-1), key, keys, key_index, threshold, scale)

@@ -114,14 +114,23 @@ _errors: dict = {}     # device -> (4,) int64 error buffer: (flag, label, row, C
 _unread: set = set()   # devices whose buffer a loss kernel may have written since it was last read
 
 
+def _error_key(like):
+    return "host" if array_module(like) is np else like.device.id
+
+
 def _error_buffer(like):
-    xp = array_module(like)
-    key = "host" if xp is np else like.device.id
+    key = _error_key(like)
     buffer = _errors.get(key)
     if buffer is None:
-        buffer = _errors[key] = xp.zeros((4,), dtype=np.int64)
+        buffer = _errors[key] = array_module(like).zeros((4,), dtype=np.int64)
     _unread.add(key)
     return buffer
+
+
+def replayed(like) -> None:
+    """A loss kernel on like's device ran again without its Python (a CUDA graph replay):
+    its error buffer is read at the next ``raise_label_errors``."""
+    _unread.add(_error_key(like))
 
 
 def raise_label_errors() -> None:

@@ -17,8 +17,10 @@ take a fixed number of tensor *slots* as ordinary 1-D array parameters (like PyT
 slot k's arrays, its own lr / weight decay / first-step flag (Adam: its bias corrections)
 are arguments k of each list; unused slots get empty arrays.  Every thread walks every
 slot with a grid-stride loop.  No pointer table lives on the device, so nothing is copied
-to the GPU per step, the same code runs in Numba's simulator, and a CUDA graph captures the
-launch by value.  The slot counts keep the parameters under CUDA's 4 KB limit in float64
+to the GPU per step and the same code runs in Numba's simulator.  Inside a captured CUDA
+graph the values that change from step to step (lr, Adam's bias corrections) are read from
+a small table on the device instead (``live``, ``live_base``), which pycnn.cuda_graph
+refreshes before each replay.  The slot counts keep the parameters under CUDA's 4 KB limit in float64
 (an array is 56 bytes under Numba's ABI; ptxas rejects a kernel over the limit, and
 tests/test_cuda_ptx.py compiles every one).  Each element goes through the same device
 function as in the per-parameter kernels, so both give the same numbers.
@@ -32,12 +34,13 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import THREADS_1D, array_module, blocks_for, config_1d, launch, per_dtype
+from ._launch import THREADS_1D, array_module, blocks_for, config_1d, empty_of, launch, per_dtype
 from .reduce import REDUCE_THREADS, block_sum, reduce_blocks
 
-# Tensor slots per launch.  Parameter bytes in float64: SGD+momentum 20 * (3 * 56 + 2 * 8 + 1)
-# + 9 = 3,713; plain SGD 28 * (2 * 56 + 2 * 8) = 3,584; Adam 15 * (4 * 56 + 4 * 8 + 1) + 24
-# = 3,880; sums 32 * 56 + 88 = 1,880 (all < 4,096: tests/test_cuda_ptx.py checks).
+# Tensor slots per launch.  Parameter bytes in float64, the live table (56) and its base (4)
+# included: SGD+momentum 20 * (3 * 56 + 2 * 8 + 1) + 9 + 7 + 60 = 3,789; plain SGD 28 * (2 * 56
+# + 2 * 8) + 60 = 3,644; Adam 15 * (4 * 56 + 4 * 8 + 1) + 24 + 60 = 3,940; sums 32 * 56 + 88 =
+# 1,880 (all < 4,096: tests/test_cuda_ptx.py compiles each and checks).
 SGD_SLOTS, SGD_PLAIN_SLOTS, ADAM_SLOTS, SUM_SLOTS = 20, 28, 15, 32
 MAX_BLOCKS = 2048  # of a multi-tensor update; larger tensors loop (grid stride)
 
@@ -141,18 +144,26 @@ def _build(T):
             out[cuda.blockIdx.x, slot, 1] = absolute
 
     grid_stride = "start = cuda.grid(1)\nstride = cuda.gridsize(1)"
+    # live / live_base: a captured step reads each slot's lr (Adam: lr, bias1, bias2) from
+    # live[live_base + slot * width + j] (pycnn.cuda_graph refreshes them before each replay)
+    lr_sgd = "({lr} if live_base < 0 else live[live_base + {slot}])"
     sgd_momentum_multi = _compile_multi(_multi_kernel(
-        "sgd_momentum_multi", ("w", "g", "v", "lr", "wd", "first"), ("momentum", "nesterov"), SGD_SLOTS,
-        "_slot({w}, {g}, {v}, {lr}, momentum, {wd}, nesterov, {first}, start, stride)", grid_stride),
+        "sgd_momentum_multi", ("w", "g", "v", "lr", "wd", "first"), ("momentum", "nesterov", "live", "live_base"),
+        SGD_SLOTS, f"_slot({{w}}, {{g}}, {{v}}, {lr_sgd}, momentum, {{wd}}, nesterov, {{first}}, start, stride)",
+        grid_stride),
         "sgd_momentum_multi", {"_slot": sgd_momentum_slot})
     sgd_plain_multi = _compile_multi(_multi_kernel(
-        "sgd_plain_multi", ("w", "g", "lr", "wd"), (), SGD_PLAIN_SLOTS,
-        "_slot({w}, {g}, {lr}, {wd}, start, stride)", grid_stride),
+        "sgd_plain_multi", ("w", "g", "lr", "wd"), ("live", "live_base"), SGD_PLAIN_SLOTS,
+        f"_slot({{w}}, {{g}}, {lr_sgd}, {{wd}}, start, stride)", grid_stride),
         "sgd_plain_multi", {"_slot": sgd_plain_slot})
+    adam_live = ", ".join(f"({{{name}}} if live_base < 0 else live[live_base + {{slot}} * 3 + {j}])"
+                          for j, name in enumerate(("lr", "bias1", "bias2")))
+    lr_adam, bias1_adam, bias2_adam = adam_live.split(", ")
     adam_multi = _compile_multi(_multi_kernel(
-        "adam_multi", ("w", "g", "m", "v", "lr", "wd", "bias1", "bias2", "first"), ("beta1", "beta2", "eps"),
-        ADAM_SLOTS, "_slot({w}, {g}, {m}, {v}, {lr}, beta1, beta2, eps, {wd}, {bias1}, {bias2}, {first}, start, "
-                    "stride)", grid_stride),
+        "adam_multi", ("w", "g", "m", "v", "lr", "wd", "bias1", "bias2", "first"),
+        ("beta1", "beta2", "eps", "live", "live_base"), ADAM_SLOTS,
+        f"_slot({{w}}, {{g}}, {{m}}, {{v}}, {lr_adam}, beta1, beta2, eps, {{wd}}, {bias1_adam}, {bias2_adam}, "
+        "{first}, start, stride)", grid_stride),
         "adam_multi", {"_slot": adam_slot})
     sums_multi = _compile_multi(_multi_kernel(
         "sum_squares_abs_multi", ("w",), ("out",), SUM_SLOTS, "_slot({w}, out, {slot}, partial, start, stride)",
@@ -193,17 +204,9 @@ def adam_step(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
 
 # ------------------------------------------------------------------ multi-tensor launches
 
-_empty_arrays: dict = {}
-
-
 def _empty(like):
-    """A cached (0,) array of like's dtype and device: the arrays of an unused slot."""
-    device = getattr(getattr(like, "device", None), "id", None)
-    key = (type(like), like.dtype, device)
-    empty = _empty_arrays.get(key)
-    if empty is None:
-        empty = _empty_arrays[key] = array_module(like).empty(0, like.dtype)
-    return empty
+    """The arrays of an unused slot."""
+    return empty_of(like)
 
 
 def _chunks(entries):
@@ -226,11 +229,22 @@ def _launch_slots(kernel, slots: int, lists, fillers, global_args, like, max_siz
     launch(kernel, grid, (threads,), like, *args, *global_args)
 
 
-def sgd_multi_step(entries, momentum, nesterov) -> int:
+def _live_table(live, dtype, getters, width, like):
+    """(table, base) kernel arguments: ``live(dtype, getters, width)`` registers one value
+    row per getter in a captured step's table; without ``live``, an empty table and -1."""
+    if live is None:
+        return empty_of(like, dtype), np.int32(-1)
+    table, base = live(dtype, getters, width)
+    return table, np.int32(base)
+
+
+def sgd_multi_step(entries, momentum, nesterov, live=None) -> int:
     """SGD steps of many C-contiguous parameters of the same momentum and Nesterov flag, in
     as few launches as the slots allow (one per SGD_SLOTS parameters of a dtype).  Each
     entry is (w, grad, velocity or None without momentum, lr, weight_decay, first);
-    returns the launches made."""
+    returns the launches made.  ``live``: the lr of each entry is a zero-argument function
+    returning ``(lr,)``, registered with ``live(dtype, getters, width=1)`` -> (table, base)
+    and read on the device (a captured CUDA graph: pycnn.cuda_graph)."""
     launches = 0
     for dtype, same in _chunks(entries):
         T = dtype.type
@@ -240,26 +254,30 @@ def sgd_multi_step(entries, momentum, nesterov) -> int:
             chunk = same[start:start + slots]
             w = [e[0].reshape(-1) for e in chunk]
             g = [e[1].reshape(-1) for e in chunk]
-            lr = [T(e[3]) for e in chunk]
+            lr = [T(0 if live else e[3]) for e in chunk]
             wd = [T(e[4]) for e in chunk]
             empty, size = _empty(w[0]), max(a.size for a in w)
+            table = _live_table(live, dtype, [e[3] for e in chunk], 1, w[0])
             if momentum:
                 v = [e[2].reshape(-1) for e in chunk]
                 first = [np.uint8(e[5]) for e in chunk]
                 _launch_slots(kernels.sgd_momentum_multi, slots, (w, g, v, lr, wd, first),
-                              (empty, empty, empty, T(0), T(0), np.uint8(0)), (T(momentum), np.uint8(nesterov)),
-                              w[0], size)
+                              (empty, empty, empty, T(0), T(0), np.uint8(0)),
+                              (T(momentum), np.uint8(nesterov), *table), w[0], size)
             else:
-                _launch_slots(kernels.sgd_plain_multi, slots, (w, g, lr, wd), (empty, empty, T(0), T(0)), (),
+                _launch_slots(kernels.sgd_plain_multi, slots, (w, g, lr, wd), (empty, empty, T(0), T(0)), table,
                               w[0], size)
             launches += 1
     return launches
 
 
-def adam_multi_step(entries, beta1, beta2, eps) -> int:
+def adam_multi_step(entries, beta1, beta2, eps, live=None) -> int:
     """Adam steps of many C-contiguous parameters of the same betas and eps, one launch per
     ADAM_SLOTS parameters of a dtype.  Each entry is (w, grad, m, v, lr, weight_decay,
-    step), step counting from 1 (each parameter its own); returns the launches made."""
+    step), step counting from 1 (each parameter its own); returns the launches made.
+    ``live``: the lr of each entry is a zero-argument function returning ``(lr, 1 -
+    beta1**step, 1 - beta2**step)`` for the step it counts, registered with ``live(dtype,
+    getters, width=3)`` and read on the device (pycnn.cuda_graph); step must then be > 1."""
     launches = 0
     for dtype, same in _chunks(entries):
         T = dtype.type
@@ -267,13 +285,19 @@ def adam_multi_step(entries, beta1, beta2, eps) -> int:
         for start in range(0, len(same), ADAM_SLOTS):
             chunk = same[start:start + ADAM_SLOTS]
             w = [e[0].reshape(-1) for e in chunk]
+            if live:
+                lr, bias1, bias2 = ([T(0)] * len(chunk),) * 3
+            else:
+                lr = [T(e[4]) for e in chunk]
+                bias1 = [T(1 - beta1 ** e[6]) for e in chunk]
+                bias2 = [T(1 - beta2 ** e[6]) for e in chunk]
             lists = (w, [e[1].reshape(-1) for e in chunk], [e[2].reshape(-1) for e in chunk],
-                     [e[3].reshape(-1) for e in chunk], [T(e[4]) for e in chunk], [T(e[5]) for e in chunk],
-                     [T(1 - beta1 ** e[6]) for e in chunk], [T(1 - beta2 ** e[6]) for e in chunk],
+                     [e[3].reshape(-1) for e in chunk], lr, [T(e[5]) for e in chunk], bias1, bias2,
                      [np.uint8(e[6] == 1) for e in chunk])
             empty = _empty(w[0])
             fillers = (empty,) * 4 + (T(0), T(0), T(1), T(1), np.uint8(0))
-            _launch_slots(kernels.adam_multi, ADAM_SLOTS, lists, fillers, (T(beta1), T(beta2), T(eps)), w[0],
+            table = _live_table(live, dtype, [e[4] for e in chunk], 3, w[0])
+            _launch_slots(kernels.adam_multi, ADAM_SLOTS, lists, fillers, (T(beta1), T(beta2), T(eps), *table), w[0],
                           max(a.size for a in w))
             launches += 1
     return launches

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pycnn import cuda_graph
 from pycnn.device import array_module, is_cuda_array
 from pycnn.autograd import no_grad
 
@@ -80,6 +81,8 @@ class Optimizer:
                         fused.append((p, group, state))
                         ids.add(id(p))
                         continue
+                    cuda_graph.require_eager("an update outside the optimiser's kernels (an L1 term, a "
+                                             "non-contiguous or host parameter)")
                     grad = p.grad
                     if group["weight_decay"]:
                         grad = grad + group["weight_decay"] * p.data
@@ -155,6 +158,16 @@ def _cuda_kernels(w, grad, group):
     return cuda_backend.optimiser_kernels()
 
 
+def _adam_counter(group, state):
+    """A captured step's getter of one parameter's (lr, 1 - beta1**step, 1 - beta2**step):
+    it counts the step, as the eager update does."""
+    def row():
+        state["step"] = step = state.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
+        return group["lr"], 1 - beta1 ** step, 1 - beta2 ** step
+    return row
+
+
 class SGD(Optimizer):
     """SGD with momentum, classical or Nesterov (PyTorch's formulation):
         v = momentum * v + grad
@@ -177,6 +190,7 @@ class SGD(Optimizer):
         launch for up to 20 parameters of the same momentum and Nesterov flag, whatever their
         groups' lr and weight decay, instead of the six array operations of _update per
         parameter; L1 keeps the generic path."""
+        live = cuda_graph.active()  # capturing a CUDA graph: lr is read on the device at each replay
         buckets: dict = {}
         for p, group, state in items:
             w = p.data
@@ -185,12 +199,15 @@ class SGD(Optimizer):
                 velocity = state.get("velocity")
                 first = velocity is None
                 if first:
+                    if live is not None:
+                        raise cuda_graph.GraphCaptureError("SGD's first step (it creates the velocity)")
                     velocity = state["velocity"] = array_module(w).empty_like(w)
+            lr = group["lr"] if live is None else (lambda group=group: (group["lr"],))
             buckets.setdefault((group["momentum"], bool(group["nesterov"])), []).append(
-                (w, p.grad, velocity, group["lr"], group["weight_decay"], first))
+                (w, p.grad, velocity, lr, group["weight_decay"], first))
         kernels = _cuda_kernels(items[0][0].data, items[0][0].grad, items[0][1])
         for (momentum, nesterov), entries in buckets.items():
-            kernels.sgd_multi_step(entries, momentum, nesterov)
+            kernels.sgd_multi_step(entries, momentum, nesterov, live=live and live.values)
 
     def _update(self, p, grad, group, state):
         momentum = group["momentum"]
@@ -222,18 +239,25 @@ class Adam(Optimizer):
         """CUDA parameters: multi-tensor kernels (pycnn.kernels.optim.adam_multi_step), one
         launch for up to 15 parameters of the same betas and eps (each parameter its own
         step count, lr and weight decay); L1 keeps the generic path, as in SGD."""
+        live = cuda_graph.active()  # capturing a CUDA graph: the step is counted at each replay
         buckets: dict = {}
         for p, group, state in items:
             w = p.data
             step = state.get("step", 0) + 1
+            lr = group["lr"]
             if step == 1:
+                if live is not None:
+                    raise cuda_graph.GraphCaptureError("Adam's first step (it creates the moments)")
                 state["m"], state["v"] = array_module(w).empty_like(w), array_module(w).empty_like(w)
-            state["step"] = step
+            if live is None:
+                state["step"] = step
+            else:
+                lr = _adam_counter(group, state)
             buckets.setdefault((tuple(group["betas"]), group["eps"]), []).append(
-                (w, p.grad, state["m"], state["v"], group["lr"], group["weight_decay"], step))
+                (w, p.grad, state["m"], state["v"], lr, group["weight_decay"], step))
         kernels = _cuda_kernels(items[0][0].data, items[0][0].grad, items[0][1])
         for ((beta1, beta2), eps), entries in buckets.items():
-            kernels.adam_multi_step(entries, beta1, beta2, eps)
+            kernels.adam_multi_step(entries, beta1, beta2, eps, live=live and live.values)
 
     def _update(self, p, grad, group, state):
         beta1, beta2 = group["betas"]

@@ -6,7 +6,7 @@ import contextvars
 
 import numpy as np
 
-from pycnn import memory
+from pycnn import cuda_graph, memory
 from pycnn.device import array_module
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -124,6 +124,9 @@ from pycnn.kernels.splitmix import GOLDEN, UNIFORM_SCALE, mix64, seed_key  # noq
 
 def uniform(seed: int, size: int, dtype, like=None):
     """``size`` counter-based U[0, 1) numbers for ``seed`` (see the formula above)."""
+    graph = cuda_graph.active()
+    if graph is not None and graph.is_placeholder(seed):  # drawn once, replayed: the same numbers each step
+        raise cuda_graph.GraphCaptureError("a random op outside the cuda kernels (NumPy reference or C++)")
     xp = np if like is None else array_module(like)
     index = xp.arange(1, size + 1, dtype=xp.uint64)
     with np.errstate(over="ignore"):

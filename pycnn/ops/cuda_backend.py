@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pycnn import device
+from pycnn import cuda_graph, device
 from pycnn.device import array_module
 from pycnn.ops import _util, activations, conv, pool, registry
 from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, grad_like, needs_grad, prelu_pair,
@@ -215,6 +215,9 @@ def _softmax_ce(K):
         stats = xp.empty((2,), dtype=logits.dtype)     # W, sum_c w_c
         labels, class_weight = _c(labels), _c(class_weight)  # params are not prepared with the inputs
         K.loss.softmax_ce_forward(logits, labels, class_weight, label_smoothing, loss, lse, stats)
+        graph = cuda_graph.active()
+        if graph is not None:  # each replay checks the labels again: have them read
+            graph.on_replay(lambda: K.loss.replayed(logits))
         ctx.save_for_backward(logits, lse, stats)
         ctx.params = (labels, class_weight, label_smoothing)
         return loss
@@ -251,6 +254,26 @@ def _fancy_pca(K):
     return forward, backward
 
 
+def _live_keyed(K):
+    """dropout's and rrelu's kernels, reading the stream key of a seed handed out during a
+    CUDA graph capture from the capture's live table (pycnn.cuda_graph) instead of baking
+    the capture's key into the graph."""
+    from pycnn.cuda_graph import live_key
+
+    def dropout_apply(x, y, p, seed):
+        K.dropout.dropout_apply(x, y, p, seed, live_key=live_key(seed))
+
+    def rrelu_forward(x, y, lower, upper, seed, training):
+        K.act.rrelu_forward(x, y, lower, upper, seed, training, live_key=live_key(seed))
+
+    def rrelu_backward(x, grad, grad_x, lower, upper, seed, training):
+        K.act.rrelu_backward(x, grad, grad_x, lower, upper, seed, training, live_key=live_key(seed))
+
+    activations = SimpleNamespace(**{name: getattr(K.act, name) for name in dir(K.act) if name.endswith("ward")})
+    activations.rrelu_forward, activations.rrelu_backward = rrelu_forward, rrelu_backward
+    return dropout_apply, activations
+
+
 # ----------------------------------------------------------------------------- loading
 
 _KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "bn": "batchnorm", "optim": "optim", "pool": "pool",
@@ -279,11 +302,12 @@ def load() -> None:
             op.register("cuda", op.reference.forward, op.reference.backward, algo="reference")
         return
     _optim = K.optim
+    dropout_apply, activation_kernels = _live_keyed(K)
     # the first algorithm registered is the backend's 'auto' choice
     cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False), algo="gemm")
     cuda.register("conv3x3", *_conv3x3_direct(K), algo="direct")
     cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True), algo="gemm")
-    cuda.elementwise(K.act)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (kernels/activations.py)
+    cuda.elementwise(activation_kernels)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (kernels/activations.py)
     cuda.register("prelu", *prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
     cuda.register("maxout", *winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,
                                          activations.maxout_shape))
@@ -291,7 +315,7 @@ def load() -> None:
                                              pool.pooled_shape))
     cuda.register("avgpool2x2", *shape_map_pair(K.pool.avgpool2x2_forward, K.pool.avgpool2x2_backward,
                                                 pool.pooled_shape))
-    cuda.register("dropout", *dropout_pair(K.dropout.dropout_apply, K.dropout.dropout_apply))
+    cuda.register("dropout", *dropout_pair(dropout_apply, dropout_apply))
     cuda.register("batchnorm", *_batchnorm(K, fused=False))
     cuda.register("batchnorm_act", *_batchnorm(K, fused=True), algo="fused")
     cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo="chain")  # batchnorm, then the activation
