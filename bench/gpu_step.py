@@ -117,11 +117,13 @@ def _profile_optimiser_paths(net, opt, sync) -> None:
           f"(values {read_per_parameter():.6g} / {regularisation_loss(decayed):.6g})", flush=True)
 
 
-def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False) -> dict:
+def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False, graph: bool = False) -> dict:
+    """``graph``: every step after the first replays one captured CUDA graph (pycnn.cuda_graph)."""
     import cupy
     import pycnn
     import pycnn.functional as F
     from pycnn import models, optim
+    from pycnn.cuda_graph import GraphedStep
     from pycnn.ops import cuda_backend
 
     images, labels = _synthetic_batch(batch)
@@ -129,13 +131,25 @@ def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False) -> dic
     opt = optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x, y = cupy.asarray(images), cupy.asarray(labels)
 
-    def step():
-        loss = F.softmax_cross_entropy(net(pycnn.Tensor(x)), y)
+    def whole_step(images, targets):
+        loss = F.softmax_cross_entropy(net(images), targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        return loss
+
+    if graph:
+        graphed = GraphedStep(whole_step, optimizer=opt, model=net)
+
+        def step():
+            graphed(x, y)
+    else:
+        def step():
+            whole_step(pycnn.Tensor(x), y)
 
     result = _time_steps(step, cupy.cuda.Device().synchronize, steps, warmup)
+    if graph:
+        result["graph"] = {"captures": graphed.captures, "replays": graphed.replays, "disabled": graphed.disabled}
     if profile:
         _profile_pycnn(net, opt, x, y, step)
     kernels = cuda_backend.kernels_package()
@@ -178,15 +192,16 @@ def run_torch(batch: int, steps: int, warmup: int, tf32: bool) -> dict:
 
 
 def _child(args) -> None:
-    if args.framework == "pycnn":
-        result = run_pycnn(args.batch, args.steps, args.warmup, profile=args.profile)
+    if args.framework.startswith("pycnn"):
+        result = run_pycnn(args.batch, args.steps, args.warmup, profile=args.profile,
+                           graph=args.framework == "pycnn-graph")
     else:
         result = run_torch(args.batch, args.steps, args.warmup, tf32=args.framework == "torch-tf32")
     result["img_per_s"] = args.batch / (result["step_ms"] / 1e3)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-FRAMEWORKS = ("pycnn", "torch-fp32", "torch-tf32")
+FRAMEWORKS = ("pycnn", "pycnn-graph", "torch-fp32", "torch-tf32")
 
 
 def _run_child(framework: str, batch: int, steps: int, warmup: int) -> dict:
@@ -234,15 +249,22 @@ def main(argv=None) -> int:
         row["pycnn_kernels_per_step"] = runs["pycnn"][0]["pycnn_kernels_per_step"]
         row["ratio_vs_fp32"] = row["pycnn_img_per_s"] / row["torch-fp32_img_per_s"]
         row["ratio_vs_tf32"] = row["pycnn_img_per_s"] / row["torch-tf32_img_per_s"]
+        row["graph_ratio_vs_fp32"] = row["pycnn-graph_img_per_s"] / row["torch-fp32_img_per_s"]
+        row["graph_ratio_vs_tf32"] = row["pycnn-graph_img_per_s"] / row["torch-tf32_img_per_s"]
+        row["graph"] = runs["pycnn-graph"][0].get("graph")
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| batch | pycnn img/s | PyTorch FP32 img/s | PyTorch TF32 img/s | vs FP32 | vs TF32 | "
-          "pycnn first step s (warm cache) | pycnn kernels/step |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| batch | pycnn img/s | pycnn CUDA graph img/s | PyTorch FP32 img/s | PyTorch TF32 img/s | "
+          "vs FP32 (graph) | vs TF32 (graph) | pycnn first step s (warm cache) | pycnn kernels/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['pycnn_img_per_s']:,.0f} | {r['torch-fp32_img_per_s']:,.0f} | "
-              f"{r['torch-tf32_img_per_s']:,.0f} | {r['ratio_vs_fp32']:.2f} | {r['ratio_vs_tf32']:.2f} | "
+        print(f"| {r['batch']} | {r['pycnn_img_per_s']:,.0f} | {r['pycnn-graph_img_per_s']:,.0f} | "
+              f"{r['torch-fp32_img_per_s']:,.0f} | {r['torch-tf32_img_per_s']:,.0f} | "
+              f"{r['ratio_vs_fp32']:.2f} ({r['graph_ratio_vs_fp32']:.2f}) | "
+              f"{r['ratio_vs_tf32']:.2f} ({r['graph_ratio_vs_tf32']:.2f}) | "
               f"{r['pycnn_first_step_s']:.2f} | {r['pycnn_kernels_per_step']} |")
+        if r["graph"] and r["graph"]["disabled"]:
+            print(f"  (batch {r['batch']}: the CUDA graph was given up: {r['graph']['disabled']})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -251,7 +251,7 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
     trainer = Trainer(model, optimiser, train_loader, val_loader, schedule=schedule, loss=config.loss,
                       label_smoothing=config.label_smoothing, checkpoint_dir=run_dir / "checkpoints",
                       progress=progress, device=config.device, early_stop=config.early_stop,
-                      diagnostics_every=config.diagnostics_every,
+                      diagnostics_every=config.diagnostics_every, cuda_graph=config.cuda_graph,
                       meta={"model": spec, "config": config.to_dict()}, on_first_batch=first_batch,
                       attachments={f"preprocess/{k}": v for k, v in preprocessor.state_dict().items()})
     if resume:

@@ -113,7 +113,7 @@ class Trainer:
                  label_smoothing: float = 0.0, class_weight=None, max_loss_ratio: float = 3.0,
                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, meta: dict | None = None,
                  attachments: dict | None = None, device: str = "cpu", early_stop: int = 0,
-                 on_first_batch=None, diagnostics_every: int = 0):
+                 on_first_batch=None, diagnostics_every: int = 0, cuda_graph: bool = False):
         """``val_loader``: the validation set (never the test set): it drives the plateau
         schedule, early stopping and the choice of the best epoch;
         ``meta``: JSON-able facts stored in every checkpoint (model spec, config);
@@ -122,7 +122,10 @@ class Trainer:
         ``early_stop``: stop after this many epochs without a better validation score (0: off);
         ``on_first_batch(data_loss, reg_loss)``: called once after the run's first batch;
         ``diagnostics_every``: per-layer readings every this many steps into
-        ``history["diagnostics"]`` (0: off; see ``pycnn.training.diagnostics``)."""
+        ``history["diagnostics"]`` (0: off; see ``pycnn.training.diagnostics``);
+        ``cuda_graph``: on device 'cuda', replay each step (forward, backward, update) as a
+        captured CUDA graph (``pycnn.cuda_graph``): the same numbers, without Python's launch
+        overhead; the divergence check then reads the loss after the update, not before."""
         if loss not in ("cross_entropy", "hinge"):
             raise ValueError(f"loss must be 'cross_entropy' or 'hinge', got {loss!r}")
         self.device = device
@@ -140,6 +143,10 @@ class Trainer:
         if diagnostics_every:
             from pycnn.training.diagnostics import LayerDiagnostics
             self.diagnostics = LayerDiagnostics(diagnostics_every)
+        self._graphed = None
+        if cuda_graph:
+            from pycnn.cuda_graph import GraphedStep
+            self._graphed = GraphedStep(self._whole_step, optimizer=optimizer, model=self.model)
         self.epoch = 0
         self.history = _new_history()
         self._position = None          # (batches done, partial sums) inside the current epoch
@@ -240,22 +247,29 @@ class Trainer:
             images, labels = to_device(images, self.device), to_device(labels, self.device)
             step = len(h["batch_loss"])
             diagnose = self.diagnostics is not None and self.diagnostics.due(step)
-            logits = self.diagnostics.forward(self.model, Tensor(images), step) if diagnose else \
-                self.model(Tensor(images))
-            loss = self.loss(logits, labels)
-            self.optimizer.zero_grad()
-            loss.backward()
-            reg_loss = start_regularisation_loss(self.optimizer)  # queued before the loss's read: one wait
-            data_loss = loss.item()
-            reg_loss = reg_loss()
-            value = data_loss + reg_loss
-            self._check_divergence(value)
             h["batch_lr"].append(self.optimizer.param_groups[0]["lr"])
-            if diagnose:
-                self.diagnostics.before_step(self.model)
-            self.optimizer.step()
-            if diagnose:
-                self.diagnostics.after_step(h)
+            if self._graphed is not None and not diagnose:
+                loss, logits, reg_loss = self._graphed(images, labels)  # the update is done
+                data_loss = loss.item()
+                reg_value = reg_loss()
+                value = data_loss + reg_value
+                self._check_divergence(value)
+            else:
+                logits = self.diagnostics.forward(self.model, Tensor(images), step) if diagnose else \
+                    self.model(Tensor(images))
+                loss = self.loss(logits, labels)
+                self.optimizer.zero_grad()
+                loss.backward()
+                reg_loss = start_regularisation_loss(self.optimizer)  # queued before the loss's read: one wait
+                data_loss = loss.item()
+                reg_value = reg_loss()
+                value = data_loss + reg_value
+                self._check_divergence(value)
+                if diagnose:
+                    self.diagnostics.before_step(self.model)
+                self.optimizer.step()
+                if diagnose:
+                    self.diagnostics.after_step(h)
             if self.schedule is not None:
                 self.schedule.step_batch()
             h["batch_loss"].append(value)
@@ -267,7 +281,7 @@ class Trainer:
             sums["seen"] += n
             done += 1
             if len(h["batch_loss"]) == 1 and self.on_first_batch is not None:
-                self.on_first_batch(data_loss, reg_loss)
+                self.on_first_batch(data_loss, reg_value)
             seconds = time.perf_counter() - start
             bar.set_postfix(loss=f"{value:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
                             lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
@@ -291,6 +305,17 @@ class Trainer:
         h["epoch_seconds"].append(seconds)
         h["images_per_second"].append(sums["seen"] / seconds if seconds else 0.0)
         return True
+
+    def _whole_step(self, images, labels):
+        """One training step as one function (what ``cuda_graph`` captures): (loss, logits,
+        the regularisation term's reader), the update done."""
+        logits = self.model(images)
+        loss = self.loss(logits, labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        reg_loss = start_regularisation_loss(self.optimizer)  # of the weights before the update
+        self.optimizer.step()
+        return loss, logits, reg_loss
 
     def _epoch_batches(self, start_batch: int):
         """The training batches of the current epoch from ``start_batch`` on."""
