@@ -36,6 +36,7 @@ real graph relies on (tests/test_cuda_graph.py).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 
 import numpy as np
@@ -52,23 +53,25 @@ class GraphCaptureError(RuntimeError):
 
 # ----------------------------------------------------------------------------- live table
 
-_active: "LiveTable | None" = None
+# the live table of the capture in progress in this thread (or of an emulated replay)
+_active: contextvars.ContextVar = contextvars.ContextVar("pycnn_graph_capture", default=None)
 
 
 def active() -> "LiveTable | None":
-    """The live table of the capture in progress (or of an emulated replay), else None."""
-    return _active
+    """The live table of the capture in progress in this thread, else None."""
+    return _active.get()
 
 
 def live_key(seed):
     """(table, index) of the device-side stream key that stands for ``seed`` in the capture
     in progress, or None (no capture, or a seed given explicitly: a fixed key)."""
-    return None if _active is None else _active.key_of(seed)
+    table = _active.get()
+    return None if table is None else table.key_of(seed)
 
 
 def require_eager(what: str) -> None:
     """Raise GraphCaptureError when a capture is in progress: ``what`` cannot be captured."""
-    if _active is not None:
+    if _active.get() is not None:
         raise GraphCaptureError(f"{what} cannot be captured in a CUDA graph")
 
 
@@ -191,16 +194,15 @@ class LiveTable:
 @contextlib.contextmanager
 def _live(table: LiveTable):
     """Make ``table`` the live table: placeholder seeds, optimiser getters, live keys."""
-    global _active
-    if _active is not None:
+    if _active.get() is not None:
         raise GraphCaptureError("a CUDA graph capture is already in progress")
-    _active = table
-    previous = _random.set_seed_source(table.placeholder_seed)
+    token = _active.set(table)
+    seeds = _random.set_seed_source(table.placeholder_seed)
     try:
         yield table
     finally:
-        _active = None
-        _random.set_seed_source(previous)
+        _random.reset_seed_source(seeds)
+        _active.reset(token)
 
 
 # ------------------------------------------------------------------------ the graphs

@@ -2,6 +2,8 @@
 draw one from this generator, so ``pycnn.manual_seed(s)`` makes a whole run reproducible."""
 from __future__ import annotations
 
+import contextvars
+
 import numpy as np
 
 _generator = np.random.default_rng(0)
@@ -15,14 +17,16 @@ def manual_seed(seed: int) -> None:
     _generator = np.random.default_rng(int(seed))
 
 
-_seed_source = None  # set while a CUDA graph is captured (pycnn.cuda_graph): placeholder seeds
+# set in the thread that captures a CUDA graph (pycnn.cuda_graph): placeholder seeds
+_seed_source: contextvars.ContextVar = contextvars.ContextVar("pycnn_seed_source", default=None)
 
 
 def next_seed() -> int:
     """A fresh 64-bit seed for one draw of a counter-based random op (inside a CUDA graph
     capture: a placeholder whose seed is drawn by ``draw_seed`` before each replay)."""
-    if _seed_source is not None:
-        return _seed_source()
+    source = _seed_source.get()
+    if source is not None:
+        return source()
     return draw_seed()
 
 
@@ -32,11 +36,13 @@ def draw_seed() -> int:
 
 
 def set_seed_source(source):
-    """Make ``source()`` the provider of ``next_seed`` (None: the generator); returns the
-    previous one."""
-    global _seed_source
-    previous, _seed_source = _seed_source, source
-    return previous
+    """Make ``source()`` the provider of ``next_seed`` in this thread (None: the generator);
+    returns a token for ``reset_seed_source``."""
+    return _seed_source.set(source)
+
+
+def reset_seed_source(token) -> None:
+    _seed_source.reset(token)
 
 
 def generator() -> np.random.Generator:

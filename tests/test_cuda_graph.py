@@ -242,3 +242,20 @@ def test_a_bad_label_in_a_replayed_step_is_raised_at_the_next_read(on_cuda):
     with pytest.raises(ValueError, match="labels must lie in"):  # the simulator checks host labels at once
         loss = runner(x, to_device(bad))
         pycnn.device.to_host(loss.data)
+
+
+@needs_cuda
+def test_only_the_capturing_thread_gets_placeholder_seeds(on_cuda):
+    """A loader thread drawing seeds while another thread captures keeps real draws."""
+    import threading
+    from pycnn import random as pycnn_random
+    table = cuda_graph.LiveTable(np.empty(1), immediate=True)
+    other = []
+    with cuda_graph._live(table):
+        mine = pycnn_random.next_seed()
+        thread = threading.Thread(target=lambda: other.append(pycnn_random.next_seed()))
+        thread.start()
+        thread.join()
+    assert table.is_placeholder(mine) and mine >= 2 ** 63
+    assert not table.is_placeholder(other[0]) and other[0] < 2 ** 63
+    assert pycnn_random.next_seed() < 2 ** 63  # the capture is over
