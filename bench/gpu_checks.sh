@@ -30,7 +30,7 @@ if [[ ",$STAGES," == *",tests,"* ]]; then
 fi
 if [[ ",$STAGES," == *",step,"* ]]; then
   timeout "${STEP_TIMEOUT:-360}" $PY bench/gpu_step.py --batches "${STEP_BATCHES:-256,64,1024}" \
-    --repeats "${STEP_REPEATS:-3}" --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" || status=1
+    --repeats "${STEP_REPEATS:-2}" --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" || status=1
 fi
 if [[ ",$STAGES," == *",profile,"* ]]; then
   # device time per op, the multi-tensor optimiser against one launch per parameter, the
