@@ -24,7 +24,7 @@ from pycnn.ops import registry
 from tests.test_cuda_backend import CUDA_OPS, DTYPES, HAVE_NUMBA_CUDA, cuda_backend
 
 NO_NVVM_EXIT = 3
-KERNEL_MODULES = ("conv3x3", "conv_gemm", "batchnorm", "pool", "activations", "dropout", "reduce", "rng", "fancy_pca",
+KERNEL_MODULES = ("conv3x3", "conv_gemm", "conv_igemm", "batchnorm", "pool", "activations", "dropout", "reduce", "rng", "fancy_pca",
                   "optim", "loss")
 # portable ops with a kernel of their own besides the reference (not in CUDA_OPS)
 OWN_KERNELS = (("softmax_cross_entropy", "kernel"),)

@@ -98,30 +98,36 @@ def _conv3x3_direct(K):
     return forward, backward
 
 
-def _conv3x3_gemm(K, fused: bool):
+def _conv3x3_gemm(K, fused: bool, implicit: bool = False):
     """conv3x3 (``fused`` False) or conv3x3_act as im2col + cuBLAS GEMM + an epilogue that
-    adds the bias and applies the activation (kernels/conv_gemm.py).  What backward keeps
-    follows the activation's spec (``conv.grad_from_output``): y where it determines the
-    gradient, else the pre-activation z."""
+    adds the bias and applies the activation (kernels/conv_gemm.py), or with ``implicit``
+    as implicit GEMM (kernels/conv_igemm.py: the same products, no im2col matrix; backward
+    keeps x instead of it).  What backward keeps follows the activation's spec
+    (``conv.grad_from_output``): y where it determines the gradient, else the
+    pre-activation z."""
     def forward(ctx, x, weight, bias=None, prelu_weight=None, activation=None, slope=0.01, alpha=1.0):
         xp = array_module(x)
         n, c, h, w = x.shape
         k = weight.shape[0]
-        cols = xp.empty((c * 9, n * h * w), dtype=x.dtype)     # fully written by im2col
-        K.gemm.im2col(x, cols)
-        y2 = xp.matmul(weight.reshape(k, c * 9), cols)         # (K, C*9) @ (C*9, P) -> (K, P)
         y = _util.empty((n, k, h, w), x.dtype, x)
         from_y = activation is None or conv.grad_from_output(activation, slope, alpha, prelu_weight)
         z = None if from_y else _util.empty((n, k, h, w), x.dtype, x)
-        K.gemm.epilogue(y2, bias, prelu_weight, y, z, activation, slope, alpha)
-        ctx.save_for_backward(cols if needs_grad(ctx, 1) else None, weight,
+        if implicit:
+            K.igemm.forward(x, weight.reshape(k, c * 9), y, bias, prelu_weight, z, activation, slope, alpha)
+            kept = x                                            # backward gathers its columns again
+        else:
+            kept = xp.empty((c * 9, n * h * w), dtype=x.dtype)  # the columns, fully written by im2col
+            K.gemm.im2col(x, kept)
+            y2 = xp.matmul(weight.reshape(k, c * 9), kept)      # (K, C*9) @ (C*9, P) -> (K, P)
+            K.gemm.epilogue(y2, bias, prelu_weight, y, z, activation, slope, alpha)
+        ctx.save_for_backward(kept if needs_grad(ctx, 1) else None, weight,
                               z if z is not None else (y if activation else None), prelu_weight)
         ctx.saved_is_pre = z is not None
         ctx.shapes, ctx.has_bias, ctx.act = (x.shape, k), bias is not None, (activation, slope, alpha)
         return y
 
     def backward(ctx, grad):
-        cols, weight, saved, slopes = ctx.saved_tensors
+        kept, weight, saved, slopes = ctx.saved_tensors  # kept: x (implicit) or its columns
         (n, c, h, w), k = ctx.shapes
         activation, slope, alpha = ctx.act
         xp = array_module(grad)
@@ -129,11 +135,18 @@ def _conv3x3_gemm(K, fused: bool):
         K.gemm.channels_first(grad, g2, saved, slopes, activation, slope, alpha)
         grad_x = grad_weight = grad_bias = grad_slopes = None
         if needs_grad(ctx, 0):
-            grad_cols = xp.matmul(weight.reshape(k, c * 9).T, g2)  # (C*9, K) @ (K, P)
             grad_x = _util.empty((n, c, h, w), grad.dtype, grad)
-            K.gemm.col2im(grad_cols, grad_x)
+            if implicit:
+                K.igemm.forward(g2, K.igemm.flipped_weights(weight, xp), grad_x, channels_first_input=True)
+            else:
+                grad_cols = xp.matmul(weight.reshape(k, c * 9).T, g2)  # (C*9, K) @ (K, P)
+                K.gemm.col2im(grad_cols, grad_x)
         if needs_grad(ctx, 1):
-            grad_weight = xp.matmul(g2, cols.T).reshape(k, c, 3, 3)  # (K, P) @ (P, C*9)
+            if implicit:
+                grad_weight = _util.empty((k, c, 3, 3), grad.dtype, grad)
+                K.igemm.grad_weight(g2, kept, grad_weight, xp)
+            else:
+                grad_weight = xp.matmul(g2, kept.T).reshape(k, c, 3, 3)  # (K, P) @ (P, C*9)
         if ctx.has_bias and needs_grad(ctx, 2):
             grad_bias = _util.empty((k,), grad.dtype, grad)
             K.reduce.channel_sum(g2.reshape(1, k, -1), grad_bias)
@@ -276,7 +289,7 @@ def _live_keyed(K):
 
 # ----------------------------------------------------------------------------- loading
 
-_KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "bn": "batchnorm", "optim": "optim", "pool": "pool",
+_KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "igemm": "conv_igemm", "bn": "batchnorm", "optim": "optim", "pool": "pool",
                    "act": "activations", "dropout": "dropout", "reduce": "reduce", "fancy_pca": "fancy_pca",
                    "loss": "loss"}
 _optim = None
@@ -306,7 +319,9 @@ def load() -> None:
     # the first algorithm registered is the backend's 'auto' choice
     cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False), algo="gemm")
     cuda.register("conv3x3", *_conv3x3_direct(K), algo="direct")
+    cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False, implicit=True), algo="igemm")  # not timed on a GPU yet
     cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True), algo="gemm")
+    cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True, implicit=True), algo="igemm")
     cuda.elementwise(activation_kernels)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (kernels/activations.py)
     cuda.register("prelu", *prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
     cuda.register("maxout", *winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,

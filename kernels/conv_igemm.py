@@ -1,0 +1,292 @@
+"""conv3x3 as implicit GEMM: the matrix products of conv_gemm without the im2col matrix.
+
+Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), y is (N, K, H, W); P = N*H*W pixels and
+R = C*9 (input channel, tap) pairs.  The column matrix of conv_gemm,
+
+    cols[r, p] = x_padded[n, c, h + i, w + j]      r = c*9 + i*3 + j,  p = n*H*W + h*W + w
+
+is never stored: each block gathers the (BK x BN) piece of it that it multiplies next,
+straight from x (zeros outside the image).  Three products, one kernel shape:
+
+    forward       Y[k, p]      = sum_r  weight[k, r]  cols_x[r, p]     (+ bias, activation)
+    grad_x        GX[c, p]     = sum_r' wflip[c, r']  cols_g[r', p]    r' = k*9 + tap,
+                  wflip[c, k*9 + i*3 + j] = weight[k, c, 2 - i, 2 - j]: the same kernel on g
+    grad_weight   GW[k, r]     = sum_p  g[k, p]  cols_x[r, p]           (split over p, then
+                  the splits summed in a fixed order: no atomics, the same bits every run)
+
+where g (K, P) is the output gradient in channels-first layout, times the activation's
+derivative (conv_gemm.channels_first).  Tiling: a block of 16 x 16 threads computes a
+BM x BN = 64 x 64 tile of the product, each thread a 4 x 4 register block (rows ty + 16 i,
+columns tx + 16 j: a warp's loads and stores of one row are contiguous); the reduction runs
+in steps of BK = 8 through two shared-memory buffers, the next step's global loads issued
+before the current step's multiply-adds (double buffering: one barrier per step).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from ._launch import launch, per_dtype
+from .epilogue import ACTIVATIONS
+from .epilogue import device_functions as epilogue_functions
+
+BM = 64   # rows of a block's tile (output channels; grad_weight: output channels)
+BN = 64   # columns of a block's tile (pixels; grad_weight: (channel, tap) pairs)
+BK = 8    # reduction step
+TS = 16   # threads per side of the block: 16 x 16, each a 4 x 4 block of the tile
+THREADS = TS * TS
+MAX_SPLITS = 64  # of grad_weight's reduction over pixels
+
+
+@per_dtype
+def _build(T):
+    activate = epilogue_functions(T).activate
+
+    @cuda.jit(device=True, inline=True)
+    def gather(x, r, n, h, w, rows, height, width, stride_n, stride_c):
+        """cols[r, p] of the image batch x (flat), pixel p = (n, h, w): zero outside."""
+        value = T(0)
+        if r < rows:
+            c = r // 9
+            tap = r - c * 9
+            hh = h + tap // 3 - 1
+            ww = w + tap % 3 - 1
+            if 0 <= hh < height and 0 <= ww < width:
+                value = x[n * stride_n + c * stride_c + hh * width + ww]
+        return value
+
+    @cuda.jit(device=True, inline=True)
+    def multiply_step(a_tile, b_tile, buffer, acc, tx, ty):
+        """acc[i, j] += sum_kk a_tile[buffer, kk, ty + 16 i] * b_tile[buffer, kk, tx + 16 j]."""
+        a = cuda.local.array(4, T)
+        b = cuda.local.array(4, T)
+        for kk in range(BK):
+            for i in range(4):
+                a[i] = a_tile[buffer, kk, ty + TS * i]
+            for j in range(4):
+                b[j] = b_tile[buffer, kk, tx + TS * j]
+            for i in range(4):
+                for j in range(4):
+                    acc[i, j] += a[i] * b[j]
+
+    @cuda.jit(device=True)
+    def store(value, i, j, p_base, m_base, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha,
+              has_bias, keep_z):
+        """y (and z) at output channel m_base + 16 i, pixel p_base + 16 j: act(value + bias)."""
+        p = p_base + TS * j
+        m = m_base + TS * i
+        if p < pixels and m < rows_out:
+            if has_bias:
+                value += bias[m]
+            n = p // plane
+            out = (n * rows_out + m) * plane + (p - n * plane)
+            if keep_z:
+                z[out] = value
+            y[out] = activate(value, code, slopes[m] if code == 3 else slope, alpha)
+
+    @cuda.jit
+    def conv_forward(x, wmat, bias, slopes, y, z, rows_out, rows, pixels, height, width, stride_n, stride_c,
+                     code, slope, alpha, has_bias, keep_z):
+        # x flat, read as x[n * stride_n + c * stride_c + h * W + w]; wmat (rows_out * rows,)
+        # row-major; y, z (N * rows_out * H * W,) NCHW; bias, slopes (rows_out,).
+        # grid (ceil(pixels / BN), ceil(rows_out / BM)), block (TS, TS)
+        a_tile = cuda.shared.array((2, BK, BM), T)  # a_tile[., kk, m] = wmat[m0 + m, r0 + kk]
+        b_tile = cuda.shared.array((2, BK, BN), T)  # b_tile[., kk, q] = cols[r0 + kk, p0 + q]
+        acc = cuda.local.array((4, 4), T)
+        a_next = cuda.local.array(2, T)
+        b_next = cuda.local.array(2, T)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        tid = ty * TS + tx
+        p0, m0 = cuda.blockIdx.x * BN, cuda.blockIdx.y * BM
+        plane = height * width
+        for i in range(4):
+            for j in range(4):
+                acc[i, j] = T(0)
+        # this thread's loads: weights (m0 + tid // 8 (+ 32), r0 + tid % 8), and the column
+        # values (r0 + tid // 64 (+ 4), p0 + tid % 64): its pixel is the same at every step
+        a_m, a_k = tid // BK, tid % BK
+        b_k, b_q = tid // BN, tid % BN
+        p = p0 + b_q
+        n = p // plane
+        q = p - n * plane
+        h, w = q // width, q % width
+        if p >= pixels:
+            n = -1  # gather reads nothing for it
+        steps = (rows + BK - 1) // BK
+        for s in range(steps + 1):
+            # load step s (into registers), multiply step s - 1, then store step s
+            if s < steps:
+                r = s * BK + a_k
+                for l in range(2):
+                    m = m0 + a_m + l * (THREADS // BK)
+                    a_next[l] = wmat[m * rows + r] if m < rows_out and r < rows else T(0)
+                for l in range(2):
+                    r = s * BK + b_k + l * (THREADS // BN)
+                    b_next[l] = gather(x, r, n, h, w, rows, height, width, stride_n, stride_c) if n >= 0 else T(0)
+            if s > 0:
+                multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tx, ty)
+            if s < steps:
+                buffer = s % 2
+                for l in range(2):
+                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = a_next[l]
+                    b_tile[buffer, b_k + l * (THREADS // BN), b_q] = b_next[l]
+            cuda.syncthreads()
+        # epilogue: bias, activation, NCHW stores (a warp writes 16 consecutive pixels), one
+        # call per accumulator with constant indices: acc stays in registers (a loop over it
+        # with the activation inside is not unrolled, and acc would live in local memory)
+        args = (p0 + tx, m0 + ty, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha, has_bias, keep_z)
+        store(acc[0, 0], 0, 0, *args)
+        store(acc[0, 1], 0, 1, *args)
+        store(acc[0, 2], 0, 2, *args)
+        store(acc[0, 3], 0, 3, *args)
+        store(acc[1, 0], 1, 0, *args)
+        store(acc[1, 1], 1, 1, *args)
+        store(acc[1, 2], 1, 2, *args)
+        store(acc[1, 3], 1, 3, *args)
+        store(acc[2, 0], 2, 0, *args)
+        store(acc[2, 1], 2, 1, *args)
+        store(acc[2, 2], 2, 2, *args)
+        store(acc[2, 3], 2, 3, *args)
+        store(acc[3, 0], 3, 0, *args)
+        store(acc[3, 1], 3, 1, *args)
+        store(acc[3, 2], 3, 2, *args)
+        store(acc[3, 3], 3, 3, *args)
+
+    @cuda.jit
+    def conv_grad_weight(g, x, partial, outputs, rows, pixels, height, width, stride_n, stride_c, chunk):
+        # g (outputs * pixels,) channels-first; x flat as in conv_forward; partial
+        # (splits * outputs * rows,): split s's sum over pixels [s * chunk, (s+1) * chunk).
+        # grid (ceil(rows / BN), ceil(outputs / BM), splits), block (TS, TS)
+        a_tile = cuda.shared.array((2, BK, BM), T)  # a_tile[., kk, m] = g[m0 + m, p + kk]
+        b_tile = cuda.shared.array((2, BK, BN), T)  # b_tile[., kk, q] = cols[r0 + q, p + kk]
+        acc = cuda.local.array((4, 4), T)
+        a_next = cuda.local.array(2, T)
+        b_next = cuda.local.array(2, T)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        tid = ty * TS + tx
+        r0, m0 = cuda.blockIdx.x * BN, cuda.blockIdx.y * BM
+        start = cuda.blockIdx.z * chunk
+        end = min(start + chunk, pixels)
+        plane = height * width
+        for i in range(4):
+            for j in range(4):
+                acc[i, j] = T(0)
+        a_m, a_k = tid // BK, tid % BK   # g[m0 + a_m (+ 32), p + a_k]
+        b_q, b_k = tid // BK, tid % BK   # cols[r0 + b_q (+ 32), p + b_k]
+        steps = max(0, (end - start + BK - 1) // BK)
+        for s in range(steps + 1):
+            if s < steps:
+                p = start + s * BK + a_k
+                for l in range(2):
+                    m = m0 + a_m + l * (THREADS // BK)
+                    a_next[l] = g[m * pixels + p] if m < outputs and p < end else T(0)
+                if p < end:
+                    n = p // plane
+                    q = p - n * plane
+                    h, w = q // width, q % width
+                    for l in range(2):
+                        b_next[l] = gather(x, r0 + b_q + l * (THREADS // BK), n, h, w, rows, height, width,
+                                           stride_n, stride_c)
+                else:
+                    for l in range(2):
+                        b_next[l] = T(0)
+            if s > 0:
+                multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tx, ty)
+            if s < steps:
+                buffer = s % 2
+                for l in range(2):
+                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = a_next[l]
+                    b_tile[buffer, b_k, b_q + l * (THREADS // BK)] = b_next[l]
+            cuda.syncthreads()
+        base = cuda.blockIdx.z * outputs * rows
+        for i in range(4):
+            m = m0 + ty + TS * i
+            if m < outputs:
+                for j in range(4):
+                    r = r0 + tx + TS * j
+                    if r < rows:
+                        partial[base + m * rows + r] = acc[i, j]
+
+    @cuda.jit
+    def sum_splits(partial, out, splits, size):
+        # out (size,) = sum over s of partial[s * size + e], s in order
+        e = cuda.grid(1)
+        if e < size:
+            total = T(0)
+            for s in range(splits):
+                total += partial[s * size + e]
+            out[e] = total
+
+    return SimpleNamespace(conv_forward=conv_forward, conv_grad_weight=conv_grad_weight, sum_splits=sum_splits)
+
+
+def _i(v):
+    return np.int64(v)
+
+
+def _flat(a):
+    return a.reshape(-1)
+
+
+def forward(x, wmat, y, bias=None, slopes=None, z=None, activation=None, slope=0.01, alpha=1.0,
+            channels_first_input: bool = False) -> None:
+    """y (N, M, H, W) = act(wmat (M, R) @ cols(x) + bias), R = 9 * (x's channels); z gets
+    the pre-activation when it is not None.  x is (N, C, H, W), or with
+    ``channels_first_input`` the (C, N*H*W) layout of a channels-first gradient (its
+    channel count and image shape are y's)."""
+    n, m_out, h, w = y.shape
+    plane = h * w
+    if channels_first_input:
+        channels = x.shape[0]
+        stride_n, stride_c = plane, n * plane
+    else:
+        channels = x.shape[1]
+        stride_n, stride_c = channels * plane, plane
+    rows, pixels = channels * 9, n * plane
+    dtype = y.dtype.type
+    # stands for an absent array (never read or written); a view of an input, not of y: the
+    # simulator copies every argument back after the kernel, and a stale view of y would
+    # overwrite what the kernel wrote
+    unused = _flat(wmat)[:1]
+    grid = (-(-pixels // BN), -(-m_out // BM))
+    launch(_build(y.dtype).conv_forward, grid, (TS, TS), y, _flat(x), _flat(wmat),
+           bias if bias is not None else unused, slopes if slopes is not None else unused, _flat(y),
+           _flat(z) if z is not None else unused, _i(m_out), _i(rows), _i(pixels), _i(h), _i(w), _i(stride_n),
+           _i(stride_c), _i(ACTIVATIONS[activation]), dtype(slope), dtype(alpha), np.uint8(bias is not None),
+           np.uint8(z is not None))
+
+
+def flipped_weights(weight, xp):
+    """(C, K*9): wflip[c, k*9 + i*3 + j] = weight[k, c, 2 - i, 2 - j] (grad_x's weights)."""
+    k, c = weight.shape[:2]
+    return xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, k * 9)
+
+
+def splits_for(outputs: int, rows: int, pixels: int, blocks_wanted: int = 264) -> int:
+    """How many pieces grad_weight's sum over pixels is cut into: enough blocks for a large
+    GPU (264 = 2 per SM of an H100), pieces of at least 256 pixels."""
+    tiles = -(-outputs // BM) * -(-rows // BN)
+    return max(1, min(MAX_SPLITS, -(-blocks_wanted // tiles), -(-pixels // 256)))
+
+
+def grad_weight(g, x, grad_w, xp, splits: int | None = None) -> None:
+    """grad_w (K, C, 3, 3) = g (K, N*H*W) @ cols(x).T; x (N, C, H, W).  ``splits``: how
+    many pieces the sum over pixels is cut into (default ``splits_for``)."""
+    n, c, h, w = x.shape
+    k = g.shape[0]
+    rows, pixels = c * 9, n * h * w
+    splits = splits_for(k, rows, pixels) if splits is None else max(1, min(int(splits), pixels))
+    chunk = -(-pixels // splits)
+    chunk = -(-chunk // BK) * BK
+    splits = -(-pixels // chunk)
+    kernels = _build(x.dtype)
+    out = _flat(grad_w)
+    partial = out if splits == 1 else xp.empty((splits * k * rows,), dtype=x.dtype)
+    grid = (-(-rows // BN), -(-k // BM), splits)
+    launch(kernels.conv_grad_weight, grid, (TS, TS), x, _flat(g), _flat(x), partial, _i(k), _i(rows), _i(pixels),
+           _i(h), _i(w), _i(c * h * w), _i(h * w), _i(chunk))
+    if splits > 1:
+        size = k * rows
+        launch(kernels.sum_splits, (-(-size // 256),), (256,), x, partial, out, _i(splits), _i(size))
