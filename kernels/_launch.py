@@ -160,6 +160,8 @@ def launch(kernel, grid, block, like, *args) -> None:
     per signature, launched by CuPy on its current stream); anything else, and every
     launch under ``PYCNN_CUDA_LAUNCH=numba``, through Numba's dispatcher."""
     global _launches
+    if 0 in (grid if isinstance(grid, tuple) else (grid,)):
+        return  # no blocks: nothing to do (a CUDA launch with an empty grid is an error)
     _launches += 1
     if _trace is not None:
         _trace.append(_baked(kernel, grid, block, args))

@@ -277,6 +277,8 @@ def grad_weight(g, x, grad_w, xp, splits: int | None = None) -> None:
     n, c, h, w = x.shape
     k = g.shape[0]
     rows, pixels = c * 9, n * h * w
+    if grad_w.size == 0:
+        return
     splits = splits_for(k, rows, pixels) if splits is None else max(1, min(int(splits), pixels))
     chunk = -(-pixels // splits)
     chunk = -(-chunk // BK) * BK

@@ -423,3 +423,26 @@ def test_gpu_conv3x3_realistic_shapes(shape):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-3 * np.abs(r).max())
+
+
+@needs_cuda
+def test_a_scalar_loss_backpropagates_and_empty_outputs_launch_nothing():
+    """A 0-d gradient keeps its shape through the backend's contiguity step (sum().backward()
+    on CUDA arrays), and a conv with no output channels (an empty grid: no launch, as CUDA
+    refuses one) gives empty outputs and a zero input gradient, for every algorithm."""
+    cuda_backend()
+    rng = np.random.default_rng(21)
+    x_host = rng.standard_normal((2, 3))
+    x = pycnn.Tensor(to_device(x_host), requires_grad=True)
+    with pycnn.use_backend("cuda"):
+        x.sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), np.ones((2, 3)))
+    for algo in registry.get("conv3x3").algorithms("cuda"):
+        x = pycnn.Tensor(to_device(rng.standard_normal((1, 2, 3, 3))), requires_grad=True)
+        w = pycnn.Tensor(to_device(np.zeros((0, 2, 3, 3))), requires_grad=True)
+        with pycnn.use_backend("cuda"):
+            y = F.conv3x3(x, w, algo=algo)
+            y.sum().backward()
+        assert y.shape == (1, 0, 3, 3), algo
+        np.testing.assert_array_equal(to_host(x.grad), np.zeros((1, 2, 3, 3)), err_msg=algo)
+        assert to_host(w.grad).shape == (0, 2, 3, 3)

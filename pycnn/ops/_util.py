@@ -113,7 +113,10 @@ def empty_like(a):
 
 
 def contiguous(a):
-    """``a`` as a C-contiguous array (no copy when it already is one)."""
+    """``a`` as a C-contiguous array of the same shape (no copy when it already is one;
+    ``ascontiguousarray`` alone would turn a 0-d array into a 1-d one)."""
+    if a.flags.c_contiguous:
+        return a
     return array_module(a).ascontiguousarray(a)
 
 
