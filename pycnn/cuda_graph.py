@@ -45,6 +45,7 @@ from pycnn import random as _random
 from pycnn.device import is_cuda_array
 
 CAPACITY = 4096  # values per dtype in a live table
+LIVE_DTYPES = (np.uint64, np.float32, np.float64)  # stream keys; lr and Adam's corrections per parameter dtype
 
 
 class GraphCaptureError(RuntimeError):
@@ -159,11 +160,18 @@ class LiveTable:
                                     f"the captured one {len(self._rows)}")
 
     # ---------------------------------------------------------------- internals
+    def allocate(self, dtypes) -> None:
+        """Make the tables of ``dtypes`` now, before a capture: inside one, the zero fill of
+        a new table would be captured too and run at every replay, after the refresh."""
+        xp = np if isinstance(self._like, np.ndarray) else __import__("cupy")
+        for dtype in map(np.dtype, dtypes):
+            if dtype not in self._device:
+                self._host[dtype] = np.zeros(CAPACITY, dtype)
+                self._device[dtype] = xp.zeros(CAPACITY, dtype)
+
     def _table(self, dtype):
         if dtype not in self._device:
-            self._host[dtype] = np.zeros(CAPACITY, dtype)
-            xp = np if isinstance(self._like, np.ndarray) else __import__("cupy")
-            self._device[dtype] = xp.zeros(CAPACITY, dtype)
+            raise GraphCaptureError(f"per-step {dtype} values (the live tables hold {', '.join(map(str, self._device))})")
         return self._device[dtype]
 
     def _write(self, dtype, base, width, getter) -> None:
@@ -233,6 +241,7 @@ class _Graph:
         self.static_x = xp.empty(x.shape, x.dtype)
         self.static_y = xp.empty(y.shape, y.dtype)
         self.table = LiveTable(self.static_x, immediate=(kind == "emulated"))
+        self.table.allocate(LIVE_DTYPES)
         self._fn = fn
         self._copy_in(x, y)
         if kind == "emulated":

@@ -178,6 +178,7 @@ def test_an_l1_term_runs_the_step_eagerly_with_one_warning(on_cuda):
 def test_sgd_first_step_is_not_captured(on_cuda):
     net, opt = _small_net()
     table = cuda_graph.LiveTable(np.empty(1), immediate=True)
+    table.allocate(cuda_graph.LIVE_DTYPES)
     x, y = _batches(1)[0]
     with cuda_graph._live(table), pytest.raises(GraphCaptureError, match="first step"):
         _step_fn(net, opt)(pycnn.Tensor(x), y)
@@ -250,6 +251,7 @@ def test_only_the_capturing_thread_gets_placeholder_seeds(on_cuda):
     import threading
     from pycnn import random as pycnn_random
     table = cuda_graph.LiveTable(np.empty(1), immediate=True)
+    table.allocate(cuda_graph.LIVE_DTYPES)
     other = []
     with cuda_graph._live(table):
         mine = pycnn_random.next_seed()
@@ -259,3 +261,16 @@ def test_only_the_capturing_thread_gets_placeholder_seeds(on_cuda):
     assert table.is_placeholder(mine) and mine >= 2 ** 63
     assert not table.is_placeholder(other[0]) and other[0] < 2 ** 63
     assert pycnn_random.next_seed() < 2 ** 63  # the capture is over
+
+
+def test_live_tables_are_made_before_a_capture():
+    """Inside a capture the zero fill of a new table would be captured and rerun at every
+    replay, after the refresh: a dtype without a table made beforehand is refused."""
+    table = cuda_graph.LiveTable(np.empty(1), immediate=False)
+    with pytest.raises(GraphCaptureError, match="float32 values"):
+        table.values(np.float32, [lambda: (0.1,)], 1)
+    table.allocate(cuda_graph.LIVE_DTYPES)
+    device, base = table.values(np.float32, [lambda: (0.1,), lambda: (0.2,)], 1)
+    assert base == 0 and device.shape == (cuda_graph.CAPACITY,)
+    table.refresh()
+    np.testing.assert_array_equal(to_host(device[:2]), np.float32([0.1, 0.2]))
