@@ -142,7 +142,8 @@ def _closure_key(function) -> str | None:
     return ";".join(parts)
 
 
-def _ptx_for(kernel, argtypes, cc) -> str:
+def _ptx_for(kernel, argtypes, cc) -> tuple[str, Path | None]:
+    """(the PTX, the cache file holding it or None)."""
     global _SOURCES
     function = kernel.py_func
     closure = _closure_key(function)
@@ -156,7 +157,7 @@ def _ptx_for(kernel, argtypes, cc) -> str:
                          str(cc), str(fastmath)])
         path = cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.ptx"
         if path.is_file():
-            return path.read_text()
+            return path.read_text(), path
     ptx, _ = cuda.compile_ptx(function, argtypes, cc=cc, fastmath=fastmath)
     if path is not None:
         try:
@@ -165,8 +166,8 @@ def _ptx_for(kernel, argtypes, cc) -> str:
                 tmp.write(ptx)
             os.replace(tmp.name, path)  # atomic: concurrent processes never read half a file
         except OSError:
-            pass  # a read-only home: compile again next time
-    return ptx
+            path = None  # a read-only home: compile again next time
+    return ptx, path
 
 
 def check_ptx_params(ptx: str, argtypes) -> str:
@@ -214,15 +215,19 @@ class RawKernel:
         import cupy
         argtypes = numba_types(args)
         cc = tuple(int(d) for d in cupy.cuda.Device().compute_capability)  # '90' -> (9, 0)
-        ptx = _ptx_for(kernel, argtypes, cc)
+        ptx, cached = _ptx_for(kernel, argtypes, cc)
         entry = check_ptx_params(ptx, argtypes)
-        # RawModule loads PTX from a file (path=); code= would be compiled as CUDA C++
-        with tempfile.TemporaryDirectory() as folder:
-            ptx_path = os.path.join(folder, "kernel.ptx")
-            with open(ptx_path, "w") as f:
-                f.write(ptx)
-            module = cupy.RawModule(path=ptx_path)
-            self.function = module.get_function(entry)
+        # RawModule loads PTX from a file (path=; code= would be compiled as CUDA C++): the
+        # cache file itself, else a temporary copy
+        if cached is not None:
+            module = cupy.RawModule(path=str(cached))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                ptx_path = os.path.join(folder, "kernel.ptx")
+                with open(ptx_path, "w") as f:
+                    f.write(ptx)
+                module = cupy.RawModule(path=ptx_path)
+        self.function = module.get_function(entry)
         self._module = module
         self._is_array = tuple(isinstance(t, types.Array) for t in argtypes)
         self._packers = tuple(None if isinstance(t, types.Array) else _scalar_packer(t) for t in argtypes)
