@@ -26,7 +26,7 @@ status=0
 if [[ ",$STAGES," == *",tests,"* ]]; then
   timeout "${TESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -W ignore::RuntimeWarning \
     tests/test_cuda_backend.py tests/test_cuda_engine.py tests/test_cuda_fused.py tests/test_cuda_loss.py \
-    tests/test_cuda_ptx.py tests/test_cuda_graph.py 2>&1 | tee "$OUT/tests.txt" || status=1
+    tests/test_cuda_ptx.py tests/test_cuda_graph.py tests/test_cuda_igemm.py 2>&1 | tee "$OUT/tests.txt" || status=1
 fi
 if [[ ",$STAGES," == *",step,"* ]]; then
   timeout "${STEP_TIMEOUT:-360}" $PY bench/gpu_step.py --batches "${STEP_BATCHES:-256,64,1024}" \
