@@ -203,7 +203,7 @@ def test_host_arrays_on_the_cpu_backends_run_the_step_as_it_is():
 
 @needs_cuda
 def test_the_trainer_with_cuda_graph_keeps_the_eager_history(on_cuda):
-    """``Trainer(cuda_graph=True)`` (``pycnn train --cuda-graph``): the same batch losses,
+    """``Trainer(cuda_graph=True)`` (``pycnn train --device cuda --cuda-graph true``): the same batch losses,
     learning rates and weights as the eager trainer, the regularisation term included."""
     from pycnn.training.trainer import Trainer
     batches = [(to_host(x), to_host(y)) for x, y in _batches(4)]

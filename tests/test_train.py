@@ -207,6 +207,7 @@ def test_k_fold_cross_validation_leaves_the_test_set_alone(tmp_path):
     (dict(folds=3, val_size=100), "exclude each other"),
     (dict(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
     (dict(classes=[3]), "at least two labels"),
+    (dict(cuda_graph=True), "cuda_graph needs device cuda .*, got device cpu"),
 ])
 def test_config_rejects_bad_values_naming_them(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -172,6 +172,8 @@ class Config:
             raise ConfigError(f"classes must name at least two labels (or none: all), got {list(self.classes)}")
         if self.val_size != "auto":
             _check_int("val_size", self.val_size, 0, extra=' or "auto"')
+        if self.cuda_graph and self.device != "cuda":
+            raise ConfigError(f"cuda_graph needs device cuda (CUDA graphs replay GPU work), got device {self.device}")
         if self.folds == 1:
             raise ConfigError("folds must be 0 (off) or at least 2, got 1")
         if self.folds and self.val_size not in ("auto", 0):
