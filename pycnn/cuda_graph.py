@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import warnings
 
 import numpy as np
@@ -86,8 +87,8 @@ class LiveTable:
 
     PLACEHOLDER_BASE = 2 ** 64 - 2 ** 32  # placeholder seeds: above every seed next_seed draws (< 2**63)
 
-    def __init__(self, like, immediate: bool):
-        self._like = like
+    def __init__(self, xp, immediate: bool):
+        self._xp = xp            # numpy (the emulation) or cupy
         self._immediate = immediate
         self._host: dict = {}    # dtype -> (CAPACITY,) host array
         self._device: dict = {}  # dtype -> (CAPACITY,) array on like's device
@@ -163,11 +164,10 @@ class LiveTable:
     def allocate(self, dtypes) -> None:
         """Make the tables of ``dtypes`` now, before a capture: inside one, the zero fill of
         a new table would be captured too and run at every replay, after the refresh."""
-        xp = np if isinstance(self._like, np.ndarray) else __import__("cupy")
         for dtype in map(np.dtype, dtypes):
             if dtype not in self._device:
                 self._host[dtype] = np.zeros(CAPACITY, dtype)
-                self._device[dtype] = xp.zeros(CAPACITY, dtype)
+                self._device[dtype] = self._xp.zeros(CAPACITY, dtype)
 
     def _table(self, dtype):
         if dtype not in self._device:
@@ -183,11 +183,10 @@ class LiveTable:
     def _upload(self, dtype) -> None:
         used = self._used[dtype]
         device = self._device[dtype]
-        if isinstance(device, np.ndarray):
+        if self._xp is np:
             device[:used] = self._host[dtype][:used]
         else:  # on the current stream: after the previous replay read it, before the next one
-            import cupy
-            device[:used].set(self._host[dtype][:used], stream=cupy.cuda.get_current_stream())
+            device[:used].set(self._host[dtype][:used], stream=self._xp.cuda.get_current_stream())
 
     def _replayed_rows(self, dtype, count: int, width: int):
         rows = self._rows[self._cursor:self._cursor + count]
@@ -240,7 +239,7 @@ class _Graph:
         xp = np if kind == "emulated" else __import__("cupy")
         self.static_x = xp.empty(x.shape, x.dtype)
         self.static_y = xp.empty(y.shape, y.dtype)
-        self.table = LiveTable(self.static_x, immediate=(kind == "emulated"))
+        self.table = LiveTable(xp, immediate=(kind == "emulated"))
         self.table.allocate(LIVE_DTYPES)
         self._fn = fn
         self._copy_in(x, y)
@@ -251,8 +250,9 @@ class _Graph:
 
     def _copy_in(self, x, y) -> None:
         for static, value in ((self.static_x, x), (self.static_y, y)):
-            if self.kind == "cupy" and not is_cuda_array(value):
-                static.set(np.asarray(value, static.dtype))  # host labels, say: one upload
+            if self.kind == "cupy" and not is_cuda_array(value):  # host labels, say: one upload, ordered
+                # on the current stream after the previous replay that read the buffer
+                static.set(np.asarray(value, static.dtype), stream=sys.modules["cupy"].cuda.get_current_stream())
             else:
                 static[...] = value
 

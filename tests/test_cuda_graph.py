@@ -177,7 +177,7 @@ def test_an_l1_term_runs_the_step_eagerly_with_one_warning(on_cuda):
 @needs_cuda
 def test_sgd_first_step_is_not_captured(on_cuda):
     net, opt = _small_net()
-    table = cuda_graph.LiveTable(np.empty(1), immediate=True)
+    table = cuda_graph.LiveTable(np, immediate=True)
     table.allocate(cuda_graph.LIVE_DTYPES)
     x, y = _batches(1)[0]
     with cuda_graph._live(table), pytest.raises(GraphCaptureError, match="first step"):
@@ -250,7 +250,7 @@ def test_only_the_capturing_thread_gets_placeholder_seeds(on_cuda):
     """A loader thread drawing seeds while another thread captures keeps real draws."""
     import threading
     from pycnn import random as pycnn_random
-    table = cuda_graph.LiveTable(np.empty(1), immediate=True)
+    table = cuda_graph.LiveTable(np, immediate=True)
     table.allocate(cuda_graph.LIVE_DTYPES)
     other = []
     with cuda_graph._live(table):
@@ -266,7 +266,7 @@ def test_only_the_capturing_thread_gets_placeholder_seeds(on_cuda):
 def test_live_tables_are_made_before_a_capture():
     """Inside a capture the zero fill of a new table would be captured and rerun at every
     replay, after the refresh: a dtype without a table made beforehand is refused."""
-    table = cuda_graph.LiveTable(np.empty(1), immediate=False)
+    table = cuda_graph.LiveTable(np, immediate=False)
     with pytest.raises(GraphCaptureError, match="float32 values"):
         table.values(np.float32, [lambda: (0.1,)], 1)
     table.allocate(cuda_graph.LIVE_DTYPES)
@@ -274,3 +274,119 @@ def test_live_tables_are_made_before_a_capture():
     assert base == 0 and device.shape == (cuda_graph.CAPACITY,)
     table.refresh()
     np.testing.assert_array_equal(to_host(device[:2]), np.float32([0.1, 0.2]))
+
+
+class _FakeCupy:
+    """Just enough of CuPy's stream-capture API to run GraphedStep's real (non-emulated) path
+    on the host and record what it asks of CuPy, in order: the glue a GPU run depends on."""
+
+    def __init__(self, fail_begin=False):
+        import contextlib
+        import types
+        calls = self.calls = []
+
+        class Array(np.ndarray):
+            def set(self, host, stream=None):
+                calls.append(("set", stream.name if stream else None))
+                self[...] = host
+
+        class Graph:
+            def launch(self, stream=None):
+                calls.append(("launch", stream.name))
+
+        class Stream:
+            current = None
+
+            def __init__(self, non_blocking=False, name="capture"):
+                self.name, self.non_blocking = name, non_blocking
+
+            def record(self):
+                return "event"
+
+            def wait_event(self, event):
+                calls.append(("wait_event", self.name))
+
+            def begin_capture(self):
+                calls.append(("begin_capture", self.name, Stream.current is self, fake.allocating))
+                if fail_begin:
+                    raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+
+            def end_capture(self):
+                calls.append(("end_capture", self.name))
+                return Graph()
+
+            def __enter__(self):
+                self.previous, Stream.current = Stream.current, self
+                return self
+
+            def __exit__(self, *exc):
+                Stream.current = self.previous
+
+        fake = self
+        self.allocating = False
+        default = Stream(name="default")
+        Stream.current = default
+
+        @contextlib.contextmanager
+        def using_allocator(malloc):
+            self.allocating = True
+            yield
+            self.allocating = False
+
+        self.cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+                                          using_allocator=using_allocator,
+                                          get_current_stream=lambda: Stream.current)
+        self.empty = lambda shape, dtype: np.empty(shape, dtype).view(Array)
+        self.zeros = lambda shape, dtype: np.zeros(shape, dtype).view(Array)
+
+
+def test_the_cupy_capture_path_asks_cupy_for_the_right_things(monkeypatch):
+    """The capture on a non-blocking stream inside the graph's allocator, the live values
+    uploaded on the current stream before every launch, the graph launched there, one
+    capture for many replays; a refused capture runs the step eagerly with one warning."""
+    import sys
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cuda_graph, "_kind", lambda x: "cupy")
+    counter = {"steps": 0}
+
+    def step(x, y):
+        table, index = cuda_graph.active().values(np.float32, [lambda: (counter["steps"],)], 1)
+        counter["steps"] += 1  # host side: runs at the eager step and at the capture only
+        return table, index
+
+    runner = GraphedStep(step)
+    x, y = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
+    with pytest.raises(AttributeError):  # the eager warm-up has no live table: active() is None
+        runner(x, y)
+    runner.eager_calls = 1  # as if the warm-up step had run
+    (table, index) = runner(x, y)  # captured, then replayed once
+    assert fake.calls == [("set", "default"), ("set", "default"),  # x and y into the static buffers
+                          ("wait_event", "capture"), ("begin_capture", "capture", True, True),
+                          ("end_capture", "capture"),
+                          ("set", "default"), ("launch", "default")]  # the live table, then the graph
+    fake.calls.clear()
+    counter["steps"] = 5
+    runner(x, y)
+    assert [c[0] for c in fake.calls] == ["set", "set", "set", "launch"]
+    assert table[index] == 5 and (runner.captures, runner.replays) == (1, 1)
+
+    refused = _FakeCupy(fail_begin=True)
+    monkeypatch.setitem(sys.modules, "cupy", refused)
+    eager = GraphedStep(lambda x, y: "eager result")
+    eager.eager_calls = 1
+    with pytest.warns(RuntimeWarning, match="without a CUDA graph: RuntimeError: cudaErrorStreamCaptureUnsupported"):
+        assert eager(x, y) == "eager result"
+    assert eager.disabled and eager.eager_calls == 2
+
+    broken = _FakeCupy()  # the step itself refuses inside the capture: the capture is ended, then eager
+    monkeypatch.setitem(sys.modules, "cupy", broken)
+
+    def uncapturable(x, y):
+        cuda_graph.require_eager("a host read")
+        return "eager result"
+    eager = GraphedStep(uncapturable)
+    eager.eager_calls = 1
+    with pytest.warns(RuntimeWarning, match="without a CUDA graph: a host read cannot be captured"):
+        assert eager(x, y) == "eager result"
+    assert broken.calls[-1] == ("end_capture", "capture") and cuda_graph.active() is None
