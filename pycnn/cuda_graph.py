@@ -249,12 +249,17 @@ class _Graph:
             self._capture_cupy()
 
     def _copy_in(self, x, y) -> None:
+        """x and y into the static buffers, on the current stream (after the previous replay
+        that read them): a device copy, or one upload of host values (labels, say)."""
         for static, value in ((self.static_x, x), (self.static_y, y)):
-            if self.kind == "cupy" and not is_cuda_array(value):  # host labels, say: one upload, ordered
-                # on the current stream after the previous replay that read the buffer
-                static.set(np.asarray(value, static.dtype), stream=sys.modules["cupy"].cuda.get_current_stream())
-            else:
+            if self.kind != "cupy":
                 static[...] = value
+                continue
+            cupy = sys.modules["cupy"]
+            if is_cuda_array(value):
+                static[...] = cupy.asarray(value)  # a PyTorch tensor too
+            else:
+                static.set(np.asarray(value, static.dtype), stream=cupy.cuda.get_current_stream())
 
     def _run(self):
         from pycnn.autograd import Tensor
