@@ -88,14 +88,21 @@ def _train(make_net, batches, graphed: bool):
 
 
 @needs_cuda
-@pytest.mark.parametrize("make_net, size", [(_readme_net, 8), (_small_net, 4), (_rrelu_adam_net, 4)],
-                         ids=["readme-net", "sgd-relu", "adam-rrelu"])
+@pytest.mark.parametrize("make_net, size", [
+    (_small_net, 4), (_rrelu_adam_net, 4),
+    pytest.param(_readme_net, 8, marks=pytest.mark.skipif(SIMULATED, reason="a minute in the simulator, where the "
+                                                          "small nets run the same ops"))],
+    ids=["sgd-relu", "adam-rrelu", "readme-net"])
 def test_replayed_steps_give_the_eager_steps_numbers_bit_for_bit(on_cuda, make_net, size):
     """Dropout and rrelu draws, a warm-up schedule (lr changes every step), SGD with Nesterov
-    momentum or Adam (counted steps): 1 eager step, the capture, then replays."""
-    batches = _batches(3 if make_net is _readme_net else 4, size=size)
+    momentum or Adam (counted steps), batch norm fused with the activation, pooling, linear:
+    1 eager step, the capture, then replays.  The generator is left where eager steps leave it."""
+    from pycnn import random as pycnn_random
+    batches = _batches(4, size=size)
     eager_net, eager_opt, eager_losses, _ = _train(make_net, batches, graphed=False)
+    after_eager = pycnn_random.draw_seed()
     graph_net, graph_opt, graph_losses, runner = _train(make_net, batches, graphed=True)
+    assert pycnn_random.draw_seed() == after_eager
     assert (runner.eager_calls, runner.captures, runner.replays, runner.disabled) == (1, 1, len(batches) - 2, None)
     assert graph_losses == eager_losses
     for (name, a), (_, b) in zip(eager_net.named_parameters(), graph_net.named_parameters()):
@@ -106,16 +113,6 @@ def test_replayed_steps_give_the_eager_steps_numbers_bit_for_bit(on_cuda, make_n
         for key in ("velocity", "m", "v"):
             if key in sa:
                 np.testing.assert_array_equal(to_host(sb[key]), to_host(sa[key]))
-
-
-@needs_cuda
-def test_the_generator_is_left_where_eager_steps_leave_it(on_cuda):
-    from pycnn import random as pycnn_random
-    batches = _batches(4)
-    _train(_small_net, batches, graphed=False)
-    after_eager = pycnn_random.draw_seed()
-    _train(_small_net, batches, graphed=True)
-    assert pycnn_random.draw_seed() == after_eager
 
 
 @needs_cuda
