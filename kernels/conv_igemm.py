@@ -32,7 +32,7 @@ from ._launch import launch, per_dtype
 from .epilogue import ACTIVATIONS
 from .epilogue import device_functions as epilogue_functions
 
-BM = 64   # rows of a block's tile (output channels; grad_weight: output channels)
+BM = 64   # rows of a block's tile of the product: output channels (in grad_x: input channels)
 BN = 64   # columns of a block's tile (pixels; grad_weight: (channel, tap) pairs)
 BK = 8    # reduction step
 TS = 16   # threads per side of the block: 16 x 16, each a 4 x 4 block of the tile
