@@ -207,7 +207,7 @@ class SGD(Optimizer):
                 (w, p.grad, velocity, lr, group["weight_decay"], first))
         kernels = _cuda_kernels(items[0][0].data, items[0][0].grad, items[0][1])
         for (momentum, nesterov), entries in buckets.items():
-            kernels.sgd_multi_step(entries, momentum, nesterov, live=live and live.values)
+            kernels.sgd_multi_step(entries, momentum, nesterov, live=None if live is None else live.values)
 
     def _update(self, p, grad, group, state):
         momentum = group["momentum"]
@@ -257,7 +257,7 @@ class Adam(Optimizer):
                 (w, p.grad, state["m"], state["v"], lr, group["weight_decay"], step))
         kernels = _cuda_kernels(items[0][0].data, items[0][0].grad, items[0][1])
         for ((beta1, beta2), eps), entries in buckets.items():
-            kernels.adam_multi_step(entries, beta1, beta2, eps, live=live and live.values)
+            kernels.adam_multi_step(entries, beta1, beta2, eps, live=None if live is None else live.values)
 
     def _update(self, p, grad, group, state):
         beta1, beta2 = group["betas"]
