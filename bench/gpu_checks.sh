@@ -2,7 +2,8 @@
 # Every GPU check of pycnn in one run, for a machine with an NVIDIA GPU, CuPy, numba-cuda
 # and PyTorch (CUDA): correctness of the cuda backend on the real device, then the training
 # step against PyTorch, then the per-op benchmarks.  Results land in $OUT (default
-# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, profile.txt, ops.txt.
+# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, step_igemm.txt/.json, profile.txt,
+# ops.txt.
 #
 #   bash bench/gpu_checks.sh                  # everything (about 6 minutes on an H200 before the profile stage)
 #   STAGES=tests,step bash bench/gpu_checks.sh
@@ -10,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
-STAGES=${STAGES:-tests,step,profile,ops}
+STAGES=${STAGES:-tests,step,igemm,profile,ops}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -31,6 +32,12 @@ fi
 if [[ ",$STAGES," == *",step,"* ]]; then
   timeout "${STEP_TIMEOUT:-360}" $PY bench/gpu_step.py --batches "${STEP_BATCHES:-256,64,1024}" \
     --repeats "${STEP_REPEATS:-2}" --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" || status=1
+fi
+if [[ ",$STAGES," == *",igemm,"* ]]; then
+  # the whole step with the implicit-GEMM conv instead of im2col + cuBLAS (what decides the default)
+  PYCNN_CUDA_CONV=igemm timeout "${IGEMM_TIMEOUT:-240}" $PY bench/gpu_step.py --batches "${IGEMM_BATCHES:-64,256}" \
+    --repeats 1 --frameworks pycnn,pycnn-graph,torch-fp32 --json "$OUT/step_igemm.json" 2>&1 \
+    | tee "$OUT/step_igemm.txt" || status=1
 fi
 if [[ ",$STAGES," == *",profile,"* ]]; then
   # device time per op, the multi-tensor optimiser against one launch per parameter, the

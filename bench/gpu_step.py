@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="processes per framework and batch")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                        help=f"comma-separated, of {', '.join(FRAMEWORKS)} (ratios need pycnn and torch-fp32)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--profile", action="store_true",
                         help="one pycnn process: device time per op, optimiser, host enqueue time")
@@ -235,36 +237,46 @@ def main(argv=None) -> int:
         args.framework, args.batch = "pycnn", int(args.batches.split(",")[0])
         _child(args)
         return 0
+    frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
+    unknown = [name for name in frameworks if name not in FRAMEWORKS]
+    if unknown or not frameworks:
+        parser.error(f"--frameworks takes names from {', '.join(FRAMEWORKS)}; got {args.frameworks!r}")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        runs = {name: [] for name in FRAMEWORKS}
+        runs = {name: [] for name in frameworks}
         for _ in range(args.repeats):  # interleaved: a drifting clock or neighbour hits all alike
-            for name in FRAMEWORKS:
+            for name in frameworks:
                 runs[name].append(_run_child(name, batch, args.steps, args.warmup))
-        row = {"batch": batch}
+        row = {"batch": batch, "conv": os.environ.get("PYCNN_CUDA_CONV", "gemm")}
         for name, results in runs.items():
             row[f"{name}_img_per_s"] = statistics.median(r["img_per_s"] for r in results)
             # the best of the repeats: the first process of a fresh machine also fills the caches
             row[f"{name}_first_step_s"] = min(r["first_step_s"] for r in results)
-        row["pycnn_kernels_per_step"] = runs["pycnn"][0]["pycnn_kernels_per_step"]
-        row["ratio_vs_fp32"] = row["pycnn_img_per_s"] / row["torch-fp32_img_per_s"]
-        row["ratio_vs_tf32"] = row["pycnn_img_per_s"] / row["torch-tf32_img_per_s"]
-        row["graph_ratio_vs_fp32"] = row["pycnn-graph_img_per_s"] / row["torch-fp32_img_per_s"]
-        row["graph_ratio_vs_tf32"] = row["pycnn-graph_img_per_s"] / row["torch-tf32_img_per_s"]
-        row["graph"] = runs["pycnn-graph"][0].get("graph")
+        for name in ("pycnn", "pycnn-graph"):
+            if name in runs:
+                row[f"{name}_kernels_per_step"] = runs[name][0].get("pycnn_kernels_per_step")
+                row[f"{name}_graph"] = runs[name][0].get("graph")
+                for torch_name in ("torch-fp32", "torch-tf32"):
+                    if torch_name in runs:
+                        row[f"{name}_vs_{torch_name}"] = row[f"{name}_img_per_s"] / row[f"{torch_name}_img_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| batch | pycnn img/s | pycnn CUDA graph img/s | PyTorch FP32 img/s | PyTorch TF32 img/s | "
-          "vs FP32 (graph) | vs TF32 (graph) | pycnn first step s (warm cache) | pycnn kernels/step |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    columns = [f"{name} img/s" for name in frameworks] + [
+        f"{p} vs {t}" for p in ("pycnn", "pycnn-graph") for t in ("torch-fp32", "torch-tf32")
+        if p in frameworks and t in frameworks] + [f"{p} first step s" for p in ("pycnn", "pycnn-graph")
+                                                    if p in frameworks]
+    print(f"\nconv3x3 on CUDA: {rows[0]['conv'] if rows else '-'}")
+    print("| batch | " + " | ".join(columns) + " |")
+    print("|---:|" + "---:|" * len(columns))
     for r in rows:
-        print(f"| {r['batch']} | {r['pycnn_img_per_s']:,.0f} | {r['pycnn-graph_img_per_s']:,.0f} | "
-              f"{r['torch-fp32_img_per_s']:,.0f} | {r['torch-tf32_img_per_s']:,.0f} | "
-              f"{r['ratio_vs_fp32']:.2f} ({r['graph_ratio_vs_fp32']:.2f}) | "
-              f"{r['ratio_vs_tf32']:.2f} ({r['graph_ratio_vs_tf32']:.2f}) | "
-              f"{r['pycnn_first_step_s']:.2f} | {r['pycnn_kernels_per_step']} |")
-        if r["graph"] and r["graph"]["disabled"]:
-            print(f"  (batch {r['batch']}: the CUDA graph was given up: {r['graph']['disabled']})")
+        cells = [f"{r[f'{name}_img_per_s']:,.0f}" for name in frameworks]
+        cells += [f"{r[f'{p}_vs_{t}']:.2f}" for p in ("pycnn", "pycnn-graph") for t in ("torch-fp32", "torch-tf32")
+                  if p in frameworks and t in frameworks]
+        cells += [f"{r[f'{p}_first_step_s']:.2f}" for p in ("pycnn", "pycnn-graph") if p in frameworks]
+        print(f"| {r['batch']} | " + " | ".join(cells) + " |")
+        graph = r.get("pycnn-graph_graph")
+        if graph and graph["disabled"]:
+            print(f"  (batch {r['batch']}: the CUDA graph was given up: {graph['disabled']})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

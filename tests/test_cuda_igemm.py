@@ -86,3 +86,25 @@ def test_igemm_is_chosen_by_name_and_gemm_stays_the_default():
     with pycnn.use_backend("cuda"):
         y = pycnn.functional.conv3x3(x, weight, algo="igemm")
     assert to_host(y.data)[0, 0, 1, 1] == 18.0  # 2 channels x 9 taps of ones
+
+
+@needs_cuda
+def test_pycnn_cuda_conv_picks_the_auto_conv_algorithm(monkeypatch):
+    """``PYCNN_CUDA_CONV`` (read at each call) sets what ``auto`` runs for conv3x3 and
+    conv3x3_act on CUDA: how a GPU benchmark compares whole training steps; a bad name is
+    one line naming the variable."""
+    cuda_backend()
+    x = to_device(np.ones((1, 2, 3, 3), np.float32))
+    weight = to_device(np.ones((2, 2, 3, 3), np.float32))
+    for name, expected in (("conv3x3", ("gemm", "igemm", "direct")), ("conv3x3_act", ("gemm", "igemm"))):
+        op = registry.get(name)
+        for algo in expected:
+            monkeypatch.setenv("PYCNN_CUDA_CONV", algo)
+            with pycnn.use_backend("cuda"):
+                assert op.resolve((x, weight, None), {})[1] == algo
+    monkeypatch.setenv("PYCNN_CUDA_CONV", "direct")
+    with pycnn.use_backend("cuda"), pytest.raises(ValueError, match="PYCNN_CUDA_CONV must be one of gemm, igemm"):
+        registry.get("conv3x3_act").resolve((x, weight, None), {})
+    monkeypatch.delenv("PYCNN_CUDA_CONV")
+    with pycnn.use_backend("cuda"):
+        assert registry.get("conv3x3").resolve((x, weight, None), {})[1] == "gemm"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from pycnn import cuda_graph, device
 from pycnn.device import array_module
-from pycnn.ops import _util, activations, conv, pool, registry
+from pycnn.ops import _util, activations, conv, pool, registry, routing
 from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, grad_like, needs_grad, prelu_pair,
                                shape_map_pair, winner_pair)
 
@@ -287,6 +288,21 @@ def _live_keyed(K):
     return dropout_apply, activations
 
 
+CONV_ALGORITHMS = ("gemm", "igemm", "direct")  # conv3x3_act: gemm and igemm
+
+
+def _conv_choice(op_name: str):
+    """The cuda backend's ``auto`` for a conv op: gemm, or what ``PYCNN_CUDA_CONV`` names
+    (read at each call, so a benchmark or a test can switch it)."""
+    def choose(shapes, params) -> str:
+        name = os.environ.get("PYCNN_CUDA_CONV", "gemm")
+        allowed = CONV_ALGORITHMS if op_name == "conv3x3" else CONV_ALGORITHMS[:2]
+        if name not in allowed:
+            raise ValueError(f"PYCNN_CUDA_CONV must be one of {', '.join(allowed)} for {op_name}, got {name!r}")
+        return name
+    return choose
+
+
 # ----------------------------------------------------------------------------- loading
 
 _KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "igemm": "conv_igemm", "bn": "batchnorm", "optim": "optim", "pool": "pool",
@@ -322,6 +338,8 @@ def load() -> None:
     cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False, implicit=True), algo="igemm")  # not timed on a GPU yet
     cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True), algo="gemm")
     cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True, implicit=True), algo="igemm")
+    for name in ("conv3x3", "conv3x3_act"):
+        routing.register_auto("cuda", name, _conv_choice(name))
     cuda.elementwise(activation_kernels)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (kernels/activations.py)
     cuda.register("prelu", *prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
     cuda.register("maxout", *winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,
