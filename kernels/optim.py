@@ -20,9 +20,9 @@ slot with a grid-stride loop.  No pointer table lives on the device, so nothing 
 to the GPU per step and the same code runs in Numba's simulator.  Inside a captured CUDA
 graph the values that change from step to step (lr, Adam's bias corrections) are read from
 a small table on the device instead (``live``, ``live_base``), which pycnn.cuda_graph
-refreshes before each replay.  The slot counts keep the parameters under CUDA's 4 KB limit in float64
-(an array is 56 bytes under Numba's ABI; ptxas rejects a kernel over the limit, and
-tests/test_cuda_ptx.py compiles every one).  Each element goes through the same device
+refreshes before each replay.  The slot counts keep the parameters under CUDA's 4 KB limit
+in float64 (an array is 56 bytes under Numba's ABI; ptxas rejects a kernel over the limit,
+and tests/test_cuda_ptx.py compiles every one).  Each element goes through the same device
 function as in the per-parameter kernels, so both give the same numbers.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._launch import THREADS_1D, array_module, blocks_for, config_1d, empty_of, launch, per_dtype
+from ._launch import THREADS_1D, array_module, blocks_for, config_1d, empty_of, launch, live_args, per_dtype
 from .reduce import REDUCE_THREADS, block_sum, reduce_blocks
 
 # Tensor slots per launch.  Parameter bytes in float64, the live table (56) and its base (4)
@@ -204,11 +204,6 @@ def adam_step(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
 
 # ------------------------------------------------------------------ multi-tensor launches
 
-def _empty(like):
-    """The arrays of an unused slot."""
-    return empty_of(like)
-
-
 def _chunks(entries):
     """entries (tuples whose first item is the parameter) split by dtype, in order."""
     by_dtype: dict = {}
@@ -232,10 +227,7 @@ def _launch_slots(kernel, slots: int, lists, fillers, global_args, like, max_siz
 def _live_table(live, dtype, getters, width, like):
     """(table, base) kernel arguments: ``live(dtype, getters, width)`` registers one value
     row per getter in a captured step's table; without ``live``, an empty table and -1."""
-    if live is None:
-        return empty_of(like, dtype), np.int32(-1)
-    table, base = live(dtype, getters, width)
-    return table, np.int32(base)
+    return live_args(None if live is None else live(dtype, getters, width), like, dtype)
 
 
 def sgd_multi_step(entries, momentum, nesterov, live=None) -> int:
@@ -256,7 +248,7 @@ def sgd_multi_step(entries, momentum, nesterov, live=None) -> int:
             g = [e[1].reshape(-1) for e in chunk]
             lr = [T(0 if live else e[3]) for e in chunk]
             wd = [T(e[4]) for e in chunk]
-            empty, size = _empty(w[0]), max(a.size for a in w)
+            empty, size = empty_of(w[0]), max(a.size for a in w)
             table = _live_table(live, dtype, [e[3] for e in chunk], 1, w[0])
             if momentum:
                 v = [e[2].reshape(-1) for e in chunk]
@@ -294,7 +286,7 @@ def adam_multi_step(entries, beta1, beta2, eps, live=None) -> int:
             lists = (w, [e[1].reshape(-1) for e in chunk], [e[2].reshape(-1) for e in chunk],
                      [e[3].reshape(-1) for e in chunk], lr, [T(e[5]) for e in chunk], bias1, bias2,
                      [np.uint8(e[6] == 1) for e in chunk])
-            empty = _empty(w[0])
+            empty = empty_of(w[0])
             fillers = (empty,) * 4 + (T(0), T(0), T(1), T(1), np.uint8(0))
             table = _live_table(live, dtype, [e[4] for e in chunk], 3, w[0])
             _launch_slots(kernels.adam_multi, ADAM_SLOTS, lists, fillers, (T(beta1), T(beta2), T(eps), *table), w[0],
@@ -321,7 +313,7 @@ def sum_squares_and_abs(arrays):
         w = [a for a, _ in chunk]
         order += [(c, k, i) for k, (_, i) in enumerate(chunk)]
         out = parts[c]
-        args = w + [_empty(w[0])] * (SUM_SLOTS - len(w)) + [out]
+        args = w + [empty_of(w[0])] * (SUM_SLOTS - len(w)) + [out]
         launch(_build(dtype).sums_multi, (blocks,), (REDUCE_THREADS,), out, *args)
 
     def finish(host_parts):

@@ -220,15 +220,14 @@ def _kind(x) -> str | None:
     if is_cuda_array(x):
         return "cupy"
     from pycnn.ops import routing
-    if isinstance(x, np.ndarray) and routing.forced_backend() == "cuda":
-        from pycnn.ops.cuda_backend import kernel_module
-        if kernel_module("_launch").SIMULATED:
-            return "emulated"
+    if isinstance(x, np.ndarray) and routing.forced_backend() == "cuda" and routing.cuda_simulated():
+        return "emulated"
     return None
 
 
 def _data(a):
-    return getattr(a, "data", a) if not isinstance(a, np.ndarray) and not is_cuda_array(a) else a
+    from pycnn.autograd import Tensor
+    return a.data if isinstance(a, Tensor) else a
 
 
 class _Graph:

@@ -272,7 +272,7 @@ def _live_keyed(K):
     """dropout's and rrelu's kernels, reading the stream key of a seed handed out during a
     CUDA graph capture from the capture's live table (pycnn.cuda_graph) instead of baking
     the capture's key into the graph."""
-    from pycnn.cuda_graph import live_key
+    live_key = cuda_graph.live_key
 
     def dropout_apply(x, y, p, seed):
         K.dropout.dropout_apply(x, y, p, seed, live_key=live_key(seed))
@@ -305,9 +305,9 @@ def _conv_choice(op_name: str):
 
 # ----------------------------------------------------------------------------- loading
 
-_KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "igemm": "conv_igemm", "bn": "batchnorm", "optim": "optim", "pool": "pool",
-                   "act": "activations", "dropout": "dropout", "reduce": "reduce", "fancy_pca": "fancy_pca",
-                   "loss": "loss"}
+_KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "igemm": "conv_igemm", "bn": "batchnorm",
+                   "optim": "optim", "pool": "pool", "act": "activations", "dropout": "dropout", "reduce": "reduce",
+                   "fancy_pca": "fancy_pca", "loss": "loss"}
 _optim = None
 
 
