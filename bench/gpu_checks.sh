@@ -2,7 +2,7 @@
 # Every GPU check of pycnn in one run, for a machine with an NVIDIA GPU, CuPy, numba-cuda
 # and PyTorch (CUDA): correctness of the cuda backend on the real device, then the training
 # step against PyTorch, then the per-op benchmarks.  Results land in $OUT (default
-# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, step_igemm.txt/.json, profile.txt,
+# ./gpu-results): gpu.txt, tests.txt, step.txt/step.json, step_igemm.txt/.json, step_igemm_tf32.txt/.json, profile.txt,
 # ops.txt.
 #
 #   bash bench/gpu_checks.sh                  # everything (about 6 minutes on an H200 before the profile stage)
@@ -38,6 +38,10 @@ if [[ ",$STAGES," == *",igemm,"* ]]; then
   PYCNN_CUDA_CONV=igemm timeout "${IGEMM_TIMEOUT:-240}" $PY bench/gpu_step.py --batches "${IGEMM_BATCHES:-64,256}" \
     --repeats 1 --frameworks pycnn,pycnn-graph,torch-fp32 --json "$OUT/step_igemm.json" 2>&1 \
     | tee "$OUT/step_igemm.txt" || status=1
+  # and its TF32 tensor-core build against PyTorch's TF32 (cuDNN's default)
+  PYCNN_CUDA_CONV=igemm_tf32 timeout "${IGEMM_TIMEOUT:-240}" $PY bench/gpu_step.py --batches "${IGEMM_BATCHES:-64,256}" \
+    --repeats 1 --frameworks pycnn,pycnn-graph,torch-tf32 --json "$OUT/step_igemm_tf32.json" 2>&1 \
+    | tee "$OUT/step_igemm_tf32.txt" || status=1
 fi
 if [[ ",$STAGES," == *",profile,"* ]]; then
   # device time per op, the multi-tensor optimiser against one launch per parameter, the

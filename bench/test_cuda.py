@@ -176,16 +176,18 @@ CONV_CASES = [case for case in CASES if case[0] in ("conv3x3", "conv3x3_act")]
 @pytest.mark.gpu
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_case_id)
-@pytest.mark.parametrize("algo", ["igemm"])
+@pytest.mark.parametrize("algo", ["igemm", "igemm_tf32"])
 def test_pycnn_cuda_conv_algorithm(benchmark, capsys, case, phase, algo):
-    """The conv algorithms besides the default (gemm), for choosing the default on a GPU."""
+    """The conv algorithms besides the default (gemm), for choosing the default on a GPU;
+    igemm_tf32 against PyTorch's TF32 convolution and against igemm (its FP32 build)."""
     op, shapes, inputs, params = _device_case(case)
     with pycnn.use_backend("cuda"):
         backend, _, impl = op.resolve(inputs, params, algo)
     assert backend == "cuda"
     y = _run_registry(impl, inputs, params, None, "fwd")
     expected = op.reference.forward(Context((False,) * len(inputs)), *inputs, **params)
-    np.testing.assert_allclose(cupy.asnumpy(y), cupy.asnumpy(expected), rtol=1e-4, atol=1e-4)
+    tolerance = 3e-3 if algo.endswith("tf32") else 1e-4  # TF32: 11 significant bits per operand
+    np.testing.assert_allclose(cupy.asnumpy(y), cupy.asnumpy(expected), rtol=tolerance, atol=tolerance)
     grad = cupy.ones_like(y)
     seconds = _bench(benchmark, lambda: _run_registry(impl, inputs, params, grad, phase))
     _report(capsys, benchmark, algo, op.name, phase, shapes, params, seconds)

@@ -20,6 +20,12 @@ BM x BN = 64 x 64 tile of the product, each thread a 4 x 4 register block (rows 
 columns tx + 16 j: a warp's loads and stores of one row are contiguous); the reduction runs
 in steps of BK = 8 through two shared-memory buffers, the next step's global loads issued
 before the current step's multiply-adds (double buffering: one barrier per step).
+
+With ``tensor_cores`` (float32 only, algo "igemm_tf32") the same tiles are multiplied on
+TF32 tensor cores (kernels/tensor_cores.py): the operands are rounded to TF32 as they are
+stored in shared memory, and each of the block's 8 warps computes a 32 x 16 piece of the
+tile as 2 x 2 mma.sync m16n8k8 per reduction step, accumulating in float32.  The thread
+that holds accumulator [i, j] differs (``place``); loads, tiles and epilogue are shared.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ from numba import cuda
 from ._launch import launch, per_dtype
 from .epilogue import ACTIVATIONS
 from .epilogue import device_functions as epilogue_functions
+from . import tensor_cores as tensor_core_ops
+from .tensor_cores import mma_tf32, tf32_round
 
 BM = 64   # rows of a block's tile of the product: output channels (in grad_x: input channels)
 BN = 64   # columns of a block's tile (pixels; grad_weight: (channel, tap) pairs)
@@ -38,11 +46,33 @@ BK = 8    # reduction step
 TS = 16   # threads per side of the block: 16 x 16, each a 4 x 4 block of the tile
 THREADS = TS * TS
 MAX_SPLITS = 64  # of grad_weight's reduction over pixels
+PAD = 8   # a tile row is BM + PAD long: the tensor-core fragment loads (rows t, t + 4 of 8
+          # lanes each) and the tile stores hit 32 different banks (2-way on stores)
+A_ROW, B_ROW = BM + PAD, BN + PAD  # (constants: Numba sizes shared arrays from literals)
 
 
-@per_dtype
-def _build(T):
+def _build_kernels(T, tensor_cores: bool):
     activate = epilogue_functions(T).activate
+
+    @cuda.jit(device=True, inline=True)
+    def as_loaded(value):
+        return value
+
+    # what a tile holds of a loaded value: rounded to TF32 for the tensor cores
+    operand = tf32_round if tensor_cores else as_loaded
+
+    @cuda.jit(device=True, inline=True)
+    def place(i, j, tid):
+        """(row, column) within the 64 x 64 tile of accumulator [i, j] of thread tid.  CUDA
+        cores: rows ty + 16 i, columns tx + 16 j.  Tensor cores: warp w computes rows
+        32 (w // 4) .. + 32 and columns 16 (w % 4) .. + 16 as 2 x 2 m16n8 products,
+        acc[2 mi + ni, q] being element q of product (mi, ni)'s D fragment."""
+        if tensor_cores:
+            warp, lane = tid // 32, tid % 32
+            row = (warp // 4) * 32 + (i // 2) * 16 + lane // 4 + (j // 2) * 8
+            column = (warp % 4) * 16 + (i % 2) * 8 + (lane % 4) * 2 + j % 2
+            return row, column
+        return tid // TS + TS * i, tid % TS + TS * j
 
     @cuda.jit(device=True, inline=True)
     def gather(x, r, n, h, w, rows, height, width, stride_n, stride_c):
@@ -58,8 +88,9 @@ def _build(T):
         return value
 
     @cuda.jit(device=True, inline=True)
-    def multiply_step(a_tile, b_tile, buffer, acc, tx, ty):
+    def multiply_cuda_cores(a_tile, b_tile, buffer, acc, tid):
         """acc[i, j] += sum_kk a_tile[buffer, kk, ty + 16 i] * b_tile[buffer, kk, tx + 16 j]."""
+        tx, ty = tid % TS, tid // TS
         a = cuda.local.array(4, T)
         b = cuda.local.array(4, T)
         for kk in range(BK):
@@ -71,12 +102,40 @@ def _build(T):
                 for j in range(4):
                     acc[i, j] += a[i] * b[j]
 
+    @cuda.jit(device=True, inline=True)
+    def multiply_tensor_cores(a_tile, b_tile, buffer, acc, tid):
+        """The same sums as 2 x 2 warp products m16n8k8 (BK = 8: one step of k), A[m, k] =
+        a_tile[buffer, k, m] and B[k, n] = b_tile[buffer, k, n] in mma_tf32's fragments."""
+        warp, lane = tid // 32, tid % 32
+        g, t = lane // 4, lane % 4
+        a = cuda.local.array((2, 4), T)
+        b = cuda.local.array((2, 2), T)
+        for mi in range(2):
+            m = (warp // 4) * 32 + mi * 16 + g
+            a[mi, 0] = a_tile[buffer, t, m]
+            a[mi, 1] = a_tile[buffer, t, m + 8]
+            a[mi, 2] = a_tile[buffer, t + 4, m]
+            a[mi, 3] = a_tile[buffer, t + 4, m + 8]
+        for ni in range(2):
+            n = (warp % 4) * 16 + ni * 8 + g
+            b[ni, 0] = b_tile[buffer, t, n]
+            b[ni, 1] = b_tile[buffer, t + 4, n]
+        for mi in range(2):
+            for ni in range(2):
+                i = 2 * mi + ni
+                d = mma_tf32(a[mi, 0], a[mi, 1], a[mi, 2], a[mi, 3], b[ni, 0], b[ni, 1],
+                             acc[i, 0], acc[i, 1], acc[i, 2], acc[i, 3])
+                acc[i, 0], acc[i, 1], acc[i, 2], acc[i, 3] = d[0], d[1], d[2], d[3]
+
+    multiply_step = multiply_tensor_cores if tensor_cores else multiply_cuda_cores
+
     @cuda.jit(device=True)
-    def store(value, i, j, p_base, m_base, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha,
+    def store(value, i, j, tid, p0, m0, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha,
               has_bias, keep_z):
-        """y (and z) at output channel m_base + 16 i, pixel p_base + 16 j: act(value + bias)."""
-        p = p_base + TS * j
-        m = m_base + TS * i
+        """y (and z) at accumulator [i, j]'s output channel and pixel: act(value + bias)."""
+        row, column = place(i, j, tid)
+        p = p0 + column
+        m = m0 + row
         if p < pixels and m < rows_out:
             if has_bias:
                 value += bias[m]
@@ -92,13 +151,12 @@ def _build(T):
         # x flat, read as x[n * stride_n + c * stride_c + h * W + w]; wmat (rows_out * rows,)
         # row-major; y, z (N * rows_out * H * W,) NCHW; bias, slopes (rows_out,).
         # grid (ceil(pixels / BN), ceil(rows_out / BM)), block (TS, TS)
-        a_tile = cuda.shared.array((2, BK, BM), T)  # a_tile[., kk, m] = wmat[m0 + m, r0 + kk]
-        b_tile = cuda.shared.array((2, BK, BN), T)  # b_tile[., kk, q] = cols[r0 + kk, p0 + q]
+        a_tile = cuda.shared.array((2, BK, A_ROW), T)  # a_tile[., kk, m] = wmat[m0 + m, r0 + kk]
+        b_tile = cuda.shared.array((2, BK, B_ROW), T)  # b_tile[., kk, q] = cols[r0 + kk, p0 + q]
         acc = cuda.local.array((4, 4), T)
         a_next = cuda.local.array(2, T)
         b_next = cuda.local.array(2, T)
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        tid = ty * TS + tx
+        tid = cuda.threadIdx.y * TS + cuda.threadIdx.x
         p0, m0 = cuda.blockIdx.x * BN, cuda.blockIdx.y * BM
         plane = height * width
         for i in range(4):
@@ -126,17 +184,17 @@ def _build(T):
                     r = s * BK + b_k + l * (THREADS // BN)
                     b_next[l] = gather(x, r, n, h, w, rows, height, width, stride_n, stride_c) if n >= 0 else T(0)
             if s > 0:
-                multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tx, ty)
+                multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tid)
             if s < steps:
                 buffer = s % 2
                 for l in range(2):
-                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = a_next[l]
-                    b_tile[buffer, b_k + l * (THREADS // BN), b_q] = b_next[l]
+                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = operand(a_next[l])
+                    b_tile[buffer, b_k + l * (THREADS // BN), b_q] = operand(b_next[l])
             cuda.syncthreads()
         # epilogue: bias, activation, NCHW stores (a warp writes 16 consecutive pixels), one
         # call per accumulator with constant indices: acc stays in registers (a loop over it
         # with the activation inside is not unrolled, and acc would live in local memory)
-        args = (p0 + tx, m0 + ty, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha, has_bias, keep_z)
+        args = (tid, p0, m0, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha, has_bias, keep_z)
         store(acc[0, 0], 0, 0, *args)
         store(acc[0, 1], 0, 1, *args)
         store(acc[0, 2], 0, 2, *args)
@@ -159,13 +217,12 @@ def _build(T):
         # g (outputs * pixels,) channels-first; x flat as in conv_forward; partial
         # (splits * outputs * rows,): split s's sum over pixels [s * chunk, (s+1) * chunk).
         # grid (ceil(rows / BN), ceil(outputs / BM), splits), block (TS, TS)
-        a_tile = cuda.shared.array((2, BK, BM), T)  # a_tile[., kk, m] = g[m0 + m, p + kk]
-        b_tile = cuda.shared.array((2, BK, BN), T)  # b_tile[., kk, q] = cols[r0 + q, p + kk]
+        a_tile = cuda.shared.array((2, BK, A_ROW), T)  # a_tile[., kk, m] = g[m0 + m, p + kk]
+        b_tile = cuda.shared.array((2, BK, B_ROW), T)  # b_tile[., kk, q] = cols[r0 + q, p + kk]
         acc = cuda.local.array((4, 4), T)
         a_next = cuda.local.array(2, T)
         b_next = cuda.local.array(2, T)
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        tid = ty * TS + tx
+        tid = cuda.threadIdx.y * TS + cuda.threadIdx.x
         r0, m0 = cuda.blockIdx.x * BN, cuda.blockIdx.y * BM
         start = cuda.blockIdx.z * chunk
         end = min(start + chunk, pixels)
@@ -193,21 +250,20 @@ def _build(T):
                     for l in range(2):
                         b_next[l] = T(0)
             if s > 0:
-                multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tx, ty)
+                multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tid)
             if s < steps:
                 buffer = s % 2
                 for l in range(2):
-                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = a_next[l]
-                    b_tile[buffer, b_k, b_q + l * (THREADS // BK)] = b_next[l]
+                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = operand(a_next[l])
+                    b_tile[buffer, b_k, b_q + l * (THREADS // BK)] = operand(b_next[l])
             cuda.syncthreads()
         base = cuda.blockIdx.z * outputs * rows
         for i in range(4):
-            m = m0 + ty + TS * i
-            if m < outputs:
-                for j in range(4):
-                    r = r0 + tx + TS * j
-                    if r < rows:
-                        partial[base + m * rows + r] = acc[i, j]
+            for j in range(4):
+                row, column = place(i, j, tid)
+                m, r = m0 + row, r0 + column
+                if m < outputs and r < rows:
+                    partial[base + m * rows + r] = acc[i, j]
 
     @cuda.jit
     def sum_splits(partial, out, splits, size):
@@ -222,6 +278,19 @@ def _build(T):
     return SimpleNamespace(conv_forward=conv_forward, conv_grad_weight=conv_grad_weight, sum_splits=sum_splits)
 
 
+_build_cuda_cores = per_dtype(lambda T: _build_kernels(T, tensor_cores=False))
+_build_tensor_cores = per_dtype(lambda T: _build_kernels(T, tensor_cores=True))
+
+
+def _kernels(dtype, tensor_cores: bool):
+    """The kernels for dtype: on TF32 tensor cores when asked and dtype is float32 (float64
+    always runs exactly, on CUDA cores, as PyTorch's allow_tf32 leaves float64 alone)."""
+    if tensor_cores and np.dtype(dtype) == np.float32:
+        tensor_core_ops.check_device()
+        return _build_tensor_cores(dtype)
+    return _build_cuda_cores(dtype)
+
+
 def _i(v):
     return np.int64(v)
 
@@ -231,11 +300,11 @@ def _flat(a):
 
 
 def forward(x, wmat, y, bias=None, slopes=None, z=None, activation=None, slope=0.01, alpha=1.0,
-            channels_first_input: bool = False) -> None:
+            channels_first_input: bool = False, tensor_cores: bool = False) -> None:
     """y (N, M, H, W) = act(wmat (M, R) @ cols(x) + bias), R = 9 * (x's channels); z gets
     the pre-activation when it is not None.  x is (N, C, H, W), or with
     ``channels_first_input`` the (C, N*H*W) layout of a channels-first gradient (its
-    channel count and image shape are y's)."""
+    channel count and image shape are y's).  ``tensor_cores``: float32 on TF32 tensor cores."""
     n, m_out, h, w = y.shape
     plane = h * w
     if channels_first_input:
@@ -251,7 +320,7 @@ def forward(x, wmat, y, bias=None, slopes=None, z=None, activation=None, slope=0
     # overwrite what the kernel wrote
     unused = _flat(wmat)[:1]
     grid = (-(-pixels // BN), -(-m_out // BM))
-    launch(_build(y.dtype).conv_forward, grid, (TS, TS), y, _flat(x), _flat(wmat),
+    launch(_kernels(y.dtype, tensor_cores).conv_forward, grid, (TS, TS), y, _flat(x), _flat(wmat),
            bias if bias is not None else unused, slopes if slopes is not None else unused, _flat(y),
            _flat(z) if z is not None else unused, _i(m_out), _i(rows), _i(pixels), _i(h), _i(w), _i(stride_n),
            _i(stride_c), _i(ACTIVATIONS[activation]), dtype(slope), dtype(alpha), np.uint8(bias is not None),
@@ -271,9 +340,10 @@ def splits_for(outputs: int, rows: int, pixels: int, blocks_wanted: int = 264) -
     return max(1, min(MAX_SPLITS, -(-blocks_wanted // tiles), -(-pixels // 256)))
 
 
-def grad_weight(g, x, grad_w, xp, splits: int | None = None) -> None:
+def grad_weight(g, x, grad_w, xp, splits: int | None = None, tensor_cores: bool = False) -> None:
     """grad_w (K, C, 3, 3) = g (K, N*H*W) @ cols(x).T; x (N, C, H, W).  ``splits``: how
-    many pieces the sum over pixels is cut into (default ``splits_for``)."""
+    many pieces the sum over pixels is cut into (default ``splits_for``); ``tensor_cores`` as
+    in ``forward``."""
     n, c, h, w = x.shape
     k = g.shape[0]
     rows, pixels = c * 9, n * h * w
@@ -283,7 +353,7 @@ def grad_weight(g, x, grad_w, xp, splits: int | None = None) -> None:
     chunk = -(-pixels // splits)
     chunk = -(-chunk // BK) * BK
     splits = -(-pixels // chunk)
-    kernels = _build(x.dtype)
+    kernels = _kernels(x.dtype, tensor_cores)
     out = _flat(grad_w)
     partial = out if splits == 1 else xp.empty((splits * k * rows,), dtype=x.dtype)
     grid = (-(-rows // BN), -(-k // BM), splits)

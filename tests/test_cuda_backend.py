@@ -135,8 +135,8 @@ def test_cuda_backend_registers_every_kernel_op():
     for op in registry.all_ops():
         if op.portable:
             assert op.algorithms("cuda") == own_kernel.get(op.name, ["reference"]), op.name
-    assert registry.get("conv3x3").algorithms("cuda") == ["gemm", "direct", "igemm"]
-    assert registry.get("conv3x3_act").algorithms("cuda") == ["gemm", "igemm"]
+    assert registry.get("conv3x3").algorithms("cuda") == ["gemm", "direct", "igemm", "igemm_tf32"]
+    assert registry.get("conv3x3_act").algorithms("cuda") == ["gemm", "igemm", "igemm_tf32"]
     assert registry.get("batchnorm_act").algorithms("cuda") == ["fused", "chain"]
 
 

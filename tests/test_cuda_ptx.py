@@ -56,15 +56,21 @@ def _compile_all_kernels_to_ptx() -> None:
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
     cb = cuda_backend()
     compiled = {}
+    kernels_seen = set()
 
     from pycnn.kernels import _rawlaunch
 
     def compile_instead_of_launch(kernel, grid, block, like, *args):
         signature = tuple(numba.typeof(a) for a in args)
-        # module.qualname: kernels of different modules may share a name (forward, backward)
-        key = (f"{kernel.py_func.__module__.rsplit('.', 1)[-1]}.{kernel.py_func.__qualname__}", signature)
-        if key not in compiled:
-            ptx = compiled[key] = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))[0]
+        # module.qualname: kernels of different modules may share a name (forward, backward);
+        # builds of one kernel that differ by more than the dtype (conv_igemm's tensor cores)
+        # are told apart by what their PTX runs on
+        name = f"{kernel.py_func.__module__.rsplit('.', 1)[-1]}.{kernel.py_func.__qualname__}"
+        if (name, signature, id(kernel)) not in kernels_seen:
+            kernels_seen.add((name, signature, id(kernel)))
+            ptx = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))[0]
+            key = (name + (" [tensor cores]" if "mma.sync" in ptx else ""), signature)
+            compiled[key] = ptx
             # the raw launch path infers the same types and packs what this PTX declares
             raw_types = _rawlaunch.numba_types(args)
             assert [str(t) for t in raw_types] == [str(t).replace(", readonly", "") for t in signature], key
@@ -75,6 +81,7 @@ def _compile_all_kernels_to_ptx() -> None:
 
     for name in KERNEL_MODULES:
         cb.kernel_module(name).launch = compile_instead_of_launch
+    cb.kernel_module("tensor_cores").check_device = lambda: None  # asks the driver; compiled for sm_90
     rng = np.random.default_rng(0)
     for dtype in DTYPES:
         routes = [(name, algo) for name in CUDA_OPS for algo in registry.get(name).algorithms("cuda")]

@@ -99,11 +99,12 @@ def _conv3x3_direct(K):
     return forward, backward
 
 
-def _conv3x3_gemm(K, fused: bool, implicit: bool = False):
+def _conv3x3_gemm(K, fused: bool, implicit: bool = False, tensor_cores: bool = False):
     """conv3x3 (``fused`` False) or conv3x3_act as im2col + cuBLAS GEMM + an epilogue that
     adds the bias and applies the activation (kernels/conv_gemm.py), or with ``implicit``
     as implicit GEMM (kernels/conv_igemm.py: the same products, no im2col matrix; backward
-    keeps x instead of it).  What backward keeps follows the activation's spec
+    keeps x instead of it), its float32 products on TF32 tensor cores with ``tensor_cores``
+    (operands rounded to 11 significant bits: kernels/tensor_cores.py states the error).  What backward keeps follows the activation's spec
     (``conv.grad_from_output``): y where it determines the gradient, else the
     pre-activation z."""
     def forward(ctx, x, weight, bias=None, prelu_weight=None, activation=None, slope=0.01, alpha=1.0):
@@ -114,7 +115,8 @@ def _conv3x3_gemm(K, fused: bool, implicit: bool = False):
         from_y = activation is None or conv.grad_from_output(activation, slope, alpha, prelu_weight)
         z = None if from_y else _util.empty((n, k, h, w), x.dtype, x)
         if implicit:
-            K.igemm.forward(x, weight.reshape(k, c * 9), y, bias, prelu_weight, z, activation, slope, alpha)
+            K.igemm.forward(x, weight.reshape(k, c * 9), y, bias, prelu_weight, z, activation, slope, alpha,
+                            tensor_cores=tensor_cores)
             kept = x                                            # backward gathers its columns again
         else:
             kept = xp.empty((c * 9, n * h * w), dtype=x.dtype)  # the columns, fully written by im2col
@@ -138,14 +140,15 @@ def _conv3x3_gemm(K, fused: bool, implicit: bool = False):
         if needs_grad(ctx, 0):
             grad_x = _util.empty((n, c, h, w), grad.dtype, grad)
             if implicit:
-                K.igemm.forward(g2, K.igemm.flipped_weights(weight, xp), grad_x, channels_first_input=True)
+                K.igemm.forward(g2, K.igemm.flipped_weights(weight, xp), grad_x, channels_first_input=True,
+                                tensor_cores=tensor_cores)
             else:
                 grad_cols = xp.matmul(weight.reshape(k, c * 9).T, g2)  # (C*9, K) @ (K, P)
                 K.gemm.col2im(grad_cols, grad_x)
         if needs_grad(ctx, 1):
             if implicit:
                 grad_weight = _util.empty((k, c, 3, 3), grad.dtype, grad)
-                K.igemm.grad_weight(g2, kept, grad_weight, xp)
+                K.igemm.grad_weight(g2, kept, grad_weight, xp, tensor_cores=tensor_cores)
             else:
                 grad_weight = xp.matmul(g2, kept.T).reshape(k, c, 3, 3)  # (K, P) @ (P, C*9)
         if ctx.has_bias and needs_grad(ctx, 2):
@@ -288,7 +291,7 @@ def _live_keyed(K):
     return dropout_apply, activations
 
 
-CONV_ALGORITHMS = ("gemm", "igemm", "direct")  # conv3x3_act: gemm and igemm
+CONV_ALGORITHMS = ("gemm", "igemm", "igemm_tf32", "direct")  # conv3x3_act: all but direct
 
 
 def _conv_choice(op_name: str):
@@ -296,7 +299,7 @@ def _conv_choice(op_name: str):
     (read at each call, so a benchmark or a test can switch it)."""
     def choose(shapes, params) -> str:
         name = os.environ.get("PYCNN_CUDA_CONV", "gemm")
-        allowed = CONV_ALGORITHMS if op_name == "conv3x3" else CONV_ALGORITHMS[:2]
+        allowed = CONV_ALGORITHMS if op_name == "conv3x3" else CONV_ALGORITHMS[:3]
         if name not in allowed:
             raise ValueError(f"PYCNN_CUDA_CONV must be one of {', '.join(allowed)} for {op_name}, got {name!r}")
         return name
@@ -338,6 +341,11 @@ def load() -> None:
     cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False, implicit=True), algo="igemm")  # not timed on a GPU yet
     cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True), algo="gemm")
     cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True, implicit=True), algo="igemm")
+    # float32 on TF32 tensor cores (float64 runs as igemm): only when asked for, as its error
+    # is about 1e-3 of sum |w||x|, and not timed on a GPU yet
+    for name in ("conv3x3", "conv3x3_act"):
+        cuda.register(name, *_conv3x3_gemm(K, fused=name == "conv3x3_act", implicit=True, tensor_cores=True),
+                      algo="igemm_tf32")
     for name in ("conv3x3", "conv3x3_act"):
         routing.register_auto("cuda", name, _conv_choice(name))
     cuda.elementwise(activation_kernels)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (kernels/activations.py)
