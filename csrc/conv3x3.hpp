@@ -55,6 +55,22 @@ void direct_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, in
 template <typename T>
 void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P);
 
+// Non-finite outputs of the Winograd kernels.  Their transforms mix every value of a tile
+// into every other: one inf input makes NaN (inf - inf) over a whole 4x4 or 6x6 tile, and
+// inputs near the float's limit overflow in the transforms where the direct sums do not.  So
+// both Winograd kernels add v * 0 over what they compute (0 for finite values, NaN once one
+// is inf or NaN; before the epilogue, as relu would hide a NaN): F(4x4, 3x3) over its outputs
+// inside the output transform loop, F(2x2, 3x3) over its Winograd-domain products M.  Where
+// the sum is not 0 the call is computed again by the direct kernel: NaN and inf are then
+// where the direct convolution (and PyTorch) puts them.
+template <typename T>
+inline bool all_finite(const T* a, int64_t n) {
+    T probe = T(0);
+#pragma omp simd reduction(+ : probe)
+    for (int64_t i = 0; i < n; ++i) probe += a[i] * T(0);
+    return probe == T(0);
+}
+
 // Winograd F(2x2, 3x3) (conv3x3_winograd.cpp): forward and grad_input (a Winograd conv with
 // the flipped, transposed filter).  grad_weight uses direct_grad_weight.
 template <typename T>

@@ -148,7 +148,8 @@ void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, in
     const int64_t kblocks = (K + kKB - 1) / kKB;
     const int64_t ustride = kblocks * C * kKB;  // one xi of u
 
-#pragma omp parallel
+    int nonfinite = 0;  // an output was inf or NaN: computed again by the direct kernel
+#pragma omp parallel reduction(| : nonfinite)
     {
         std::vector<T> vbuf(static_cast<size_t>(16 * C * ld));
         std::vector<T> mbuf(static_cast<size_t>(16 * K * ld));
@@ -199,6 +200,9 @@ void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, in
             // ---- 16 GEMMs: M[xi] (K x ncols) = U[xi] (K x C) . V[xi] (C x ncols)
             for (int xi = 0; xi < 16; ++xi)
                 gemm<T>(u.data() + xi * ustride, vbuf.data() + xi * C * ld, mbuf.data() + xi * K * ld, C, K, ncols, ld);
+            // an inf or NaN output comes from an inf or NaN in M (conv3x3.hpp): checked here, in
+            // long rows (the output transform's rows are a tile row each: too short to check)
+            for (int64_t row = 0; row < 16 * K; ++row) nonfinite |= !all_finite(mbuf.data() + row * ld, ncols);
             // ---- output transform: y = A^T M A + b
             const int64_t ms = K * ld;  // stride between xi in M
             for (int64_t k = 0; k < K; ++k) {
@@ -235,6 +239,7 @@ void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, in
             }
         }
     }
+    if (nonfinite) direct_forward<T>(x, w, b, y, N, C, K, H, W, ep);
 }
 
 }  // namespace

@@ -340,14 +340,15 @@ __attribute__((noinline)) void input_transform(const Plan& p, const T* x, int64_
 // y (+ b, then the epilogue) of the tile rows r0 .. r1-1 from M[k][xi][j], through the 4 rows
 // of the output strip o.
 template <typename T>
-__attribute__((noinline)) void output_transform(const Plan& p, const T* m, const T* b, T* y, int64_t r0, int64_t r1,
+__attribute__((noinline)) bool output_transform(const Plan& p, const T* m, const T* b, T* y, int64_t r0, int64_t r1,
                                                 T* o, const Epilogue<T>& ep) {
+    T probe = T(0);  // NaN once an output is not finite (conv3x3.hpp)
     const int64_t K = p.K, H = p.H, W = p.W;
     const int64_t used = (r1 - r0) * p.tws;
     for (int64_t k = 0; k < K; ++k) {
         const T bk = b ? b[k] : T(0);
         const T* mk = m + k * kVStride;
-#pragma omp simd
+#pragma omp simd reduction(+ : probe)
         for (int64_t j = 0; j < used; ++j) {
             T s[4][6];  // A^T M
             for (int q = 0; q < 6; ++q) {
@@ -368,6 +369,7 @@ __attribute__((noinline)) void output_transform(const Plan& p, const T* m, const
                 oi[1] = n1 + T(2) * n2 + bk;
                 oi[2] = p1 + T(4) * p2 + bk;
                 oi[3] = n1 + T(8) * n2 + m5 + bk;
+                probe += (oi[0] + oi[1] + oi[2] + oi[3]) * T(0);
             }
         }
         for (int64_t r = r0; r < r1; ++r) {
@@ -380,6 +382,7 @@ __attribute__((noinline)) void output_transform(const Plan& p, const T* m, const
             }
         }
     }
+    return probe == T(0);
 }
 
 // Scratch (conv3x3.hpp: thread_scratch): fresh allocations of a few MiB per call cost their
@@ -397,7 +400,8 @@ void winograd4(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, i
     T* const u = thread_scratch<Winograd4Scratch, T>(0, static_cast<size_t>(kXi * ustride));
     // One parallel region for the whole call (each region costs a wake-up of the team, which
     // on a busy machine can be a scheduler tick): the filter transform, then the chunks.
-#pragma omp parallel
+    int nonfinite = 0;  // an output was inf or NaN: computed again by the direct kernel
+#pragma omp parallel reduction(| : nonfinite)
     {
         transform_filter(w, u, C, K);
         // V: C x kVStride
@@ -414,9 +418,10 @@ void winograd4(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, i
             // 36 GEMMs: M[.][xi] (K x ncols) = U[xi] (K x C) . V[.][xi] (C x ncols), rows kVStride apart
             for (int xi = 0; xi < kXi; ++xi)
                 gemm<T>(u + xi * ustride, v + xi * kLd, m + xi * kLd, C, K, ncols, kVStride);
-            output_transform<T>(p, m, b, y, r0, r1, out, ep);
+            nonfinite |= !output_transform<T>(p, m, b, y, r0, r1, out, ep);
         }
     }
+    if (nonfinite) direct_forward<T>(x, w, b, y, N, C, K, H, W, ep);
 }
 
 }  // namespace

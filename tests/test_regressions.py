@@ -230,3 +230,42 @@ def test_division_gradient_where_b_squared_underflows(dtype):
     (a / b).backward(np.ones(1, dtype))
     np.testing.assert_allclose(a.grad, [1 / tiny], rtol=4 * np.finfo(dtype).eps)
     np.testing.assert_allclose(b.grad, [-1 / tiny], rtol=4 * np.finfo(dtype).eps)
+
+
+# ------------------------------------- Winograd with inf, NaN and huge inputs (csrc/conv3x3.hpp)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+def test_winograd_puts_inf_and_nan_where_the_direct_conv_does(algo, dtype):
+    """One inf spread NaN over whole Winograd tiles (inf - inf in the transforms) and inf
+    turned into NaN; now the outputs' NaN and inf are exactly the direct kernel's, with or
+    without a fused relu (which would hide a NaN), and the finite values agree."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 9, 9, 10)).astype(dtype)
+    w = rng.standard_normal((9, 9, 3, 3)).astype(dtype)
+    x[0, 0, 3, 3], x[1, 2, 0, 9], x[1, 5, 6, 2] = np.inf, -np.inf, np.nan
+    for name, params in (("conv3x3", {}), ("conv3x3_act", {"activation": "relu"})):
+        inputs = (x, w, None) if name == "conv3x3" else (x, w, None, None)
+        y, _ = run(impl(name, algo=algo), inputs, params)
+        expected, _ = run(impl(name, algo="direct"), inputs, params)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(expected), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(y) * np.sign(y), np.isinf(expected) * np.sign(expected), err_msg=name)
+        assert np.isinf(y).sum() > 0 and np.isnan(y).sum() > 0
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(y[finite], expected[finite], rtol=1e-4 if dtype == np.float32 else 1e-10,
+                                   atol=1e-3 if dtype == np.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+def test_winograd_of_huge_float32_inputs_does_not_overflow_where_the_sums_do_not(algo):
+    """float32 inputs near 1e37: the Winograd transforms overflowed (every output inf or NaN)
+    where the sums themselves fit; now those outputs are finite and right."""
+    rng = np.random.default_rng(32)
+    x = (rng.standard_normal((1, 16, 8, 8)) * 1e37).astype(np.float32)
+    w = (rng.standard_normal((16, 16, 3, 3)) * 0.05).astype(np.float32)
+    y, _ = run(impl("conv3x3", algo=algo), (x, w, None))
+    exact = F.conv3x3(x.astype(np.float64), w.astype(np.float64), algo="direct").numpy()
+    assert np.isfinite(exact).all() and np.abs(exact).max() < 3e38
+    assert np.isfinite(y).all()
+    scale = F.conv3x3(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), algo="direct").numpy()
+    assert np.all(np.abs(y - exact) <= 1e-5 * scale)
