@@ -485,15 +485,24 @@ def apply_op(name: str, *inputs, **params) -> Tensor:
 
 
 def _promote_scalars(inputs):
+    """Numbers (Python's, and NumPy scalars such as np.float64(2)) become 0-d arrays of the
+    first Tensor's or array's dtype and device; alone, a NumPy float scalar keeps its dtype and
+    any other number becomes float32."""
+    def is_number(x):
+        return isinstance(x, (int, float, np.number)) and not isinstance(x, (bool, np.bool_))
+
     like = next((x for x in inputs if isinstance(x, Tensor)), None)
     if like is None:
-        like = next((x for x in inputs if hasattr(x, "dtype")), None)
+        like = next((x for x in inputs if hasattr(x, "dtype") and not isinstance(x, np.generic)), None)
     out = []
     for x in inputs:
-        if x is not None and not isinstance(x, Tensor) and not hasattr(x, "dtype"):
-            if not isinstance(x, (int, float, np.number)) or isinstance(x, bool):
+        if x is not None and not isinstance(x, Tensor) and (not hasattr(x, "dtype") or isinstance(x, np.generic)):
+            if not is_number(x):
                 raise TypeError(f"operand must be a Tensor, an array or a number, got {type(x).__name__}")
-            dtype = like.dtype if like is not None else np.float32
+            if like is not None:
+                dtype = like.dtype
+            else:
+                dtype = x.dtype if isinstance(x, np.floating) else np.float32
             module = array_module(like.data if isinstance(like, Tensor) else like) if like is not None else np
             x = module.asarray(x, dtype=dtype)
         out.append(x)

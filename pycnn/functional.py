@@ -4,6 +4,8 @@ Every function here is one registry op; the backend follows the device of the in
 """
 from __future__ import annotations
 
+import numpy as np
+
 from pycnn import random as _random
 from pycnn.autograd import Tensor, apply_op
 
@@ -44,9 +46,15 @@ def prelu(x, weight) -> Tensor:
     return apply_op("prelu", x, weight)
 
 
+def _check_training(training) -> None:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be True or False, got {training!r}")
+
+
 def rrelu(x, lower: float = 3.0, upper: float = 8.0, training: bool = False, seed: int | None = None) -> Tensor:
     """Randomized leaky ReLU: slopes 1/U(lower, upper) per element in training (a new draw per
     call unless ``seed`` is given), the fixed slope 2/(lower+upper) in evaluation."""
+    _check_training(training)
     if seed is None:
         seed = _random.next_seed() if training else 0
     return apply_op("rrelu", x, lower=lower, upper=upper, training=training, seed=seed)
@@ -86,6 +94,10 @@ def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0, class_we
     """Mean softmax cross-entropy of (N, C) logits against (N,) integer labels."""
     labels = labels.data if isinstance(labels, Tensor) else labels
     class_weight = class_weight.data if isinstance(class_weight, Tensor) else class_weight
+    dtype = getattr(logits, "dtype", None)
+    if class_weight is not None and dtype is not None and getattr(class_weight, "dtype", dtype) != dtype \
+            and np.dtype(class_weight.dtype).kind in "fiu":
+        class_weight = class_weight.astype(dtype)  # a setting, like the smoothing: the logits' precision
     return apply_op("softmax_cross_entropy", logits, labels=labels, label_smoothing=label_smoothing,
                     class_weight=class_weight)
 
@@ -115,6 +127,7 @@ def batch_norm_act(x, gamma, beta, prelu_weight=None, running_mean=None, running
 
 def dropout(x, p: float = 0.5, training: bool = True, seed: int | None = None) -> Tensor:
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+    _check_training(training)
     if seed is None:
         seed = _random.next_seed() if training else 0
     return apply_op("dropout", x, p=p, training=training, seed=seed)

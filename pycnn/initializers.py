@@ -44,11 +44,23 @@ def variance(scheme: str, shape) -> float:
     raise ValueError(f"init scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
+def float_dtype(dtype) -> np.dtype:
+    """dtype as a NumPy dtype, if it is one pycnn computes in (float32, float64)."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in ("float32", "float64"):  # (dtype == None is float64's)
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return resolved
+
+
 def initialise(scheme: str, shape, dtype=np.float32, rng: np.random.Generator | None = None) -> np.ndarray:
     """A new weight array of ``shape`` drawn by ``scheme`` (see the table above)."""
     if scheme not in SCHEMES:
         raise ValueError(f"init scheme must be one of {SCHEMES}, got {scheme!r}")
-    if scheme == "zeros":
+    dtype = float_dtype(dtype)
+    if scheme == "zeros" or 0 in tuple(int(s) for s in shape):  # an empty weight has no fan to scale by
         return np.zeros(shape, dtype)
     rng = _random.generator() if rng is None else rng
     std = np.sqrt(variance(scheme, shape))

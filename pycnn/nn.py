@@ -315,7 +315,8 @@ class PReLU(Module):
 
     def __init__(self, channels: int, initial_slope: float = 0.25, dtype=np.float32):
         super().__init__()
-        self.weight = Parameter(np.full(_check_positive_int("channels", channels), initial_slope, dtype))
+        self.weight = Parameter(np.full(_check_positive_int("channels", channels), initial_slope,
+                                        init.float_dtype(dtype)))
 
     def forward(self, x):
         return F.prelu(x, self.weight)
@@ -404,6 +405,7 @@ class BatchNorm(Module):
     def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32):
         super().__init__()
         channels = _check_positive_int("channels", channels)
+        dtype = init.float_dtype(dtype)
         self.momentum, self.eps = momentum, eps
         self.weight = Parameter(np.ones(channels, dtype))
         self.bias = Parameter(np.zeros(channels, dtype))
@@ -427,9 +429,9 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must be a probability in [0, 1], got {p}")
-        self.p = p
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        self.p = float(p)
 
     def forward(self, x):
         return F.dropout(x, self.p, training=self.training)

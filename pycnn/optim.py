@@ -38,7 +38,10 @@ def param_groups(model, weight_decay: float = 0.0, l1: float = 0.0, max_norm: fl
 def _check_group(group: dict) -> None:
     for key in ("lr", "weight_decay", "l1"):
         value = group[key]
-        if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+        if isinstance(value, (np.integer, np.floating)):  # a NumPy scalar, e.g. from a search space
+            value = group[key] = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0 \
+                or (key == "lr" and value == 0):
             raise ValueError(f"{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value!r}")
     if group["max_norm"] is not None and not group["max_norm"] > 0:
         raise ValueError(f"max_norm must be > 0 or None, got {group['max_norm']!r}")
@@ -227,8 +230,8 @@ class Adam(Optimizer):
                  l1: float = 0.0, max_norm: float | None = None):
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        if not 0 < eps < np.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1,
                                       max_norm=max_norm))
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 class Schedule:
     def __init__(self, optimizer, warmup_steps: int = 0):
@@ -101,10 +103,14 @@ class ReduceOnPlateau(Schedule):
 
     def __init__(self, optimizer, factor: float = 2.0, patience: int = 3, min_lr: float = 1e-5,
                  mode: str = "max", threshold: float = 1e-3, warmup_steps: int = 0):
-        if factor <= 1:
-            raise ValueError(f"factor must be > 1 (the rate is divided by it), got {factor}")
-        if patience < 0:
-            raise ValueError(f"patience must be >= 0, got {patience}")
+        if not 1 < factor < math.inf:
+            raise ValueError(f"factor must be a finite number > 1 (the rate is divided by it), got {factor}")
+        if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        if not 0 <= min_lr < math.inf:
+            raise ValueError(f"min_lr must be a finite number >= 0, got {min_lr}")
+        if not 0 <= threshold < math.inf:
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         super().__init__(optimizer, warmup_steps)
@@ -114,6 +120,8 @@ class ReduceOnPlateau(Schedule):
         self.bad_epochs = 0
 
     def _improved(self, metric) -> bool:
+        if math.isnan(metric):  # a diverged epoch is no improvement, and never the best
+            return False
         if self.best is None:
             return True
         if self.mode == "max":
@@ -130,6 +138,6 @@ class ReduceOnPlateau(Schedule):
         if self.bad_epochs > self.patience:
             self.bad_epochs = 0
             smallest = self.min_lr / max(g["initial_lr"] for g in self.optimizer.param_groups)
-            return max(self.factor / self.divide_by, smallest)
+            return min(self.factor, max(self.factor / self.divide_by, smallest))  # never raises the rate
         return self.factor
 

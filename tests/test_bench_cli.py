@@ -55,3 +55,20 @@ def test_cases_are_generated_from_the_specs():
     for op in ("maxpool2x2", "avgpool2x2", "relu", "swish"):
         assert {c.shape for c in full if c.op == op} == {case.shapes for case in registry.get(op).bench_cases("cpu")}
     assert {c.op for c in full if c.unfused} == {"conv3x3+relu", "batchnorm+relu"}
+
+
+def test_bench_refuses_an_unwritable_json_path_and_empty_ops_before_measuring(tmp_path, capsys, monkeypatch):
+    """One line and exit 2 before any case runs (it used to measure for minutes, then fail
+    with a traceback on the write); '--ops ""' named no op and ran them all."""
+    monkeypatch.setattr(benchmarks, "run", lambda **kwargs: pytest.fail("measured before checking its arguments"))
+    for bad in (str(tmp_path / "missing" / "b.json"), str(tmp_path)):
+        assert cli.main(["bench", "--quick", "--ops", "relu", "--json", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pycnn bench: --json cannot write") and "\n" not in err
+    assert cli.main(["bench", "--quick", "--ops", " , "]) == 2
+    assert "--ops must name at least one op" in capsys.readouterr().err
+
+
+def test_bench_table_says_torch_was_left_out():
+    rows, facts = benchmarks.run(quick=True, ops=["relu"], use_torch=False)
+    assert "left out: --no-torch" in benchmarks.table(rows[:1], facts)

@@ -191,7 +191,7 @@ def run(quick: bool = False, ops=None, use_torch: bool = True, log=None) -> tupl
         np.ones(24 * 2 ** 20 // 8).sum()  # raise glibc's mmap threshold before the first case (bench/conftest.py)
         rows = [bench.run(case) for case in cases(quick, ops)]
         facts = {"threads": THREADS, "torch": None if torch is None else torch.__version__,
-                 "fma_peak_gflops": bench._peak, "quick": quick}
+                 "torch_left_out": not use_torch, "fma_peak_gflops": bench._peak, "quick": quick}
         return rows, facts
     finally:
         C.set_num_threads(threads_before)
@@ -202,7 +202,8 @@ def table(rows: list[Row], facts: dict) -> str:
     w = max([14] + [len(r.op) + 1 for r in rows])  # the op column
     header = (f"{'op':<{w}}{'algo':<10}{'shape':<20}{'pass':<9}{'pycnn ms':>9}{'torch ms':>9}{'speedup':>8}"
               f"{'GB/s':>7}{'GFLOP/s':>9}{'of limit':>9}")
-    lines = [f"pycnn vs PyTorch CPU ({facts.get('torch') or 'torch not installed'}), {facts['threads']} threads, "
+    torch_text = facts.get("torch") or ("left out: --no-torch" if facts.get("torch_left_out") else "torch not installed")
+    lines = [f"pycnn vs PyTorch CPU ({torch_text}), {facts['threads']} threads, "
              "float32, medians", header, "-" * len(header)]
 
     def num(value, width, fmt):

@@ -319,6 +319,17 @@ class _Whitening(Preprocessor):
         self.image_shape = tuple(images.shape[1:])
         return shift + mean, cov
 
+    def _check_invertible(self, eigvals) -> None:
+        """epsilon = 0 divides by every kept eigenvalue: refused where one is zero to rounding
+        (fewer images than values per image, or constant pixels)."""
+        if self.epsilon == 0:
+            tiny = float(np.max(eigvals, initial=0.0)) * 1e-12  # eigh's rounding, relative to the largest
+            singular = int(np.sum(eigvals <= tiny))
+            if singular:
+                raise ValueError(f"epsilon=0 needs a full-rank covariance, but {singular} of its {len(eigvals)} "
+                                 "eigenvalues are 0 (fewer images than values per image, or constant pixels): "
+                                 "use epsilon > 0 (e.g. 1e-2) or fewer n_components")
+
     def _flat(self, x):
         xp = self._check_input(x)
         return xp, x.reshape(len(x), -1).astype(np.float32) * np.float32(self.scale) - self._device(xp, "mean")
@@ -346,6 +357,7 @@ class PCAWhiten(_Whitening):
             raise ValueError(f"n_components must be <= {cov.shape[0]} (values per image), got {k}")
         eigvals, eigvecs = np.linalg.eigh(cov)
         eigvals, eigvecs = np.maximum(eigvals[::-1][:k], 0), eigvecs[:, ::-1][:, :k]  # descending
+        self._check_invertible(eigvals)
         self.mean, self.eigvals = mean, eigvals
         self.matrix = eigvecs / np.sqrt(eigvals + self.epsilon)  # (D, k)
         return self
@@ -365,6 +377,7 @@ class ZCAWhiten(_Whitening):
         mean, cov = self._covariance(images, batch)
         eigvals, eigvecs = np.linalg.eigh(cov)
         eigvals = np.maximum(eigvals, 0)
+        self._check_invertible(eigvals)
         self.mean, self.eigvals = mean, eigvals[::-1]
         self.matrix = (eigvecs / np.sqrt(eigvals + self.epsilon)) @ eigvecs.T  # (D, D), symmetric
         return self

@@ -32,7 +32,11 @@ def _check_softmax_ce(logits, labels=None, label_smoothing=0.0, class_weight=Non
     # synchronisation here: on the device by the cuda kernel, by check_label_range in the references
     if not is_cuda_array(labels):
         check_label_range(labels, c)
-    if not 0.0 <= float(label_smoothing) < 1.0:
+    try:
+        smoothing = float(label_smoothing)
+    except (TypeError, ValueError):
+        smoothing = float("nan")  # refused below, naming the argument
+    if isinstance(label_smoothing, bool) or not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if class_weight is not None:
         _util.check_float("class_weight", class_weight)

@@ -29,6 +29,10 @@ def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, traini
         raise ValueError("running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise ValueError("evaluation mode (training=False) needs running_mean and running_var")
+    if training:  # the running statistics are updated in place
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            if a is not None and not getattr(getattr(a, "flags", None), "writeable", True):
+                raise ValueError(f"{name} must be a writable array: training updates it in place")
     if training and x.size // c < 2:
         raise ValueError(f"training needs more than one value per channel, got x of shape {tuple(x.shape)}")
     if not 0.0 <= float(momentum) <= 1.0:

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -278,7 +279,20 @@ def _finetune(args) -> int:
 def _bench(args) -> int:
     from pycnn.bench import harness as benchmarks
 
-    ops = [name.strip() for name in args.ops.split(",") if name.strip()] if args.ops else None
+    ops = None
+    if args.ops is not None:
+        ops = [name.strip() for name in args.ops.split(",") if name.strip()]
+        if not ops:
+            print("pycnn bench: --ops must name at least one op, e.g. relu,conv3x3 (leave it out for all)",
+                  file=sys.stderr)
+            return 2
+    if args.json:  # before minutes of measuring: the file must be writable
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK) \
+                or (target.exists() and not os.access(target, os.W_OK)):
+            print(f"pycnn bench: --json cannot write {args.json}: expected a file path in a writable directory",
+                  file=sys.stderr)
+            return 2
     log = (lambda message: print(f"  {message}", file=sys.stderr, flush=True)) if args.verbose else None
     try:
         rows, facts = benchmarks.run(quick=args.quick, ops=ops, use_torch=not args.no_torch, log=log)
