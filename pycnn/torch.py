@@ -209,8 +209,11 @@ def function(name: str) -> type:
             grads = _timed(op.name, ctx.backend, ctx.algo, "backward", ctx.impl.backward, ctx.op_ctx, g)
             if not isinstance(grads, tuple):
                 grads = (grads,)
+            if len(grads) < len(needs) and not any(needs[len(grads):]):
+                grads = grads + (None,) * (len(needs) - len(grads))  # settings passed by position
             if len(grads) != len(needs):
-                raise RuntimeError(f"{op.name}: backward gave {len(grads)} gradients for {len(needs)} inputs")
+                raise RuntimeError(f"{op.name}: only its first {len(grads)} inputs are differentiable; "
+                                   "pass the others as keywords or without requires_grad")
             result, taken = [], [g]
             for gi, need in zip(grads, needs):
                 if gi is None or not need:

@@ -472,3 +472,17 @@ def test_cuda_tensors_on_torchs_stream(monkeypatch):
     _assert_close(y, F.max_pool2d(F.relu(F.conv2d(xt, wt, padding=1)), 2))
     layer = pt.Conv3x3(3, 4, device=dev)
     assert layer.weight.device.type == "cuda" and layer(x.float().detach()).device.type == "cuda"
+
+
+def test_settings_passed_by_position_get_no_gradient():
+    """fancy_pca's eigenvectors, eigenvalues and alphas passed by position ran forward and
+    then failed in backward ("1 gradients for 4 inputs"); now they are settings, and asking
+    for their gradient says in one line what to do."""
+    images = torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    settings = [torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                torch.full((2, 3), 0.1, dtype=torch.float64)]
+    pt.apply_op("fancy_pca", images, *settings).sum().backward()
+    np.testing.assert_array_equal(images.grad.numpy(), np.ones((2, 3, 4, 4)))
+    settings[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="only its first 1 inputs are differentiable"):
+        pt.apply_op("fancy_pca", images, *settings).sum().backward()
