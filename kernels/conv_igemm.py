@@ -10,7 +10,8 @@ straight from x (zeros outside the image).  Three products, one kernel shape:
 
     forward       Y[k, p]      = sum_r  weight[k, r]  cols_x[r, p]     (+ bias, activation)
     grad_x        GX[c, p]     = sum_r' wflip[c, r']  cols_g[r', p]    r' = k*9 + tap,
-                  wflip[c, k*9 + i*3 + j] = weight[k, c, 2 - i, 2 - j]: the same kernel on g
+                  wflip[c, k*9 + i*3 + j] = weight[k, c, 2 - i, 2 - j]: the same kernel on g,
+                  reading weight where wflip's entries are (no flipped copy)
     grad_weight   GW[k, r]     = sum_p  g[k, p]  cols_x[r, p]           (split over p, then
                   the splits summed in a fixed order: no atomics, the same bits every run)
 
@@ -147,9 +148,10 @@ def _build_kernels(T, tensor_cores: bool):
 
     @cuda.jit
     def conv_forward(x, wmat, bias, slopes, y, z, rows_out, rows, pixels, height, width, stride_n, stride_c,
-                     code, slope, alpha, has_bias, keep_z):
+                     code, slope, alpha, has_bias, keep_z, flipped):
         # x flat, read as x[n * stride_n + c * stride_c + h * W + w]; wmat (rows_out * rows,)
-        # row-major; y, z (N * rows_out * H * W,) NCHW; bias, slopes (rows_out,).
+        # row-major, or with flipped the (rows // 9, rows_out, 3, 3) weight whose wflip it
+        # stands for; y, z (N * rows_out * H * W,) NCHW; bias, slopes (rows_out,).
         # grid (ceil(pixels / BN), ceil(rows_out / BM)), block (TS, TS)
         a_tile = cuda.shared.array((2, BK, A_ROW), T)  # a_tile[., kk, m] = wmat[m0 + m, r0 + kk]
         b_tile = cuda.shared.array((2, BK, B_ROW), T)  # b_tile[., kk, q] = cols[r0 + kk, p0 + q]
@@ -179,7 +181,11 @@ def _build_kernels(T, tensor_cores: bool):
                 r = s * BK + a_k
                 for l in range(2):
                     m = m0 + a_m + l * (THREADS // BK)
-                    a_next[l] = wmat[m * rows + r] if m < rows_out and r < rows else T(0)
+                    if m < rows_out and r < rows:
+                        # wflip[m, r] = weight[r // 9, m, 8 - r % 9] (the taps reversed)
+                        a_next[l] = wmat[((r // 9) * rows_out + m) * 9 + 8 - r % 9] if flipped else wmat[m * rows + r]
+                    else:
+                        a_next[l] = T(0)
                 for l in range(2):
                     r = s * BK + b_k + l * (THREADS // BN)
                     b_next[l] = gather(x, r, n, h, w, rows, height, width, stride_n, stride_c) if n >= 0 else T(0)
@@ -300,11 +306,13 @@ def _flat(a):
 
 
 def forward(x, wmat, y, bias=None, slopes=None, z=None, activation=None, slope=0.01, alpha=1.0,
-            channels_first_input: bool = False, tensor_cores: bool = False) -> None:
+            channels_first_input: bool = False, tensor_cores: bool = False, flipped: bool = False) -> None:
     """y (N, M, H, W) = act(wmat (M, R) @ cols(x) + bias), R = 9 * (x's channels); z gets
     the pre-activation when it is not None.  x is (N, C, H, W), or with
     ``channels_first_input`` the (C, N*H*W) layout of a channels-first gradient (its
-    channel count and image shape are y's).  ``tensor_cores``: float32 on TF32 tensor cores."""
+    channel count and image shape are y's).  With ``flipped``, wmat is a conv weight
+    (C, M, 3, 3) and the product uses its wflip (M, C*9), taps reversed: grad_x of the conv
+    whose output gradient x is.  ``tensor_cores``: float32 on TF32 tensor cores."""
     n, m_out, h, w = y.shape
     plane = h * w
     if channels_first_input:
@@ -324,13 +332,7 @@ def forward(x, wmat, y, bias=None, slopes=None, z=None, activation=None, slope=0
            bias if bias is not None else unused, slopes if slopes is not None else unused, _flat(y),
            _flat(z) if z is not None else unused, _i(m_out), _i(rows), _i(pixels), _i(h), _i(w), _i(stride_n),
            _i(stride_c), _i(ACTIVATIONS[activation]), dtype(slope), dtype(alpha), np.uint8(bias is not None),
-           np.uint8(z is not None))
-
-
-def flipped_weights(weight, xp):
-    """(C, K*9): wflip[c, k*9 + i*3 + j] = weight[k, c, 2 - i, 2 - j] (grad_x's weights)."""
-    k, c = weight.shape[:2]
-    return xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, k * 9)
+           np.uint8(z is not None), np.uint8(flipped))
 
 
 def splits_for(outputs: int, rows: int, pixels: int, blocks_wanted: int = 264) -> int:

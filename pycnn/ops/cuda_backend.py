@@ -140,7 +140,7 @@ def _conv3x3_gemm(K, fused: bool, implicit: bool = False, tensor_cores: bool = F
         if needs_grad(ctx, 0):
             grad_x = _util.empty((n, c, h, w), grad.dtype, grad)
             if implicit:
-                K.igemm.forward(g2, K.igemm.flipped_weights(weight, xp), grad_x, channels_first_input=True,
+                K.igemm.forward(g2, weight, grad_x, channels_first_input=True, flipped=True,
                                 tensor_cores=tensor_cores)
             else:
                 grad_cols = xp.matmul(weight.reshape(k, c * 9).T, g2)  # (C*9, K) @ (K, P)
