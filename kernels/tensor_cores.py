@@ -16,7 +16,7 @@ and t = l % 4 (the PTX ISA's fragment layout for m16n8k8 .tf32):
 
 Error: rounding each operand to TF32 is a relative error of at most 2^-11 (4.9e-4); the
 products of TF32 numbers are exact in float32 and are summed in float32, so a dot product
-of length R is off by at most about (2^-10 + R 2^-24) sum |a||b| (PyTorch's allow_tf32
+of length R is off by at most about (2^-10 + R 2^-23) sum |a||b| (PyTorch's allow_tf32
 makes the same trade).  Needs compute capability 8.0 or newer (``check_device``).
 
 In the simulator the emulation exchanges the warp's fragments through shared memory (two
