@@ -122,7 +122,7 @@ def test_reduce_on_plateau_divides_after_patience_and_respects_min():
         assert s.lr == pytest.approx(expected)
     with pytest.raises(ValueError, match="needs the validation metric"):
         s.step_epoch()
-    with pytest.raises(ValueError, match="factor must be > 1"):
+    with pytest.raises(ValueError, match="factor must be a finite number > 1"):
         schedules.ReduceOnPlateau(_sgd(), factor=0.5)
 
 
