@@ -1,7 +1,7 @@
 """The activations a fused kernel applies where it stores its output (conv3x3_act's GEMM
 epilogue in conv_gemm, batchnorm_act in batchnorm), as device functions on the
 pre-activation z, with the rules of ``pycnn.ops.activations`` (the rectifiers take their
-negative branch at z == 0 and for NaN).
+negative branch at z == 0 and for NaN; relu's keeps a NaN, as max(NaN, 0) is NaN there).
 
 Codes (0: no activation); prelu reads one slope per channel, which the caller passes as
 ``slope``.
@@ -24,7 +24,7 @@ def device_functions(T):
     @cuda.jit(device=True)
     def activate(z, code, slope, alpha):
         if code == 1:
-            return z if z > T(0) else T(0)
+            return T(0) if z <= T(0) else z  # NaN stays NaN
         if code == 2 or code == 3:
             return z if z > T(0) else z * slope
         if code == 4:

@@ -446,3 +446,42 @@ def test_a_scalar_loss_backpropagates_and_empty_outputs_launch_nothing():
         assert y.shape == (1, 0, 3, 3), algo
         np.testing.assert_array_equal(to_host(x.grad), np.zeros((1, 2, 3, 3)), err_msg=algo)
         assert to_host(w.grad).shape == (0, 2, 3, 3)
+
+
+@needs_cuda
+def test_fused_relu_keeps_nan_like_the_reference():
+    """conv3x3_act (every algorithm) and batchnorm_act with relu turned a NaN pre-activation
+    into 0 (a whole network then trained on as if the NaN were not there); max(NaN, 0) is NaN
+    in the reference and the cpp backend."""
+    cuda_backend()
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = np.nan
+    w = np.zeros((1, 1, 3, 3))
+    w[0, 0, 1, 1] = 1.0
+    for algo in registry.get("conv3x3_act").algorithms("cuda"):
+        with pycnn.use_backend("cuda"):
+            y = F.conv3x3_act(pycnn.Tensor(to_device(x)), pycnn.Tensor(to_device(w)), activation="relu", algo=algo)
+        assert np.isnan(to_host(y.data)).all(), algo  # every output reads the NaN (times a 0 weight)
+    xb = np.array([[np.nan, 1.0], [0.5, 2.0], [1.5, -1.0]])
+    for training in (True, False):
+        with pycnn.use_backend("cuda"):
+            y = F.batch_norm_act(pycnn.Tensor(to_device(xb)), pycnn.Tensor(to_device(np.ones(2))),
+                                 pycnn.Tensor(to_device(np.zeros(2))), running_mean=to_device(np.zeros(2)),
+                                 running_var=to_device(np.ones(2)), training=training)
+        assert np.isnan(to_host(y.data)[0, 0]), training
+
+
+@needs_cuda
+@pytest.mark.skipif(not SIMULATED, reason="only host arrays (the simulator's) can be big-endian")
+def test_big_endian_inputs_run_as_native_ones():
+    """'>f4' inputs pass the dtype checks; the kernels took them as they were and Numba
+    refused the type.  Now they are converted, as the cpp backend does."""
+    cuda_backend()
+    x = np.array([[-1.0, 2.0]], ">f4")
+    with pycnn.use_backend("cuda"):
+        y = F.relu(pycnn.Tensor(x))
+    np.testing.assert_array_equal(to_host(y.data), [[0.0, 2.0]])
+    images = np.arange(16, dtype=">f8").reshape(1, 1, 4, 4)
+    with pycnn.use_backend("cuda"):
+        pooled = F.max_pool2x2(pycnn.Tensor(images))
+    np.testing.assert_array_equal(to_host(pooled.data), [[[[5.0, 7.0], [13.0, 15.0]]]])

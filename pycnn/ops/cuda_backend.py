@@ -63,7 +63,13 @@ def kernel_module(name: str):
 # K: the kernel modules (``_kernel_modules``); every factory returns (forward, backward).
 
 def _c(a):
-    return None if a is None else _util.contiguous(a)
+    """An input as the kernels take it: C-contiguous, in native byte order (only the
+    simulator's NumPy arrays can be big-endian; CuPy has no other byte order)."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return _util.contiguous(a)
 
 
 def _zeros(K, n, like):
