@@ -283,3 +283,52 @@ def test_cupy_arrays_stay_on_the_device_and_match_numpy():
         assert isinstance(on_gpu, cupy.ndarray), t
         np.testing.assert_allclose(cupy.asnumpy(on_gpu).astype(np.float64), t(x, 5).astype(np.float64),
                                    atol=1.0 if on_gpu.dtype == np.uint8 else 1e-3)
+
+
+# ------------------------------------- found by an independent sweep (fifth session)
+
+def test_sizes_are_checked_and_empty_batches_keep_their_shape():
+    """size 0 or -1 gave empty images or a NumPy reshape error; a size of 0 in a resize a
+    ZeroDivisionError; an empty batch failed in the crops, rotation and resize."""
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 6, 5)).astype(np.uint8)
+    for call in (lambda: A.RandomCrop(2, size=0), lambda: A.RandomScaleCrop((4, 4), size=-1),
+                 lambda: A.RandomCrop(2, size=(3, 2.5)), lambda: A.resize_bilinear(x, (0, 3)),
+                 lambda: A.resize_bilinear(x, 3.5)):
+        with pytest.raises(ValueError, match="size must be"):
+            call()
+    empty = x[:0]
+    for transform in (A.RandomCrop(2), A.RandomScaleCrop((6, 8)), A.RandomRotation(), A.RandomFlip()):
+        out = transform(empty, 0)
+        assert out.shape == (0, 3, 6, 5) and out.dtype == np.uint8, transform
+    assert A.resize_bilinear(empty, (3, 4)).shape == (0, 3, 3, 4)
+
+
+def test_a_callable_gets_the_generator_only_where_it_asks_for_one():
+    """f(x, scale=255.0) got the generator as its scale; a keyword rng gets it by keyword;
+    f(x, rng) and Transforms positionally."""
+    x = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 4)).astype(np.uint8)
+    seen = []
+
+    def to_unit(x, scale=255.0):
+        return x / scale
+
+    def keyword(x, scale=2.0, rng=None):
+        seen.append(("keyword", scale, type(rng).__name__))
+        return x
+
+    def positional(x, rng):
+        seen.append(("positional", type(rng).__name__))
+        return x
+    out = A.Compose([A.RandomFlip(), keyword, positional, to_unit])(x, 0)
+    assert out.max() <= 1.0
+    assert seen == [("keyword", 2.0, "Generator"), ("positional", "Generator")]
+
+
+def test_fancy_pca_state_keeps_its_scale():
+    x = np.random.default_rng(2).integers(0, 256, (4, 3, 5, 5)).astype(np.uint8)
+    fitted = A.FancyPCA(0.5, scale=255.0).fit(x)
+    restored = A.FancyPCA.from_state_dict(fitted.state_dict())
+    assert restored.scale == 255.0
+    floats = x.astype(np.float32)
+    np.testing.assert_array_equal(restored(floats, 3), fitted(floats, 3))
+    assert A.FancyPCA.from_state_dict(A.FancyPCA(0.5).fit(x).state_dict()).scale is None

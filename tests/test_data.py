@@ -476,3 +476,38 @@ def test_loader_starts_inside_an_epoch_with_the_same_batches(prefetch):
     assert loader.epoch == 4 and len(list(loader)) == len(whole)  # the next epoch starts at batch 0 again
     with pytest.raises(ValueError, match="start_batch must be a non-negative integer"):
         loader.set_epoch(0, start_batch=-1)
+
+
+def test_stratified_holdout_holds_out_a_member_of_every_class_it_can():
+    """A class of 2 among classes of 20 got no validation image with 6 held out (the
+    docstring promised one on each side); over random class sizes both sides get a member
+    of every class of two or more wherever the sizes allow."""
+    labels = np.repeat([0, 1, 2], [20, 20, 2])
+    kept, held = datasets.stratified_holdout(labels, 6)
+    assert np.bincount(labels[held])[2] == 1 and np.bincount(labels[kept])[2] == 1
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        counts = rng.integers(1, 30, rng.integers(1, 7))
+        labels = np.repeat(np.arange(len(counts)), counts)
+        n = len(labels)
+        if n < 2:
+            continue
+        size = int(rng.integers(1, n))
+        kept, held = datasets.stratified_holdout(labels, size, seed=trial)
+        assert len(held) == size and len(np.union1d(kept, held)) == n
+        several = counts >= 2
+        kept_counts = np.bincount(labels[kept], minlength=len(counts))
+        held_counts = np.bincount(labels[held], minlength=len(counts))
+        if n - size >= several.sum():
+            assert np.all(kept_counts[several] >= 1), (counts, size)
+        if size >= several.sum() and n - size >= several.sum():
+            assert np.all(held_counts[several] >= 1), (counts, size)
+
+
+def test_data_loader_takes_a_list_pair_like_a_tuple():
+    from pycnn.data.loader import DataLoader
+    x = np.zeros((3, 1, 2, 2), np.uint8)
+    loader = DataLoader([x, np.array([0, 1, 2])], 2)
+    assert len(loader) == 2 and [b[0].shape[0] for b in loader] == [2, 1]
+    with pytest.raises(TypeError, match="dataset must be"):
+        DataLoader([x], 2)

@@ -181,3 +181,11 @@ def test_search_and_ensemble_contracts_on_a_local_ray_instance(tmp_path, capsys)
     report = json.loads((tmp_path / "e" / "ensemble.json").read_text())
     assert len(report["members"]) == 3 and all(0 <= m["test_accuracy"] <= 1 for m in report["members"])
     assert 0 <= report["ensemble"]["test_accuracy"] <= 1
+
+
+def test_integer_settings_take_whole_number_choices_only():
+    """batch_size=choice:a,b ended in a traceback (round of a str) and 1.5 was rounded to 2."""
+    for text in ("batch_size=choice:a,b", "batch_size=choice:1.5,2"):
+        with pytest.raises(SearchError, match="needs whole numbers"):
+            parse_param(text)
+    assert parse_param("batch_size=choice:32,64").values == (32, 64)

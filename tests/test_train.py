@@ -218,6 +218,7 @@ def test_config_rejects_bad_values_naming_them(values, message):
     (dict(crop_padding=40), r"crop_padding must be less than half the image side \(8x8 images: at most 3\)"),
     (dict(widths=(4, 8, 16, 32)), "widths has 4 stages, each halving the image: 8x8 images allow at most 3"),
     (dict(colour_jitter=True), "colour_jitter needs RGB images"),
+    (dict(fancy_pca=0.1), "fancy_pca needs RGB images"),
     (dict(val_size=1000), "val_size must be at most half of the 1438 training images"),
     (dict(classes=(1, 12)), r"classes: labels \[12\] do not occur"),
 ])

@@ -82,6 +82,21 @@ def _check_range(name, value, low=None, positive=False):
     return float(a), float(b)
 
 
+def _image_size(name: str, size, optional: bool = True):
+    """``size`` as (h, w) of positive integers (an integer: a square), or None where optional."""
+    if size is None and optional:
+        return None
+    pair = (size, size) if np.isscalar(size) else size
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be {'None, ' if optional else ''}a positive integer or a pair (h, w) of them, "
+                         f"got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def _bilinear(x, ys, xs, fill: str):
     """Bilinear sampling: out[n, c, i, j] = x[n, c] at the point (ys[n, i, j], xs[n, i, j])
     (pixel centres at integer coordinates).  ``fill="edge"`` clamps points to the image
@@ -89,6 +104,8 @@ def _bilinear(x, ys, xs, fill: str):
     xp = array_module(x)
     n, c, height, width = x.shape
     dtype = _work_dtype(x)
+    if n == 0:  # an empty batch: nothing to sample
+        return xp.empty((0, c, *ys.shape[1:]), dtype)
     # channels last, converted once: row n*H*W + y*W + x holds the C values of one pixel
     values = x.transpose(0, 2, 3, 1).astype(dtype).reshape(n * height * width, c)
     base = xp.arange(n).reshape(n, 1) * (height * width)                   # (N, 1) image offsets
@@ -120,7 +137,7 @@ def resize_bilinear(x, size):
     centres (as OpenCV and ``torch.nn.functional.interpolate(align_corners=False)``, no
     antialiasing).  The dtype is kept (uint8 results are rounded)."""
     xp = _check_batch(x)
-    h, w = size
+    h, w = _image_size("size", size, optional=False)
     n, _, height, width = x.shape
     ys = (xp.arange(h, dtype=np.float64) + 0.5) * (height / h) - 0.5
     xs = (xp.arange(w, dtype=np.float64) + 0.5) * (width / w) - 0.5
@@ -137,17 +154,25 @@ def _rgb_moments_kernel():
     return None if C is None else C.rgb_moments
 
 
-def _takes_rng(transform) -> bool:
+def with_rng(transform):
+    """``transform`` as a function of (x, rng): it gets the generator as its second
+    positional argument (a Transform, ``f(x, rng)``, ``f(x, *args)``), as its ``rng``
+    keyword (``f(x, scale=255.0, rng=None)``), or not at all (``f(x)``, and
+    ``f(x, scale=255.0)``: a second argument with a default is a setting, not a generator)."""
     if isinstance(transform, Transform):
-        return True
+        return transform
     try:
         parameters = list(inspect.signature(transform).parameters.values())
     except (TypeError, ValueError):
-        return False
-    if any(p.name == "rng" for p in parameters):
-        return True
+        return lambda x, rng: transform(x)
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    if len(positional) >= 2 and (positional[1].name == "rng" or positional[1].default is inspect.Parameter.empty):
+        return transform
+    if any(p.name == "rng" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters):
+        return lambda x, rng: transform(x, rng=rng)
+    if len(positional) < 2 and any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return transform
+    return lambda x, rng: transform(x)
 
 
 # ------------------------------------------------------------------------------- transforms
@@ -174,12 +199,12 @@ class Compose(Transform):
         for i, t in enumerate(self.transforms):
             if not callable(t):
                 raise TypeError(f"transforms[{i}] must be callable, got {type(t).__name__}")
-        self._rng_flags = [_takes_rng(t) for t in self.transforms]
+        self._calls = [with_rng(t) for t in self.transforms]
 
     def __call__(self, x, rng=None):
         rng = as_generator(rng)
-        for t, takes_rng in zip(self.transforms, self._rng_flags):
-            x = t(x, rng) if takes_rng else t(x)
+        for call in self._calls:
+            x = call(x, rng)
         return x
 
     def __repr__(self) -> str:
@@ -214,7 +239,7 @@ class RandomCrop(Transform):
         if mode not in ("zero", "reflect"):
             raise ValueError(f"mode must be 'zero' or 'reflect', got {mode!r}")
         self.padding, self.mode = int(padding), mode
-        self.size = None if size is None else (int(size), int(size)) if np.isscalar(size) else tuple(map(int, size))
+        self.size = _image_size("size", size)
 
     def __call__(self, x, rng=None):
         xp = _check_batch(x)
@@ -227,6 +252,8 @@ class RandomCrop(Transform):
             raise ValueError(f"size {(h, w)} does not fit in the padded image {(height + 2 * p, width + 2 * p)}")
         padded = xp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), mode="constant" if self.mode == "zero" else "reflect")
         rng = as_generator(rng)
+        if n == 0:
+            return xp.empty((0, c, h, w), x.dtype)
         top = rng.integers(0, height + 2 * p - h + 1, size=n)
         left = rng.integers(0, width + 2 * p - w + 1, size=n)
         wp = width + 2 * p
@@ -249,7 +276,7 @@ class RandomScaleCrop(Transform):
 
     def __init__(self, scale=(32, 40), size=None):
         self.scale = _check_range("scale", scale, positive=True)
-        self.size = None if size is None else (int(size), int(size)) if np.isscalar(size) else tuple(map(int, size))
+        self.size = _image_size("size", size)
 
     def __call__(self, x, rng=None):
         xp = _check_batch(x)
@@ -496,14 +523,17 @@ class FancyPCA(Transform):
     def state_dict(self) -> dict:
         if self.eigvecs is None:
             raise RuntimeError("FancyPCA is not fitted: call fit(images_uint8) first")
-        return {"type": np.array("FancyPCA"), "std": np.array(self.std), "mean": self.mean, "cov": self.cov,
-                "eigvals": self.eigvals, "eigvecs": self.eigvecs, "count": np.array(self.count)}
+        state = {"type": np.array("FancyPCA"), "std": np.array(self.std), "mean": self.mean, "cov": self.cov,
+                 "eigvals": self.eigvals, "eigvecs": self.eigvecs, "count": np.array(self.count)}
+        if self.scale is not None:  # absent: the default scale of the input's dtype
+            state["scale"] = np.array(float(self.scale))
+        return state
 
     @classmethod
     def from_state_dict(cls, state) -> "FancyPCA":
         if str(state["type"]) != "FancyPCA":
             raise ValueError(f"state is a {state['type']}, not a FancyPCA")
-        t = cls(std=float(state["std"]))
+        t = cls(std=float(state["std"]), scale=float(state["scale"]) if "scale" in state else None)
         t.mean, t.cov = np.array(state["mean"]), np.array(state["cov"])
         t.eigvals, t.eigvecs, t.count = np.array(state["eigvals"]), np.array(state["eigvecs"]), int(state["count"])
         return t

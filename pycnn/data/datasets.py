@@ -69,7 +69,8 @@ def train_test_split(images, labels, test_fraction: float, seed: int = 0):
 def stratified_holdout(labels, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(kept indices, held-out indices), both sorted: exactly ``size`` indices held out, every
     class in proportion to its share of ``labels`` (largest remainders get the rounding), each
-    class keeping at least one member on both sides where it has two or more."""
+    class keeping at least one member on both sides where it has two or more (on the held-out
+    side: where ``size`` is at least the number of such classes)."""
     labels = np.asarray(labels)
     n = len(labels)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size < n:
@@ -81,8 +82,16 @@ def stratified_holdout(labels, size: int, seed: int = 0) -> tuple[np.ndarray, np
     take[order[: size - take.sum()]] += 1
     # keep a member of each class on both sides where possible, moving the surplus elsewhere
     take = np.minimum(take, np.maximum(counts - 1, 0))
+    several = counts >= 2
+    if size >= several.sum():  # a rare class still gets a held-out member
+        take[several] = np.maximum(take[several], 1)
+        while take.sum() > size:  # ... paid for by the class most above its share
+            over = np.flatnonzero(take > several.astype(np.int64))
+            take[over[np.argmax(take[over] - exact[over])]] -= 1
     while take.sum() < size:
         room = np.flatnonzero(take < counts - 1)
+        if len(room) == 0:  # a class of one member before the last kept member of another
+            room = np.flatnonzero((take < counts) & (counts == 1))
         if len(room) == 0:
             room = np.flatnonzero(take < counts)
         take[room[np.argmax(counts[room] - take[room])]] += 1

@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 
 from pycnn.device import array_module, to_host
-from pycnn.data.augment import _takes_rng
+from pycnn.data.augment import with_rng
 
 __all__ = ["ArrayDataset", "BalancedSampler", "DataLoader"]
 
@@ -236,9 +236,9 @@ class DataLoader:
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, transform=None,
                  drop_last: bool = False, sampler=None, prefetch: int = 2):
-        if isinstance(dataset, tuple) and len(dataset) == 2:
+        if isinstance(dataset, (tuple, list)) and len(dataset) == 2:  # (images, labels), [images, labels]
             dataset = ArrayDataset(*dataset)
-        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        if isinstance(dataset, (list, tuple)) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             raise TypeError("dataset must be an ArrayDataset or an (images, labels) pair, "
                             f"got {type(dataset).__name__}")
         for name, value, low in (("batch_size", batch_size, 1), ("prefetch", prefetch, 0), ("seed", seed, 0)):
@@ -250,7 +250,7 @@ class DataLoader:
             raise TypeError(f"sampler must have an epoch_indices(epoch) method, got {type(sampler).__name__}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), bool(shuffle), int(seed)
         self.transform, self.drop_last, self.sampler, self.prefetch = transform, bool(drop_last), sampler, int(prefetch)
-        self._transform_takes_rng = transform is not None and _takes_rng(transform)
+        self._transform_call = None if transform is None else with_rng(transform)
         self.epoch = 0
         self._start_batch = 0
 
@@ -282,18 +282,15 @@ class DataLoader:
         self.epoch, self._start_batch = self.epoch + 1, 0
         order = self._epoch_indices(epoch)
         xp = array_module(self.dataset.images) if hasattr(self.dataset, "images") else np
-        dataset, transform, takes_rng = self.dataset, self.transform, self._transform_takes_rng
+        dataset, transform = self.dataset, self._transform_call
         seed, size = self.seed, self.batch_size
 
         def make_batch(b: int):
             b += start
             index = order[b * size:(b + 1) * size]
             images, labels = dataset[index if xp is np else xp.asarray(index)]
-            if transform is not None:
-                if takes_rng:
-                    images = transform(images, np.random.default_rng([seed, epoch, b, 0xA06]))
-                else:
-                    images = transform(images)
+            if transform is not None:  # the generator is made whether the transform takes it or not
+                images = transform(images, np.random.default_rng([seed, epoch, b, 0xA06]))
             x = images.astype(np.float32, copy=False) if images.dtype != np.float32 else images
             return x, labels.astype(np.int64, copy=False)
 

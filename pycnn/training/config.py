@@ -254,8 +254,9 @@ def check_against_data(config: Config, channels: int, side: int, n_train: int) -
     if config.crop_padding and 2 * config.crop_padding >= side:
         raise ConfigError(f"crop_padding must be less than half the image side ({side}x{side} images: at most "
                           f"{(side - 1) // 2}), got {config.crop_padding}")
-    if config.colour_jitter and channels != 3:
-        raise ConfigError(f"colour_jitter needs RGB images (3 channels); {config.dataset} has {channels}")
+    for name in ("colour_jitter", "fancy_pca"):  # both work on RGB colours
+        if getattr(config, name) and channels != 3:
+            raise ConfigError(f"{name} needs RGB images (3 channels); {config.dataset} has {channels}")
     least = 1 if config.val_size == 0 and not config.folds else 2
     if n_train < least:
         raise ConfigError(f"limit: {n_train} training image{'s are' if n_train != 1 else ' is'} too few (at least "

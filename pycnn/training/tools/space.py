@@ -84,6 +84,12 @@ def make_dist(key: str, kind: str, values, where: str = "space") -> Dist:
         raise SearchError(f"{where}: {key} = {{{kind} = ...}} needs a list, got {values!r}")
     if kind == "choice":
         values = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+        if key in Config.INTEGERS:  # whole numbers only: 1.5 would be rounded, "a" cannot be
+            wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float, np.integer,
+                                                                                    np.floating))
+                     or not float(v).is_integer()]
+            if wrong:
+                raise SearchError(f"{where}: {key} = {{choice = [...]}} needs whole numbers, got {_fmt(wrong[0])}")
     else:
         if key not in Config.NUMBERS and key not in Config.INTEGERS:
             raise SearchError(f"{where}: {key} is not a number setting; search it with choice = [...]")
