@@ -173,6 +173,10 @@ def test_reader_errors_name_the_problem(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="uint8"):
         datasets.read_cifar10_pickle(path)
+    with open(path, "wb") as f:  # 1.7 was read as 1
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1.7]}, f)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        datasets.read_cifar10_pickle(path)
     with open(path, "wb") as f:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, f)
     with pytest.raises(ValueError, match="1 labels for 2 images"):

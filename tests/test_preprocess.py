@@ -171,3 +171,15 @@ def test_floating_point_input_and_use_in_a_loader():
     batches = [b for b, _ in loader]
     assert all(b.dtype == np.float32 for b in batches)
     np.testing.assert_allclose(np.concatenate(batches).mean(axis=(0, 2, 3)), 0, atol=1e-4)
+
+
+def test_fitting_refuses_non_finite_images_and_settings():
+    """A NaN image made every statistic NaN, silently; scale=inf failed inside LAPACK."""
+    from pycnn.data.preprocess import Standardise, ZCAWhiten
+    images = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
+    images[1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="images must be finite to fit"):
+        Standardise().fit(images)
+    for bad in (dict(scale=np.inf), dict(epsilon=np.inf)):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            ZCAWhiten(**bad)

@@ -189,3 +189,9 @@ def test_integer_settings_take_whole_number_choices_only():
         with pytest.raises(SearchError, match="needs whole numbers"):
             parse_param(text)
     assert parse_param("batch_size=choice:32,64").values == (32, 64)
+
+
+def test_ray_flags_with_the_local_backend_are_refused(tmp_path, capsys):
+    assert cli.main(["search", "--backend", "local", "--address", "auto", "--epochs", "1", "--trials", "1",
+                     "--run-dir", str(tmp_path / "s")]) == 2
+    assert "--address: only for --backend ray" in capsys.readouterr().err

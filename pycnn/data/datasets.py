@@ -228,7 +228,10 @@ def read_cifar10_pickle(path) -> tuple[np.ndarray, np.ndarray]:
     if data.size % _CIFAR10_PIXELS:
         raise ValueError(f"{path}: b'data' has {data.size} bytes, not a multiple of {_CIFAR10_PIXELS}")
     images = np.ascontiguousarray(data.reshape(-1, *_CIFAR10_SHAPE))
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    raw = np.asarray(batch["labels"])
+    if raw.dtype.kind not in "iu":  # 1.7 would be truncated to 1
+        raise ValueError(f"{path}: labels must be integers, got {raw.dtype}")
+    labels = raw.astype(np.int64)
     if labels.shape != (len(images),):
         raise ValueError(f"{path}: {len(labels)} labels for {len(images)} images")
     if labels.size and (labels.min() < 0 or labels.max() > 9):

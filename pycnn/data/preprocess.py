@@ -51,7 +51,10 @@ def _chunks(images, batch: int, index=None):
     n = len(images) if index is None else len(index)
     for start in range(0, n, batch):
         part = images[start:start + batch] if index is None else images[index[start:start + batch]]
-        yield to_host(part).astype(np.float64)
+        chunk = to_host(part).astype(np.float64)
+        if not np.isfinite(chunk).all():  # a NaN would become every statistic, silently
+            raise ValueError("images must be finite to fit a pre-processor: they hold NaN or inf")
+        yield chunk
 
 
 class _Moments:
@@ -286,10 +289,10 @@ class _Whitening(Preprocessor):
     _settings = ("epsilon", "scale", "subset", "seed")
 
     def __init__(self, epsilon: float = 1e-2, scale: float = 1 / 255, subset: int | None = None, seed: int = 0):
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        if not 0 <= epsilon < np.inf:
+            raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
+        if not 0 < scale < np.inf:
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
         if subset is not None and (isinstance(subset, bool) or not isinstance(subset, (int, np.integer))
                                    or subset < 2):
             raise ValueError(f"subset must be None or an integer >= 2, got {subset!r}")

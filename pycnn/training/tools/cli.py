@@ -150,6 +150,12 @@ def _config(args, defaults: dict | None = None, space: bool = False):
 
 
 def _ray_options(args, config) -> dict:
+    from pycnn.training.config import ConfigError
+
+    if args.backend == "local":  # said, rather than ignored
+        given = [f"--{name}" for name in ("address", "cpus", "gpus") if getattr(args, name, None) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for --backend ray (this run is --backend local)")
     return {"address": args.address, "cpus": args.cpus, "gpus": args.gpus, "threads": args.threads,
             "device": config.device}
 
