@@ -141,3 +141,10 @@ def test_bad_input_is_one_line_with_status_2(sources, tmp_path, capsys):
     (tmp_path / "members" / "seed_0").mkdir(parents=True)
     (tmp_path / "members" / "seed_0" / "config.json").write_text(json.dumps(Config(lr=0.3).to_dict()))
     assert "other settings" in fails("--members", "2", *TINY)
+    # settings with nothing to train were ignored; members to train on another test set were
+    # trained first and refused after
+    assert "--dataset: settings for members trained here" in fails("--from-run", str(sources / "run"), "--dataset",
+                                                                    "cifar10")
+    assert "members must share a test set" in fails("--from-run", str(sources / "run"), "--members", "1",
+                                                    "--dataset", "digits", "--classes", "1,2", "--limit", "150")
+    assert not (tmp_path / "members" / "seed_1").exists()

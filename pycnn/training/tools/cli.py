@@ -191,7 +191,16 @@ def _ensemble(args) -> int:
     if not (args.members or args.from_search or args.from_run or args.snapshots):
         raise ensemble.EnsembleError("no members: give --members N, --from-search DIR, --from-run DIR or "
                                      "--snapshots K")
+    from pycnn.training.config import Config
+
     config, _ = _config(args)
+    if not (args.members or args.snapshots):
+        set_here = sorted(name for name in vars(args) if name in {f.name for f in dataclasses.fields(Config)}
+                          and getattr(args, name) is not None)
+        if set_here or args.config:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in set_here) or "--config"
+            raise ensemble.EnsembleError(f"{flags}: settings for members trained here (--members, --snapshots); the "
+                                         "members of --from-run / --from-search keep their own")
     if args.members or args.snapshots:
         _need_ray(args)
     ensemble.run_ensemble(config, args.run_dir, seeds=args.members, from_search=args.from_search, top=args.top,

@@ -372,6 +372,12 @@ def run_ensemble(config: Config | None, run_dir, *, seeds: int = 0, from_search=
     if seeds or snapshots:
         if config is None:
             raise EnsembleError("--members/--snapshots need a config to train")
+        for member in members:  # before training for minutes: they must share a test set
+            trained = trials.load_predictor(member.checkpoint, member.name).config
+            if (trained.dataset, trained.classes) != (config.dataset, config.classes):
+                raise EnsembleError(f"members must share a test set: {member.checkpoint} was trained on "
+                                    f"{trained.dataset} classes {list(trained.classes) or 'all'}, the members to "
+                                    f"train here would use {config.dataset} classes {list(config.classes) or 'all'}")
         try:
             members = train_members(config, seeds, snapshots, cycle_epochs, run_dir, backend, ray_options, log) + members
         except ConfigError as exc:
