@@ -221,15 +221,26 @@ class Tensor:
                 raise ValueError(f"grad must have shape {self.shape}, got {tuple(grad.shape)}")
 
         order = _topological_order(self)
+        seed = grad
         grads = {id(self): grad}
+        given = set()  # the arrays already given to a leaf as its .grad in this pass
         for tensor in order:  # outputs before the inputs they were made from
             g = grads.pop(id(tensor), None)
             if g is None:
                 continue
             node = tensor._node
             if node is None:
-                tensor.grad = g if tensor.grad is None else tensor.grad + g
+                if tensor.grad is not None:
+                    tensor.grad = tensor.grad + g
+                else:  # a .grad of its own: not the caller's array, a view of it, or another leaf's
+                    shared = g is seed or id(g) in given or getattr(g, "base", None) is not None
+                    tensor.grad = g.copy() if shared else g
+                    given.add(id(tensor.grad))
                 continue
+            if getattr(node.ctx, "freed", False):
+                raise RuntimeError(f"backward through {node.function.__name__} a second time: the first backward "
+                                   "freed what its forward kept; run the forward again (or keep the loss of one "
+                                   "graph for one backward)")
             input_grads = node.function.backward(node.ctx, g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -247,6 +258,7 @@ class Tensor:
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
             node.ctx.saved_tensors = ()  # free what forward kept once it has been used
+            node.ctx.freed = True
 
     # ---------------------------------------------------------------- operator sugar
     def __add__(self, other):

@@ -31,6 +31,10 @@ def fans(shape) -> tuple[int, int]:
 
 
 def variance(scheme: str, shape) -> float:
+    if scheme not in SCHEMES:
+        raise ValueError(f"init scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "zeros":
+        return 0.0
     fan_in, fan_out = fans(shape)
     base = scheme.removesuffix("_uniform")
     if base == "small":

@@ -40,12 +40,19 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        if name in self._parameters and isinstance(value, Tensor) and not isinstance(value, Parameter):
+            raise TypeError(f"{name} is a parameter of {type(self).__name__}: assign a pycnn.nn.Parameter (or "
+                            f"to {name}.data), not a Tensor, which the optimiser and checkpoints would not see")
+        if name in self._buffers and value is not None and not isinstance(value, (Module, Tensor)):
+            self.register_buffer(name, value)  # a new array for a buffer stays a buffer (saved, moved)
+            return
+        home = self._parameters if isinstance(value, Parameter) else self._modules if isinstance(value, Module) \
+            else None
         for registry in (self._parameters, self._buffers, self._modules):
-            registry.pop(name, None)
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
+            if registry is not home:
+                registry.pop(name, None)
+        if home is not None:
+            home[name] = value  # a replacement keeps its place (parameter order is state order)
         object.__setattr__(self, name, value)
 
     def register_buffer(self, name: str, array) -> None:
@@ -59,15 +66,25 @@ class Module:
         return self.forward(*args, **kwargs)
 
     # ------------------------------------------------------------------------ traversal
-    def named_modules(self, prefix: str = ""):
+    def named_modules(self, prefix: str = "", _seen=None):
+        """Every module once, by the name of its first place (a layer used twice is one
+        layer)."""
+        seen = set() if _seen is None else _seen
+        if id(self) in seen:
+            return
+        seen.add(id(self))
         yield prefix, self
         for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, seen)
 
     def named_parameters(self):
+        """Every parameter once (tied weights: one parameter, updated once per step)."""
+        seen = set()
         for prefix, module in self.named_modules():
             for name, p in module._parameters.items():
-                yield (f"{prefix}.{name}" if prefix else name), p
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{prefix}.{name}" if prefix else name), p
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -110,11 +127,17 @@ class Module:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise KeyError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
+        checked = []  # all of it checked before anything is written: a bad key changes nothing
         for name, value in state.items():
             target = own[name].data if name in own else buffers[name]
+            value = Tensor(value).numpy() if isinstance(value, Tensor) else to_device(value, "cpu")
             value = np.asarray(value)
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"state[{name!r}] has shape {value.shape}, the model expects {tuple(target.shape)}")
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"state[{name!r}] must hold real numbers, got {value.dtype}")
+            checked.append((target, value))
+        for target, value in checked:
             target[...] = array_module(target).asarray(value, dtype=target.dtype)
 
     def to(self, device: str) -> "Module":

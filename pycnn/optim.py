@@ -61,8 +61,22 @@ class Optimizer:
             merged["params"] = list(merged["params"])
             _check_group(merged)
             merged.setdefault("initial_lr", merged["lr"])
+            self._check_settings(merged)
             self.param_groups.append(merged)
+        seen = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    raise ValueError(f"params: group {gi} position {pi} is the parameter already at group "
+                                     f"{seen[id(p)][0]} position {seen[id(p)][1]}; list each once (it would be "
+                                     "updated twice a step)")
+                seen[id(p)] = (gi, pi)
         self.state: dict[int, dict] = {}
+
+    STATE_KEYS: tuple = ()  # the per-parameter state a subclass keeps
+
+    def _check_settings(self, group: dict) -> None:
+        """A subclass's checks of its own settings, in every group."""
 
     def zero_grad(self) -> None:
         for group in self.param_groups:
@@ -71,18 +85,14 @@ class Optimizer:
 
     def step(self) -> None:
         with no_grad():
-            fused, ids = [], set()  # (p, group, state) of the parameters the optimiser's kernels update
+            fused = []  # (p, group, state) of the parameters the optimiser's kernels update
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     state = self.state.setdefault(id(p), {})
                     if self._fusable(p, group):
-                        if id(p) in ids:  # listed twice: updated twice, one launch after the other
-                            self._apply_fused(fused)
-                            fused, ids = [], set()
                         fused.append((p, group, state))
-                        ids.add(id(p))
                         continue
                     cuda_graph.require_eager("an update outside the optimiser's kernels (an L1 term, a "
                                              "non-contiguous or host parameter)")
@@ -127,19 +137,35 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        """What ``state_dict`` gave, checked whole before anything is changed: the groups,
+        each key's parameter, the state this optimiser keeps, and each array's shape."""
+        if "lr" not in state:
+            raise ValueError("state has no 'lr': not an optimiser's state_dict")
         lrs = list(state["lr"])
         if len(lrs) != len(self.param_groups):
             raise ValueError(f"state has {len(lrs)} parameter groups, the optimiser {len(self.param_groups)}")
-        for group, lr in zip(self.param_groups, lrs):
-            group["lr"] = float(lr)
-        self.state = {}
+        loaded: dict[int, dict] = {}
         for key, value in state.items():
             if key == "lr":
                 continue
-            gi, pi, name = key.split(".", 2)
-            p = self.param_groups[int(gi)]["params"][int(pi)]
+            parts = str(key).split(".", 2)
+            if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+                raise ValueError(f"state key {key!r} is not GROUP.POSITION.NAME")
+            gi, pi, name = int(parts[0]), int(parts[1]), parts[2]
+            if gi >= len(self.param_groups) or pi >= len(self.param_groups[gi]["params"]):
+                raise ValueError(f"state key {key!r}: the optimiser has no parameter {pi} in group {gi}")
+            if name not in self.STATE_KEYS:
+                raise ValueError(f"state key {key!r}: {type(self).__name__} keeps {', '.join(self.STATE_KEYS)}, "
+                                 f"not {name!r} (a state of another optimiser?)")
+            p = self.param_groups[gi]["params"][pi]
+            if np.ndim(value) and tuple(np.shape(value)) != tuple(p.shape):
+                raise ValueError(f"state key {key!r} has shape {tuple(np.shape(value))}, its parameter "
+                                 f"{tuple(p.shape)}")
             xp = array_module(p.data)
-            self.state.setdefault(id(p), {})[name] = xp.asarray(value) if np.ndim(value) else value
+            loaded.setdefault(id(p), {})[name] = xp.asarray(value, dtype=p.dtype) if np.ndim(value) else value
+        for group, lr in zip(self.param_groups, lrs):
+            group["lr"] = float(lr)
+        self.state = loaded
 
 
 def _project_rows(weight, max_norm: float) -> None:
@@ -176,14 +202,18 @@ class SGD(Optimizer):
         v = momentum * v + grad
         w -= lr * (grad + momentum * v)   if nesterov, else   w -= lr * v"""
 
+    STATE_KEYS = ("velocity",)
+
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  l1: float = 0.0, max_norm: float | None = None):
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       l1=l1, max_norm=max_norm))
+
+    def _check_settings(self, group: dict) -> None:
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        if group["nesterov"] and group["momentum"] == 0:
+            raise ValueError("nesterov needs momentum > 0")
 
     def _fusable(self, p, group) -> bool:
         return _cuda_kernels(p.data, p.grad, group) is not None
@@ -226,14 +256,20 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba 2015) with bias correction; weight_decay is the L2 term added to
     the gradient (as in PyTorch's Adam, not AdamW)."""
 
+    STATE_KEYS = ("m", "v", "step")
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  l1: float = 0.0, max_norm: float | None = None):
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not 0 < eps < np.inf:
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, l1=l1,
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1=l1,
                                       max_norm=max_norm))
+
+    def _check_settings(self, group: dict) -> None:
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        group["betas"] = (float(betas[0]), float(betas[1]))
+        if not 0 < group["eps"] < np.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {group['eps']}")
 
     def _fusable(self, p, group) -> bool:
         return _cuda_kernels(p.data, p.grad, group) is not None

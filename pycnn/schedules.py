@@ -18,10 +18,14 @@ import math
 import numpy as np
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 class Schedule:
     def __init__(self, optimizer, warmup_steps: int = 0):
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        _check_int("warmup_steps", warmup_steps, 0)
         self.optimizer = optimizer
         self.warmup_steps = warmup_steps
         self.epoch = 0
@@ -31,7 +35,12 @@ class Schedule:
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * self.factor * self._warmup_factor()
+            lr = max(group["initial_lr"] * self.factor, self._floor(group["initial_lr"]))
+            group["lr"] = lr * self._warmup_factor()
+
+    def _floor(self, initial_lr: float) -> float:
+        """The lowest rate the schedule takes a group that starts at initial_lr to."""
+        return 0.0
 
     def _warmup_factor(self) -> float:
         if not self.warmup_steps:
@@ -62,6 +71,9 @@ class Schedule:
         return {key: getattr(self, key) for key in self._progress if hasattr(self, key)}
 
     def load_state_dict(self, state: dict) -> None:
+        unknown = sorted(set(state) - set(self._progress))
+        if unknown:
+            raise ValueError(f"state holds {unknown}: a schedule's state has only {list(self._progress)}")
         vars(self).update(state)
         self._apply()
 
@@ -72,8 +84,7 @@ class ConstantLR(Schedule):
 
 class StepLR(Schedule):
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1, warmup_steps: int = 0):
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {step_size}")
+        _check_int("step_size", step_size, 1)
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.step_size, self.gamma = step_size, gamma
@@ -85,8 +96,7 @@ class StepLR(Schedule):
 
 class CosineLR(Schedule):
     def __init__(self, optimizer, total_epochs: int, min_factor: float = 0.0, warmup_steps: int = 0):
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        _check_int("total_epochs", total_epochs, 1)
         if not 0 <= min_factor <= 1:
             raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
         self.total_epochs, self.min_factor = total_epochs, min_factor
@@ -105,19 +115,21 @@ class ReduceOnPlateau(Schedule):
                  mode: str = "max", threshold: float = 1e-3, warmup_steps: int = 0):
         if not 1 < factor < math.inf:
             raise ValueError(f"factor must be a finite number > 1 (the rate is divided by it), got {factor}")
-        if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        _check_int("patience", patience, 0)
         if not 0 <= min_lr < math.inf:
             raise ValueError(f"min_lr must be a finite number >= 0, got {min_lr}")
         if not 0 <= threshold < math.inf:
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        super().__init__(optimizer, warmup_steps)
         self.divide_by, self.patience, self.min_lr = factor, patience, min_lr
         self.mode, self.threshold = mode, threshold
         self.best = None
         self.bad_epochs = 0
+        super().__init__(optimizer, warmup_steps)
+
+    def _floor(self, initial_lr: float) -> float:
+        return min(self.min_lr, initial_lr)  # every group down to min_lr, none raised to it
 
     def _improved(self, metric) -> bool:
         if math.isnan(metric):  # a diverged epoch is no improvement, and never the best
@@ -137,7 +149,8 @@ class ReduceOnPlateau(Schedule):
         self.bad_epochs += 1
         if self.bad_epochs > self.patience:
             self.bad_epochs = 0
-            smallest = self.min_lr / max(g["initial_lr"] for g in self.optimizer.param_groups)
-            return min(self.factor, max(self.factor / self.divide_by, smallest))  # never raises the rate
+            # no lower than where every group is at its floor (_floor): the factor would only shrink
+            lowest = self.min_lr / max(g["initial_lr"] for g in self.optimizer.param_groups)
+            return min(self.factor, max(self.factor / self.divide_by, lowest))
         return self.factor
 

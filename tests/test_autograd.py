@@ -246,3 +246,37 @@ def test_custom_function_takes_torch_tensors():
             return 2 * grad
 
     np.testing.assert_array_equal(Double.apply(torch.ones(3)).data, np.full(3, 2.0))
+
+
+# ------------------------------------- found by an independent sweep (fifth session)
+
+def test_a_second_backward_through_a_freed_graph_says_so():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = (x * x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="a second time: the first backward freed"):
+        y.backward()
+
+
+def test_gradients_are_arrays_of_their_own():
+    """a.grad was b.grad after (a + b).backward(g), and x.grad was the caller's g."""
+    a, b = (Tensor(np.ones(3), requires_grad=True) for _ in range(2))
+    (a + b).backward(np.ones(3))
+    assert a.grad is not b.grad
+    g = np.ones((2, 3))
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    x.backward(g)
+    g[0, 0] = 99.0
+    assert x.grad[0, 0] == 1.0
+    z = Tensor(np.ones((2, 3)), requires_grad=True)
+    z.reshape(6).backward(np.ones(6))
+    assert z.grad.base is None
+
+
+def test_pow_zero_flatten_of_an_empty_batch_and_none_operands():
+    x = Tensor(np.array([0.0, 1.0]), requires_grad=True)
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(x.grad, [0.0, 0.0])  # was [nan, 0]: 0 * 0**-1
+    assert Tensor(np.ones((0, 3, 4))).flatten().shape == (0, 12)
+    with pytest.raises(TypeError, match="b must be a Tensor, an array or a number, got None"):
+        Tensor(np.ones(3)) + None

@@ -92,3 +92,50 @@ def test_initialisation_errors_and_zeros():
         init.initialise("lecun", (3, 2))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         init.initialise("he", (3,))
+
+
+# ------------------------------------- found by an independent sweep (fifth session)
+
+def test_a_layer_used_twice_is_one_set_of_parameters_updated_once():
+    """Sequential(lin, lin) listed the weight twice: SGD applied its gradient twice a step."""
+    from pycnn import optim
+    lin = nn.Linear(3, 3, bias=False)
+    lin.weight.data[...] = np.eye(3, dtype=np.float32)
+    model = nn.Sequential(lin, lin)
+    assert len(model.parameters()) == 1 and model.num_parameters() == 9
+    assert [name for name, _ in model.named_parameters()] == ["0.weight"]
+    loss = model(Tensor(np.ones((1, 3), np.float32))).sum()
+    loss.backward()
+    optim.SGD(model.parameters(), lr=0.1).step()
+    # d/dW sum(W W x) at W = I, x = 1: 2 for every entry (torch: one update of 0.1 * 2)
+    np.testing.assert_allclose(lin.weight.data, np.eye(3) - 0.2, rtol=1e-6)
+    with pytest.raises(ValueError, match="list each once"):
+        optim.SGD([lin.weight, lin.weight], lr=0.1)
+    with pytest.raises(ValueError, match="group 1 position 0 is the parameter already at group 0"):
+        optim.SGD([{"params": [lin.weight]}, {"params": [lin.weight]}], lr=0.1)
+
+
+def test_assigning_to_a_buffer_or_parameter_keeps_it_registered():
+    bn = nn.BatchNorm(3)
+    bn.running_mean = np.full(3, 2.0, np.float32)  # was dropped from state_dict (and checkpoints)
+    assert list(bn.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
+    assert bn.state_dict()["running_mean"].tolist() == [2.0, 2.0, 2.0]
+    lin = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="weight is a parameter of Linear"):
+        lin.weight = Tensor(np.zeros((2, 2), np.float32), requires_grad=True)
+    lin.weight = nn.Parameter(np.zeros((2, 2), np.float32))
+    assert [name for name, _ in lin.named_parameters()] == ["weight", "bias"]
+
+
+def test_load_state_dict_checks_everything_before_writing():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    before = model.state_dict()
+    state = {name: np.ones_like(value) for name, value in before.items()}
+    state["1.weight"] = np.ones((2, 2), np.float32)  # the last key is wrong
+    with pytest.raises(ValueError, match="1.weight"):
+        model.load_state_dict(state)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])  # nothing was overwritten
+    state["1.weight"] = np.ones((1, 3), np.complex64)
+    with pytest.raises(TypeError, match="real numbers"):
+        model.load_state_dict(state)

@@ -142,3 +142,57 @@ def test_schedule_state_round_trip():
     other = schedules.ReduceOnPlateau(_sgd(), patience=0)
     other.load_state_dict(s.state_dict())
     assert other.lr == s.lr == 0.5 and other.best == 0.5
+
+
+# ------------------------------------- found by an independent sweep (fifth session)
+
+def test_optimizer_load_state_dict_checks_shapes_keys_and_kind():
+    """A (3,) velocity for a (4, 3) weight was broadcast at step(); state for a missing
+    parameter was a bare IndexError; SGD's state loaded into Adam without a word."""
+    from pycnn import Tensor, nn
+    model = nn.Linear(3, 4)
+    sgd = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(Tensor(np.ones((2, 3), np.float32))).sum().backward()
+    sgd.step()
+    good = sgd.state_dict()
+    bad_shape = {**good, "0.0.velocity": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match=r"shape \(3,\), its parameter \(4, 3\)"):
+        optim.SGD(model.parameters(), lr=0.1, momentum=0.9).load_state_dict(bad_shape)
+    with pytest.raises(ValueError, match="no parameter 5 in group 0"):
+        optim.SGD(model.parameters(), lr=0.1, momentum=0.9).load_state_dict({**good, "0.5.velocity": 1.0})
+    with pytest.raises(ValueError, match="Adam keeps m, v, step, not 'velocity'"):
+        optim.Adam(model.parameters()).load_state_dict(good)
+    fresh = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(good)
+    np.testing.assert_array_equal(fresh.state_dict()["0.0.velocity"], good["0.0.velocity"])
+
+
+def test_group_settings_are_checked_in_every_group():
+    from pycnn import nn
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    for make, words in ((lambda: optim.SGD([{"params": a.parameters()}, {"params": b.parameters(), "momentum": 5}],
+                                           lr=0.1), "momentum must be in"),
+                        (lambda: optim.Adam([{"params": a.parameters(), "betas": (2, 2)}]), "betas must be"),
+                        (lambda: optim.Adam([{"params": a.parameters(), "eps": -1}]), "eps must be")):
+        with pytest.raises(ValueError, match=words):
+            make()
+
+
+def test_reduce_on_plateau_floors_every_group_at_min_lr():
+    from pycnn import nn
+    groups = [{"params": nn.Linear(2, 2).parameters(), "lr": 0.1}, {"params": nn.Linear(2, 2).parameters(), "lr": 0.01}]
+    sgd = optim.SGD(groups, lr=0.1)
+    plateau = schedules.ReduceOnPlateau(sgd, mode="min", patience=0, min_lr=1e-3)
+    for _ in range(12):
+        plateau.step_epoch(1.0)
+    assert [g["lr"] for g in sgd.param_groups] == pytest.approx([1e-3, 1e-3])  # the second went to 1e-4
+
+
+def test_schedule_settings_and_state_are_checked():
+    for make, words in ((lambda: schedules.CosineLR(_sgd(), total_epochs=float("nan")), "total_epochs"),
+                        (lambda: schedules.StepLR(_sgd(), step_size=2.5), "step_size"),
+                        (lambda: schedules.CosineLR(_sgd(), total_epochs=3, warmup_steps=2.5), "warmup_steps")):
+        with pytest.raises(ValueError, match=words):
+            make()
+    with pytest.raises(ValueError, match=r"state holds \['optimizer'\]"):
+        schedules.CosineLR(_sgd(), total_epochs=3).load_state_dict({"optimizer": None})

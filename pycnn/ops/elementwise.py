@@ -24,6 +24,9 @@ def unbroadcast(grad, shape):
 
 
 def _check_binary(a, b):
+    for name, operand in (("a", a), ("b", b)):
+        if operand is None:
+            raise TypeError(f"{name} must be a Tensor, an array or a number, got None")
     _util.check_float_arrays(a=a, b=b)
     try:
         np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
@@ -106,6 +109,13 @@ def _any_samples(rng, dtype):
     return [Sample(((v + 0.1 * np.sign(v)).astype(dtype),))]
 
 
+def _pow_grad(x, exponent):
+    """d x**e / dx = e x**(e-1); 0 for e = 0 (x**0 is 1 everywhere: 0 * 0**-1 would be NaN)."""
+    if exponent == 0:
+        return array_module(x).zeros_like(x)
+    return x.dtype.type(exponent) * x ** x.dtype.type(exponent - 1)
+
+
 def _check_pow(x, exponent=2.0):
     _check_unary(x)
     _util.check_finite_number("exponent", exponent)
@@ -117,7 +127,7 @@ _declare_unary("abs", lambda x: array_module(x).abs(x), lambda x, y: array_modul
                torch=lambda x: x.abs())
 _declare_unary(
     "pow", lambda x, exponent=2.0: x ** x.dtype.type(exponent),
-    lambda x, y, exponent=2.0: x.dtype.type(exponent) * x ** x.dtype.type(exponent - 1),
+    lambda x, y, exponent=2.0: _pow_grad(x, exponent),
     lambda rng, dtype: [Sample(s.inputs, {"exponent": e}) for s, e in
                         ((_positive_samples(rng, dtype)[0], 0.5), (_any_samples(rng, dtype)[0], 2.0),
                          (_any_samples(rng, dtype)[0], 3))],
@@ -220,7 +230,7 @@ def reshape_backward(ctx, grad):
 def flatten_forward(ctx, x):
     """(N, ...) -> (N, product of the rest)."""
     ctx.x_shape = x.shape
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # (-1 cannot be inferred for N = 0)
 
 
 def _check_flatten(x):
