@@ -443,12 +443,12 @@ class Profile:
         return sum(self.seconds.values())
 
     def table(self, top: int = 20) -> str:
-        total = self.total() or 1.0
+        total = self.total()
         lines = [f"{'op':<22}{'backend':<8}{'algo':<10}{'pass':<9}{'calls':>7}{'seconds':>10}{'share':>7}"]
         for key, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:top]:
             op, backend, algo, phase = key
             lines.append(f"{op:<22}{backend:<8}{algo:<10}{phase:<9}{self.calls[key]:>7}{secs:>10.3f}"
-                         f"{secs / total:>7.1%}")
+                         f"{secs / total if total else 0.0:>7.1%}")
         lines.append(f"{'all ops':<56}{total:>10.3f}")
         return "\n".join(lines)
 

@@ -205,3 +205,16 @@ def test_every_setting_has_a_help_line_and_its_default_as_typed():
                          check=True).stdout
     assert "channels of each stage" in out and "(default: 16,32)" in out and "(default: true)" in out
     assert "(16, 32)" not in out
+
+
+def test_check_refuses_a_device_it_does_not_run_on(capsys):
+    """pycnn check --device cuda ran its checks on the CPU without a word."""
+    assert cli.main(["check", "--device", "cuda"]) == 2
+    assert "pycnn check runs its checks on the CPU" in capsys.readouterr().err
+
+
+def test_an_empty_profile_totals_zero():
+    import pycnn
+    with pycnn.profile() as timings:
+        pass
+    assert timings.table().splitlines()[-1].split()[-1] == "0.000"

@@ -139,3 +139,44 @@ def test_finetune_command_probe_on_any_layer_and_bad_input(first_five, tmp_path,
         assert "\n" not in err and message in err, err
     assert cli.main(["finetune", str(tmp_path / "none.npz"), "--preset", "similar-small"]) == 2
     assert "CHECKPOINT: checkpoint not found" in capsys.readouterr().err
+
+
+# ------------------------------------- found by an independent sweep (fifth session)
+
+def test_finetune_command_stops_in_one_line_and_refuses_a_probe_source(first_five, tmp_path, capsys):
+    """A diverging fine-tune ended in a traceback; a probe checkpoint as the source ended in
+    a KeyError; --epochs 0 silently trained the preset's 5 epochs."""
+    argv = ["finetune", str(first_five), "--classes", "5,6,7,8,9"]
+    assert cli.main([*argv, "--preset", "different-large", "--lr", "100", "--epochs", "1",
+                     "--run-dir", str(tmp_path / "diverged")]) == 1
+    captured = capsys.readouterr()
+    assert "stopped early: the loss" in captured.out and "Traceback" not in captured.err
+    assert cli.main([*argv, "--preset", "similar-large", "--epochs", "0", "--run-dir", str(tmp_path / "e0")]) == 2
+    assert "epochs must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert cli.main([*argv, "--preset", "similar-small", "--epochs", "3", "--run-dir", str(tmp_path / "probe")]) == 0
+    capsys.readouterr()
+    probe = tmp_path / "probe" / "checkpoints" / "probe.npz"
+    assert cli.main(["finetune", str(probe), "--preset", "similar-small", "--run-dir", str(tmp_path / "q")]) == 2
+    assert "is a linear probe" in capsys.readouterr().err
+
+
+def test_finetune_keeps_the_checkpoints_classes_by_default(first_five, tmp_path):
+    result = finetune.run_preset(first_five, "similar-large", run_dir=tmp_path / "same", epochs=1, progress=False)
+    assert "a new head of 5 classes" in result.summary()
+
+
+def test_features_restore_the_models_mode_and_arguments_are_checked(trained):
+    model = finetune.load_model(trained)
+    images = np.zeros((2, 1, 8, 8), np.float32)
+    model.eval()
+    finetune.features(model, 2, images)
+    assert not model.training  # it was left in training mode
+    model.train()
+    finetune.features(model, 2, images)
+    assert model.training
+    with pytest.raises(ValueError, match="layer must be an integer"):
+        finetune.features(model, 2.5, images)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        finetune.layerwise_lr_groups(model, lr=-0.1)
+    with pytest.raises(ValueError, match="one label per feature row"):
+        finetune.linear_probe(np.zeros((4, 3), np.float32), np.zeros(3, np.int64), classes=2)

@@ -222,6 +222,8 @@ def _check(args) -> int:
 
     try:
         config = _config(args, "check")
+        if config.device != "cpu":
+            raise ConfigError(f"device: pycnn check runs its checks on the CPU; leave out --device {config.device}")
         from pycnn.training import checks
         from pycnn.training.runs import split_data
 
@@ -270,6 +272,9 @@ def _finetune(args) -> int:
         return _fail("finetune", f"CHECKPOINT: {exc}")
     except (ConfigError, RunDirError, FileNotFoundError) as exc:
         return _fail("finetune", exc)
+    except finetune.FinetuneStopped as exc:  # as pycnn train says it
+        print(f"stopped early: {exc}")
+        return 1
     except KeyboardInterrupt:
         return _fail("finetune", "interrupted", EXIT_INTERRUPTED)
     print(result.summary())

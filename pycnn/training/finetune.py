@@ -39,6 +39,10 @@ from pycnn.autograd import Tensor, no_grad
 from pycnn.training.trainer import CheckpointError, Trainer, read_checkpoint
 
 
+class FinetuneStopped(RuntimeError):
+    """Fine-tuning ended before its last epoch (diverged, or interrupted)."""
+
+
 def load_model(checkpoint) -> nn.Sequential:
     """The model stored in a checkpoint written by ``pycnn train``, with its weights."""
     arrays, meta = read_checkpoint(checkpoint)
@@ -101,6 +105,8 @@ def layerwise_lr_groups(model: nn.Sequential, lr: float, decay: float = 0.5) -> 
     _check_sequential(model)
     if not 0 < decay <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) or not 0 < lr < np.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     layers = [layer for layer in model if any(p.requires_grad for p in layer.parameters())]
     groups = []
     for depth, layer in enumerate(reversed(layers)):
@@ -129,17 +135,20 @@ def features(model: nn.Sequential, layer: int, images, batch_size: int = 256) ->
     """The flattened output of layer ``layer`` (inclusive) for float32 images (N, C, H, W),
     computed in evaluation mode: (N, features)."""
     _check_sequential(model)
-    if not 0 <= layer < len(model):
-        raise ValueError(f"layer must be in [0, {len(model) - 1}], got {layer}")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(model):
+        raise ValueError(f"layer must be an integer in [0, {len(model) - 1}], got {layer!r}")
+    was_training = model.training
     model.eval()
     out = []
-    with no_grad():
-        for start in range(0, len(images), batch_size):
-            x = Tensor(images[start:start + batch_size])
-            for block in list(model)[:layer + 1]:
-                x = block(x)
-            out.append(x.numpy().reshape(len(x.data), -1))
-    model.train()
+    try:
+        with no_grad():
+            for start in range(0, len(images), batch_size):
+                x = Tensor(images[start:start + batch_size])
+                for block in list(model)[:layer + 1]:
+                    x = block(x)
+                out.append(x.numpy().reshape(len(x.data), -1))
+    finally:
+        model.train(was_training)  # the caller's mode, as it was
     return np.concatenate(out)
 
 
@@ -151,6 +160,9 @@ def linear_probe(train_features, train_labels, classes: int, epochs: int = 30, l
     'svm' (the multiclass hinge loss, margin 1: a linear SVM; weight decay is its L2 term)."""
     if loss not in ("softmax", "svm"):
         raise ValueError(f"loss must be 'softmax' or 'svm', got {loss!r}")
+    if len(train_labels) != len(train_features):
+        raise ValueError(f"train_labels must have one label per feature row ({len(train_features)}), "
+                         f"got {len(train_labels)}")
     train_features = np.asarray(train_features, np.float32)
     labels = np.asarray(train_labels)
     mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
@@ -261,6 +273,9 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
     if probe is not None and chosen.method != "probe":
         raise ConfigError(f"--probe applies to the probe presets (similar-small, different-small), not {preset}")
     arrays, meta = read_checkpoint(checkpoint)
+    if isinstance(meta.get("model"), dict) and "probe" in meta["model"]:
+        raise ConfigError(f"{checkpoint} is a linear probe (the first layers and a linear head): fine-tune from the "
+                          "checkpoint of the network it probes")
     model = load_model(checkpoint)
     try:
         preprocessor = preprocess.from_state_dict(
@@ -268,9 +283,13 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         base = Config.from_dict(meta["config"])
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{checkpoint} is not a usable pycnn checkpoint ({exc})") from None
-    config = Config.from_dict(base.to_dict(), dataset=dataset or base.dataset, classes=tuple(classes or ()),
+    dataset = dataset or base.dataset
+    if classes is None:  # the checkpoint's, on its own dataset
+        classes = base.classes if dataset == base.dataset else ()
+    config = Config.from_dict(base.to_dict(), dataset=dataset, classes=tuple(classes),
                               limit=limit or 0, val_size=val_size, folds=0, fold=0, seed=seed, early_stop=0,
-                              epochs=epochs or chosen.epochs, lr=lr or (0.1 if chosen.method == "probe" else base.lr))
+                              epochs=chosen.epochs if epochs is None else epochs,
+                              lr=(0.1 if chosen.method == "probe" else base.lr) if lr is None else lr)
     splits = split_data(config)
     spec = dict(meta["model"])
     if (splits.train_x.shape[1], splits.train_x.shape[2]) != (spec["in_channels"], spec["image_size"]):
@@ -315,7 +334,7 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
                       attachments={f"preprocess/{k}": v for k, v in preprocessor.state_dict().items()})
     history = trainer.fit(config.epochs)
     if history["stopped"] or history["interrupted"]:
-        raise RuntimeError(f"fine-tuning stopped: {history['stopped'] or 'interrupted'}")
+        raise FinetuneStopped(history["stopped"] or "interrupted")
     history["test"] = score_on_test(trainer, config, splits, preprocessor)
     write_history(history, run_dir)
     from pycnn.training import figures, report
@@ -345,6 +364,9 @@ def _run_probe(model, preprocessor, splits, config, spec, chosen, preset, layer,
             print(f"  {loss} probe on layer {index}, weight decay {decay:g}: validation accuracy {scores[decay][0]:.4f}")
     decay = max(PROBE_WEIGHT_DECAYS, key=lambda d: scores[d][0])
     val_accuracy, head = scores[decay]
+    if not all(np.isfinite(p.numpy()).all() for p in head.parameters()):
+        raise FinetuneStopped(f"the linear probe diverged (its weights are not finite) at lr {config.lr:g}: "
+                              "try a smaller --lr")
     test_accuracy = _accuracy(head, feats["test"], splits.test_y)
     spec["probe"] = {"layer": index, "features": int(feats["train"].shape[1])}
     probe_model = models.build(spec)
