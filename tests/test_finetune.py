@@ -180,3 +180,11 @@ def test_features_restore_the_models_mode_and_arguments_are_checked(trained):
         finetune.layerwise_lr_groups(model, lr=-0.1)
     with pytest.raises(ValueError, match="one label per feature row"):
         finetune.linear_probe(np.zeros((4, 3), np.float32), np.zeros(3, np.int64), classes=2)
+
+
+def test_finetune_refuses_to_write_over_its_source_run(first_five, capsys):
+    before = sorted(path.name for path in first_five.parent.iterdir())
+    for run_dir in (first_five.parent.parent, first_five.parent):
+        assert cli.main(["finetune", str(first_five), "--preset", "similar-large", "--run-dir", str(run_dir)]) == 2
+        assert "holds the checkpoint being fine-tuned" in capsys.readouterr().err
+    assert sorted(path.name for path in first_five.parent.iterdir()) == before

@@ -302,6 +302,10 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
     if chosen.method == "probe" and not len(splits.val_y):
         raise ConfigError("val_size: a probe chooses its weight decay on a validation set; it must not be 0")
     run_dir = Path(run_dir)
+    source = Path(checkpoint).resolve().parent
+    if run_dir.resolve() in (source, source.parent):  # RUN/checkpoints/epoch_N.npz: RUN is the source run
+        raise ConfigError(f"run_dir: {run_dir} holds the checkpoint being fine-tuned; writing there would replace the "
+                          "source run: choose another --run-dir")
     prepare_run_dir(run_dir, resume=False)
     (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), "finetune": {
         "checkpoint": str(checkpoint), "preset": preset, "layer": layer, "probe": probe}}, indent=2))
