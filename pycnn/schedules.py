@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+from pycnn.ops._util import check_integer
 
 
 class Schedule:
     def __init__(self, optimizer, warmup_steps: int = 0):
-        _check_int("warmup_steps", warmup_steps, 0)
+        check_integer("warmup_steps", warmup_steps, 0)
         self.optimizer = optimizer
         self.warmup_steps = warmup_steps
         self.epoch = 0
@@ -84,7 +79,7 @@ class ConstantLR(Schedule):
 
 class StepLR(Schedule):
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1, warmup_steps: int = 0):
-        _check_int("step_size", step_size, 1)
+        check_integer("step_size", step_size, 1)
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.step_size, self.gamma = step_size, gamma
@@ -96,7 +91,7 @@ class StepLR(Schedule):
 
 class CosineLR(Schedule):
     def __init__(self, optimizer, total_epochs: int, min_factor: float = 0.0, warmup_steps: int = 0):
-        _check_int("total_epochs", total_epochs, 1)
+        check_integer("total_epochs", total_epochs, 1)
         if not 0 <= min_factor <= 1:
             raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
         self.total_epochs, self.min_factor = total_epochs, min_factor
@@ -115,7 +110,7 @@ class ReduceOnPlateau(Schedule):
                  mode: str = "max", threshold: float = 1e-3, warmup_steps: int = 0):
         if not 1 < factor < math.inf:
             raise ValueError(f"factor must be a finite number > 1 (the rate is divided by it), got {factor}")
-        _check_int("patience", patience, 0)
+        check_integer("patience", patience, 0)
         if not 0 <= min_lr < math.inf:
             raise ValueError(f"min_lr must be a finite number >= 0, got {min_lr}")
         if not 0 <= threshold < math.inf:

@@ -146,7 +146,7 @@ def test_sigmoid_and_tanh_gradients_where_the_output_rounds_to_one(backend, dtyp
     np.testing.assert_allclose(gt, (1 / np.cosh(xl) ** 2).astype(np.float64), rtol=8 * np.finfo(dtype).eps)
 
 
-# ------------------------------------------------ any valid NumPy array (pycnn/ops/cpp_backend.py, kernel_array)
+# ------------------------------------------------ any valid NumPy array (pycnn/ops/_util.py, kernel_array)
 
 def _unaligned(a):
     """A copy of ``a`` whose data start one byte past an aligned address."""

@@ -26,6 +26,7 @@ import weakref
 import numpy as np
 
 from pycnn.device import array_module, to_host
+from pycnn.ops import _util
 from pycnn.data.augment import with_rng
 
 __all__ = ["ArrayDataset", "BalancedSampler", "DataLoader"]
@@ -242,8 +243,7 @@ class DataLoader:
             raise TypeError("dataset must be an ArrayDataset or an (images, labels) pair, "
                             f"got {type(dataset).__name__}")
         for name, value, low in (("batch_size", batch_size, 1), ("prefetch", prefetch, 0), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            _util.check_integer(name, value, low)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         if sampler is not None and not hasattr(sampler, "epoch_indices"):

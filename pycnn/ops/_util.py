@@ -120,6 +120,18 @@ def contiguous(a):
     return array_module(a).ascontiguousarray(a)
 
 
+def kernel_array(a):
+    """``a`` as both backends' kernels read it: C-contiguous, and for a NumPy array also
+    aligned and in native byte order (no copy when it already is one), so any valid array
+    works (sliced, transposed, negative strides, unaligned, read-only, big-endian).  What is
+    not an array (None, a number) is returned as is."""
+    if isinstance(a, np.ndarray):
+        if a.flags.c_contiguous and a.flags.aligned and a.dtype.isnative:
+            return a
+        return np.require(a, a.dtype.newbyteorder("="), ("C_CONTIGUOUS", "ALIGNED"))
+    return contiguous(a) if hasattr(a, "__cuda_array_interface__") else a
+
+
 # ------------------------------------------------------------------ counter-based randomness
 # One formula for every backend, defined in pycnn.kernels.splitmix (a pure NumPy module).
 from pycnn.kernels.splitmix import GOLDEN, UNIFORM_SCALE, mix64, seed_key  # noqa: E402
@@ -135,6 +147,13 @@ def uniform(seed: int, size: int, dtype, like=None):
     with np.errstate(over="ignore"):
         z = mix64(xp.uint64(seed_key(seed)) + index * xp.uint64(GOLDEN))
     return ((z >> xp.uint64(40)).astype(dtype)) * dtype.type(UNIFORM_SCALE)
+
+
+def check_integer(name: str, value, low: int) -> int:
+    """``value`` as an int, if it is an integer (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_seed(seed) -> int:

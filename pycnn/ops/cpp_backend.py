@@ -1,8 +1,8 @@
 """The C++ backend ("cpp"): registers the kernels of the extension ``pycnn._C`` in the registry.
 
 Every wrapper is registered through ``Backend.register`` (pycnn/ops/_backend.py, the idiom
-of both compiled backends) with ``kernel_array``: the one place where the arrays a kernel
-reads become C-contiguous, aligned and native-endian, so any valid NumPy
+of both compiled backends) with ``_util.kernel_array``: the one place where the arrays a
+kernel reads become C-contiguous, aligned and native-endian, so any valid NumPy
 array works (sliced, transposed, negative strides, unaligned, read-only, big-endian).  The
 wrappers allocate the outputs (``_util.empty_like``: NaN-filled under test, so an element a
 kernel forgot to write shows up) and call ``_C``, which checks the arrays again and releases
@@ -18,16 +18,9 @@ import numpy as np
 
 from pycnn.device import cpp_extension
 from pycnn.ops import _util, activations, conv, pool, routing
+from pycnn.ops._util import kernel_array
 from pycnn.ops._backend import (Backend, dropout_pair, grad_like, needs_grad, prelu_pair, shape_map_pair,
                                 winner_pair)
-
-
-def kernel_array(a):
-    """``a`` as the C++ kernels read it: C-contiguous, aligned and in native byte order (no
-    copy when it already is one).  Anything that is not a NumPy array is returned as is."""
-    if not isinstance(a, np.ndarray) or (a.flags.c_contiguous and a.flags.aligned and a.dtype.isnative):
-        return a
-    return np.require(a, a.dtype.newbyteorder("="), ("C_CONTIGUOUS", "ALIGNED"))
 
 
 # ------------------------------------------------------------------------------ the ops

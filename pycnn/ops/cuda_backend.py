@@ -63,13 +63,9 @@ def kernel_module(name: str):
 # K: the kernel modules (``_kernel_modules``); every factory returns (forward, backward).
 
 def _c(a):
-    """An input as the kernels take it: C-contiguous, in native byte order (only the
-    simulator's NumPy arrays can be big-endian; CuPy has no other byte order)."""
-    if a is None:
-        return None
-    if isinstance(a, np.ndarray) and not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    return _util.contiguous(a)
+    """An input as the kernels take it (``_util.kernel_array``: the simulator's NumPy arrays
+    may be big-endian or unaligned; CuPy arrays only need to be contiguous)."""
+    return _util.kernel_array(a)
 
 
 def _zeros(K, n, like):

@@ -260,6 +260,14 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------------------- the run
 
+def _check_same_test_set(config: Config, where, other: Config, other_where) -> None:
+    """Members are scored on one test set: the same dataset and classes."""
+    if (config.dataset, config.classes) != (other.dataset, other.classes):
+        raise EnsembleError(f"members must share a test set: {where} was trained on {config.dataset} classes "
+                            f"{list(config.classes) or 'all'}, {other_where} on {other.dataset} classes "
+                            f"{list(other.classes) or 'all'}")
+
+
 def evaluate(members: list, run_dir, views=None, log=print) -> dict:
     """Score each member and the ensemble on the test set (with the TTA ``views``);
     writes RUN_DIR/ensemble.json and RUN_DIR/calibration.png and returns the report."""
@@ -272,10 +280,7 @@ def evaluate(members: list, run_dir, views=None, log=print) -> dict:
     predictors = [trials.load_predictor(m.checkpoint, m.name) for m in members]
     first = predictors[0].config
     for p in predictors[1:]:
-        if (p.config.dataset, p.config.classes) != (first.dataset, first.classes):
-            raise EnsembleError(f"members must share a test set: {p.path} was trained on {p.config.dataset} classes "
-                                f"{list(p.config.classes) or 'all'}, {predictors[0].path} on {first.dataset} "
-                                f"classes {list(first.classes) or 'all'}")
+        _check_same_test_set(p.config, p.path, first, predictors[0].path)
     test = split_data(first)
     images, labels = test.test_x, test.test_y
     views = views or [("identity", lambda x: x)]
@@ -372,12 +377,9 @@ def run_ensemble(config: Config | None, run_dir, *, seeds: int = 0, from_search=
     if seeds or snapshots:
         if config is None:
             raise EnsembleError("--members/--snapshots need a config to train")
-        for member in members:  # before training for minutes: they must share a test set
-            trained = trials.load_predictor(member.checkpoint, member.name).config
-            if (trained.dataset, trained.classes) != (config.dataset, config.classes):
-                raise EnsembleError(f"members must share a test set: {member.checkpoint} was trained on "
-                                    f"{trained.dataset} classes {list(trained.classes) or 'all'}, the members to "
-                                    f"train here would use {config.dataset} classes {list(config.classes) or 'all'}")
+        for member in members:  # before training for minutes
+            _check_same_test_set(trials.load_predictor(member.checkpoint, member.name).config, member.checkpoint,
+                                 config, "the members to train here")
         try:
             members = train_members(config, seeds, snapshots, cycle_epochs, run_dir, backend, ray_options, log) + members
         except ConfigError as exc:
