@@ -27,13 +27,41 @@ Which implementation runs a call is decided in ``pycnn.ops.routing``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Callable, Iterator
 
 import numpy as np
 
 from pycnn.device import BACKENDS
 
-REFERENCE = ("numpy", "reference")
+class Algo(str, enum.Enum):
+    """Every algorithm name an implementation is registered under (one list for the backends,
+    routing, ``pycnn bench`` and the docs).  A str enum: ``Algo.WINOGRAD == "winograd"``."""
+    REFERENCE = "reference"  # the op's NumPy/array-API spec
+    DEFAULT = "default"  # a backend's only implementation of the op
+    DIRECT = "direct"  # conv3x3: the direct loop nest
+    WINOGRAD = "winograd"  # conv3x3: Winograd F(2x2, 3x3)
+    WINOGRAD4 = "winograd4"  # conv3x3: Winograd F(4x4, 3x3)
+    GEMM = "gemm"  # conv3x3: im2col + GEMM
+    IGEMM = "igemm"  # conv3x3: implicit GEMM (no im2col matrix)
+    IGEMM_TF32 = "igemm_tf32"  # conv3x3: implicit GEMM on TF32 tensor cores
+    FUSED = "fused"  # a fused op in one kernel
+    CHAIN = "chain"  # a fused op as the chain of ops it replaces
+    KERNEL = "kernel"  # an op with a dedicated kernel beside its reference
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def check_algo(algo) -> str:
+    """``algo`` as its plain name; one line naming the known ones otherwise."""
+    try:
+        return Algo(algo).value
+    except ValueError:
+        raise ValueError(f"algo must be 'auto' or one of {[a.value for a in Algo]}, got {algo!r}") from None
+
+
+REFERENCE = ("numpy", Algo.REFERENCE.value)
 PHASES = ("fwd", "fwd+bwd")
 
 
@@ -136,6 +164,7 @@ class Op:
                  refuses: Callable | None = None, rounding: float = 1.0) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        algo = check_algo(algo)
         self.impls[(backend, algo)] = Impl(forward, backward, refuses, rounding)
 
     @property

@@ -24,7 +24,7 @@ import os
 from typing import Callable
 
 from pycnn.device import BACKENDS, cpp_extension, is_cuda_array
-from pycnn.ops.registry import REFERENCE
+from pycnn.ops.registry import REFERENCE, check_algo
 
 
 class NoImplementation(NotImplementedError):
@@ -86,6 +86,7 @@ def cuda_simulated() -> bool:
 # ------------------------------------------------------------------ each backend's auto
 
 _auto: dict[tuple[str, str], Callable] = {}
+_defaults: dict[tuple[str, str], str] = {}
 
 
 def register_auto(backend: str, op_name: str, choose: Callable) -> None:
@@ -93,12 +94,33 @@ def register_auto(backend: str, op_name: str, choose: Callable) -> None:
     _auto[(backend, op_name)] = choose
 
 
+def set_default(op_name: str, backend: str, algo: str | None) -> None:
+    """Make ``algo`` what ``auto`` tries first for ``op_name`` on ``backend`` (None: the
+    backend's own choice again).  The algorithm must be one the backend may register."""
+    _check_backend_name(backend)
+    if algo is None:
+        _defaults.pop((op_name, backend), None)
+    else:
+        _defaults[(op_name, backend)] = check_algo(algo)
+
+
+def default_algorithm(op_name: str, backend: str) -> str | None:
+    """The algorithm set with ``set_default``, or None."""
+    return _defaults.get((op_name, backend))
+
+
 def preference(op, backend: str, shapes, params) -> list[str]:
-    """The algorithms of ``backend`` for ``op`` in the order ``auto`` tries them."""
+    """The algorithms of ``backend`` for ``op`` in the order ``auto`` tries them: the one set
+    with ``set_default``, else the backend's own choice, then the others as registered."""
     available = op.algorithms(backend)
+    first = _defaults.get((op.name, backend))
     choose = _auto.get((backend, op.name))
-    if choose is not None and len(available) > 1:
+    if first is None and choose is not None and len(available) > 1:
         first = choose(shapes, params)
+    if first is not None:
+        if first not in available:
+            raise ValueError(f"{op.name}: the default algorithm {first!r} set for backend {backend!r} is not "
+                             f"one of its algorithms {available}")
         available = [first] + [a for a in available if a != first]
     return available
 
