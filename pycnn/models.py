@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn import nn
+from pycnn import frontend, nn
 
 # Xavier's N(0, 1/fan_in) assumes inputs of mean 0 and variance 1, but the classifier reads
 # max-pooled rectified features: mean about 0.9 and second moment about 1.4 (1.85 after
@@ -13,15 +13,14 @@ from pycnn import nn
 # A tenth of Xavier's scale gives scores of std ~0.15 and an initial loss within 1% of ln(C).
 HEAD_GAIN = 0.1
 
-ACTIVATIONS = {
-    "relu": lambda c: nn.ReLU(),
-    "leaky_relu": lambda c: nn.LeakyReLU(0.01),
-    "prelu": lambda c: nn.PReLU(c),
-    "rrelu": lambda c: nn.RReLU(),
-    "elu": lambda c: nn.ELU(),
-    "tanh": lambda c: nn.Tanh(),
-    "swish": lambda c: nn.SiLU(),
-}
+def _activation_layer(op):
+    """channels -> a new layer of the activation op (with one slope per channel where it learns them)."""
+    layer = getattr(nn, op.api.layer)
+    return (lambda channels: layer(channels)) if op.api.weight is not None else (lambda channels: layer())
+
+
+# the activations a model can use (pycnn train --activation), by op name
+ACTIVATIONS = {op.name: _activation_layer(op) for op in frontend.api_ops() if op.api.activation}
 
 
 def vgg(in_channels: int, image_size: int, classes: int, widths=(32, 64, 128), convs_per_stage: int = 2,

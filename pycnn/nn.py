@@ -12,9 +12,11 @@ from collections import OrderedDict
 import numpy as np
 
 import pycnn.functional as F
+from pycnn import frontend
 from pycnn import initializers as init
 from pycnn.device import array_module, to_device
 from pycnn.autograd import Tensor, apply_op
+from pycnn.ops import registry, routing
 
 
 class Parameter(Tensor):
@@ -167,7 +169,7 @@ class Module:
 
 class Sequential(Module):
     """Layers applied in order.  A Conv3x3 or a BatchNorm directly followed by an activation
-    that conv3x3_act / batchnorm_act apply (ReLU, LeakyReLU, PReLU, ELU, SiLU: the layers with
+    that conv3x3_act / batchnorm_act apply (ReLU, LeakyReLU, PReLU, ELU, ...: the layers with
     ``conv_activation``) runs as one fused call (the activation is applied where the output
     is stored) when the backend that would run the first layer runs the fused op on these
     inputs (``routing.plan_fused``, asked once per pair); the result is that of the two layers.
@@ -212,8 +214,8 @@ def _fusion(layer, act, x):
     if type(layer) not in (Conv3x3, BatchNorm) or getattr(act, "conv_activation", None) is None:
         return None
     channels = layer.out_channels if type(layer) is Conv3x3 else layer.weight.shape[0]
-    if isinstance(act, PReLU) and act.weight.shape != (channels,):
-        return None
+    if getattr(act, "weight", None) is not None and act.weight.shape != (channels,):
+        return None  # a prelu with another slope count than the channels: the unfused path says so
     prelu_weight, params = act.epilogue()
     params = {"activation": act.conv_activation, **params}
     if type(layer) is Conv3x3:
@@ -228,7 +230,6 @@ def _plan_fusion(layer, act, x):
     fusion = _fusion(layer, act, x)
     if fusion is None:
         return None
-    from pycnn.ops import registry, routing
     op, inputs, params, algo = fusion
     arrays = tuple(None if a is None else (a.data if isinstance(a, Tensor) else a) for a in inputs)
     return routing.plan_fused(registry.get(op), arrays, params, algo)
@@ -289,136 +290,17 @@ class Linear(Module):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
 
 
-class MaxPool2(Module):
-    def forward(self, x):
-        return F.max_pool2x2(x)
-
-
-class AvgPool2(Module):
-    def forward(self, x):
-        return F.avg_pool2x2(x)
-
-
 class Flatten(Module):
     def forward(self, x):
         return F.flatten(x)
 
 
-class ReLU(Module):
-    conv_activation = "relu"  # nn.Sequential fuses it into a preceding Conv3x3
-
-    def forward(self, x):
-        return F.relu(x)
-
-    def epilogue(self):
-        """(prelu_weight or None, params) of conv3x3_act applying this layer."""
-        return None, {}
+def _new_weight(channels, value, dtype, device):
+    return Parameter(np.full(channels, value, init.float_dtype(dtype)))
 
 
-class LeakyReLU(Module):
-    conv_activation = "leaky_relu"
-
-    def __init__(self, slope: float = 0.01):
-        super().__init__()
-        self.slope = slope
-
-    def forward(self, x):
-        return F.leaky_relu(x, self.slope)
-
-    def epilogue(self):
-        return None, {"slope": self.slope}
-
-    def extra_repr(self):
-        return f"slope={self.slope}"
-
-
-class PReLU(Module):
-    """Leaky ReLU whose slope is learned, one per channel (He et al. 2015; initial 0.25)."""
-    conv_activation = "prelu"
-
-    def __init__(self, channels: int, initial_slope: float = 0.25, dtype=np.float32):
-        super().__init__()
-        self.weight = Parameter(np.full(_check_positive_int("channels", channels), initial_slope,
-                                        init.float_dtype(dtype)))
-
-    def forward(self, x):
-        return F.prelu(x, self.weight)
-
-    def epilogue(self):
-        return self.weight, {}
-
-    def extra_repr(self):
-        return f"{self.weight.shape[0]}"
-
-
-class RReLU(Module):
-    """Randomized leaky ReLU: slopes 1/U(lower, upper) drawn per element at every training
-    forward; the fixed slope 2/(lower+upper) in evaluation."""
-
-    def __init__(self, lower: float = 3.0, upper: float = 8.0):
-        super().__init__()
-        self.lower, self.upper = lower, upper
-
-    def forward(self, x):
-        return F.rrelu(x, self.lower, self.upper, training=self.training)
-
-    def extra_repr(self):
-        return f"lower={self.lower}, upper={self.upper}"
-
-
-class ELU(Module):
-    conv_activation = "elu"
-
-    def __init__(self, alpha: float = 1.0):
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, x):
-        return F.elu(x, self.alpha)
-
-    def epilogue(self):
-        return None, {"alpha": self.alpha}
-
-    def extra_repr(self):
-        return f"alpha={self.alpha}"
-
-
-class Sigmoid(Module):
-    def forward(self, x):
-        return F.sigmoid(x)
-
-
-class Tanh(Module):
-    def forward(self, x):
-        return F.tanh(x)
-
-
-class SiLU(Module):
-    """x * sigmoid(x) (swish with beta = 1; PyTorch's SiLU)."""
-    conv_activation = "swish"
-
-    def forward(self, x):
-        return F.swish(x)
-
-    def epilogue(self):
-        return None, {}
-
-
-Swish = SiLU
-
-
-class Maxout(Module):
-    """Max over groups of ``pieces`` consecutive channels: (N, C*k, ...) -> (N, C, ...)."""
-
-    def __init__(self, pieces: int = 2):
-        super().__init__()
-        self.pieces = _check_positive_int("pieces", pieces)
-
-    def forward(self, x):
-        return F.maxout(x, self.pieces)
-
-    def extra_repr(self):
-        return f"pieces={self.pieces}"
+# the layers of the activations and poolings (ReLU, LeakyReLU, MaxPool2, ...), made from their specs
+globals().update(frontend.layers(vars(F), frontend.LayerBase(Module, _new_weight, np.float32), __name__))
 
 
 class BatchNorm(Module):

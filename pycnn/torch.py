@@ -36,15 +36,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import pycnn.ops  # noqa: F401 (declares every op)
+from pycnn import frontend
 from pycnn import initializers as init
 from pycnn import random as _random
 from pycnn.autograd import Context, _from_torch, _profile
 from pycnn.ops import registry
+from pycnn.ops.conv import CONV_ACTIVATIONS
 
-__all__ = ["AvgPool2", "Conv3x3", "Conv3x3Act", "Dropout", "ELU", "LeakyReLU", "MaxPool2", "Maxout", "PReLU",
-           "RReLU", "ReLU", "SiLU", "Sigmoid", "Tanh", "apply_op", "avg_pool2x2", "conv3x3", "conv3x3_act", "dropout",
-           "elu", "function", "leaky_relu", "linear", "max_pool2x2", "maxout", "prelu", "relu", "rrelu", "sigmoid",
-           "swish", "tanh"]
 
 # ------------------------------------------------------------------------ arrays and tensors
 
@@ -263,63 +261,11 @@ def conv3x3(x, weight, bias=None, algo: str = "auto") -> torch.Tensor:
 
 def conv3x3_act(x, weight, bias=None, prelu_weight=None, activation: str = "relu", slope: float = 0.01,
                 alpha: float = 1.0, algo: str = "auto") -> torch.Tensor:
-    """act(conv3x3(x, weight, bias)) in one pass: 'relu', 'leaky_relu' (slope), 'prelu'
-    (prelu_weight, (K,)) or 'elu' (alpha)."""
+    """act(conv3x3(x, weight, bias)) in one pass, for the activations of
+    ``pycnn.ops.conv.CONV_ACTIVATIONS`` (slope: leaky_relu's, alpha: elu's, prelu_weight (K,):
+    prelu's)."""
     return apply_op("conv3x3_act", x, weight, bias, prelu_weight, algo=algo, activation=activation,
                     slope=slope, alpha=alpha)
-
-
-def max_pool2x2(x) -> torch.Tensor:
-    """2x2 max pooling, stride 2: (N, C, H, W) -> (N, C, H//2, W//2)."""
-    return apply_op("maxpool2x2", x)
-
-
-def avg_pool2x2(x) -> torch.Tensor:
-    """2x2 average pooling, stride 2: (N, C, H, W) -> (N, C, H//2, W//2)."""
-    return apply_op("avgpool2x2", x)
-
-
-def relu(x) -> torch.Tensor:
-    return apply_op("relu", x)
-
-
-def leaky_relu(x, slope: float = 0.01) -> torch.Tensor:
-    return apply_op("leaky_relu", x, slope=slope)
-
-
-def prelu(x, weight) -> torch.Tensor:
-    """Leaky ReLU with a learnable slope per channel (axis 1): weight is (C,)."""
-    return apply_op("prelu", x, weight)
-
-
-def rrelu(x, lower: float = 3.0, upper: float = 8.0, training: bool = False, seed: int | None = None) -> torch.Tensor:
-    """Randomized leaky ReLU: slopes 1/U(lower, upper) per element in training (a new seed from
-    pycnn's generator per call unless ``seed`` is given), 2/(lower+upper) in evaluation."""
-    if seed is None:
-        seed = _random.next_seed() if training else 0
-    return apply_op("rrelu", x, lower=lower, upper=upper, training=training, seed=seed)
-
-
-def elu(x, alpha: float = 1.0) -> torch.Tensor:
-    return apply_op("elu", x, alpha=alpha)
-
-
-def sigmoid(x) -> torch.Tensor:
-    return apply_op("sigmoid", x)
-
-
-def tanh(x) -> torch.Tensor:
-    return apply_op("tanh", x)
-
-
-def swish(x) -> torch.Tensor:
-    """x * sigmoid(x) (SiLU)."""
-    return apply_op("swish", x)
-
-
-def maxout(x, pieces: int = 2) -> torch.Tensor:
-    """Max over groups of ``pieces`` consecutive channels: (N, C*k, ...) -> (N, C, ...)."""
-    return apply_op("maxout", x, pieces=pieces)
 
 
 def dropout(x, p: float = 0.5, training: bool = True, seed: int | None = None) -> torch.Tensor:
@@ -391,7 +337,6 @@ class Conv3x3Act(Conv3x3):
     def __init__(self, in_channels: int, out_channels: int, activation: str = "relu", slope: float = 0.01,
                  alpha: float = 1.0, initial_slope: float = 0.25, bias: bool = True, init_scheme: str = "he",
                  algo: str = "auto", dtype=torch.float32, device=None, rng=None):
-        from pycnn.ops.conv import CONV_ACTIVATIONS
         if activation not in CONV_ACTIVATIONS:
             raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
         super().__init__(in_channels, out_channels, bias=bias, init_scheme=init_scheme, algo=algo, dtype=dtype,
@@ -410,106 +355,17 @@ class Conv3x3Act(Conv3x3):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-class MaxPool2(torch.nn.Module):
-    """2x2 max pooling, stride 2 (the first maximum of a window wins ties)."""
-
-    def forward(self, x):
-        return max_pool2x2(x)
+def _new_weight(channels, value, dtype, device) -> torch.nn.Parameter:
+    return _parameter(np.full(channels, value, _numpy_dtype(dtype)), device)
 
 
-class AvgPool2(torch.nn.Module):
-    """2x2 average pooling, stride 2."""
-
-    def forward(self, x):
-        return avg_pool2x2(x)
-
-
-class ReLU(torch.nn.Module):
-    def forward(self, x):
-        return relu(x)
-
-
-class LeakyReLU(torch.nn.Module):
-    def __init__(self, slope: float = 0.01):
-        super().__init__()
-        self.slope = float(slope)
-
-    def forward(self, x):
-        return leaky_relu(x, self.slope)
-
-    def extra_repr(self):
-        return f"slope={self.slope}"
-
-
-class PReLU(torch.nn.Module):
-    """Leaky ReLU with a learned slope per channel (``weight``, (channels,), initially 0.25)."""
-
-    def __init__(self, channels: int, initial_slope: float = 0.25, dtype=torch.float32, device=None):
-        super().__init__()
-        self.weight = _parameter(np.full(_positive_int("channels", channels), initial_slope, _numpy_dtype(dtype)),
-                                 device)
-
-    def forward(self, x):
-        return prelu(x, self.weight)
-
-    def extra_repr(self):
-        return f"{self.weight.shape[0]}"
-
-
-class RReLU(torch.nn.Module):
-    """Randomized leaky ReLU: in training (``module.training``) slopes 1/U(lower, upper) drawn
-    per element at every call, seeded from pycnn's generator; 2/(lower+upper) in evaluation."""
-
-    def __init__(self, lower: float = 3.0, upper: float = 8.0):
-        super().__init__()
-        self.lower, self.upper = float(lower), float(upper)
-
-    def forward(self, x):
-        return rrelu(x, self.lower, self.upper, training=self.training)
-
-    def extra_repr(self):
-        return f"lower={self.lower}, upper={self.upper}"
-
-
-class ELU(torch.nn.Module):
-    def __init__(self, alpha: float = 1.0):
-        super().__init__()
-        self.alpha = float(alpha)
-
-    def forward(self, x):
-        return elu(x, self.alpha)
-
-    def extra_repr(self):
-        return f"alpha={self.alpha}"
-
-
-class Sigmoid(torch.nn.Module):
-    def forward(self, x):
-        return sigmoid(x)
-
-
-class Tanh(torch.nn.Module):
-    def forward(self, x):
-        return tanh(x)
-
-
-class SiLU(torch.nn.Module):
-    def forward(self, x):
-        return swish(x)
-
-
-class Maxout(torch.nn.Module):
-    """Max over groups of ``pieces`` consecutive channels: (N, C*k, ...) -> (N, C, ...)."""
-
-    def __init__(self, pieces: int = 2):
-        super().__init__()
-        self.pieces = _positive_int("pieces", pieces)
-
-    def forward(self, x):
-        return maxout(x, self.pieces)
-
-    def extra_repr(self):
-        return f"pieces={self.pieces}"
+# the functions and layers of the activations and poolings (relu, ReLU, max_pool2x2, MaxPool2, ...),
+# made from their specs by pycnn.frontend
+_FUNCTIONS = frontend.functions(apply_op, __name__)
+_LAYERS = frontend.layers(_FUNCTIONS, frontend.LayerBase(torch.nn.Module, _new_weight, torch.float32, device=True),
+                          __name__)
+globals().update(_FUNCTIONS)
+globals().update(_LAYERS)
 
 
 class Dropout(torch.nn.Module):
@@ -527,3 +383,7 @@ class Dropout(torch.nn.Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+__all__ = ["Conv3x3", "Conv3x3Act", "Dropout", "apply_op", "conv3x3", "conv3x3_act", "dropout", "function", "linear",
+           *_FUNCTIONS, *_LAYERS]

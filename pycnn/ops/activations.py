@@ -9,7 +9,7 @@ import numpy as np
 
 from pycnn.device import array_module
 import pycnn.ops._util as _util
-from pycnn.ops.registry import Epilogue, Sample, declare, map_bench
+from pycnn.ops.registry import Api, Epilogue, Sample, declare, map_bench
 
 
 def _per_element(count: int, itemsize_factor: bool = False):
@@ -61,7 +61,8 @@ def relu_backward(ctx, grad):
 
 declare("relu", forward=relu_forward, backward=relu_backward, check=_check_x, **_map_costs(1, 1),
         samples=_x_samples, torch=_functional("relu"), bench=map_bench(), elementwise=(),
-        conv_epilogue=Epilogue(grad_from_output=lambda params, weight: True))
+        conv_epilogue=Epilogue(grad_from_output=lambda params, weight: True),
+        api=Api("relu", "ReLU", "max(x, 0).", activation=True))
 
 
 # --------------------------------------------------------------------------- leaky_relu
@@ -99,7 +100,9 @@ declare("leaky_relu", forward=leaky_relu_forward, backward=leaky_relu_backward, 
         bench=map_bench({"slope": 0.01}), elementwise=(("slope", 0.01, float),),
         # y > 0 exactly when z > 0 for a slope >= 0; a negative slope makes both branches >= 0
         conv_epilogue=Epilogue(params=("slope",), flops=2,
-                               grad_from_output=lambda params, weight: params.get("slope", 0.01) >= 0))
+                               grad_from_output=lambda params, weight: params.get("slope", 0.01) >= 0),
+        api=Api("leaky_relu", "LeakyReLU", "x where x > 0, else slope * x.", settings=(("slope", 0.01, float),),
+                activation=True))
 
 
 # -------------------------------------------------------------------------------- prelu
@@ -152,7 +155,9 @@ declare("prelu", forward=prelu_forward, backward=prelu_backward, check=_check_pr
         bench_inputs=_prelu_bench_inputs,
         # y > 0 exactly when z > 0 where every slope is > 0 (the weight gradient is then sum(g * y) / a)
         conv_epilogue=Epilogue(weight=True, flops=2,
-                               grad_from_output=lambda params, weight: bool((weight > 0).all())))
+                               grad_from_output=lambda params, weight: bool((weight > 0).all())),
+        api=Api("prelu", "PReLU", "Leaky ReLU with a learned slope per channel (axis 1; He et al. 2015): weight "
+                "is (C,).", weight=("initial_slope", 0.25), activation=True))
 
 
 # -------------------------------------------------------------------------------- rrelu
@@ -215,7 +220,11 @@ def _torch_native_rrelu(x, lower=3.0, upper=8.0, training=False, seed=0):
 declare("rrelu", forward=rrelu_forward, backward=rrelu_backward, check=_check_rrelu, **_map_costs(12, 12),
         samples=_rrelu_samples, torch=_torch_rrelu, torch_native=_torch_native_rrelu,
         bench=map_bench({"training": True, "seed": 1}),
-        elementwise=(("lower", 3.0, float), ("upper", 8.0, float), ("seed", 0, int), ("training", False, bool)))
+        elementwise=(("lower", 3.0, float), ("upper", 8.0, float), ("seed", 0, int), ("training", False, bool)),
+        api=Api("rrelu", "RReLU", "Randomized leaky ReLU (Xu et al. 2015): in training a slope 1/U(lower, upper) "
+                "per element, drawn at every call; the fixed slope 2/(lower+upper) in evaluation.",
+                settings=(("lower", 3.0, float), ("upper", 8.0, float), ("training", False, bool),
+                          ("seed", None, int)), activation=True))
 
 
 # ---------------------------------------------------------------------------------- elu
@@ -244,7 +253,9 @@ declare("elu", forward=elu_forward, backward=elu_backward, check=_check_elu, **_
         samples=_elu_samples, torch=lambda x, alpha=1.0: _functional("elu")(x, alpha),
         bench=map_bench({"alpha": 1.0}), elementwise=(("alpha", 1.0, float),),
         # its derivative alpha * exp(z) read off the output as y + alpha cancels for z << 0
-        conv_epilogue=Epilogue(params=("alpha",), flops=4))
+        conv_epilogue=Epilogue(params=("alpha",), flops=4),
+        api=Api("elu", "ELU", "x where x > 0, else alpha * (exp(x) - 1) (Clevert et al. 2015).",
+                settings=(("alpha", 1.0, float),), activation=True))
 
 
 # -------------------------------------------------------------------------- sigmoid, tanh
@@ -273,7 +284,8 @@ def _torch_method(name):
 
 
 declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_check_x, **_map_costs(4, 5),
-        samples=_x_samples, torch=_torch_method("sigmoid"), bench=map_bench(), elementwise=())
+        samples=_x_samples, torch=_torch_method("sigmoid"), bench=map_bench(), elementwise=(),
+        api=Api("sigmoid", "Sigmoid", "1 / (1 + exp(-x))."))
 
 
 def tanh_forward(ctx, x):
@@ -291,7 +303,8 @@ def tanh_backward(ctx, grad):
 
 
 declare("tanh", forward=tanh_forward, backward=tanh_backward, check=_check_x, **_map_costs(4, 6),
-        samples=_x_samples, torch=_torch_method("tanh"), bench=map_bench(), elementwise=())
+        samples=_x_samples, torch=_torch_method("tanh"), bench=map_bench(), elementwise=(),
+        api=Api("tanh", "Tanh", "The hyperbolic tangent.", activation=True))
 
 
 # ----------------------------------------------------------------------- swish (SiLU)
@@ -329,7 +342,9 @@ def _swish_samples(rng, dtype):
 
 declare("swish", forward=swish_forward, backward=swish_backward, check=_check_x, **_map_costs(5, 7),
         samples=_swish_samples, torch=_functional("silu"), bench=map_bench(), elementwise=(),
-        conv_epilogue=Epilogue(flops=5))  # its gradient needs z (y does not determine it)
+        conv_epilogue=Epilogue(flops=5),  # its gradient needs z (y does not determine it)
+        api=Api("swish", "SiLU", "x * sigmoid(x) (SiLU); 0 at -inf, its gradient 0 and 1 at -inf and +inf.",
+                function_aliases=("silu",), layer_aliases=("Swish",), activation=True))
 
 
 # ------------------------------------------------------------------------------- maxout
@@ -393,4 +408,6 @@ def _torch_maxout(x, pieces=2):
 declare("maxout", forward=maxout_forward, backward=maxout_backward, check=_check_maxout,
         flops=lambda x_shape, pieces=2: int(np.prod(x_shape)), backward_flops=lambda x_shape, pieces=2: 0,
         bytes=_maxout_bytes, backward_bytes=_maxout_bytes, samples=_maxout_samples, torch=_torch_maxout,
-        bench=map_bench({"pieces": 2}))
+        bench=map_bench({"pieces": 2}),
+        api=Api("maxout", "Maxout", "Max over groups of pieces consecutive channels (Goodfellow et al. 2013): "
+                "(N, C*k, ...) -> (N, C, ...).", settings=(("pieces", 2, int),)))

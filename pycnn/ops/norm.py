@@ -150,8 +150,9 @@ batchnorm_act_forward, batchnorm_act_backward = chain_pair("batchnorm_act")
 
 def _bn_act_samples(rng, dtype):
     out = []
-    for i, (activation, extra) in enumerate([("relu", {}), ("leaky_relu", {"slope": -0.3}), ("prelu", {}),
-                                             ("elu", {"alpha": 0.7}), ("swish", {})]):
+    with_settings = {"leaky_relu": {"slope": -0.3}, "prelu": {}, "elu": {"alpha": 0.7}}
+    plain = [(name, {}) for name in conv.CONV_ACTIVATIONS if name not in with_settings]
+    for i, (activation, extra) in enumerate(list(with_settings.items()) + plain):
         for sample in _bn_samples(rng, dtype)[i % 2::2]:
             x, gamma, beta = sample.inputs
             pw = rng.uniform(-0.4, 0.6, x.shape[1]).astype(dtype) if activation == "prelu" else None

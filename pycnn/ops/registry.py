@@ -18,7 +18,8 @@ An op (``declare``) is
     of one implementation come as a pair: what ``forward`` stores on ``ctx`` is private to
     it).  ``portable`` ops are their reference on every backend (array-API code: NumPy with
     single-threaded BLAS on the CPU, CuPy on a GPU), registered as the algorithm 'reference';
-  * for an activation that conv3x3_act can apply, ``conv_epilogue`` (``Epilogue``).
+  * for an activation that conv3x3_act can apply, ``conv_epilogue`` (``Epilogue``);
+  * for an op the front ends offer as a function and a layer, ``api`` (``Api``).
 
 ``inputs`` are the arrays an op differentiates through (None where one is optional, such as
 a missing bias); ``params`` are everything else (numbers, labels, running statistics).
@@ -128,6 +129,25 @@ class Epilogue:
     flops: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Api:
+    """How the front ends offer a one-input op (an activation, a pooling); ``pycnn.frontend``
+    makes from it the function of pycnn.functional and pycnn.torch, the layer of pycnn.nn and
+    pycnn.torch, and (``activation``) the choice of models.ACTIVATIONS and the CLI.
+    ``settings``: the op's params after x, in the function's order, as (name, default, type);
+    a ``training`` setting follows a layer's mode and a ``seed`` of None is drawn per call.
+    ``weight``: a learned input per channel after x, as (the layer's argument for its
+    initial value, its default)."""
+    function: str
+    layer: str
+    doc: str
+    settings: tuple = ()
+    weight: tuple | None = None
+    function_aliases: tuple = ()
+    layer_aliases: tuple = ()
+    activation: bool = False
+
+
 def _standard_normal(rng, shapes, params):
     return tuple(None if s is None else rng.standard_normal(s, dtype=np.float32) for s in shapes), params
 
@@ -149,6 +169,7 @@ class Op:
     bench_inputs: Callable = _standard_normal
     portable: bool = False
     conv_epilogue: Epilogue | None = None
+    api: Api | None = None
     # a map y = f(x, *params) whose gradient is computed from x: the params its kernels
     # ``<name>_forward(x, y, *params)`` / ``<name>_backward(x, grad, grad_x, *params)`` take
     # after the arrays, as (name, default, type) (every backend's elementwise idiom)
