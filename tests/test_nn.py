@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import pycnn
+import pycnn.functional as F
 from pycnn import initializers as init, nn, optim
 from pycnn.autograd import Tensor
 
@@ -139,3 +140,19 @@ def test_load_state_dict_checks_everything_before_writing():
     state["1.weight"] = np.ones((1, 3), np.complex64)
     with pytest.raises(TypeError, match="real numbers"):
         model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_batch_norm_without_scale_and_shift_is_torch_affine_false(backend):
+    torch = pytest.importorskip("torch")
+    import pycnn.torch as pt
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 5, 5))
+    with pycnn.use_backend(backend):
+        y = F.batch_norm(pycnn.Tensor(x), None, None)
+        y_act = F.batch_norm_act(pycnn.Tensor(x), None, None, activation="relu")
+    expected = torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, training=True).numpy()
+    np.testing.assert_allclose(y.data, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(y_act.data, np.maximum(expected, 0), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="gamma and beta must be arrays"):
+        pt.apply_op("batchnorm", torch.from_numpy(x), None, None)

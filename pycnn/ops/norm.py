@@ -19,6 +19,9 @@ from pycnn.ops.registry import BenchCase, Sample, chain_pair, declare, get
 
 def _check_batchnorm(x, gamma, beta, running_mean=None, running_var=None, training=True,
                      momentum=0.1, eps=1e-5):
+    if gamma is None or beta is None:
+        raise ValueError("gamma and beta must be arrays of one value per channel; for no scale or shift "
+                         "(torch's affine=False) call pycnn.functional.batch_norm with None, or pass ones and zeros")
     _util.check_float_arrays(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     _util.check_ndim("x", x, (2, 4))
     c = x.shape[1]
