@@ -14,20 +14,17 @@ pre-processing; ``pycnn.training`` the configuration, the training loop, the com
 checks, figures and tools; ``pycnn.bench`` the harness behind ``pycnn bench``; the Numba-CUDA
 kernels are ``pycnn.kernels``.
 """
-from pycnn import _moved, ops  # noqa: F401 (ops declares every op)
-from pycnn.device import BACKENDS, use_backend
+from pycnn import functional, initializers, models, nn, ops, optim, schedules  # noqa: F401 (the core's modules)
 from pycnn._cpu import cpu_info  # which build of the C++ backend runs, and why
 from pycnn._threads import threads
-from pycnn.autograd import Function, Tensor, apply_op, from_dlpack, is_grad_enabled, no_grad, profile
+from pycnn.autograd import Function, Tensor, apply_op, from_dlpack, is_grad_enabled, no_grad
+from pycnn.device import BACKENDS
+from pycnn.ops.routing import use_backend
+from pycnn.profiler import profile
 from pycnn.random import manual_seed
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-__all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "cpu_info", "from_dlpack", "is_grad_enabled", "manual_seed",
-           "no_grad", "profile", "threads", "use_backend", "__version__"]
-
-_moved.install()  # import pycnn.augment etc. (old paths) still work
-
-
-def __getattr__(name):
-    return _moved.attribute(name)
+__all__ = ["BACKENDS", "Function", "Tensor", "apply_op", "cpu_info", "from_dlpack", "functional", "initializers",
+           "is_grad_enabled", "manual_seed", "models", "nn", "no_grad", "optim", "profile", "schedules", "threads",
+           "use_backend", "__version__"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -179,6 +180,27 @@ def _mapped_libraries(prefixes) -> list[str]:
     return sorted(p for p in paths if os.path.basename(p).startswith(prefixes))
 
 
+_extension = None
+_extension_checked = False
+
+
+def cpp_extension():
+    """The compiled module ``pycnn._C``, or None (with one warning) where it is not built."""
+    global _extension, _extension_checked
+    if not _extension_checked:
+        _extension_checked = True
+        try:
+            _extension = load_extension()
+        except ImportError as exc:
+            warnings.warn(
+                f"pycnn: the C++ extension pycnn._C is not available ({exc}); "
+                "CPU ops run on the slow NumPy reference. Reinstall with `pip install .` to build it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _extension
+
+
 def load_extension():
     """Import pycnn._C (raises ImportError) and note which OpenMP runtime it got and which
     settings that runtime read at its start.
@@ -273,7 +295,6 @@ def threads() -> ThreadReport:
     * ``loader``: the DataLoader prefetch threads alive now.
 
     Loads the extension if it is not loaded yet."""
-    from pycnn.device import cpp_extension
     C = cpp_extension()
     alive = [t.name for t in threading.enumerate() if t.name == LOADER_THREAD_NAME and t.is_alive()]
     return ThreadReport(openmp=_openmp_report(C), blas=_blas_report(),

@@ -7,8 +7,9 @@ A ``Tensor`` holds an array, its gradient and the ``Function`` call that made it
 (``OpFunction``), dispatching to the backend that fits its inputs.
 
 Arrays of other frameworks enter through ``_foreign_array`` (Tensor construction, ``apply_op``,
-``Function.apply``): a PyTorch tensor becomes a NumPy array (CPU) or a CuPy array (CUDA)
-sharing its memory, another DLPack exporter goes through ``from_dlpack``.  The other way, a
+``Function.apply``; ``pycnn.foreign``): a PyTorch tensor becomes a NumPy array (CPU) or a CuPy
+array (CUDA) sharing its memory, another DLPack exporter goes through ``from_dlpack``.  The
+profiler (``pycnn.profiler``) records the route of every op call.  The other way, a
 Tensor exports its data with ``__array__`` (host data), ``__dlpack__`` and, on the GPU,
 ``__cuda_array_interface__``.
 """
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
-import time
 
 import numpy as np
 
+from pycnn import foreign
 from pycnn.device import array_module, device_of, is_cuda_array, to_host
+from pycnn.ops import registry, routing
+from pycnn.profiler import current_profile
 
 _grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("pycnn_grad_enabled", default=True)
 
@@ -40,73 +42,18 @@ def is_grad_enabled() -> bool:
     return _grad_enabled.get()
 
 
-# ------------------------------------------------------------- arrays of other frameworks
-# DLPack device types (dlpack.h): where an exported array lives.
-_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
-
-
-def _from_torch(tensor):
-    """A PyTorch tensor's data without a copy: NumPy for a CPU tensor, CuPy for a CUDA one
-    (through DLPack, on CuPy's current stream).  The gradient and graph are left behind."""
-    tensor = tensor.detach()
-    if tensor.is_conj():
-        tensor = tensor.resolve_conj()
-    if tensor.is_neg():
-        tensor = tensor.resolve_neg()
-    if tensor.device.type == "cpu":
-        try:
-            return tensor.numpy()
-        except TypeError as exc:  # bfloat16 and other types NumPy lacks
-            raise TypeError(f"pycnn cannot take a torch tensor of dtype {tensor.dtype}: {exc}") from None
-    if tensor.device.type == "cuda":
-        return _cupy("a CUDA torch tensor").from_dlpack(tensor)
-    raise TypeError(f"pycnn takes CPU and CUDA torch tensors, got one on {tensor.device}")
-
-
-def _cupy(what: str):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise TypeError(f"{what} needs CuPy: pip install 'pycnn[cuda]'") from exc
-    return cupy
-
-
-def _array_from_dlpack(obj):
-    """The NumPy (host) or CuPy (CUDA) array that shares the memory of a DLPack exporter."""
-    if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
-        raise TypeError(f"from_dlpack needs an object with __dlpack__ and __dlpack_device__, got {type(obj).__name__} "
-                        "(a bare capsule is not enough)")
-    device_type = int(obj.__dlpack_device__()[0])
-    if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
-        return _cupy("a CUDA DLPack array").from_dlpack(obj)
-    if device_type in (_DL_CPU, _DL_CUDA_HOST):
-        return np.from_dlpack(obj)
-    raise TypeError(f"pycnn runs on the CPU and on CUDA devices; this array lives on DLPack device type {device_type}")
-
-
-def _foreign_array(obj):
-    """``obj`` as pycnn's arrays are, without a copy, where it comes from another framework:
-    a torch tensor or another DLPack exporter becomes a NumPy or CuPy array sharing its
-    memory.  NumPy and CuPy arrays, Tensors, numbers, None and the rest come back as they
-    are.  The one place where other frameworks' arrays are taken in."""
-    if obj is None or isinstance(obj, (np.ndarray, np.generic, Tensor, int, float, tuple, list, str, dict)):
-        return obj
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return _from_torch(obj)
-    if hasattr(obj, "__cuda_array_interface__"):
-        return obj  # CuPy and other CUDA arrays: array_module takes them as they are
-    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        return _array_from_dlpack(obj)
-    return obj
-
-
 def from_dlpack(obj) -> "Tensor":
     """A Tensor sharing the memory of ``obj``, any DLPack exporter (a torch tensor, a JAX or
     CuPy array, a NumPy array): host data becomes a NumPy array, CUDA data a CuPy array.
     float32 and float64 are shared; other dtypes are converted to float32 (a copy), as
     ``Tensor`` does."""
-    return Tensor(_array_from_dlpack(obj))
+    return Tensor(foreign.array_from_dlpack(obj))
+
+
+def _foreign_array(obj):
+    """``obj`` without a copy as a NumPy or CuPy array where it is another framework's array
+    (``foreign.foreign_array``); Tensors and everything else as they are."""
+    return obj if isinstance(obj, Tensor) else foreign.foreign_array(obj)
 
 
 def _as_array(data, dtype=None):
@@ -396,10 +343,9 @@ class OpFunction(Function):
     @classmethod
     def forward(cls, ctx, *inputs, algo="auto", route=None, **params):
         if route is None:
-            from pycnn.ops import routing
             route = routing.route(cls.op, inputs, params, algo)
         ctx.route = route
-        profile = _profile.get()
+        profile = current_profile()
         if profile is None:
             return route.impl.forward(ctx, *inputs, **params)
         start = profile.clock()
@@ -409,63 +355,13 @@ class OpFunction(Function):
 
     @classmethod
     def backward(cls, ctx, grad_output):
-        route, profile = ctx.route, _profile.get()
+        route, profile = ctx.route, current_profile()
         if profile is None:
             return route.impl.backward(ctx, grad_output)
         start = profile.clock()
         grads = route.impl.backward(ctx, grad_output)
         profile.add(cls.op.name, route.backend, route.algo, "backward", profile.clock() - start)
         return grads
-
-
-class Profile:
-    """Seconds and calls per (op, backend, algorithm, pass), collected by ``profile()``.
-    Times are host wall-clock: CUDA kernels are asynchronous, so on a GPU they measure
-    launches, unless ``synchronize`` is set: then the clock waits for the GPU before each
-    reading (slower, but each op's own device time)."""
-
-    def __init__(self, synchronize: bool = False):
-        self.seconds: dict[tuple, float] = {}
-        self.calls: dict[tuple, int] = {}
-        self.synchronize = synchronize
-
-    def clock(self) -> float:
-        if self.synchronize and "cupy" in sys.modules:
-            sys.modules["cupy"].cuda.Device().synchronize()
-        return time.perf_counter()
-
-    def add(self, op, backend, algo, phase, seconds) -> None:
-        key = (op, backend, algo, phase)
-        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
-        self.calls[key] = self.calls.get(key, 0) + 1
-
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
-    def table(self, top: int = 20) -> str:
-        total = self.total()
-        lines = [f"{'op':<22}{'backend':<8}{'algo':<10}{'pass':<9}{'calls':>7}{'seconds':>10}{'share':>7}"]
-        for key, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:top]:
-            op, backend, algo, phase = key
-            lines.append(f"{op:<22}{backend:<8}{algo:<10}{phase:<9}{self.calls[key]:>7}{secs:>10.3f}"
-                         f"{secs / total if total else 0.0:>7.1%}")
-        lines.append(f"{'all ops':<56}{total:>10.3f}")
-        return "\n".join(lines)
-
-
-_profile: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("pycnn_profile", default=None)
-
-
-@contextlib.contextmanager
-def profile(synchronize: bool = False):
-    """Time every op call inside the block: ``with pycnn.profile() as p: ...; print(p.table())``;
-    ``synchronize=True`` waits for the GPU around each op (device time per op)."""
-    result = Profile(synchronize)
-    token = _profile.set(result)
-    try:
-        yield result
-    finally:
-        _profile.reset(token)
 
 
 _op_functions: dict[str, type] = {}
@@ -475,7 +371,6 @@ def op_function(name: str) -> type:
     """The ``OpFunction`` subclass of the registry op ``name``."""
     fn = _op_functions.get(name)
     if fn is None:
-        from pycnn.ops import registry
         fn = type(f"{name}_function", (OpFunction,), {"op": registry.get(name)})
         _op_functions[name] = fn
     return fn
@@ -485,7 +380,6 @@ def apply_op(name: str, *inputs, **params) -> Tensor:
     """Run registry op ``name``: ``inputs`` are differentiable arrays/Tensors (numbers are
     promoted to 0-d arrays of the other inputs' dtype), ``params`` keyword arguments
     (``algo``: an algorithm or 'auto'; ``route``: a route planned already, see nn.Sequential)."""
-    from pycnn.ops import registry
     op = registry.get(name)
     algo = params.pop("algo", "auto")
     route = params.pop("route", None)

@@ -1,4 +1,4 @@
-"""Which arrays live where, and the C++ extension.
+"""Which arrays live where, and the C++ extension (``cpp_extension``, from pycnn._threads).
 
 A NumPy array lives on the CPU, an array exposing ``__cuda_array_interface__`` (CuPy,
 PyTorch CUDA tensors) on a CUDA device.  Which backend runs an op on them (and
@@ -6,20 +6,11 @@ PyTorch CUDA tensors) on a CUDA device.  Which backend runs an op on them (and
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
+from pycnn._threads import cpp_extension  # noqa: F401 (the C++ extension, loaded once where its threads are set up)
+
 BACKENDS = ("numpy", "cpp", "cuda")
-
-
-def __getattr__(name):
-    """``use_backend`` and ``forced_backend`` moved to pycnn.ops.routing (the one routing
-    policy); they are still found here."""
-    if name in ("use_backend", "forced_backend"):
-        from pycnn.ops import routing
-        return getattr(routing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------- arrays
@@ -75,30 +66,3 @@ def to_device(a, device: str):
             raise RuntimeError("device 'cuda' needs CuPy and an NVIDIA GPU: pip install 'pycnn[cuda]'") from exc
         return cupy.asarray(a)
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
-# ------------------------------------------------------------------------ the C++ extension
-
-_extension = None
-_extension_checked = False
-
-
-def cpp_extension():
-    """The compiled module ``pycnn._C``, or None (with one warning) where it is not built."""
-    global _extension, _extension_checked
-    if not _extension_checked:
-        _extension_checked = True
-        # No lasting OMP_WAIT_POLICY / GOMP_SPINCOUNT of ours: load_extension gives libgomp a
-        # bounded spin only for the moment it starts and leaves os.environ as it was
-        # (pycnn/_threads.py says why and what was measured).
-        try:
-            from pycnn._threads import load_extension
-            _extension = load_extension()
-        except ImportError as exc:
-            warnings.warn(
-                f"pycnn: the C++ extension pycnn._C is not available ({exc}); "
-                "CPU ops run on the slow NumPy reference. Reinstall with `pip install .` to build it.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _extension

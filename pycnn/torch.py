@@ -39,7 +39,9 @@ import pycnn.ops  # noqa: F401 (declares every op)
 from pycnn import frontend
 from pycnn import initializers as init
 from pycnn import random as _random
-from pycnn.autograd import Context, _from_torch, _profile
+from pycnn.autograd import Context
+from pycnn.foreign import from_torch
+from pycnn.profiler import current_profile
 from pycnn.ops import registry
 from pycnn.ops.conv import CONV_ACTIVATIONS
 
@@ -49,7 +51,7 @@ from pycnn.ops.conv import CONV_ACTIVATIONS
 
 def _array(tensor):
     """A torch tensor's data as a NumPy (CPU) or CuPy (CUDA) array, sharing its memory."""
-    return None if tensor is None else _from_torch(tensor)
+    return None if tensor is None else from_torch(tensor)
 
 
 def _tensor(a) -> torch.Tensor:
@@ -155,7 +157,7 @@ def _cuda_stream(device):
 
 def _timed(name, backend, algo, phase, call, *args, **kwargs):
     """``call(*args, **kwargs)``, recorded in ``pycnn.profile()`` when one is open."""
-    profile = _profile.get()
+    profile = current_profile()
     if profile is None:
         return call(*args, **kwargs)
     start = profile.clock()

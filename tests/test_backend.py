@@ -11,6 +11,7 @@ import pytest
 
 import pycnn
 import pycnn.functional as F
+from pycnn import _threads
 from pycnn import device as _device
 from pycnn import nn
 from pycnn.ops import registry, routing
@@ -27,7 +28,7 @@ def test_use_backend_forces_and_restores():
         backend, algo, _ = registry.get("relu").resolve((np.zeros(3, np.float32),), {})
         assert (backend, algo) == ("numpy", "reference")
     assert routing.forced_backend() is None
-    assert pycnn.use_backend is routing.use_backend and _device.use_backend is routing.use_backend
+    assert pycnn.use_backend is routing.use_backend
 
 
 def test_unknown_backend_is_rejected():
@@ -108,8 +109,8 @@ def test_missing_extension_warns_once_and_runs_the_reference(monkeypatch):
             raise ImportError("simulated: not built")
         return real_import(name, globals, locals, fromlist, level)
 
-    monkeypatch.setattr(_device, "_extension", None)
-    monkeypatch.setattr(_device, "_extension_checked", False)
+    monkeypatch.setattr(_threads, "_extension", None)
+    monkeypatch.setattr(_threads, "_extension_checked", False)
     monkeypatch.setattr(builtins, "__import__", no_extension)
     monkeypatch.delitem(sys.modules, "pycnn._C", raising=False)
     with pytest.warns(RuntimeWarning, match="not available"):

@@ -6,9 +6,9 @@ which implementation runs each call.
 """
 from pycnn.ops import (activations, conv, dropout, elementwise, fancy_pca, linear, loss,  # noqa: F401 (declares)
                        norm, pool)
-from pycnn.ops.registry import REGISTRY, Op, Sample, all_ops, get
-
 from pycnn.ops import registry as _registry
+from pycnn.ops import routing  # noqa: F401 (routes every call: Op.resolve)
+from pycnn.ops.registry import REGISTRY, Op, Sample, all_ops, get
 
 
 def _load_cpp():

@@ -202,9 +202,9 @@ class Op:
         return sorted({b for (b, _) in self.impls}, key=BACKENDS.index)
 
     def resolve(self, inputs, params, algo: str = "auto") -> tuple[str, str, Impl]:
-        """(backend, algorithm, implementation) for these inputs (``routing.route``)."""
-        from pycnn.ops import routing
-        chosen = routing.route(self, inputs, params, algo)
+        """(backend, algorithm, implementation) for these inputs (``routing.route``, which
+        ``set_router`` hooks in: routing is above the registry)."""
+        chosen = _router(self, inputs, params, algo)
         return chosen.backend, chosen.algo, chosen.impl
 
     def cost(self, phase: str, shapes, params=None, itemsize: int = 4) -> tuple[int, int]:
@@ -226,6 +226,12 @@ class Op:
 
 
 REGISTRY: dict[str, Op] = {}
+_router: Callable = None  # routing.route, set by pycnn.ops.routing when it is imported
+
+
+def set_router(route: Callable) -> None:
+    global _router
+    _router = route
 
 
 def declare(name: str, **spec) -> Op:

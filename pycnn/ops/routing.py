@@ -24,6 +24,7 @@ import os
 from typing import Callable
 
 from pycnn.device import BACKENDS, cpp_extension, is_cuda_array
+from pycnn.ops import registry
 from pycnn.ops.registry import REFERENCE, check_algo
 
 
@@ -189,3 +190,6 @@ def plan_fused(op, inputs, params, algo: str = "auto") -> Route | None:
     except (NoImplementation, CannotRun, TypeError, ValueError):
         return None
     return planned if planned.backend == backend else None
+
+
+registry.set_router(route)
