@@ -50,26 +50,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # run as a script or imported as bench.<name>: machine.py beside it
+from machine import loadavg, mapped_libraries  # noqa: E402
 
 
 # ======================================================================= the worker process
-
-def _loadavg() -> float | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except OSError:
-        return None
-
-
-def _mapped(prefixes=("libgomp", "libomp", "libiomp", "libopenblas", "libscipy_openblas", "libmkl")):
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
-    except OSError:
-        return []
-    return sorted(p for p in paths if os.path.basename(p).startswith(prefixes))
-
 
 def _digest(arrays) -> str:
     h = hashlib.sha1()
@@ -245,14 +230,14 @@ def _serve_throughput(net, task, out):
     net.step(x, y)
     for _ in range(task["warmup"] - 1):
         net.step(*next(batches))
-    info.update(net.info(), libraries=_mapped())
+    info.update(net.info(), libraries=mapped_libraries())
     out("READY " + json.dumps(info))
     for line in sys.stdin:
         command = line.split()
         if not command or command[0] == "quit":
             return
         steps, times, losses = int(command[1]), [], []
-        load = _loadavg()
+        load = loadavg()
         start = time.perf_counter()
         for _ in range(steps):
             x, y = next(batches)
@@ -279,7 +264,7 @@ def _trajectory(net, task, out):
         seconds = time.perf_counter() - start
         epochs_done.append({"epoch": epoch + 1, "seconds": seconds, "images_per_s": len(losses) * task["batch_size"] / seconds,
                     "mean_loss": sum(losses) / len(losses), "losses": losses,
-                    "test_accuracy": net.accuracy(test_x, test_y), "loadavg": _loadavg()})
+                    "test_accuracy": net.accuracy(test_x, test_y), "loadavg": loadavg()})
         out(f"EPOCH {task['framework']} epoch {epoch + 1}/{epochs}: loss {epochs_done[-1]['mean_loss']:.4f}, "
             f"test accuracy {epochs_done[-1]['test_accuracy']:.4f}, {epochs_done[-1]['images_per_s']:.1f} img/s")
     return {"epochs": epochs_done, "first_batch": first}
@@ -294,7 +279,7 @@ def worker(task: dict) -> None:
     else:
         weights = net.weights_digest()
         result = _trajectory(net, task, out)
-        result.update(net.info(), weights=weights, libraries=_mapped())
+        result.update(net.info(), weights=weights, libraries=mapped_libraries())
         out("RESULT " + json.dumps(result))
 
 

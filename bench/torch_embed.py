@@ -41,6 +41,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # run as a script or imported as bench.<name>: machine.py beside it
+from machine import loadavg, mapped_libraries  # noqa: E402
 ROOT = os.path.dirname(HERE)
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")
 VARIANTS = ("torch", "pycnn")
@@ -71,23 +73,6 @@ def build_model(variant: str, dtype):
 
 
 # =========================================================================== the worker
-
-def _mapped(prefixes=("libgomp", "libomp", "libiomp", "libopenblas", "libscipy_openblas", "libmkl")):
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
-    except OSError:
-        return []
-    return sorted(os.path.basename(p) for p in paths if os.path.basename(p).startswith(prefixes))
-
-
-def _loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except OSError:
-        return None
-
 
 def _data(task):
     """The training batches (NCHW float arrays, int64 labels; the same in every worker) and
@@ -135,7 +120,7 @@ def worker(task: dict) -> None:
     del warm, warm_opt
 
     opt = torch.optim.SGD(model.parameters(), lr=task["lr"], momentum=0.9)
-    load = _loadavg()
+    load = loadavg()
     losses, start = [], time.perf_counter()
     for x, y in batches:
         losses.append(step(model, opt, x, y))
@@ -148,7 +133,7 @@ def worker(task: dict) -> None:
     print("RESULT " + json.dumps({
         "variant": task["variant"], "losses": losses, "seconds": seconds,
         "images_per_s": len(losses) * task["batch"] / seconds, "test_accuracy": float((predicted == test_y).mean()),
-        "loadavg": load, "libraries": _mapped(), "pycnn_imported": "pycnn" in sys.modules,
+        "loadavg": load, "libraries": mapped_libraries(basenames=True), "pycnn_imported": "pycnn" in sys.modules,
         "torch_threads": torch.get_num_threads()}), flush=True)
 
 

@@ -208,30 +208,7 @@ class Tensor:
             node.ctx.freed = True
 
     # ---------------------------------------------------------------- operator sugar
-    def __add__(self, other):
-        return apply_op("add", self, other)
-
-    def __radd__(self, other):
-        return apply_op("add", other, self)
-
-    def __sub__(self, other):
-        return apply_op("sub", self, other)
-
-    def __rsub__(self, other):
-        return apply_op("sub", other, self)
-
-    def __mul__(self, other):
-        return apply_op("mul", self, other)
-
-    def __rmul__(self, other):
-        return apply_op("mul", other, self)
-
-    def __truediv__(self, other):
-        return apply_op("div", self, other)
-
-    def __rtruediv__(self, other):
-        return apply_op("div", other, self)
-
+    # __add__/__radd__, __sub__/__rsub__, __mul__/__rmul__, __truediv__/__rtruediv__: set below
     def __neg__(self):
         return apply_op("mul", self, -1.0)
 
@@ -262,6 +239,17 @@ class Tensor:
 
     def abs(self):
         return apply_op("abs", self)
+
+
+def _binary_operator(op: str, reflected: bool):
+    if reflected:
+        return lambda self, other: apply_op(op, other, self)
+    return lambda self, other: apply_op(op, self, other)
+
+
+for _op, _name in (("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "truediv")):
+    setattr(Tensor, f"__{_name}__", _binary_operator(_op, reflected=False))
+    setattr(Tensor, f"__r{_name}__", _binary_operator(_op, reflected=True))
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:
