@@ -90,7 +90,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         copy = min((r[impl][0] for impl in ("copy-numpy", "copy-torch") if impl in r), default=None)
         limit = nbytes / copy / 1e9 if copy else None
 
-        def ms(impl):
+        def ms(impl, r=r):
             return f"{r[impl][0] * 1e3:8.3f}" if impl in r else f"{'-':>8}"
         speedup = f"{r['torch'][0] / t:6.2f}x" if "torch" in r else f"{'-':>7}"
         rows.append(f"{op:<11}{phase:<8}{str(shape):<17}{ms('pycnn')} {ms('kernel')} {ms('numpy')} {ms('torch')} "

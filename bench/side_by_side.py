@@ -53,7 +53,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # run as a script or imported as bench.<name>: machine.py beside it
 from machine import loadavg, mapped_libraries  # noqa: E402
 
-
 # ======================================================================= the worker process
 
 def _digest(arrays) -> str:
@@ -65,8 +64,8 @@ def _digest(arrays) -> str:
 
 def _data(task, limit):
     """(train loader, test images and labels, preprocessor) from pycnn's data modules."""
-    from pycnn.data import augment, datasets, preprocess
     from pycnn import data
+    from pycnn.data import augment, datasets, preprocess
     train_x, train_y = datasets.cifar10_shared("train")
     train_x, train_y = train_x[:limit], train_y[:limit]
     norm = preprocess.Standardise(per="channel").fit(train_x)
@@ -262,7 +261,8 @@ def _trajectory(net, task, out):
                 first = _digest([x, y])
             losses.append(net.step(x, y))
         seconds = time.perf_counter() - start
-        epochs_done.append({"epoch": epoch + 1, "seconds": seconds, "images_per_s": len(losses) * task["batch_size"] / seconds,
+        epochs_done.append({"epoch": epoch + 1, "seconds": seconds,
+                            "images_per_s": len(losses) * task["batch_size"] / seconds,
                     "mean_loss": sum(losses) / len(losses), "losses": losses,
                     "test_accuracy": net.accuracy(test_x, test_y), "loadavg": loadavg()})
         out(f"EPOCH {task['framework']} epoch {epoch + 1}/{epochs}: loss {epochs_done[-1]['mean_loss']:.4f}, "
@@ -371,7 +371,8 @@ def _throughput_study(args, base, rows, batch_sizes, results):
                 out.update(label=key[0], batch_size=key[1], round=rep)
                 runs[key].append(out)
                 results["throughput"].append(out)
-                print(f"  round {rep + 1}/{args.repeats} batch {key[1]:4d} {key[0]:<10} {out['images_per_s']:7.1f} img/s"
+                print(f"  round {rep + 1}/{args.repeats} batch {key[1]:4d} {key[0]:<10} "
+                      f"{out['images_per_s']:7.1f} img/s"
                       f"  (load {out['loadavg']:.2f})", flush=True)
     finally:
         for w in workers.values():
@@ -490,7 +491,7 @@ def main(argv=None):
                                           for what in ("loss", "acc", "img/s")))
         for e in range(args.epochs):
             cells = []
-            for lab, t in results["trajectory"].items():
+            for t in results["trajectory"].values():
                 ep = t["epochs"][e]
                 cells += [f"{ep['mean_loss']:15.4f}", f"{ep['test_accuracy']:15.4f}", f"{ep['images_per_s']:15.1f}"]
             print(f"{e + 1:5d} " + " ".join(cells))

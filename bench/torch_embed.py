@@ -43,6 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # run as a script or imported as bench.<name>: machine.py beside it
 from machine import loadavg, mapped_libraries  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")
 VARIANTS = ("torch", "pycnn")

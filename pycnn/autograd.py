@@ -42,7 +42,7 @@ def is_grad_enabled() -> bool:
     return _grad_enabled.get()
 
 
-def from_dlpack(obj) -> "Tensor":
+def from_dlpack(obj) -> Tensor:
     """A Tensor sharing the memory of ``obj``, any DLPack exporter (a torch tensor, a JAX or
     CuPy array, a NumPy array): host data becomes a NumPy array, CUDA data a CuPy array.
     float32 and float64 are shared; other dtypes are converted to float32 (a copy), as
@@ -147,7 +147,7 @@ class Tensor:
             raise ValueError(f"item() needs a tensor of one element, got shape {self.shape}")
         return float(self.numpy().reshape(()))
 
-    def detach(self) -> "Tensor":
+    def detach(self) -> Tensor:
         return Tensor(self.data)
 
     def zero_grad(self) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 import pycnn.functional as F
 from pycnn import frontend
 from pycnn import initializers as init
-from pycnn.device import array_module, to_device
 from pycnn.autograd import Tensor, apply_op
+from pycnn.device import array_module, to_device
 from pycnn.ops import registry, routing
 
 
@@ -50,9 +50,9 @@ class Module:
             return
         home = self._parameters if isinstance(value, Parameter) else self._modules if isinstance(value, Module) \
             else None
-        for registry in (self._parameters, self._buffers, self._modules):
-            if registry is not home:
-                registry.pop(name, None)
+        for table in (self._parameters, self._buffers, self._modules):
+            if table is not home:
+                table.pop(name, None)
         if home is not None:
             home[name] = value  # a replacement keeps its place (parameter order is state order)
         object.__setattr__(self, name, value)
@@ -104,16 +104,16 @@ class Module:
             p.grad = None
 
     # --------------------------------------------------------------------------- modes
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for _, module in self.named_modules():
             object.__setattr__(module, "training", mode)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     # --------------------------------------------------------------------------- state
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
         """Every parameter and buffer by dotted name, as host (NumPy) arrays."""
         state = OrderedDict((name, Tensor(p.data).numpy().copy()) for name, p in self.named_parameters())
         for name, b in self.named_buffers():
@@ -142,7 +142,7 @@ class Module:
         for target, value in checked:
             target[...] = array_module(target).asarray(value, dtype=target.dtype)
 
-    def to(self, device: str) -> "Module":
+    def to(self, device: str) -> Module:
         """Move parameters and buffers to ``device``: 'cpu' (NumPy) or 'cuda' (CuPy)."""
         for p in self.parameters():
             p.data = to_device(p.data, device)

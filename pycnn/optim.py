@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from pycnn import cuda_graph
-from pycnn.device import array_module, is_cuda_array
 from pycnn.autograd import no_grad
+from pycnn.device import array_module, is_cuda_array
 
 GROUP_DEFAULTS = dict(weight_decay=0.0, l1=0.0, max_norm=None)
 

@@ -11,9 +11,8 @@ import pytest
 
 import pycnn
 import pycnn.functional as F
-from pycnn import _threads
+from pycnn import _threads, nn
 from pycnn import device as _device
-from pycnn import nn
 from pycnn.ops import registry, routing
 
 

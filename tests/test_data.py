@@ -17,8 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pycnn.data import datasets
-from pycnn.data import ArrayDataset, BalancedSampler, DataLoader
+from pycnn.data import ArrayDataset, BalancedSampler, DataLoader, datasets
 
 THREAD_NAME = "pycnn-DataLoader-prefetch"
 
@@ -367,9 +366,8 @@ def test_prefetch_thread_works_ahead_and_shuts_down_when_abandoned():
     gc.collect()
     _wait_for_no_prefetch_threads()
 
-    for x, _ in loader:  # abandoned by break
+    for _ in loader:  # abandoned by break
         break
-    del x
     gc.collect()
     _wait_for_no_prefetch_threads()
 

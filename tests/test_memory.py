@@ -49,9 +49,9 @@ def test_small_requests_bypass_the_pool(pool):
 def test_a_block_is_not_reused_while_anything_refers_to_it(pool, keep):
     a = pool.empty((BIG,), np.float32)
     block = _block_address(a)
-    holder = {"array": lambda: a, "view": lambda: a.view(np.int32), "transpose": lambda: a.reshape(64, -1).T,
-              "slice": lambda: a[5:-5:3], "memoryview": lambda: memoryview(a),
-              "reshape": lambda: a.reshape(2, -1)}[keep]()
+    holder = {"array": lambda a: a, "view": lambda a: a.view(np.int32), "transpose": lambda a: a.reshape(64, -1).T,
+              "slice": lambda a: a[5:-5:3], "memoryview": memoryview,
+              "reshape": lambda a: a.reshape(2, -1)}[keep](a)
     del a
     b = pool.empty((BIG,), np.float32)
     assert _block_address(b) != block

@@ -6,7 +6,8 @@ import pytest
 
 import pycnn
 import pycnn.functional as F
-from pycnn import initializers as init, nn, optim
+from pycnn import initializers as init
+from pycnn import nn, optim
 from pycnn.autograd import Tensor
 
 
@@ -99,7 +100,6 @@ def test_initialisation_errors_and_zeros():
 
 def test_a_layer_used_twice_is_one_set_of_parameters_updated_once():
     """Sequential(lin, lin) listed the weight twice: SGD applied its gradient twice a step."""
-    from pycnn import optim
     lin = nn.Linear(3, 3, bias=False)
     lin.weight.data[...] = np.eye(3, dtype=np.float32)
     model = nn.Sequential(lin, lin)

@@ -91,7 +91,7 @@ LAYOUT_NAMES = st.sampled_from(sorted(LAYOUTS))
 
 def test_layouts_keep_the_values_and_change_the_memory():
     a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    for name, change in LAYOUTS.items():
+    for change in LAYOUTS.values():
         b = change(a)
         np.testing.assert_array_equal(b, a)
         assert b.shape == a.shape
@@ -435,7 +435,8 @@ def test_cpp_backward_matches_float64_finite_differences(op, scale, offset, seed
         if not params.get("training", True):
             params.update(running_mean=rng.standard_normal(2), running_var=rng.uniform(0.5, 2, 2))
     elif name == "conv3x3_act":
-        inputs = (draw_array(rng, (1, 2, 3, 4), np.float64, scale, offset), draw_array(rng, (2, 2, 3, 3), np.float64, 0.5),
+        inputs = (draw_array(rng, (1, 2, 3, 4), np.float64, scale, offset),
+                  draw_array(rng, (2, 2, 3, 3), np.float64, 0.5),
                   draw_array(rng, (2,), np.float64, scale, offset), None)
     elif name == "avgpool2x2":
         inputs = (draw_array(rng, (1, 2, 4, 5), np.float64, scale, offset),)

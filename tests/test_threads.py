@@ -2,6 +2,7 @@
 there), sets no environment variable, and reports its thread pools with pycnn.threads()."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -222,5 +223,5 @@ def test_side_by_side_variant_parsing():
     v = _parse_variant("passive:OMP_WAIT_POLICY=passive,GOMP_SPINCOUNT=0")
     assert v["label"] == "passive" and v["env"] == {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "0"}
     assert _parse_variant("old:path=/tmp/x")["path"] == os.path.abspath("/tmp/x")
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         _parse_variant("nolabel")

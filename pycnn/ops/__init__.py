@@ -4,10 +4,19 @@ Importing this package declares the NumPy references and hooks in the backends, 
 register their implementations the first time they are asked for; ``routing`` decides
 which implementation runs each call.
 """
-from pycnn.ops import (activations, conv, dropout, elementwise, fancy_pca, linear, loss,  # noqa: F401 (declares)
-                       norm, pool)
+from pycnn.ops import (  # noqa: F401 (declares)
+    activations,
+    conv,
+    dropout,
+    elementwise,
+    fancy_pca,
+    linear,
+    loss,
+    norm,
+    pool,
+    routing,  # noqa: F401 (routes every call: Op.resolve)
+)
 from pycnn.ops import registry as _registry
-from pycnn.ops import routing  # noqa: F401 (routes every call: Op.resolve)
 from pycnn.ops.registry import REGISTRY, Op, Sample, all_ops, get
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn.device import array_module
 import pycnn.ops._util as _util
 import pycnn.ops.activations  # noqa: F401 (declares the activations conv3x3_act applies)
+from pycnn.device import array_module
 from pycnn.ops.registry import BenchCase, Sample, all_ops, chain_pair, declare, get
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn.device import array_module
 import pycnn.ops._util as _util
+from pycnn.device import array_module
 from pycnn.ops.registry import Sample, declare, map_bench
 
 

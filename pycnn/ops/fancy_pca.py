@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn.device import array_module
 import pycnn.ops._util as _util
+from pycnn.device import array_module
 from pycnn.ops.registry import BenchCase, Sample, declare
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))

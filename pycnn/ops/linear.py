@@ -8,8 +8,8 @@ the next layers need (pycnn/_threads.py).
 """
 from __future__ import annotations
 
-from pycnn._threads import blas_single_threaded
 import pycnn.ops._util as _util
+from pycnn._threads import blas_single_threaded
 from pycnn.ops.registry import Sample, declare
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pycnn.device import array_module, is_cuda_array
 import pycnn.ops._util as _util
+from pycnn.device import array_module, is_cuda_array
 from pycnn.ops.registry import Sample, declare
 
 

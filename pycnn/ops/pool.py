@@ -9,9 +9,8 @@ Shapes: x is (N, C, H, W), y is (N, C, H // 2, W // 2).
 """
 from __future__ import annotations
 
-
-from pycnn.device import array_module
 import pycnn.ops._util as _util
+from pycnn.device import array_module
 from pycnn.ops.registry import Api, Sample, declare, map_bench
 
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from pycnn.device import BACKENDS
+
 
 class Algo(str, enum.Enum):
     """Every algorithm name an implementation is registered under (one list for the backends,

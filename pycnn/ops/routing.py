@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from pycnn.device import BACKENDS, cpp_extension, is_cuda_array
 from pycnn.ops import registry
