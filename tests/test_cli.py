@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,8 +99,8 @@ def test_evaluate_takes_dataset_classes_and_split_from_the_checkpoint(tiny_run, 
     run_dir, history = tiny_run
     best = run_dir / "checkpoints" / f"epoch_{history['best_epoch']:03d}.npz"
     status, out, err = call(["evaluate", str(best)], capsys)  # 3 classes: the digits 0, 1, 2 only
-    assert status == 0 and f"digits test loss {history['test']['loss']:.4f}, accuracy " \
-                              f"{history['test']['accuracy']:.4f}" in out
+    assert status == 0 and f"digits test, {history['test']['images']} images: loss {history['test']['loss']:.4f}, " \
+                           f"accuracy {history['test']['accuracy']:.4f}" in out
     status, out, err = call(["evaluate", str(best), "--split", "val"], capsys)
     assert f"accuracy {history['val_accuracy'][history['best_epoch'] - 1]:.4f}" in out
 
@@ -140,8 +139,10 @@ def test_default_train_prints_checks_validation_per_epoch_and_test_once(tmp_path
 
 
 def test_cli_resume_keeps_the_saved_settings(tmp_path, capsys):
+    """More epochs on resume: the step schedule continues (epoch 2 trains at a rate above 0),
+    and the change is said."""
     run_dir = str(tmp_path / "r")
-    assert call(["train", *TINY, "--run-dir", run_dir], capsys)[0] == 0
+    assert call(["train", *TINY, "--schedule", "step", "--run-dir", run_dir], capsys)[0] == 0
     status, out, err = call(["train", "--resume", "--epochs", "2", "--run-dir", run_dir, "--profile", "--checks",
                              "off"], capsys)
     assert status == 0, err
@@ -149,6 +150,8 @@ def test_cli_resume_keeps_the_saved_settings(tmp_path, capsys):
     assert config["widths"] == [4, 8] and config["limit"] == 200 and config["epochs"] == 2
     assert (tmp_path / "r" / "checkpoints" / "epoch_002.npz").is_file()
     assert "resumed from" in out and "time spent in ops" in out and "conv3x3" in out
+    assert "changed on resume: --epochs 2 (the run's: 1): the step schedule continues" in out
+    assert json.loads((tmp_path / "r" / "history.json").read_text())["lr"][1] == pytest.approx(0.05)
 
 
 def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
@@ -199,6 +202,7 @@ def test_ctrl_c_saves_the_run_and_resume_continues_bit_exactly(tmp_path, capsys)
 
 def test_every_setting_has_a_help_line_and_its_default_as_typed():
     import dataclasses
+
     from pycnn.training.config import Config
     assert set(Config.HELP) == {f.name for f in dataclasses.fields(Config)}
     out = subprocess.run([sys.executable, "-m", "pycnn", "train", "--help"], capture_output=True, text=True,

@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("sklearn")
 
 import pycnn.functional as F  # noqa: E402
-from pycnn.training import cli, finetune  # noqa: E402
-from pycnn.data import datasets
 from pycnn import nn, optim
 from pycnn.autograd import Tensor  # noqa: E402
+from pycnn.data import datasets
+from pycnn.training import cli, finetune  # noqa: E402
 from pycnn.training.runs import Config, evaluate_checkpoint, run  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def test_finetune_command_probe_on_any_layer_and_bad_input(first_five, tmp_path,
     for extra, message in ((["--preset", "similar-small", "--layer", "12"], "layer must be in [0, 9] for this model"),
                            (["--preset", "similar-large", "--probe", "svm"], "--probe applies to the probe presets"),
                            (["--preset", "similar-small", "--classes", "5,6,42"], "labels [42] do not occur")):
-        assert cli.main([*argv, *extra]) == 2
+        assert cli.main([*argv, *extra, "--run-dir", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
     assert cli.main(["finetune", str(tmp_path / "none.npz"), "--preset", "similar-small"]) == 2

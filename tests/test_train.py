@@ -14,8 +14,9 @@ pytest.importorskip("sklearn")
 
 import pycnn.functional as F  # noqa: E402
 from pycnn import models  # noqa: E402
-from pycnn.training import runs as train_module, trainer as trainer_module
 from pycnn.autograd import Tensor, no_grad  # noqa: E402
+from pycnn.training import runs as train_module
+from pycnn.training import trainer as trainer_module
 from pycnn.training.runs import Config, ConfigError, evaluate_checkpoint, run, run_folds, split_data  # noqa: E402
 
 
@@ -173,7 +174,7 @@ def test_hinge_loss_adam_plateau_and_balanced_sampling_train(tmp_path):
 
 
 def test_atomic_checkpoint_leaves_no_partial_file(tmp_path, monkeypatch):
-    run(quick(epochs=1), tmp_path / "run", progress=False)
+    run(quick(epochs=1, schedule="step"), tmp_path / "run", progress=False)
 
     def broken_savez(f, **arrays):
         f.write(b"partial")
@@ -181,7 +182,7 @@ def test_atomic_checkpoint_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module.np, "savez", broken_savez)
     with pytest.raises(OSError, match="disk full"):
-        run(quick(epochs=2), tmp_path / "run", resume=True, progress=False)
+        run(quick(epochs=2, schedule="step"), tmp_path / "run", resume=True, progress=False)
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert files == ["epoch_001.npz"]
 
@@ -225,3 +226,30 @@ def test_config_rejects_bad_values_naming_them(values, message):
 def test_settings_are_checked_against_the_images(values, message):
     with pytest.raises(ConfigError, match=message):
         split_data(Config(**values))
+
+
+def test_the_progress_bar_only_on_a_terminal_one_line_per_epoch_otherwise(tmp_path, capsys):
+    run(quick(epochs=2, limit=150), tmp_path / "run", progress=True)
+    out, err = capsys.readouterr()
+    assert "batch/s" not in err and "it/s" not in err and "%|" not in err, err
+    assert sum(line.startswith(("epoch 1: ", "epoch 2: ")) for line in out.splitlines()) == 2
+
+
+def test_divergence_names_rate_and_warmup_shows_in_loss_png_and_is_said_once(tmp_path, capsys):
+    from pycnn.training import cli
+    status = cli.main(["train", "--lr", "50", "--schedule", "none", "--epochs", "2", "--limit", "200", "--checks",
+                       "off", "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert status == 1 and out.count("stopped") == 1, out
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert "--lr" in history["stopped"] and "--warmup-steps" in history["stopped"]
+    last, first = history["batch_loss"][-1], history["batch_loss"][0]
+    assert not math.isfinite(last) or last > 3 * first  # the diverging batch is in the history, so in loss.png
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_accuracy_figure_zooms_to_its_data():
+    from pycnn.training import figures
+    low, high = figures.zoom([0.95, 0.97, 0.99])
+    assert 0.9 < low < 0.95 and 0.99 < high <= 1.0
+    assert figures.zoom([]) == (0.0, 1.0)

@@ -1,14 +1,17 @@
-"""The ``pycnn`` command.
+"""The pycnn command.
 
-    pycnn train [--config FILE.toml] [--KEY VALUE ...] [--run-dir DIR] [--resume] [--checks on|off]
+    pycnn train [--config FILE.toml] [--KEY VALUE ...] [--run-dir DIR] [--resume | --overwrite] [--checks on|off]
         train a CNN (default: the embedded handwritten digits, offline) and write a run
         directory with config, history, checkpoints and figures; validation accuracy per
-        epoch, the test accuracy once at the end; Ctrl-C saves and stops (--resume continues)
+        epoch, the test accuracy once at the end; Ctrl-C saves and stops (--resume continues).
+        Each run gets a new folder runs/YYYYMMDD-HHMMSS (runs/latest: the newest); a --run-dir
+        that holds a run is refused unless --resume or --overwrite
     pycnn check [--config FILE.toml] [--KEY VALUE ...]
         the sanity checks of a config before training: initial loss against ln(C), the
         regularisation term, overfitting a tiny subset, a gradient check of the whole model
-    pycnn evaluate CHECKPOINT [--split test|val|train] [--dataset NAME]
-        score a checkpoint on the data and pre-processing recorded in it
+    pycnn evaluate RUN_DIR|CHECKPOINT [--split test|val|train] [--dataset NAME]
+        score a run's best checkpoint (or a checkpoint) on the data and pre-processing recorded
+        in it: images, accuracy per class, the confusion matrix (and its figure)
     pycnn finetune CHECKPOINT --preset NAME [--classes 5,6,7,8,9] [--layer K] [--probe softmax|svm] ...
         transfer a trained network to new data with one of the four strategies of the tips
         (small/large data x similar/different task)
@@ -17,9 +20,10 @@
         (2 threads each) and print one table
     pycnn search | ensemble | imbalance ...
         random search coarse to fine, ensembles with test-time augmentation, class-imbalance
-        remedies (pycnn/training/tools/; pycnn search --help)
+        remedies (pycnn search --help)
 
-Bad input ends with one line naming the argument and exit status 2; Ctrl-C with 130.
+Bad input or an unusable environment (a device, a run directory) ends with one line naming
+the argument and exit status 2; Ctrl-C with 130.
 """
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ import math
 import os
 import sys
 from pathlib import Path
+
+import pycnn
+from pycnn.bench import harness as benchmarks
+from pycnn.training import checks, figures, finetune, runs
+from pycnn.training.config import Config, ConfigError, check_device
+from pycnn.training.tools import cli as tools
+from pycnn.training.trainer import CheckpointError
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -92,8 +103,6 @@ def _size(text: str):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from pycnn.training.config import Config
-
     for field in dataclasses.fields(Config):
         if field.name == "fold":
             continue  # set by the k-fold driver
@@ -126,8 +135,6 @@ def _shown(default) -> str:
 
 def _config(args, command: str):
     """The Config of the flags (over --config, or over a resumed run's config.json)."""
-    from pycnn.training.config import Config, ConfigError
-
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     saved = Path(args.run_dir) / "config.json" if getattr(args, "run_dir", None) else None
@@ -148,25 +155,28 @@ def _config(args, command: str):
 # ---------------------------------------------------------------------------- commands
 
 def _train(args) -> int:
-    from pycnn.training.config import ConfigError
-    from pycnn.training.trainer import CheckpointError
-
+    latest = None
+    if args.run_dir is None:  # a new folder per run, runs/latest the newest; --resume continues runs/latest
+        default = runs.RUNS_ROOT / "latest"
+        if args.resume:
+            args.run_dir = str(default.resolve()) if default.is_symlink() else str(default)
+        else:
+            args.run_dir, latest = str(runs.new_run_dir()), default
     try:
         config = _config(args, "train")
+        check_device(config.device)
     except ConfigError as exc:
         return _fail("train", exc)
-    import pycnn
-    from pycnn.training.runs import RunDirError, run, run_folds
-
     try:
         with pycnn.profile() if args.profile else contextlib.nullcontext() as timings:
+            options = dict(resume=args.resume, checks=args.checks == "on", overwrite=args.overwrite, latest=latest)
             if config.folds:
-                summary = run_folds(config, args.run_dir, resume=args.resume, checks=args.checks == "on")
+                summary = runs.run_folds(config, args.run_dir, **options)
             else:
-                history = run(config, args.run_dir, resume=args.resume, checks=args.checks == "on")
-    except (ConfigError, RunDirError, CheckpointError, FileNotFoundError) as exc:
+                history = runs.run(config, args.run_dir, **options)
+    except (ConfigError, runs.RunDirError, CheckpointError, FileNotFoundError) as exc:
         return _fail("train", exc)
-    except RuntimeError as exc:  # e.g. device 'cuda' without CuPy
+    except RuntimeError as exc:
         return _fail("train", exc)
     except ValueError as exc:  # a value the checks above let through, rejected deeper down
         return _fail("train", f"{type(exc).__name__}: {exc}")
@@ -176,7 +186,7 @@ def _train(args) -> int:
                      EXIT_INTERRUPTED)
     except OSError as exc:
         return _fail("train", f"cannot write the run ({exc})", 1)
-    if timings is not None:
+    if timings is not None and not (summary if config.folds else history).get("nothing_to_do"):
         print(f"time spent in ops (training and validation):\n{timings.table()}")
     if config.folds:
         return _report_folds(summary, args.run_dir)
@@ -184,6 +194,8 @@ def _train(args) -> int:
 
 
 def _report_run(history: dict, run_dir) -> int:
+    if history.get("nothing_to_do"):
+        print(f"nothing to do: {history['nothing_to_do']}")
     if history["interrupted"]:
         return _fail("train", f"interrupted: saved {history['interrupted']}, the history and the figures; "
                               f"continue with: pycnn train --run-dir {run_dir} --resume", EXIT_INTERRUPTED)
@@ -196,14 +208,17 @@ def _report_run(history: dict, run_dir) -> int:
     if history["val_accuracy"]:
         print(f"best validation accuracy {history['val_accuracy'][best - 1]:.4f} at epoch {best} of "
               f"{len(history['train_loss'])}" + (f" ({history['early_stopped']})" if history["early_stopped"] else ""))
-    print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) on {test['images']} test images, measured "
-          f"once with the weights of epoch {test['epoch']} ({test['chosen_by']})")
+    if test is not None:
+        print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) on {test['images']} test images, "
+              f"measured once with the weights of epoch {test['epoch']} ({test['chosen_by']})")
     print(f"{len(history['train_loss'])} epochs, {seconds:.1f} s training, {images / max(seconds, 1e-9):.0f} "
           f"images/s; run directory {run_dir}")
     return 0
 
 
 def _report_folds(summary: dict, run_dir) -> int:
+    if summary.get("nothing_to_do"):
+        print(f"nothing to do: {summary['nothing_to_do']}")
     if summary["interrupted"]:
         return _fail("train", f"interrupted: saved {summary['interrupted']}; continue with: pycnn train "
                               f"--run-dir {run_dir} --resume", EXIT_INTERRUPTED)
@@ -218,16 +233,11 @@ def _report_folds(summary: dict, run_dir) -> int:
 
 
 def _check(args) -> int:
-    from pycnn.training.config import ConfigError
-
     try:
         config = _config(args, "check")
         if config.device != "cpu":
             raise ConfigError(f"device: pycnn check runs its checks on the CPU; leave out --device {config.device}")
-        from pycnn.training import checks
-        from pycnn.training.runs import split_data
-
-        report = checks.run_checks(config, split_data(config), overfit_images=args.images, steps=args.steps)
+        report = checks.run_checks(config, runs.split_data(config), overfit_images=args.images, steps=args.steps)
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
         return _fail("check", exc)
     except ValueError as exc:
@@ -239,38 +249,37 @@ def _check(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from pycnn.training.config import ConfigError
-    from pycnn.training.runs import evaluate_checkpoint
-    from pycnn.training.trainer import CheckpointError
-
     try:
-        loss, accuracy = evaluate_checkpoint(args.checkpoint, args.dataset, args.split)
+        result = runs.evaluate(args.checkpoint, args.dataset, args.split)
     except CheckpointError as exc:
         return _fail("evaluate", f"CHECKPOINT: {exc}")
     except (ConfigError, FileNotFoundError) as exc:
         return _fail("evaluate", f"--{exc}" if str(exc).startswith(("dataset", "split")) else exc)
     except KeyboardInterrupt:
         return _fail("evaluate", "interrupted", EXIT_INTERRUPTED)
-    from pycnn.training.trainer import read_checkpoint
-
-    dataset = args.dataset or read_checkpoint(args.checkpoint)[1]["config"]["dataset"]
-    print(f"{args.checkpoint}: {dataset} {args.split} loss {loss:.4f}, accuracy {accuracy:.4f}")
+    print(result.summary())
+    target = runs.figure_path(result)
+    try:
+        figures.plot_confusion(result.matrix, result.names, target,
+                               f"{result.checkpoint.name}: {result.dataset} {result.split}, {result.images} images, "
+                               f"accuracy {result.accuracy:.4f}")
+    except OSError as exc:
+        print(f"pycnn evaluate: the confusion matrix figure was not written: {target} ({exc.strerror or exc})",
+              file=sys.stderr)
+    else:
+        print(f"figure: {target}")
     return 0
 
 
 def _finetune(args) -> int:
-    from pycnn.training import finetune
-    from pycnn.training.config import ConfigError
-    from pycnn.training.trainer import CheckpointError
-    from pycnn.training.runs import RunDirError
-
     try:
         result = finetune.run_preset(args.checkpoint, args.preset, run_dir=args.run_dir, dataset=args.dataset,
                                      classes=args.classes, limit=args.limit, layer=args.layer, probe=args.probe,
-                                     epochs=args.epochs, lr=args.lr, val_size=args.val_size, seed=args.seed)
+                                     epochs=args.epochs, lr=args.lr, val_size=args.val_size, seed=args.seed,
+                                     overwrite=args.overwrite)
     except CheckpointError as exc:
         return _fail("finetune", f"CHECKPOINT: {exc}")
-    except (ConfigError, RunDirError, FileNotFoundError) as exc:
+    except (ConfigError, runs.RunDirError, FileNotFoundError) as exc:
         return _fail("finetune", exc)
     except finetune.FinetuneStopped as exc:  # as pycnn train says it
         print(f"stopped early: {exc}")
@@ -282,8 +291,6 @@ def _finetune(args) -> int:
 
 
 def _bench(args) -> int:
-    from pycnn.bench import harness as benchmarks
-
     ops = None
     if args.ops is not None:
         ops = [name.strip() for name in args.ops.split(",") if name.strip()]
@@ -311,14 +318,37 @@ def _bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = _Parser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+TRAIN_DESCRIPTION = """Train a CNN and write a run directory (config, history, checkpoints, figures, report).
 
-    train = commands.add_parser("train", help="train a CNN and write a run directory")
+Runs are never replaced without being asked:
+  without --run-dir, every run gets a new folder runs/YYYYMMDD-HHMMSS and runs/latest
+    (a symbolic link) points at the newest; --resume alone continues runs/latest
+  --run-dir DIR that already holds a run is refused (exit 2, nothing changed) unless
+    --resume (continue it) or --overwrite (delete its checkpoints and train anew)
+  --resume keeps the run's settings: a flag that changes one is refused, except --epochs
+    (more epochs, where the schedule allows: not cosine, whose rate reaches 0 at the
+    planned last epoch), --device, --prefetch, --diagnostics-every and --cuda-graph, each
+    said when it changes; resuming a finished run says there is nothing to do (exit 0)
+Ctrl-C finishes the batch, saves a checkpoint and exits with 130 (--resume continues)."""
+
+
+def build_parser() -> _Parser:
+    """The parser of every command (pycnn --help)."""
+    parser = _Parser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pycnn {pycnn.__version__}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a CNN and write a run directory", description=TRAIN_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="a TOML file whose keys are the flags below (flags override it)")
-    train.add_argument("--run-dir", default="runs/latest", help="where to write the run (default: runs/latest)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --run-dir")
+    train.add_argument("--run-dir", default=None,
+                       help="where to write the run (default: a new folder runs/YYYYMMDD-HHMMSS, runs/latest pointing "
+                            "at it; with --resume: runs/latest)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its newest checkpoint, with its settings")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run that --run-dir holds (its checkpoints are deleted)")
     train.add_argument("--profile", action="store_true", help="print the time spent in each op at the end")
     train.add_argument("--checks", choices=("on", "off"), default="on",
                        help="run the sanity checks of 'pycnn check' first (default: on)")
@@ -330,29 +360,47 @@ def main(argv=None) -> int:
     check.add_argument("--steps", type=_int, default=200, help="step budget of the overfitting check (default: 200)")
     _add_config_flags(check)
 
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a split of the data it was trained on")
-    evaluate.add_argument("checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a run's best checkpoint (or a checkpoint) on a split of its data",
+        description="Score a checkpoint on the data and pre-processing recorded in it: the image count, loss, "
+                    "accuracy, per-class accuracy and the confusion matrix (also drawn as "
+                    "RUN_DIR/confusion_SPLIT_CHECKPOINT.png).")
+    evaluate.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                          help="a run directory (its best epoch by validation accuracy) or a checkpoint file "
+                               "(RUN_DIR/checkpoints/epoch_NNN.npz)")
     evaluate.add_argument("--dataset", choices=("digits", "cifar10"), default=None,
                           help="another dataset than the checkpoint's (default: the checkpoint's)")
-    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
+    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test",
+                          help="which images: test, val (the run's validation images) or train (default: test)")
 
-    from pycnn.training.finetune import PRESETS
     tune = commands.add_parser("finetune", help="transfer a trained network to new data",
                                formatter_class=argparse.RawTextHelpFormatter,
                                description="presets (the tips' table):\n" + "\n".join(
-                                   f"  {name}: {preset.description}" for name, preset in PRESETS.items()))
-    tune.add_argument("checkpoint")
-    tune.add_argument("--preset", choices=tuple(PRESETS), required=True)
-    tune.add_argument("--dataset", choices=("digits", "cifar10"), default=None, help="(default: the checkpoint's)")
-    tune.add_argument("--classes", type=_int_list, default=None, help="labels of the new task, e.g. 5,6,7,8,9")
-    tune.add_argument("--limit", type=_int, default=None, help="use only the first N training images")
-    tune.add_argument("--layer", type=_int, default=None, help="the layer whose output the probe reads")
-    tune.add_argument("--probe", choices=("softmax", "svm"), default=None, help="linear probe loss")
-    tune.add_argument("--epochs", type=_int, default=None)
-    tune.add_argument("--lr", type=_number, default=None)
-    tune.add_argument("--val-size", type=_size, default="auto")
-    tune.add_argument("--seed", type=_int, default=0)
-    tune.add_argument("--run-dir", default="runs/finetune")
+                                   f"  {name}: {preset.description}" for name, preset in finetune.PRESETS.items()))
+    tune.add_argument("checkpoint", metavar="CHECKPOINT",
+                      help="the checkpoint of the trained network (RUN_DIR/checkpoints/epoch_NNN.npz)")
+    tune.add_argument("--preset", choices=tuple(finetune.PRESETS), required=True,
+                      help="the strategy: similar or different task, small or large data (see above)")
+    tune.add_argument("--dataset", choices=("digits", "cifar10"), default=None,
+                      help="the new task's dataset (default: the checkpoint's)")
+    tune.add_argument("--classes", type=_int_list, default=None,
+                      help="labels of the new task, e.g. 5,6,7,8,9 (default: the checkpoint's)")
+    tune.add_argument("--limit", type=_int, default=None, help="use N training images (default: all)")
+    tune.add_argument("--layer", type=_int, default=None,
+                      help="the layer whose output the probe reads, or the first layer a fine-tune trains "
+                           "(default: the preset's)")
+    tune.add_argument("--probe", choices=("softmax", "svm"), default=None,
+                      help="linear probe loss of the probe presets (default: the preset's)")
+    tune.add_argument("--epochs", type=_int, default=None, help="epochs of training (default: the preset's)")
+    tune.add_argument("--lr", type=_number, default=None,
+                      help="learning rate of the new head (default: 0.1 for a probe, else the checkpoint's)")
+    tune.add_argument("--val-size", type=_size, default="auto",
+                      help="validation images held out of the new training set: auto, N or 0 (default: auto)")
+    tune.add_argument("--seed", type=_int, default=0, help="seed of the new head and the batches (default: 0)")
+    tune.add_argument("--run-dir", default="runs/finetune",
+                      help="where to write the fine-tuned run (default: runs/finetune; refused when it holds a run)")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="replace the run that --run-dir holds (its checkpoints are deleted)")
 
     bench = commands.add_parser("bench", help="time the C++ kernels against PyTorch CPU and the machine's limits")
     bench.add_argument("--quick", action="store_true", help="one shape per op and few repeats (a smoke test)")
@@ -361,14 +409,19 @@ def main(argv=None) -> int:
     bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out (its columns stay empty)")
     bench.add_argument("--verbose", action="store_true", help="name each case on stderr as it runs")
 
-    from pycnn.training.tools import cli as tools  # pycnn search, pycnn ensemble, pycnn imbalance
     tools.add_parsers(commands)
+    return parser
 
-    args = parser.parse_args(argv)
-    if args.command in tools.COMMANDS:
-        return tools.run(args)
-    return {"train": _train, "check": _check, "evaluate": _evaluate, "finetune": _finetune,
-            "bench": _bench}[args.command](args)
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command in tools.COMMANDS:
+            return tools.run(args)
+        return {"train": _train, "check": _check, "evaluate": _evaluate, "finetune": _finetune,
+                "bench": _bench}[args.command](args)
+    except KeyboardInterrupt:  # while starting, or a second Ctrl-C
+        return _fail(getattr(locals().get("args"), "command", "") or "", "interrupted", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -180,12 +180,13 @@ class Config:
             raise ConfigError(f"val_size ({self.val_size}) and folds ({self.folds}) exclude each other: with k-fold "
                               "cross-validation every fold is the validation set once")
         if self.fold and not self.fold < self.folds:
-            raise ConfigError(f"fold must be in [0, {max(self.folds - 1, 0)}] for folds = {self.folds}, got {self.fold}")
+            raise ConfigError(f"fold must be in [0, {max(self.folds - 1, 0)}] for folds = {self.folds}, "
+                              f"got {self.fold}")
         if self.early_stop and self.val_size == 0 and not self.folds:
             raise ConfigError("early_stop needs a validation set: val_size must not be 0")
 
     @classmethod
-    def from_toml(cls, path, **overrides) -> "Config":
+    def from_toml(cls, path, **overrides) -> Config:
         """The config of a TOML file whose keys are the fields (flags override them).  A
         missing or unreadable file raises OSError; bad TOML, unknown keys or bad values
         raise ConfigError."""
@@ -203,7 +204,7 @@ class Config:
         return cls(**{**values, **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict, **overrides) -> "Config":
+    def from_dict(cls, values: dict, **overrides) -> Config:
         """A config from a dict such as a run's config.json; keys of newer or older versions
         that this one does not know are left out."""
         known = {f.name for f in dataclasses.fields(cls)}
@@ -242,6 +243,38 @@ def _int_list(name, value, low, example) -> tuple:
                                                 for v in value):
         return tuple(int(v) for v in value)
     raise ConfigError(f"{name} must be a list of integers >= {low} such as {example}, got {value!r}")
+
+
+def check_device(device: str) -> None:
+    """Refuse, in about a second and before anything else runs, a device this machine cannot
+    use: ConfigError naming the missing part (CuPy not installed, no GPU visible, a driver too
+    old for the CUDA runtime of CuPy).  'cpu' always passes."""
+    if device != "cuda":
+        return
+    install = "pip install 'pycnn[cuda]' (CUDA 13) or 'pycnn[cuda12]' (CUDA 12)"
+    try:
+        import cupy
+    except ImportError:
+        raise ConfigError(f"device 'cuda' needs CuPy, which is not installed: {install}") from None
+    except Exception as exc:  # a broken CuPy install: its own words
+        raise ConfigError(f"device 'cuda': CuPy does not import ({type(exc).__name__}: {exc})") from None
+    runtime = cupy.cuda.runtime
+    try:
+        count = runtime.getDeviceCount()
+    except Exception as exc:  # cupy's CUDARuntimeError, or a missing libcuda
+        text = str(exc)
+        if "NoDevice" in text or "no CUDA-capable device" in text:
+            raise ConfigError("device 'cuda': CuPy is installed but no NVIDIA GPU is visible (nvidia-smi lists "
+                              "none, or CUDA_VISIBLE_DEVICES hides them)") from None
+        if "InsufficientDriver" in text or "driver version is insufficient" in text:
+            raise ConfigError("device 'cuda': the NVIDIA driver is older than the CUDA runtime of this CuPy "
+                              f"({text}); update the driver or install the CuPy of its CUDA version "
+                              "('pycnn[cuda12]')") from None
+        if "libcuda" in text or "driver" in text.lower():
+            raise ConfigError(f"device 'cuda': no usable NVIDIA driver ({text})") from None
+        raise ConfigError(f"device 'cuda': the GPU cannot be used ({type(exc).__name__}: {text})") from None
+    if count < 1:
+        raise ConfigError("device 'cuda': CuPy is installed but no NVIDIA GPU is visible")
 
 
 def check_against_data(config: Config, channels: int, side: int, n_train: int) -> None:

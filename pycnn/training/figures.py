@@ -52,6 +52,17 @@ def _note_stop(ax, history: dict) -> None:
             ax.set_title(f"{ax.get_title()} ({label})")
 
 
+def zoom(values, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    """Axis limits that fit VALUES with a margin (a tenth of their span, at least 0.02),
+    within [low, high]: curves of 0.95-0.99 are not squashed against the top of 0-1."""
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return low, high
+    least, most = min(values), max(values)
+    margin = max(0.02, 0.1 * (most - least))
+    return max(low, least - margin), min(high, most + margin)
+
+
 def plot_history(history: dict, out_dir) -> list[Path]:
     """Write loss.png, accuracy.png and lr.png into ``out_dir``; returns their paths."""
     plt = _pyplot()
@@ -63,18 +74,29 @@ def plot_history(history: dict, out_dir) -> list[Path]:
     data_losses = np.asarray(history.get("batch_data_loss", []), dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.set(xlabel="batch", ylabel="loss", title="Training loss per batch")
-    if len(losses):
+    finite = np.isfinite(losses)
+    if finite.any():
         steps = np.arange(1, len(losses) + 1)
-        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="loss (data + regularisation)")
-        if len(data_losses) == len(losses) and not np.allclose(data_losses, losses):
-            ax.plot(steps, data_losses, lw=0.6, alpha=0.5, label="data loss")
+        shown = np.where(finite, losses, np.nan)
+        ax.plot(steps, shown, lw=0.6, alpha=0.5, label="loss (data + regularisation)")
+        if len(data_losses) == len(losses) and not np.allclose(data_losses, losses, equal_nan=True):
+            ax.plot(steps, np.where(np.isfinite(data_losses), data_losses, np.nan), lw=0.6, alpha=0.5,
+                    label="data loss")
         if len(losses) >= 20:
             window = max(5, len(losses) // 50)
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            smooth = np.convolve(shown, np.ones(window) / window, mode="valid")
             ax.plot(np.arange(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window} batches")
-        if losses.min() > 0 and np.isfinite(losses).all():
+        if history.get("stopped"):  # the batch whose loss stopped the run
+            last = losses[-1]
+            y = last if np.isfinite(last) else np.nanmax(shown)
+            ax.plot([len(losses)], [y], marker="x", ms=10, color="red", ls="none",
+                    label=f"diverged: {last:.4g}" if np.isfinite(last) else f"diverged: the loss became {last}")
+        if np.nanmin(shown) > 0:
             _log_scale(ax)
         ax.legend()
+    elif len(losses):
+        ax.text(0.5, 0.5, f"the loss was {losses[-1]} from the first batch on", ha="center", va="center",
+                transform=ax.transAxes)
     else:
         _empty(ax, "batch")
     _note_stop(ax, history)
@@ -84,9 +106,11 @@ def plot_history(history: dict, out_dir) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch", ylim=(0, 1))
+    ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch")
     train = history.get("train_accuracy", [])
     if train:
+        ax.set_ylim(*zoom([*train, *history.get("val_accuracy", []),
+                           *([history["test"]["accuracy"]] if history.get("test") else [])]))
         epochs = np.arange(1, len(train) + 1)
         ax.plot(epochs, train, marker="o", label="train")
         val = history.get("val_accuracy", [])
@@ -171,3 +195,28 @@ def plot_layers(history: dict, path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_confusion(matrix: np.ndarray, names: list, path, title: str) -> Path:
+    """A confusion matrix normalised per true class (rows), with the counts written in; ``path``
+    is written (its folder must exist)."""
+    plt = _pyplot()
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if matrix[i, j]:
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), names, rotation=60, fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

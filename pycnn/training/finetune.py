@@ -34,8 +34,19 @@ import numpy as np
 import pycnn
 import pycnn.functional as F
 from pycnn import data, models, nn, optim, schedules
-from pycnn.data import preprocess
 from pycnn.autograd import Tensor, no_grad
+from pycnn.data import preprocess
+from pycnn.training import figures, report
+from pycnn.training.config import Config, ConfigError, check_device
+from pycnn.training.runs import (
+    BatchPipeline,
+    augmentation,
+    check_run_dir,
+    prepare_run_dir,
+    score_on_test,
+    split_data,
+    write_history,
+)
 from pycnn.training.trainer import CheckpointError, Trainer, read_checkpoint
 
 
@@ -258,15 +269,20 @@ class FinetuneResult:
 
 
 def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, classes=None, limit=None, layer=None,
-               probe=None, epochs=None, lr=None, val_size="auto", seed: int = 0, progress: bool = True) -> FinetuneResult:
+               probe=None, epochs=None, lr=None, val_size="auto", seed: int = 0, progress: bool = True,
+               overwrite: bool = False) -> FinetuneResult:
     """Transfer the network of ``checkpoint`` to a new task (``dataset`` and ``classes``; the
     checkpoint's by default) with one of ``PRESETS``; the new task's validation split chooses
     (the probe's weight decay, the best fine-tuning epoch), its test set is used once.
-    ``layer``: the probe's layer, or the first trained layer of a fine-tuning preset."""
-    from pycnn.training.config import Config, ConfigError
-    from pycnn.training.runs import BatchPipeline, augmentation, model_spec, prepare_run_dir, score_on_test, split_data, \
-        write_history
-
+    ``layer``: the probe's layer, or the first trained layer of a fine-tuning preset.  A
+    RUN_DIR that holds a run is refused (RunDirError) unless ``overwrite`` (its checkpoints
+    are deleted)."""
+    run_dir = Path(run_dir)
+    source = Path(checkpoint).resolve().parent
+    if run_dir.resolve() in (source, source.parent):  # RUN/checkpoints/epoch_N.npz: RUN is the source run
+        raise ConfigError(f"run_dir: {run_dir} holds the checkpoint being fine-tuned; writing there would replace the "
+                          "source run: choose another --run-dir")
+    check_run_dir(run_dir, overwrite=overwrite, command="finetune")
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
     chosen = PRESETS[preset]
@@ -283,6 +299,7 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         base = Config.from_dict(meta["config"])
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{checkpoint} is not a usable pycnn checkpoint ({exc})") from None
+    check_device(base.device)
     dataset = dataset or base.dataset
     if classes is None:  # the checkpoint's, on its own dataset
         classes = base.classes if dataset == base.dataset else ()
@@ -301,12 +318,10 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         raise ConfigError(f"layer must be in [0, {limit_layer}] for this model ({len(model)} layers), got {layer}")
     if chosen.method == "probe" and not len(splits.val_y):
         raise ConfigError("val_size: a probe chooses its weight decay on a validation set; it must not be 0")
-    run_dir = Path(run_dir)
-    source = Path(checkpoint).resolve().parent
-    if run_dir.resolve() in (source, source.parent):  # RUN/checkpoints/epoch_N.npz: RUN is the source run
-        raise ConfigError(f"run_dir: {run_dir} holds the checkpoint being fine-tuned; writing there would replace the "
-                          "source run: choose another --run-dir")
     prepare_run_dir(run_dir, resume=False)
+    if overwrite:
+        for old in (run_dir / "checkpoints").glob("*.npz"):
+            old.unlink()
     (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), "finetune": {
         "checkpoint": str(checkpoint), "preset": preset, "layer": layer, "probe": probe}}, indent=2))
     pycnn.manual_seed(seed)
@@ -341,7 +356,6 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         raise FinetuneStopped(history["stopped"] or "interrupted")
     history["test"] = score_on_test(trainer, config, splits, preprocessor)
     write_history(history, run_dir)
-    from pycnn.training import figures, report
     figures.plot_history(history, run_dir)
     report.write_report(history, config.to_dict(), run_dir, classes=splits.classes)
     best = history["best_epoch"]
@@ -365,7 +379,8 @@ def _run_probe(model, preprocessor, splits, config, spec, chosen, preset, layer,
                             weight_decay=decay, seed=config.seed, loss=loss)
         scores[decay] = (_accuracy(head, feats["val"], splits.val_y), head)
         if progress:
-            print(f"  {loss} probe on layer {index}, weight decay {decay:g}: validation accuracy {scores[decay][0]:.4f}")
+            print(f"  {loss} probe on layer {index}, weight decay {decay:g}: validation accuracy "
+                  f"{scores[decay][0]:.4f}")
     decay = max(PROBE_WEIGHT_DECAYS, key=lambda d: scores[d][0])
     val_accuracy, head = scores[decay]
     if not all(np.isfinite(p.numpy()).all() for p in head.parameters()):

@@ -1,4 +1,4 @@
-"""The training loop: epochs of mini-batch updates with a tqdm progress bar (loss, accuracy,
+"""The training loop: epochs of mini-batch updates with a tqdm progress bar on a terminal (loss, accuracy,
 learning rate, images/s), validation after every epoch, a history, atomic checkpoints that
 resume exactly, and three ways to stop early:
 
@@ -33,6 +33,7 @@ import math
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -45,8 +46,8 @@ from tqdm import tqdm
 
 import pycnn.functional as F
 from pycnn import random as _random
-from pycnn.device import array_module, is_cuda_array, to_device, to_host
 from pycnn.autograd import Tensor, no_grad
+from pycnn.device import array_module, is_cuda_array, to_device, to_host
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,10 +177,8 @@ class Trainer:
                     break
                 try:
                     finished = self._train_epoch(epochs)
-                except TrainingDiverged as exc:
+                except TrainingDiverged as exc:  # said once, by the caller (pycnn train: "stopped early: ...")
                     h["stopped"] = str(exc)
-                    if self.progress:
-                        tqdm.write(f"stopped: {exc}")
                     break
                 if not finished:
                     break
@@ -240,7 +239,7 @@ class Trainer:
         batches = self._epoch_batches(start_batch)
         h = self.history
         start = time.perf_counter() - sums["seconds"]
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self.progress, unit="batch",
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self._bar(), unit="batch",
                    total=_length(self.train_loader), initial=start_batch, mininterval=0.5)
         done = start_batch
         for images, labels in bar:
@@ -253,7 +252,7 @@ class Trainer:
                 data_loss = loss.item()
                 reg_value = reg_loss()
                 value = data_loss + reg_value
-                self._check_divergence(value)
+                self._check_divergence(value, data_loss)
             else:
                 logits = self.diagnostics.forward(self.model, Tensor(images), step) if diagnose else \
                     self.model(Tensor(images))
@@ -264,7 +263,7 @@ class Trainer:
                 data_loss = loss.item()
                 reg_value = reg_loss()
                 value = data_loss + reg_value
-                self._check_divergence(value)
+                self._check_divergence(value, data_loss)
                 if diagnose:
                     self.diagnostics.before_step(self.model)
                 self.optimizer.step()
@@ -305,6 +304,11 @@ class Trainer:
         h["epoch_seconds"].append(seconds)
         h["images_per_second"].append(sums["seen"] / seconds if seconds else 0.0)
         return True
+
+    def _bar(self) -> bool:
+        """The per-batch progress bar only on a terminal: a log file gets the one line per epoch."""
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(self.progress and isatty is not None and isatty())
 
     def _whole_step(self, images, labels):
         """One training step as one function (what ``cuda_graph`` captures): (loss, logits,
@@ -356,14 +360,22 @@ class Trainer:
         path = self.checkpoint_dir / f"epoch_{self.epoch:03d}.npz"
         return path if path.is_file() else None
 
-    def _check_divergence(self, value: float) -> None:
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value} at epoch {self.epoch + 1}")
+    def _check_divergence(self, value: float, data_loss: float) -> None:
+        """TrainingDiverged when the loss is not finite or grew past max_loss_ratio x its initial
+        value; the diverging batch's loss is kept in the history (loss.png shows it)."""
         losses = self.history["batch_loss"]
         initial = losses[0] if losses else value
-        if losses and value > self.max_loss_ratio * initial:
-            raise TrainingDiverged(f"the loss {value:.4g} exceeded {self.max_loss_ratio:g}x its initial value "
-                                   f"{initial:.4g} at epoch {self.epoch + 1}: lower the learning rate")
+        if math.isfinite(value) and not (losses and value > self.max_loss_ratio * initial):
+            return
+        self.history["batch_loss"].append(value)
+        self.history["batch_data_loss"].append(data_loss)
+        advice = ("lower the learning rate (--lr) or warm it up over more steps (--warmup-steps)" if
+                  self.optimizer.param_groups[0].get("lr", 0) > 0 else "check the data and the loss")
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value} at epoch {self.epoch + 1} (step "
+                                   f"{len(losses)}): {advice}")
+        raise TrainingDiverged(f"the loss {value:.4g} exceeded {self.max_loss_ratio:g}x its initial value "
+                               f"{initial:.4g} at epoch {self.epoch + 1}: {advice}")
 
     def evaluate(self, loader) -> tuple[float, float]:
         """(mean data loss, accuracy) over a loader, in evaluation mode and without a graph."""

@@ -10,6 +10,15 @@ import dataclasses
 import sys
 
 from pycnn.training import cli as base
+from pycnn.training import runs
+from pycnn.training.config import Config, ConfigError, check_device
+from pycnn.training.tools import ensemble, imbalance, raytune, search
+from pycnn.training.trainer import CheckpointError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 COMMANDS = ("search", "ensemble", "imbalance")
 
@@ -124,12 +133,6 @@ def add_parsers(commands) -> None:
 
 def _config(args, defaults: dict | None = None, space: bool = False):
     """(Config of --config and the flags over ``defaults``, the TOML's [space] table)."""
-    from pycnn.training.config import Config, ConfigError
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
     values = {}
     if args.config:
         try:
@@ -150,8 +153,6 @@ def _config(args, defaults: dict | None = None, space: bool = False):
 
 
 def _ray_options(args, config) -> dict:
-    from pycnn.training.config import ConfigError
-
     if args.backend == "local":  # said, rather than ignored
         given = [f"--{name}" for name in ("address", "cpus", "gpus") if getattr(args, name, None) is not None]
         if given:
@@ -160,16 +161,21 @@ def _ray_options(args, config) -> dict:
             "device": config.device}
 
 
+def _check_environment(args, config) -> None:
+    """The device and the run directory, before anything is trained or written: ConfigError
+    or RunDirError (exit 2) naming what is missing."""
+    check_device(config.device)
+    runs.check_writable(args.run_dir)
+
+
 def _need_ray(args) -> None:
     if args.backend == "ray":
-        from pycnn.training.tools import raytune
         raytune.require()
 
 
 def _search(args) -> int:
-    from pycnn.training.tools import search
-
     config, table = _config(args, {"epochs": 3}, space=True)
+    _check_environment(args, config)
     space = search.parse_space(table, f"--config {args.config} [space]") if table else {}
     for text in args.param:
         dist = search.parse_param(text)
@@ -186,14 +192,11 @@ def _search(args) -> int:
 
 
 def _ensemble(args) -> int:
-    from pycnn.training.tools import ensemble
-
     if not (args.members or args.from_search or args.from_run or args.snapshots):
         raise ensemble.EnsembleError("no members: give --members N, --from-search DIR, --from-run DIR or "
                                      "--snapshots K")
-    from pycnn.training.config import Config
-
     config, _ = _config(args)
+    _check_environment(args, config)
     if not (args.members or args.snapshots):
         set_here = sorted(name for name in vars(args) if name in {f.name for f in dataclasses.fields(Config)}
                           and getattr(args, name) is not None)
@@ -211,9 +214,8 @@ def _ensemble(args) -> int:
 
 
 def _imbalance(args) -> int:
-    from pycnn.training.tools import imbalance
-
     config, _ = _config(args)
+    _check_environment(args, config)
     options = imbalance.Options(ratio=args.ratio, profile=args.profile, per_class=args.per_class,
                                 class_weight=args.class_weight, head=args.head, stage2_epochs=args.stage2_epochs,
                                 stage2_lr_factor=args.stage2_lr_factor, replay=args.replay, seed=args.imbalance_seed)
@@ -226,28 +228,20 @@ def _imbalance(args) -> int:
 
 def run(args) -> int:
     """Run one of COMMANDS; the exit status."""
-    from pycnn.training.config import ConfigError
-    from pycnn.training.tools.ensemble import EnsembleError, EnsembleInterrupted
-    from pycnn.training.tools.imbalance import ImbalanceError
-    from pycnn.training.tools.raytune import RayUnavailable
-    from pycnn.training.tools.search import SearchError, SearchInterrupted
-    from pycnn.training.runs import RunDirError
-    from pycnn.training.trainer import CheckpointError
-
     command = args.command
     again = {"search": f"pycnn search --run-dir {args.run_dir} --resume",
              "ensemble": "the same command (finished members are kept, the others resume)",
              "imbalance": "the same command (finished remedies are kept, the others resume)"}[command]
     try:
         return {"search": _search, "ensemble": _ensemble, "imbalance": _imbalance}[command](args)
-    except (SearchInterrupted, EnsembleInterrupted, KeyboardInterrupt) as exc:
+    except (search.SearchInterrupted, ensemble.EnsembleInterrupted, KeyboardInterrupt) as exc:
         detail = f" ({exc})" if str(exc) else ""
         return base._fail(command, f"interrupted{detail}; the finished trials and the checkpoints are kept in "
                                    f"{args.run_dir}: continue with {again}", base.EXIT_INTERRUPTED)
     except CheckpointError as exc:
         return base._fail(command, f"checkpoint: {exc}")
-    except (SearchError, EnsembleError, ImbalanceError, ConfigError, RunDirError, RayUnavailable,
-            FileNotFoundError) as exc:
+    except (search.SearchError, ensemble.EnsembleError, imbalance.ImbalanceError, ConfigError, runs.RunDirError,
+            raytune.RayUnavailable, FileNotFoundError) as exc:
         return base._fail(command, exc)
     except ValueError as exc:  # a value the checks above let through, rejected deeper down
         return base._fail(command, f"{type(exc).__name__}: {exc}")

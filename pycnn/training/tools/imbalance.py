@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from pycnn.training.config import Config
+from pycnn.training.figures import plot_confusion
+from pycnn.training.runs import make_writable_dir
 from pycnn.training.tools import trial as trials
 
 PROFILES = ("exp", "step")
@@ -235,7 +237,7 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     splits = make_splits(config, options)
     counts = np.bincount(splits.train_y, minlength=splits.classes).tolist()
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(run_dir)  # RunDirError (exit 2) when it cannot be written
     (run_dir / "dataset.json").write_text(json.dumps({
         "dataset": config.dataset, "ratio": options.ratio, "profile": options.profile, "train_images_per_class":
         counts, "validation_images": int(len(splits.val_y)), "test_images": int(len(splits.test_y))}, indent=1))
@@ -261,8 +263,8 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     figures = [plots.per_class({r["remedy"]: r["per_class_accuracy"] for r in scored}, counts, names,
                                run_dir / "per_class.png")]
     for r in scored:
-        figures.append(plots.confusion(np.array(r["confusion"]), names, run_dir / f"confusion_{r['remedy']}.png",
-                                       f"{r['remedy']}: mean per-class accuracy {r['mean_per_class_accuracy']:.3f}"))
+        figures.append(plot_confusion(np.array(r["confusion"]), names, run_dir / f"confusion_{r['remedy']}.png",
+                                     f"{r['remedy']}: mean per-class accuracy {r['mean_per_class_accuracy']:.3f}"))
     plain = next((r for r in scored if r["remedy"] == "plain"), None)
     for r in scored:
         if plain is not None:

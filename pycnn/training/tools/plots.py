@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def _pyplot():
     import matplotlib
 
@@ -120,30 +119,6 @@ def reliability(confidence, correct, bins: int, path, title: str) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def confusion(matrix: np.ndarray, names: list, path, title: str) -> Path:
-    """A confusion matrix normalised per true class (rows), with the counts written in."""
-    plt = _pyplot()
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    k = len(names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            if matrix[i, j]:
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
-                        color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), names, rotation=60, fontsize=7)
-    ax.set_yticks(range(k), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

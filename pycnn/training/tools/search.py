@@ -43,9 +43,19 @@ from pathlib import Path
 import numpy as np
 
 from pycnn.training.config import Config, ConfigError
+from pycnn.training.runs import make_writable_dir
 from pycnn.training.tools import trial as trials
-from pycnn.training.tools.space import (DEFAULT_SPACE, Dist, SearchError, _fmt, edge_warnings, make_dist, narrow,
-                               parse_param, parse_space)
+from pycnn.training.tools.space import (
+    DEFAULT_SPACE,
+    Dist,
+    SearchError,
+    _fmt,
+    edge_warnings,
+    make_dist,
+    narrow,
+    parse_param,
+    parse_space,
+)
 
 __all__ = ["DEFAULT_SPACE", "Dist", "Halving", "SearchError", "SearchInterrupted", "SearchSpec", "make_dist",
            "narrow", "parse_param", "parse_space", "run_search"]
@@ -167,7 +177,7 @@ def run_search(spec: SearchSpec, run_dir, *, resume: bool = False, backend: str 
         raise SearchError(f"--run-dir: {run_dir} holds a search already; add --resume to continue it or choose "
                           "another folder")
     base = check_spec(spec)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(run_dir)
     if not resume:
         state.write_text(json.dumps({"spec": dataclasses.asdict(spec)}, indent=1))
     session = contextlib.nullcontext()
