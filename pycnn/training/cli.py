@@ -159,7 +159,7 @@ def _train(args) -> int:
     if args.run_dir is None:  # a new folder per run, runs/latest the newest; --resume continues runs/latest
         default = runs.RUNS_ROOT / "latest"
         if args.resume:
-            args.run_dir = str(default.resolve()) if default.is_symlink() else str(default)
+            args.run_dir = os.path.relpath(default.resolve()) if default.is_symlink() else str(default)
         else:
             args.run_dir, latest = str(runs.new_run_dir()), default
     try:

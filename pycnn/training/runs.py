@@ -231,9 +231,9 @@ def check_run_dir(run_dir, resume: bool = False, overwrite: bool = False, *, com
     elif not overwrite:
         found = run_contents(run_dir)
         if found:
-            resumable = ", continue it with --resume" if command == "train" else ""
-            raise RunDirError(f"--run-dir: {run_dir} already holds a run ({', '.join(found)}) and was left as it is"
-                              f"{resumable}; replace it with --overwrite, or choose another --run-dir")
+            resumable = "continue it with --resume, " if command == "train" else ""
+            raise RunDirError(f"--run-dir: {run_dir} already holds a run ({', '.join(found)}) and was left as it is: "
+                              f"{resumable}replace it with --overwrite, or choose another --run-dir")
     check_writable(run_dir)
 
 
