@@ -79,7 +79,8 @@ def test_cyclic_cosine_restarts_every_cycle():
 def test_every_member_kind_with_tta(sources, tmp_path, capsys):
     argv = ["ensemble", "--backend", "local", "--members", "2", "--snapshots", "2", "--cycle-epochs", "1",
             "--from-search", str(sources / "search"), "--top", "2", "--from-run", str(sources / "run"), "--last", "2",
-            "--epochs", "2", "--crop-padding", "1", "--tta", "--run-dir", str(tmp_path / "e"), *TINY]
+            "--epochs", "2", "--crop-padding", "1", "--tta", "--tta-views", "crop", "--run-dir", str(tmp_path / "e"),
+            *TINY]
     assert cli.main(argv) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "e" / "ensemble.json").read_text())
     kinds = [m["kind"] for m in report["members"]]
@@ -95,6 +96,7 @@ def test_every_member_kind_with_tta(sources, tmp_path, capsys):
     assert (tmp_path / "e" / "calibration.png").stat().st_size
     out = capsys.readouterr().out
     assert "ensemble (average)" in out and "margin" in out
+    assert "--tta-views crop: the members did not train with these views" in out  # the search's trials
     # snapshot members are the end-of-cycle checkpoints of one run
     snaps = [m["checkpoint"] for m in report["members"] if m["kind"] == "snapshot"]
     assert [s.rsplit("/", 1)[1] for s in snaps] == ["epoch_001.npz", "epoch_002.npz"]
@@ -116,12 +118,34 @@ def test_the_ensemble_averages_member_probabilities(sources, tmp_path):
     assert report["ensemble"]["ece"] == pytest.approx(ensemble.expected_calibration_error(mean, splits.test_y))
 
 
-def test_contract_command_in_this_process(tmp_path):
+def test_contract_command_in_this_process(tmp_path, capsys):
+    """Members trained without crops or flips: --tta uses no view they never saw, and says so."""
     assert cli.main(["ensemble", "--dataset", "digits", "--members", "3", "--epochs", "2", "--tta", "--backend",
                      "local", "--run-dir", str(tmp_path), *TINY[2:]]) == 0
     report = json.loads((tmp_path / "ensemble.json").read_text())
     assert len(report["members"]) == 3 and "test_accuracy" in report["ensemble"]
     assert [m["name"] for m in report["members"]] == ["seed_0", "seed_1", "seed_2"]
+    assert report["tta"]["views"] == ["identity"]
+    assert "no view they know; scoring without test-time augmentation" in capsys.readouterr().out
+
+
+def test_tta_is_compared_both_ways_and_calibration_is_said_in_words(sources, tmp_path, capsys):
+    """The members of sources/run trained with crops: the default views are the crops; the
+    ensemble is compared with its best member with and without TTA; calibration in words."""
+    assert cli.main(["ensemble", "--backend", "local", "--from-run", str(sources / "run"), "--last", "3", "--tta",
+                     "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "ensemble.json").read_text())
+    assert report["tta"]["views"] == ["identity", "shift-1+0", "shift+1+0", "shift+0-1", "shift+0+1"]
+    e, plain = report["ensemble"], report["best_member_without_tta"]
+    best_plain = max(m["test_accuracy_without_tta"] for m in report["members"])
+    assert plain["test_accuracy"] == best_plain
+    assert report["margin_over_best_member_without_tta"] == pytest.approx(e["test_accuracy_without_tta"] - best_plain)
+    assert "with TTA (5 views): ensemble" in out and "without TTA: ensemble" in out and "TTA itself:" in out
+    words = "over-confident" if e["mean_confidence"] > e["test_accuracy"] else "under-confident"
+    assert f"calibration of the ensemble: {words} (ECE {e['ece']:.3f})" in out or "well calibrated" in out
+    assert ensemble.calibration_in_words(0.97, 0.69, 0.276).startswith("under-confident (ECE 0.276)")
+    assert ensemble.calibration_in_words(0.80, 0.95, 0.15).startswith("over-confident (ECE 0.150)")
 
 
 def test_bad_input_is_one_line_with_status_2(sources, tmp_path, capsys):

@@ -34,7 +34,10 @@ import numpy as np
 
 from pycnn import schedules
 from pycnn.training.config import Config, ConfigError
+from pycnn.training.runs import split_data
+from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
+from pycnn.training.trainer import list_checkpoints
 
 ECE_BINS = 15
 
@@ -71,8 +74,6 @@ class CyclicCosine(schedules.Schedule):
 def train_member(config: dict, folder: str, cycle_epochs: int = 0) -> dict:
     """Train one member (a Ray task or a local call); with ``cycle_epochs`` a snapshot run
     keeping every epoch's checkpoint.  Returns the Outcome as a dict."""
-    from pycnn.training.runs import split_data
-
     config = Config.from_dict(config)
     schedule = None
     if cycle_epochs:
@@ -125,7 +126,6 @@ def train_members(config: Config, seeds: int, snapshots: int, cycle_epochs: int,
     log(f"training {seeds} seed members{f' and a snapshot run of {snapshots} cycles' if snapshots else ''} "
         f"({config.epochs if seeds else snapshots * cycle_epochs} epochs each)", flush=True)
     if backend == "ray":
-        from pycnn.training.tools import raytune
         outcomes = raytune.run_jobs(train_member, jobs, log=log, **(ray_options or {}))
     else:
         outcomes = []
@@ -174,8 +174,6 @@ def search_members(search_dir, top: int) -> list:
 
 def run_members(run_dir, last: int) -> list:
     """The last ``last`` end-of-epoch checkpoints of a run folder."""
-    from pycnn.training.trainer import list_checkpoints
-
     folder = Path(run_dir)
     found = [p for p in list_checkpoints(folder / "checkpoints") if "_part_" not in p.name]
     if not found:
@@ -271,9 +269,6 @@ def _check_same_test_set(config: Config, where, other: Config, other_where) -> N
 def evaluate(members: list, run_dir, views=None, log=print) -> dict:
     """Score each member and the ensemble on the test set (with the TTA ``views``);
     writes RUN_DIR/ensemble.json and RUN_DIR/calibration.png and returns the report."""
-    from pycnn.training.tools import plots
-    from pycnn.training.runs import split_data
-
     if len(members) < 2:
         raise EnsembleError(f"an ensemble needs at least 2 members, got {len(members)} (--members, --top, --last, "
                             "--snapshots)")
@@ -286,7 +281,7 @@ def evaluate(members: list, run_dir, views=None, log=print) -> dict:
     views = views or [("identity", lambda x: x)]
     start = time.perf_counter()
     plain, tta = [], []
-    for member, predictor in zip(members, predictors):
+    for predictor in predictors:
         per_view = np.stack([predictor.probabilities(view(images)) for _, view in views])
         plain.append(per_view[0])
         tta.append(per_view.mean(axis=0))
@@ -307,26 +302,48 @@ def evaluate(members: list, run_dir, views=None, log=print) -> dict:
     best_test = max(rows, key=lambda r: r["test_accuracy"])
     scored = [r for r in rows if r["val_accuracy"] is not None]
     best_val = max(scored, key=lambda r: r["val_accuracy"]) if scored else None
+    confidence = use.mean(axis=0).max(axis=1)
+    ensemble["mean_confidence"] = float(confidence.mean())
     report = {
         "members": rows, "ensemble": ensemble, "test_images": int(len(labels)),
         "tta": {"views": [name for name, _ in views]},
         "best_member": {"by_test_accuracy": best_test["name"], "test_accuracy": best_test["test_accuracy"],
                         "by_val_accuracy": best_val["name"] if best_val else None},
         "margin_over_best_member": ensemble["test_accuracy"] - best_test["test_accuracy"],
+        "calibration": calibration_in_words(ensemble["test_accuracy"], ensemble["mean_confidence"], ensemble["ece"]),
         "cost": {"train_seconds": round(sum(m.train_seconds for m in members), 1),
                  "train_images": int(sum(m.train_images for m in members)),
                  "predict_seconds": round(predict_seconds, 2),
                  "forward_images": int(len(members) * len(views) * len(labels)),
                  "forward_images_one_model": int(len(labels))},
     }
+    if len(views) > 1:  # the same comparison without test-time augmentation
+        best_plain = max(rows, key=lambda r: r["test_accuracy_without_tta"])
+        report["best_member_without_tta"] = {"by_test_accuracy": best_plain["name"],
+                                             "test_accuracy": best_plain["test_accuracy_without_tta"]}
+        report["margin_over_best_member_without_tta"] = (ensemble["test_accuracy_without_tta"] -
+                                                         best_plain["test_accuracy_without_tta"])
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    confidence = use.mean(axis=0).max(axis=1)
     plots.reliability(confidence, use.mean(axis=0).argmax(axis=1) == labels, ECE_BINS, run_dir / "calibration.png",
                       f"ensemble of {len(members)}: ECE {ensemble['ece']:.3f}")
     (run_dir / "ensemble.json").write_text(json.dumps(report, indent=1))
     log(table(report))
     return report
+
+
+def calibration_in_words(accuracy: float, mean_confidence: float, ece: float) -> str:
+    """The reliability diagram in one sentence: calibrated, under- or over-confident."""
+    if ece < 0.02:
+        return (f"well calibrated (ECE {ece:.3f}): its confidence matches its accuracy within "
+                f"{100 * ece:.1f} points")
+    if accuracy > mean_confidence:
+        return (f"under-confident (ECE {ece:.3f}): its mean confidence {mean_confidence:.3f} is below its accuracy "
+                f"{accuracy:.3f} (averaging spreads the probabilities; the predicted classes are not affected, and "
+                "a temperature fitted on the validation set would sharpen them)")
+    return (f"over-confident (ECE {ece:.3f}): its mean confidence {mean_confidence:.3f} is above its accuracy "
+            f"{accuracy:.3f} (do not read its probabilities as chances; a temperature fitted on the validation set "
+            "would soften them)")
 
 
 def table(report: dict) -> str:
@@ -339,15 +356,26 @@ def table(report: dict) -> str:
         lines.append(f"| {r['name']} | {r['kind']} | {val} | {r['test_accuracy']:.4f}{extra} | {r['ece']:.4f} |")
     e = report["ensemble"]
     extra = f" | {e['test_accuracy_without_tta']:.4f}" if tta else ""
-    lines.append(f"| ensemble (average) | {e['members']} members | | {e['test_accuracy']:.4f}{extra} | {e['ece']:.4f} |")
+    lines.append(f"| ensemble (average) | {e['members']} members | | {e['test_accuracy']:.4f}{extra} | "
+                 f"{e['ece']:.4f} |")
     lines.append(f"| ensemble (majority vote) | | | {e['vote_accuracy']:.4f} |" + (" |" if tta else "") + " |")
     c, best = report["cost"], report["best_member"]
     by_val = next((r for r in report["members"] if r["name"] == best["by_val_accuracy"]), None)
-    lines.append(f"\nensemble {e['test_accuracy']:.4f} vs its best member {best['test_accuracy']:.4f} "
-                 f"({best['by_test_accuracy']}, the best on the test set itself): margin "
-                 f"{100 * report['margin_over_best_member']:+.2f} points on {report['test_images']} test images" +
-                 (f"; vs the member with the best validation accuracy ({by_val['name']}, {by_val['test_accuracy']:.4f}):"
-                  f" {100 * (e['test_accuracy'] - by_val['test_accuracy']):+.2f}" if by_val else ""))
+    views = len(report["tta"]["views"])
+    lines.append(f"\n{f'with TTA ({views} views): ' if tta else ''}ensemble {e['test_accuracy']:.4f} vs its best "
+                 f"member {best['test_accuracy']:.4f} ({best['by_test_accuracy']}, the best on the test set itself): "
+                 f"margin {100 * report['margin_over_best_member']:+.2f} points on {report['test_images']} test "
+                 "images" +
+                 (f"; vs the member with the best validation accuracy ({by_val['name']}, "
+                  f"{by_val['test_accuracy']:.4f}): {100 * (e['test_accuracy'] - by_val['test_accuracy']):+.2f}"
+                  if by_val else ""))
+    if tta:
+        plain = report["best_member_without_tta"]
+        lines.append(f"without TTA: ensemble {e['test_accuracy_without_tta']:.4f} vs its best member "
+                     f"{plain['test_accuracy']:.4f} ({plain['by_test_accuracy']}): margin "
+                     f"{100 * report['margin_over_best_member_without_tta']:+.2f} points; TTA itself: "
+                     f"{100 * (e['test_accuracy'] - e['test_accuracy_without_tta']):+.2f} points for the ensemble")
+    lines.append(f"calibration of the ensemble: {report['calibration']}")
     lines.append(f"cost: {c['forward_images'] // max(c['forward_images_one_model'], 1)}x the forward passes of one "
                  f"model ({c['predict_seconds']:.1f} s for all members and views); the members' training: "
                  f"{c['train_seconds']:.0f} s, {c['train_images']} images (search trials included, checkpoints of "
@@ -381,15 +409,33 @@ def run_ensemble(config: Config | None, run_dir, *, seeds: int = 0, from_search=
             _check_same_test_set(trials.load_predictor(member.checkpoint, member.name).config, member.checkpoint,
                                  config, "the members to train here")
         try:
-            members = train_members(config, seeds, snapshots, cycle_epochs, run_dir, backend, ray_options, log) + members
+            trained = train_members(config, seeds, snapshots, cycle_epochs, run_dir, backend, ray_options, log)
+            members = trained + members
         except ConfigError as exc:
             raise EnsembleError(str(exc)) from None
     views = None
     if tta and members:
-        trained = trials.load_predictor(members[0].checkpoint).config
-        names = list(tta_views_) if tta_views_ else ["crop"] + (["flip"] if trained.flip else [])
-        views = tta_views(names, tta_padding if tta_padding is not None else max(1, trained.crop_padding // 2))
-        if not (trained.crop_padding or trained.flip):
-            log("note: the members trained without crops or flips, so the shifted views are new to them and "
-                "test-time augmentation may cost accuracy (train with --crop-padding / --flip)")
+        views = default_views(members, tta_views_, tta_padding, log)
     return evaluate(members, run_dir, views, log)
+
+
+def default_views(members: list, names=None, padding: int | None = None, log=print) -> list | None:
+    """The TTA views: NAMES when given (said when the members never saw them), else only those
+    every member trained with (crops with --crop-padding, mirror images with --flip);
+    None when there is none."""
+    configs = [trials.load_predictor(m.checkpoint, m.name).config for m in members]
+    cropped, flipped = all(c.crop_padding for c in configs), all(c.flip for c in configs)
+    known = (["crop"] if cropped else []) + (["flip"] if flipped else [])
+    if names:
+        new = [n for n in names if n not in known]
+        if new:
+            log(f"note: --tta-views {','.join(new)}: the members did not train with these views (--crop-padding, "
+                "--flip), so test-time augmentation may cost accuracy; the scores with and without it are below")
+    else:
+        names = known
+        if not names:
+            log("note: --tta: the members trained without crops or flips, so there is no view they know; scoring "
+                "without test-time augmentation (--tta-views crop,flip tries views anyway)")
+            return None
+    least = min(c.crop_padding for c in configs)
+    return tta_views(names, padding if padding is not None else max(1, least // 2))
