@@ -136,6 +136,7 @@ def test_default_train_prints_checks_validation_per_epoch_and_test_once(tmp_path
                for e in (1, 2) for line in out.splitlines()) == 2
     assert out.count("test accuracy") == 1
     assert "480 training, 120 validation (held out of the training set) and 359 test images" in out
+    assert "the best epoch, marked (best): the highest validation accuracy (ties: the lower validation loss)" in out
 
 
 def test_cli_resume_keeps_the_saved_settings(tmp_path, capsys):

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pycnn.training import cli  # noqa: E402
 from pycnn import data
+from pycnn.training import cli  # noqa: E402
 from pycnn.training.config import Config  # noqa: E402
 from pycnn.training.tools import imbalance, trial  # noqa: E402
 from pycnn.training.tools.imbalance import ImbalanceError, Options  # noqa: E402
@@ -97,6 +97,29 @@ def test_remedies_and_two_stage_fine_tune(tmp_path, capsys):
     assert (tmp_path / "per_class.png").stat().st_size
     out = capsys.readouterr().out
     assert "mean per-class acc" in out and "two-stage" in out
+    for r in by.values():  # each remedy timed, wall clock (it was 0 in every row)
+        assert r["seconds"] > 0 and r["seconds"] >= r["train_seconds"] > 0
+        assert f"| {r['images_processed']} | {r['seconds']:.1f} |" in out
+
+
+def test_downsample_is_a_default_remedy_and_an_unconverged_stage_is_said():
+    parser = cli.build_parser()
+    args = parser.parse_args(["imbalance"])
+    assert args.remedies == ["plain", "upsample", "downsample", "weights", "two-stage"]
+    rising = trial.Outcome("finished", "", 3, 3, 0.757, 0.9, 1.0, 100, [
+        {"val_accuracy": 0.215}, {"val_accuracy": 0.75}, {"val_accuracy": 0.757}])
+    warning = imbalance.not_converged(rising, "stage 2", "--stage2-epochs")
+    assert warning.startswith("stage 2 had not converged") and "0.215 -> 0.750 -> 0.757" in warning
+    assert "--stage2-epochs" in warning
+    flat = trial.Outcome("finished", "", 3, 2, 0.75, 0.9, 1.0, 100, [
+        {"val_accuracy": 0.5}, {"val_accuracy": 0.75}, {"val_accuracy": 0.74}])
+    assert imbalance.not_converged(flat) is None
+    row = {"remedy": "two-stage", "status": "finished", "reason": "", "val_accuracy": 0.5,
+           "mean_per_class_accuracy": 0.5, "per_class_accuracy": [0.5, 0.5], "images_processed": 10, "seconds": 0.25,
+           "warnings": [warning]}
+    text = imbalance.table([row], [10, 5])
+    assert "| 10 | 0.2 |" in text or "| 10 | 0.3 |" in text
+    assert "note: two-stage: stage 2 had not converged" in text
 
 
 def test_stage_two_starts_from_stage_one_on_the_small_classes_alone(tmp_path, monkeypatch):

@@ -195,3 +195,27 @@ def test_ray_flags_with_the_local_backend_are_refused(tmp_path, capsys):
     assert cli.main(["search", "--backend", "local", "--address", "auto", "--epochs", "1", "--trials", "1",
                      "--run-dir", str(tmp_path / "s")]) == 2
     assert "--address: only for --backend ray" in capsys.readouterr().err
+
+
+def test_search_figures_show_diverged_trials_apart_and_whole_epochs(tmp_path, monkeypatch):
+    """Diverged trials were drawn at accuracy 0 (squashing the others into a line at the top),
+    and the curves' epoch axis had ticks at 1.5, 2.5."""
+    import matplotlib.pyplot as plt
+
+    from pycnn.training.tools import plots
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    plt.close("all")
+    space = {"lr": search.make_dist("lr", "log_uniform", [1e-3, 1.0])}
+    rows = [{"stage": 1, "status": "finished", "val_accuracy": 0.9 + i / 100, "lr": 10 ** -(i + 1)} for i in range(3)]
+    rows.append({"stage": 1, "status": "aborted", "val_accuracy": None, "lr": 0.9})
+    curve = [{"epoch": e, "val_accuracy": 0.8 + e / 100, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+    spec = TrialSpec(1, 0, {"lr": 0.01}, {}, str(tmp_path))
+    plots.search_figures(rows, [(spec, curve)], space, tmp_path)
+    scatter, curves = [plt.figure(n) for n in plt.get_fignums()[-2:]]
+    low, high = scatter.axes[0].get_ylim()
+    assert low > 0.8 and high <= 1.0
+    labels = scatter.axes[0].get_legend_handles_labels()[1]
+    assert "diverged (1, no accuracy)" in labels
+    ticks = [t for t in curves.axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    plt.close("all")

@@ -474,7 +474,8 @@ def run(config: Config, run_dir, resume: bool = False, progress: bool = True, ch
                   "no validation (val_size 0: the last epoch is kept)")
     log(f"pycnn {pycnn.__version__}: {config.dataset}, {len(splits.train_y)} training, {validation} and "
         f"{len(splits.test_y)} test images ({'touched once, at the end' if test else 'not used'}); run directory "
-        f"{run_dir}\n{model}")
+        f"{run_dir}" + ("\nthe best epoch, marked (best): the highest validation accuracy (ties: the lower validation "
+                        "loss)" if len(splits.val_y) else "") + f"\n{model}")
     history = trainer.fit(config.epochs)
     if test and history["stopped"] is None and history["interrupted"] is None:
         history["test"] = score_on_test(trainer, config, splits, preprocessor)

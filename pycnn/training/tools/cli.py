@@ -111,9 +111,9 @@ def add_parsers(commands) -> None:
     imb.add_argument("--profile", choices=("exp", "step"), default="exp", help="exp (long tail) or step")
     imb.add_argument("--per-class", type=base._int, default=0,
                      help="training images of the largest class (default: as many as every class has)")
-    imb.add_argument("--remedies", type=_names, default=["plain", "upsample", "weights", "two-stage"],
-                     help="some of plain,upsample,downsample,weights,two-stage (default: "
-                          "plain,upsample,weights,two-stage)")
+    imb.add_argument("--remedies", type=_names, default=list(imbalance.DEFAULT_REMEDIES),
+                     help=f"some of {','.join(imbalance.REMEDIES)} (default: all: "
+                          f"{','.join(imbalance.DEFAULT_REMEDIES)})")
     imb.add_argument("--class-weight", choices=("inverse", "sqrt", "effective"), default="inverse",
                      help="the weights of the 'weights' remedy (default: inverse frequency)")
     imb.add_argument("--head", type=base._int, default=0,

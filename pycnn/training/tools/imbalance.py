@@ -33,11 +33,13 @@ import numpy as np
 
 from pycnn.training.config import Config
 from pycnn.training.figures import plot_confusion
-from pycnn.training.runs import make_writable_dir
+from pycnn.training.runs import class_names, confusion_matrix, make_writable_dir, per_class_accuracy, split_data
+from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
 
 PROFILES = ("exp", "step")
 REMEDIES = ("plain", "upsample", "downsample", "weights", "two-stage")
+DEFAULT_REMEDIES = REMEDIES
 WEIGHTS = ("inverse", "sqrt", "effective")
 
 
@@ -96,19 +98,6 @@ def class_weights(counts, kind: str = "inverse", beta: float = 0.999) -> np.ndar
     return (w * counts.sum() / (w * counts).sum()).astype(np.float32)
 
 
-# ------------------------------------------------------------------------------- scores
-
-def confusion_matrix(predicted, labels, classes: int) -> np.ndarray:
-    """(true, predicted) counts."""
-    matrix = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
-    return matrix
-
-
-def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
-    return np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
-
-
 # ------------------------------------------------------------------------------ remedies
 
 @dataclasses.dataclass
@@ -136,8 +125,6 @@ class Options:
 
 
 def make_splits(config: Config, options: Options):
-    from pycnn.training.runs import split_data
-
     return long_tailed_splits(split_data(config), options.ratio, options.profile, options.per_class or None,
                               options.seed)
 
@@ -157,6 +144,7 @@ def head_classes(counts, head: int = 0) -> list:
 def run_remedy(remedy: str, config: dict, options: dict, folder: str) -> dict:
     """Train one remedy on the long-tailed set and score its final model on the test set
     (once).  A Ray task or a local call."""
+    clock = trials.timer()
     config, options = Config.from_dict(config), Options(**options)
     splits = make_splits(config, options)
     counts = np.bincount(splits.train_y, minlength=splits.classes)
@@ -178,6 +166,10 @@ def run_remedy(remedy: str, config: dict, options: dict, folder: str) -> dict:
         return {"remedy": remedy, "status": outcome.status, "reason": outcome.reason}
     if outcome.best_epoch is None:
         return {"remedy": remedy, "status": outcome.status, "reason": outcome.reason or "no epoch finished"}
+    staged = remedy == "two-stage"
+    warnings = [w for w in (extra.pop("stage1_warning", None),
+                            not_converged(outcome, "stage 2" if staged else "", "--stage2-epochs" if staged else
+                                          "--epochs")) if w]
     checkpoint = Path(extra.pop("folder", folder)) / outcome.best_checkpoint
     predictor = trials.load_predictor(checkpoint, remedy)
     predicted = predictor.probabilities(splits.test_x).argmax(axis=1)
@@ -187,8 +179,19 @@ def run_remedy(remedy: str, config: dict, options: dict, folder: str) -> dict:
             "val_accuracy": outcome.val_accuracy, "test_accuracy": float(np.trace(matrix) / matrix.sum()),
             "mean_per_class_accuracy": float(per_class.mean()), "per_class_accuracy": per_class.tolist(),
             "confusion": matrix.tolist(), "train_images": counts.tolist(),
-            "seconds": round(outcome.seconds + extra.pop("seconds", 0.0), 1),
-            "images_processed": int(outcome.images + extra.pop("images", 0)), **extra}
+            "train_seconds": round(outcome.seconds + extra.pop("seconds", 0.0), 2), "seconds": round(clock(), 2),
+            "images_processed": int(outcome.images + extra.pop("images", 0)), "warnings": warnings, **extra}
+
+
+def not_converged(outcome, stage: str = "", flag: str = "--epochs", rise: float = 0.005) -> str | None:
+    """A warning when the validation accuracy was still rising at the last epoch (by more
+    than ``rise``) and that epoch was the best: more epochs may change the result."""
+    accuracies = [row["val_accuracy"] for row in outcome.curve or [] if row.get("val_accuracy") is not None]
+    if len(accuracies) < 2 or outcome.best_epoch != len(accuracies) or accuracies[-1] - accuracies[-2] <= rise:
+        return None
+    rising = " -> ".join(f"{a:.3f}" for a in accuracies[-3:])
+    return (f"{stage + ' ' if stage else ''}had not converged: its validation accuracy was still rising at its last "
+            f"epoch ({rising}); more {flag} may change the scores")
 
 
 def two_stage(config: Config, splits, counts, options: Options, folder: Path):
@@ -216,7 +219,8 @@ def two_stage(config: Config, splits, counts, options: Options, folder: Path):
                                         epochs=options.stage2_epochs or config.epochs)
     second = trials.train_config(second_config, folder / "stage2", splits=stage2,
                                  init_state=best.model.state_dict(), preprocessor=best.preprocessor)
-    facts = {"folder": str(folder / "stage2"), "head_classes": head, "tail_classes": tail, "replay_per_head_class":
+    facts = {"folder": str(folder / "stage2"), "stage1_warning": not_converged(first, "stage 1"),
+             "head_classes": head, "tail_classes": tail, "replay_per_head_class":
              replay, "stage1": {"images": int(in_head.sum()), "epochs": first.epochs, "best_epoch": first.best_epoch,
                                 "val_accuracy_head_classes": first.val_accuracy},
              "stage2": {"images": int(len(keep)), "epochs": second.epochs, "lr": second_config.lr},
@@ -228,8 +232,6 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
                   log=print) -> dict:
     """Train every remedy on the same long-tailed set (in parallel on Ray with backend 'ray'),
     write RUN_DIR/imbalance.json and the figures, and print the comparison."""
-    from pycnn.training.tools import plots
-
     options.check()
     unknown = [r for r in remedies if r not in REMEDIES]
     if unknown or not remedies:
@@ -246,7 +248,6 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     jobs = [{"remedy": r, "config": config.to_dict(), "options": dataclasses.asdict(options),
              "folder": str(run_dir / r)} for r in remedies]
     if backend == "ray":
-        from pycnn.training.tools import raytune
         results = raytune.run_jobs(run_remedy, jobs, log=log, **(ray_options or {}))
     else:
         results = []
@@ -258,7 +259,7 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     interrupted = [r["remedy"] for r in results if r["status"] == trials.INTERRUPTED]
     if interrupted or len(results) < len(jobs):
         raise KeyboardInterrupt(f"interrupted during {interrupted or 'the remedies'}")
-    names = _class_names(config, splits.classes)
+    names = class_names(config, splits.classes)
     scored = [r for r in results if "per_class_accuracy" in r]
     figures = [plots.per_class({r["remedy"]: r["per_class_accuracy"] for r in scored}, counts, names,
                                run_dir / "per_class.png")]
@@ -276,14 +277,6 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     return report
 
 
-def _class_names(config: Config, classes: int) -> list:
-    if config.dataset == "cifar10":
-        from pycnn.data.datasets import CIFAR10_CLASSES
-        labels = config.classes or tuple(range(10))
-        return [CIFAR10_CLASSES[c] for c in labels]
-    return [str(c) for c in (config.classes or range(classes))]
-
-
 def table(results: list, counts: list) -> str:
     few = [c for c in range(len(counts)) if counts[c] <= np.median(counts)]
     lines = ["| remedy | status | val acc | mean per-class acc | tail classes | worst class | vs plain | "
@@ -296,6 +289,9 @@ def table(results: list, counts: list) -> str:
         gain = r.get("gain_over_plain")
         lines.append(f"| {r['remedy']} | {r['status']} | {r['val_accuracy']:.4f} | {r['mean_per_class_accuracy']:.4f} "
                      f"| {acc[few].mean():.4f} | {acc.min():.4f} | {'' if gain is None else f'{100 * gain:+.2f}'} | "
-                     f"{r['images_processed']} | {r['seconds']:.0f} |")
+                     f"{r['images_processed']} | {r['seconds']:.1f} |")
+    notes = [f"note: {r['remedy']}: {w}" for r in results for w in r.get("warnings", ())]
     return "\n".join(lines) + ("\n(test accuracy on the balanced test set = mean per-class accuracy; 'vs plain' in "
-                               "points; tail classes: those with at most the median number of training images)")
+                               "points; tail classes: those with at most the median number of training images; "
+                               "seconds: each remedy's wall-clock time, training and scoring)") + \
+        "".join(f"\n{n}" for n in notes)

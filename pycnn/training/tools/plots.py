@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pycnn.training import figures
+from pycnn.training.figures import zoom
+
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
+    return figures._pyplot()
 
 
 def _is_number(v) -> bool:
@@ -34,16 +33,23 @@ def search_figures(rows: list, curves: list, space: dict, out_dir) -> list:
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
     stages = sorted({r["stage"] for r in rows})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    scores = [r["val_accuracy"] for r in rows if r["val_accuracy"] is not None]
     for ax, key in zip(axes[0], keys):
         for stage in stages:
             done = [r for r in rows if r["stage"] == stage and r[key] is not None]
             ok = [r for r in done if r["status"] == "finished" and r["val_accuracy"] is not None]
-            cut = [r for r in done if r["status"] != "finished"]
+            cut = [r for r in done if r["status"] != "finished" and r["val_accuracy"] is not None]
             colour = colours[(stage - 1) % len(colours)]
             ax.scatter([r[key] for r in ok], [r["val_accuracy"] for r in ok], color=colour, s=22,
                        label=f"stage {stage}")
-            ax.scatter([r[key] for r in cut], [r["val_accuracy"] or 0.0 for r in cut], color=colour, marker="x",
-                       s=22, label=f"stage {stage}, aborted" if cut else None)
+            ax.scatter([r[key] for r in cut], [r["val_accuracy"] for r in cut], color=colour, marker="x",
+                       s=22, label=f"stage {stage}, cut early" if cut else None)
+        diverged = [r for r in rows if r[key] is not None and r["val_accuracy"] is None]
+        if diverged:  # no accuracy to plot: a strip of their own along the bottom, not at accuracy 0
+            ax.scatter([r[key] for r in diverged], [0.03] * len(diverged), marker="v", color="red", s=22,
+                       transform=ax.get_xaxis_transform(), clip_on=False,
+                       label=f"diverged ({len(diverged)}, no accuracy)")
+        ax.set_ylim(*zoom(scores))
         if space[key].kind == "log_uniform":
             ax.set_xscale("log")
         ax.set_xlabel(key)
@@ -89,6 +95,7 @@ def search_figures(rows: list, curves: list, space: dict, out_dir) -> list:
     loss_ax.set_ylabel("training loss (data + regularisation)")
     for ax in (acc_ax, loss_ax):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(figures._ticker().MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=6)
     fig.suptitle("the best trials")
