@@ -24,7 +24,8 @@ def test_bench_quick_writes_the_rows_as_json(tmp_path, capsys):
     for row in rows:
         assert list(row) == list(benchmarks.JSON_KEYS)
         assert set(row) == {"op", "algo", "shape", "pass", "pycnn_ms", "torch_ms", "speedup", "gbps", "gflops",
-                            "limit_fraction"}
+                            "limit_fraction", "pycnn_spread"}
+        assert row["pycnn_spread"] >= 0
         for key in ("op", "algo", "shape", "pass"):
             assert isinstance(row[key], str)
         for key in ("pycnn_ms", "torch_ms", "speedup", "gbps", "gflops", "limit_fraction"):
@@ -32,6 +33,31 @@ def test_bench_quick_writes_the_rows_as_json(tmp_path, capsys):
         assert row["pycnn_ms"] > 0 and row["gbps"] > 0 and row["gflops"] is None
     table = capsys.readouterr().out
     assert "pycnn ms" in table and "relu" in table and "maxpool2x2" in table
+    assert f"correctness: all {len(rows)} checked cases matched the float64 NumPy reference" in table
+    assert "run-to-run spread of pycnn's timed runs (interquartile range / median): median " in table
+    assert "load average " in table and " CPUs" in table
+
+
+def test_bench_table_explains_a_limit_above_one_and_a_busy_machine():
+    row = benchmarks.Row("conv3x3", "winograd", "32x64x32x32 K64", "fwd", 1.0, 2.0, 2.0, None, 300.0, 1.45, 0.04)
+    facts = {"threads": 2, "torch": "2.13.0", "fma_peak_gflops": 207.0, "load_before": 5.2, "load_after": 6.0,
+             "cpus": 2, "checked": 1, "torch_checked": 1}
+    text = benchmarks.table([row], facts)
+    assert "of limit above 1 (1 row, up to 1.45 for conv3x3 winograd fwd): the case is credited with the direct " \
+           "convolution's FLOPs" in text
+    assert "load average 5.20 before, 6.00 after, on 2 CPUs; the machine was busy" in text
+    assert "worst 4% (conv3x3 winograd" in text
+    assert "pycnn matched PyTorch on 1 (shape, pass) pairs" in text
+
+
+def test_a_failed_correctness_check_is_one_line_and_status_1(capsys, monkeypatch):
+    def mismatch(**kwargs):
+        raise AssertionError("\nNot equal to tolerance rtol=1e-05\nrelu y\nMismatched elements: 3 / 10")
+
+    monkeypatch.setattr(benchmarks, "run", mismatch)
+    assert cli.main(["bench", "--quick", "--ops", "relu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pycnn bench: a correctness check failed") and "\n" not in err and "relu y" in err
 
 
 def test_bench_without_torch_leaves_its_columns_empty(tmp_path):
@@ -51,7 +77,8 @@ def test_cases_are_generated_from_the_specs():
     full = benchmarks.cases()
     conv = registry.get("conv3x3")
     assert {(c.index, c.algo) for c in full if c.op == "conv3x3"} == {
-        (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu" for a in ("direct", "winograd", "winograd4", "auto")}
+        (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu"
+        for a in ("direct", "winograd", "winograd4", "auto")}
     for op in ("maxpool2x2", "avgpool2x2", "relu", "swish"):
         assert {c.shape for c in full if c.op == op} == {case.shapes for case in registry.get(op).bench_cases("cpu")}
     assert {c.op for c in full if c.unfused} == {"conv3x3+relu", "batchnorm+relu"}

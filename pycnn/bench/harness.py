@@ -21,15 +21,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import statistics
 
 import numpy as np
 
 from pycnn.bench import measure
 from pycnn.bench.measure import THREADS
+from pycnn.device import cpp_extension
 from pycnn.ops import registry
 
 PHASES = registry.PHASES
-JSON_KEYS = ("op", "algo", "shape", "pass", "pycnn_ms", "torch_ms", "speedup", "gbps", "gflops", "limit_fraction")
+JSON_KEYS = ("op", "algo", "shape", "pass", "pycnn_ms", "torch_ms", "speedup", "gbps", "gflops", "limit_fraction",
+             "pycnn_spread")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Row:
     gbps: float | None
     gflops: float | None
     limit_fraction: float | None
+    pycnn_spread: float | None = None  # interquartile range / median of pycnn's timed runs
 
     def as_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -113,6 +118,8 @@ class Bench:
         self._copy_times: dict = {}
         self._peak = None
         self.quick = quick
+        self.checked = 0        # cases whose result matched the float64 reference before timing
+        self.torch_checked = 0  # (shape, pass) pairs whose torch result matched pycnn's
 
     @property
     def peak_gflops(self) -> float:
@@ -136,17 +143,19 @@ class Bench:
         else:
             impl = measure.cpp_route(op, inputs, params, "auto" if case.algo == "default" else case.algo)
             measure.check(op, impl, case.phase, inputs, params, grad)
+            self.checked += 1
             fn = functools.partial(measure.run_impl, impl, case.phase, inputs, params, grad)
-        t = self.timer.median(fn)
+        times = self.timer.times(fn)
+        t, spread = statistics.median(times), measure.spread(times)
         t_torch = self._torch_time(op, case, inputs, params, grad)
         flops, nbytes = measure.cost(op, spec, case.phase, inputs)
         if measure.compute_bound(op, spec, inputs):
             gflops = flops / t / 1e9
             return Row(case.op, case.algo, case.shape_text, case.phase, t * 1e3, _ms(t_torch), _ratio(t_torch, t),
-                       None, gflops, gflops / self.peak_gflops)
+                       None, gflops, gflops / self.peak_gflops, spread)
         gbps = nbytes / t / 1e9
         return Row(case.op, case.algo, case.shape_text, case.phase, t * 1e3, _ms(t_torch), _ratio(t_torch, t), gbps,
-                   None, gbps / self.copy_gbps(nbytes))
+                   None, gbps / self.copy_gbps(nbytes), spread)
 
     def _torch_time(self, op, case, inputs, params, grad):
         """The torch median of a (shape, pass), measured once, checked against pycnn's result
@@ -160,16 +169,24 @@ class Bench:
                 impl = measure.cpp_route(op, inputs, params)
                 y, grads = measure.run_impl(impl, case.phase, inputs, params, grad)
                 measure.check_torch(op, run, np.asarray(y), tuple(np.asarray(g) for g in grads if g is not None))
+                self.torch_checked += 1
             self._torch_times[key] = self.timer.median(run)
         return self._torch_times[key]
 
 
 def _C():
-    from pycnn.device import cpp_extension
     C = cpp_extension()
     if C is None:
         raise RuntimeError("pycnn bench needs the C++ extension pycnn._C, which is not built")
     return C
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _ms(seconds):
@@ -189,9 +206,12 @@ def run(quick: bool = False, ops=None, use_torch: bool = True, log=None) -> tupl
     try:
         bench = Bench(quick=quick, torch=torch, log=log)
         np.ones(24 * 2 ** 20 // 8).sum()  # raise glibc's mmap threshold before the first case (bench/conftest.py)
+        load_before = _load()
         rows = [bench.run(case) for case in cases(quick, ops)]
         facts = {"threads": THREADS, "torch": None if torch is None else torch.__version__,
-                 "torch_left_out": not use_torch, "fma_peak_gflops": bench._peak, "quick": quick}
+                 "torch_left_out": not use_torch, "fma_peak_gflops": bench._peak, "quick": quick,
+                 "load_before": load_before, "load_after": _load(), "cpus": os.cpu_count(),
+                 "checked": bench.checked, "torch_checked": bench.torch_checked}
         return rows, facts
     finally:
         C.set_num_threads(threads_before)
@@ -200,9 +220,10 @@ def run(quick: bool = False, ops=None, use_torch: bool = True, log=None) -> tupl
 def table(rows: list[Row], facts: dict) -> str:
     """The rows as one aligned text table, with what the columns mean."""
     w = max([14] + [len(r.op) + 1 for r in rows])  # the op column
-    header = (f"{'op':<{w}}{'algo':<10}{'shape':<20}{'pass':<9}{'pycnn ms':>9}{'torch ms':>9}{'speedup':>8}"
-              f"{'GB/s':>7}{'GFLOP/s':>9}{'of limit':>9}")
-    torch_text = facts.get("torch") or ("left out: --no-torch" if facts.get("torch_left_out") else "torch not installed")
+    header = (f"{'op':<{w}}{'algo':<10}{'shape':<20}{'pass':<9}{'pycnn ms':>9}{'spread':>7}{'torch ms':>9}"
+              f"{'speedup':>8}{'GB/s':>7}{'GFLOP/s':>9}{'of limit':>9}")
+    torch_text = facts.get("torch") or ("left out: --no-torch" if facts.get("torch_left_out") else
+                                        "torch not installed")
     lines = [f"pycnn vs PyTorch CPU ({torch_text}), {facts['threads']} threads, "
              "float32, medians", header, "-" * len(header)]
 
@@ -210,8 +231,10 @@ def table(rows: list[Row], facts: dict) -> str:
         return f"{'-':>{width}}" if value is None or (isinstance(value, float) and math.isnan(value)) else \
             f"{value:>{width}{fmt}}"
     for r in rows:
+        spread = None if r.pycnn_spread is None else 100 * r.pycnn_spread
         lines.append(f"{r.op:<{w}}{r.algo:<10}{r.shape:<20}{r.phase:<9}{num(r.pycnn_ms, 9, '.3f')}"
-                     f"{num(r.torch_ms, 9, '.3f')}{num(r.speedup, 7, '.2f')}{'x' if r.speedup else ' '}"
+                     f"{num(spread, 6, '.0f')}{'%' if spread is not None else ' '}{num(r.torch_ms, 9, '.3f')}"
+                     f"{num(r.speedup, 7, '.2f')}{'x' if r.speedup else ' '}"
                      f"{num(r.gbps, 7, '.1f')}{num(r.gflops, 9, '.1f')}{num(r.limit_fraction, 9, '.2f')}")
     if facts.get("fma_peak_gflops"):
         lines.append(f"limit: conv = the FMA peak of {facts['threads']} threads, {facts['fma_peak_gflops']:.0f} "
@@ -221,4 +244,40 @@ def table(rows: list[Row], facts: dict) -> str:
         lines.append("limit: a copy of the same bytes (torch copy_ on 2 threads, np.copyto without torch)")
     lines.append("speedup = torch ms / pycnn ms; FLOPs and bytes: the specs' model (conv: direct-convolution "
                  "FLOPs, fwd+bwd 3x the forward); conv3x3+relu = conv3x3 then relu, unfused")
+    above = [r for r in rows if r.limit_fraction is not None and r.limit_fraction > 1]
+    for compute, why in ((True, "the case is credited with the direct convolution's FLOPs and Winograd does fewer "
+                                "multiplications than that, so its effective rate can pass the FMA peak"),
+                         (False, "the op moved its bytes faster than the copy it is compared with (its data stayed in "
+                                 "cache, or the copy was slowed by other processes)")):
+        these = [r for r in above if (r.gflops is not None) == compute]
+        if these:
+            top = max(these, key=lambda r: r.limit_fraction)
+            lines.append(f"of limit above 1 ({len(these)} row{'s' if len(these) > 1 else ''}, up to "
+                         f"{top.limit_fraction:.2f} for {top.op} {top.algo} {top.phase}): {why}")
+    lines.extend(_conditions(rows, facts))
     return "\n".join(lines)
+
+
+def _conditions(rows: list[Row], facts: dict) -> list[str]:
+    """The lines that say how far to trust the table: the correctness checks, the run-to-run
+    spread, the machine's load."""
+    lines = []
+    if "checked" in facts:
+        torch_part = (f" and pycnn matched PyTorch on {facts['torch_checked']} (shape, pass) pairs"
+                      if facts.get("torch_checked") else "")
+        lines.append(f"correctness: all {facts['checked']} checked cases matched the float64 NumPy reference before "
+                     f"they were timed{torch_part} (a mismatch stops pycnn bench)")
+    spreads = [(r.pycnn_spread, r) for r in rows if r.pycnn_spread is not None]
+    if spreads:
+        worst, row = max(spreads, key=lambda sr: sr[0])
+        middle = statistics.median(s for s, _ in spreads)
+        lines.append(f"run-to-run spread of pycnn's timed runs (interquartile range / median): median "
+                     f"{100 * middle:.0f}%, worst {100 * worst:.0f}% ({row.op} {row.algo} {row.shape} {row.phase})")
+    if facts.get("load_before") is not None:
+        cpus = facts.get("cpus") or 0
+        busy = max(facts["load_before"], facts.get("load_after") or 0) > max(cpus - facts["threads"], 1)
+        lines.append(f"load average {facts['load_before']:.2f} before, {facts.get('load_after') or 0:.2f} after, on "
+                     f"{cpus} CPUs" + ("; the machine was busy: other processes shared the cores, so times and ratios "
+                                       "may swing several-fold between runs (run again on an idle machine)" if busy
+                                       else ""))
+    return lines

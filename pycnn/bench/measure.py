@@ -174,6 +174,10 @@ class Timer:
     warmup: int = 2
 
     def median(self, fn) -> float:
+        return statistics.median(self.times(fn))
+
+    def times(self, fn) -> list[float]:
+        """The timed runs' seconds (after the warm-up)."""
         for _ in range(max(self.warmup - 1, 0)):
             fn()
         start = time.perf_counter()
@@ -185,7 +189,15 @@ class Timer:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return times
+
+
+def spread(times) -> float:
+    """Run-to-run spread of timed runs: the interquartile range over the median."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(times)
 
 
 FULL = Timer(budget_s=0.5, min_rounds=7)

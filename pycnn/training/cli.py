@@ -311,6 +311,12 @@ def _bench(args) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"pycnn bench: {exc}", file=sys.stderr)
         return 2
+    except AttributeError as exc:  # a built pycnn._C older than the sources
+        return _fail("bench", f"the C++ extension does not match the sources ({exc}): rebuild it with "
+                              "pip install --no-build-isolation -e .")
+    except AssertionError as exc:  # a case did not match the reference: nothing is timed after it
+        detail = " ".join(str(exc).split())[:300]
+        return _fail("bench", f"a correctness check failed, so the timings were not printed: {detail}", 1)
     print(benchmarks.table(rows, facts))
     if args.json:
         Path(args.json).write_text(json.dumps([row.as_json() for row in rows], indent=1) + "\n")
