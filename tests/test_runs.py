@@ -196,6 +196,24 @@ def test_every_command_says_an_environment_problem_with_status_2(tmp_path, capsy
     assert status == 2 and "--run-dir: cannot write to" in one_line(err)
 
 
+@pytest.mark.parametrize("command", [
+    ["train", *TINY],
+    ["search", "--backend", "local", "--trials", "2", *TINY[:-2]],
+    ["ensemble", "--backend", "local", "--members", "2", *TINY[:-2]],
+    ["imbalance", "--backend", "local", *TINY[:-2]],
+])
+def test_a_read_only_run_directory_is_status_2_before_anything_runs(tmp_path, capsys, monkeypatch, command):
+    """(As root, chmod does not make a folder read-only: a read-only file system is simulated.)"""
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(runs.tempfile, "TemporaryFile", read_only)
+    status, out, err = call([*command, "--run-dir", str(tmp_path / "new")], capsys)
+    line = one_line(err)
+    assert status == 2 and f"--run-dir: cannot write to {tmp_path / 'new'}" in line and "Read-only file system" in line
+    assert not (tmp_path / "new").exists()
+
+
 def test_finetune_refuses_a_run_directory_that_holds_a_run(tmp_path, capsys, finished):
     target = tmp_path / "tuned"
     (target / "checkpoints").mkdir(parents=True)

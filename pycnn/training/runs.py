@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -246,8 +247,11 @@ def check_writable(folder) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise RunDirError(f"--run-dir: cannot write to {folder} ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"--run-dir: cannot write to {folder} ({existing} is read-only)")
+    try:  # a file made and removed at once: permissions, read-only mounts and full disks alike
+        with tempfile.TemporaryFile(dir=existing, prefix=".pycnn-write-test"):
+            pass
+    except OSError as exc:
+        raise RunDirError(f"--run-dir: cannot write to {folder} ({existing}: {exc.strerror or exc})") from None
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:

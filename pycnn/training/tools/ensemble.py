@@ -34,7 +34,7 @@ import numpy as np
 
 from pycnn import schedules
 from pycnn.training.config import Config, ConfigError
-from pycnn.training.runs import split_data
+from pycnn.training.runs import check_writable, make_writable_dir, split_data
 from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
 from pycnn.training.trainer import list_checkpoints
@@ -324,7 +324,7 @@ def evaluate(members: list, run_dir, views=None, log=print) -> dict:
         report["margin_over_best_member_without_tta"] = (ensemble["test_accuracy_without_tta"] -
                                                          best_plain["test_accuracy_without_tta"])
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(run_dir)
     plots.reliability(confidence, use.mean(axis=0).argmax(axis=1) == labels, ECE_BINS, run_dir / "calibration.png",
                       f"ensemble of {len(members)}: ECE {ensemble['ece']:.3f}")
     (run_dir / "ensemble.json").write_text(json.dumps(report, indent=1))
@@ -397,6 +397,7 @@ def run_ensemble(config: Config | None, run_dir, *, seeds: int = 0, from_search=
     if last and from_run is None:
         raise EnsembleError("--last needs --from-run DIR")
     run_dir = Path(run_dir).resolve()
+    check_writable(run_dir)
     members = []
     if from_search is not None:
         members += search_members(from_search, top or 3)
