@@ -45,14 +45,24 @@ def numba_type(dtype):
 
 
 def per_dtype(builder):
-    """Decorator: ``builder(T)`` makes the kernels for the numba scalar type ``T``; the
-    result is called with a NumPy dtype and cached, so each dtype compiles once."""
+    """Decorator: ``builder(T, *specialisation)`` makes the kernels for the numba scalar type
+    ``T`` (and, say, an activation's name); the result is called with a NumPy dtype and the
+    same further arguments and cached, so each combination compiles once."""
     cached = functools.lru_cache(maxsize=None)(builder)
 
     @functools.wraps(builder)
-    def for_dtype(dtype):
-        return cached(numba_type(dtype))
+    def for_dtype(dtype, *specialisation):
+        return cached(numba_type(dtype), *specialisation)
     return for_dtype
+
+
+def kernel_named(name: str):
+    """``cuda.jit`` for a kernel body built once per specialisation (an activation): the
+    kernel gets ``name`` as its name, which profiles, launch traces and the PTX cache show."""
+    def jit(function):
+        function.__name__ = function.__qualname__ = name
+        return cuda.jit(function)
+    return jit
 
 
 def array_module(a):

@@ -241,7 +241,8 @@ class RawKernel:
             self._format = "@" + codes
             self._buffer = ctypes.create_string_buffer(max(1, struct.calcsize(self._format)))
             base = ctypes.addressof(self._buffer)
-            offsets = [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i]) for i in range(len(codes))]
+            offsets = [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i])
+                       for i in range(len(codes))]
             self._pointers = tuple(CPointer(base + offset) for offset in offsets)
             self._lock = threading.Lock()
 

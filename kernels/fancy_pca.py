@@ -22,8 +22,8 @@ import numba
 from numba import cuda
 
 from . import reduce
-from .reduce import REDUCE_THREADS
 from ._launch import array_module, config_1d, launch, per_dtype
+from .reduce import REDUCE_THREADS
 
 # the 9 accumulators of rgb_moments: sum r, g, b, then the upper triangle of x x^T
 MOMENTS = 9

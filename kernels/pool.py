@@ -23,17 +23,36 @@ def wins(candidate, best):
     return best == best and (candidate > best or candidate != candidate)
 
 
+@cuda.jit(device=True)
+def window(o, y):
+    """(plane, top row, left column) in x of the 2x2 window of element o of y (N*C, Ho, Wo),
+    or plane -1 past its end."""
+    ho, wo = y.shape[1], y.shape[2]
+    if o >= y.shape[0] * ho * wo:
+        return -1, 0, 0
+    r = o % (ho * wo)
+    return o // (ho * wo), 2 * (r // wo), 2 * (r % wo)
+
+
+@cuda.jit(device=True)
+def source(i, grad_x, grad):
+    """(plane, row, column) of element i of grad_x (N*C, H, W), or plane -1 past its end, and
+    whether it lies in a pooled window (an odd last row / column does not)."""
+    h_, w_ = grad_x.shape[1], grad_x.shape[2]
+    if i >= grad_x.shape[0] * h_ * w_:
+        return -1, 0, 0, False
+    r = i % (h_ * w_)
+    h, w = r // w_, r % w_
+    return i // (h_ * w_), h, w, h < 2 * grad.shape[1] and w < 2 * grad.shape[2]
+
+
 @per_dtype
 def _build(T):
     @cuda.jit
     def maxpool_forward(x, y, winner):
         # x is (N*C, H, W), y and winner (int8, 0..3) are (N*C, Ho, Wo)
-        planes, h_, w_ = x.shape
-        ho, wo = y.shape[1], y.shape[2]
-        o = cuda.grid(1)
-        if o < planes * ho * wo:
-            p, r = o // (ho * wo), o % (ho * wo)
-            h, w = 2 * (r // wo), 2 * (r % wo)
+        p, h, w = window(cuda.grid(1), y)
+        if p >= 0:
             best, index = x[p, h, w], 0
             for t in range(1, 4):
                 v = x[p, h + t // 2, w + t % 2]
@@ -45,42 +64,25 @@ def _build(T):
     @cuda.jit
     def maxpool_backward(grad, winner, grad_x):
         # grad and winner are (N*C, Ho, Wo), grad_x is (N*C, H, W)
-        planes, h_, w_ = grad_x.shape
-        ho, wo = grad.shape[1], grad.shape[2]
-        i = cuda.grid(1)
-        if i < planes * h_ * w_:
-            p, r = i // (h_ * w_), i % (h_ * w_)
-            h, w = r // w_, r % w_
-            g = T(0)
-            if h < 2 * ho and w < 2 * wo and winner[p, h // 2, w // 2] == (h % 2) * 2 + w % 2:
-                g = grad[p, h // 2, w // 2]
-            grad_x[p, h, w] = g
+        p, h, w, pooled = source(cuda.grid(1), grad_x, grad)
+        if p >= 0:
+            won = pooled and winner[p, h // 2, w // 2] == (h % 2) * 2 + w % 2
+            grad_x[p, h, w] = grad[p, h // 2, w // 2] if won else T(0)
 
     @cuda.jit
     def avgpool_forward(x, y):
         # x is (N*C, H, W), y is (N*C, Ho, Wo): the window mean, summed in row-major order
-        planes, h_, w_ = x.shape
-        ho, wo = y.shape[1], y.shape[2]
-        o = cuda.grid(1)
-        if o < planes * ho * wo:
-            p, r = o // (ho * wo), o % (ho * wo)
-            h, w = 2 * (r // wo), 2 * (r % wo)
+        p, h, w = window(cuda.grid(1), y)
+        if p >= 0:
             total = ((x[p, h, w] + x[p, h, w + 1]) + x[p, h + 1, w]) + x[p, h + 1, w + 1]
             y[p, h // 2, w // 2] = total * T(0.25)
 
     @cuda.jit
     def avgpool_backward(grad, grad_x):
         # grad is (N*C, Ho, Wo), grad_x is (N*C, H, W): a quarter of the gradient to each tap
-        planes, h_, w_ = grad_x.shape
-        ho, wo = grad.shape[1], grad.shape[2]
-        i = cuda.grid(1)
-        if i < planes * h_ * w_:
-            p, r = i // (h_ * w_), i % (h_ * w_)
-            h, w = r // w_, r % w_
-            g = T(0)
-            if h < 2 * ho and w < 2 * wo:
-                g = grad[p, h // 2, w // 2] * T(0.25)
-            grad_x[p, h, w] = g
+        p, h, w, pooled = source(cuda.grid(1), grad_x, grad)
+        if p >= 0:
+            grad_x[p, h, w] = grad[p, h // 2, w // 2] * T(0.25) if pooled else T(0)
 
     return SimpleNamespace(maxpool_forward=maxpool_forward, maxpool_backward=maxpool_backward,
                            avgpool_forward=avgpool_forward, avgpool_backward=avgpool_backward)

@@ -1,16 +1,17 @@
 """Reductions and fills shared by the kernels.
 
 ``block_sum`` (one value) and ``block_sums`` (several at once) are the shared-memory tree
-reductions every reduction kernel uses: each block reduces its threads' partial sums, then one thread adds the block's total to the output
-with an atomic (outputs are zeroed first with ``zero``).
+reductions every reduction kernel uses: each block reduces its threads' partial sums, then
+one thread adds the block's total to the output with an atomic (outputs are zeroed first
+with ``zero``).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+import functools
 
 from numba import cuda
 
-from ._launch import SIMULATED, config_1d, launch, per_dtype
+from ._launch import SIMULATED, config_1d, kernel_named, launch, numba_type, per_dtype
 
 # Threads per block of the reduction kernels: a power of two (the tree halves it).  The
 # simulator runs every thread as a Python thread, so it gets small blocks.
@@ -64,7 +65,7 @@ def block_sums(partial, values, count):
 
 
 @per_dtype
-def _build(T):
+def _zero_kernel(T):
     @cuda.jit
     def zero_kernel(out):
         # out is 1-D
@@ -72,9 +73,20 @@ def _build(T):
         if i < out.size:
             out[i] = T(0)
 
-    @cuda.jit
-    def channel_sum_kernel(a, out):
-        # a is (N, C, P), out is (C,) zeroed: out[c] += sum over n, p of a[n, c, p]
+    return zero_kernel
+
+
+@cuda.jit(device=True)
+def first(a, b):
+    """The term of a plain sum of a."""
+    return a
+
+
+@functools.cache
+def _channel_sum(T, term):
+    @kernel_named(f"channel_sum_of_{term.py_func.__name__}")
+    def channel_sum_kernel(a, b, out):
+        # a and b are (N, C, P), out is (C,) zeroed: out[c] += sum over n, p of term(a, b) there
         # grid (blocks per channel, C), REDUCE_THREADS threads
         partial = cuda.shared.array(REDUCE_THREADS, T)
         n_, channels, inner = a.shape
@@ -82,26 +94,28 @@ def _build(T):
         acc = T(0)
         e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         while e < n_ * inner:
-            acc += a[e // inner, c, e % inner]
+            n, p = e // inner, e % inner
+            acc += term(a[n, c, p], b[n, c, p])
             e += cuda.gridDim.x * cuda.blockDim.x
         total = block_sum(partial, acc)
         if cuda.threadIdx.x == 0:
             cuda.atomic.add(out, c, total)
-
-    return SimpleNamespace(zero=zero_kernel, channel_sum=channel_sum_kernel)
+    return channel_sum_kernel
 
 
 def zero(out) -> None:
     """out[...] = 0 for a C-contiguous array."""
     flat = out.reshape(-1)
     grid, block = config_1d(flat.size)
-    launch(_build(out.dtype).zero, grid, block, flat, flat)
+    launch(_zero_kernel(out.dtype), grid, block, flat, flat)
 
 
-def channel_sum(a, out) -> None:
-    """out[c] = sum of a[:, c, ...] for a C-contiguous (N, C, ...) array and a (C,) output."""
+def channel_sum(a, out, b=None, term=first) -> None:
+    """out[c] = sum of a[:, c, ...], or with b of term(a, b) (a device function of two values),
+    for C-contiguous (N, C, ...) arrays and a (C,) output."""
     n, c = a.shape[0], a.shape[1]
     a3 = a.reshape(n, c, -1)
     zero(out)
     grid = (reduce_blocks(n * a3.shape[2]), c)
-    launch(_build(a.dtype).channel_sum, grid, (REDUCE_THREADS,), a3, a3, out)
+    launch(_channel_sum(numba_type(a.dtype), term), grid, (REDUCE_THREADS,), a3, a3,
+           a3 if b is None else b.reshape(n, c, -1), out)
