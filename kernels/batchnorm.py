@@ -1,7 +1,8 @@
 """Batch normalisation, the rules of ``pycnn.ops.norm``: statistics per channel over N (and
 H, W), the biased variance to normalise, the unbiased one for the running variance; with an
-activation applied in the same pass (batchnorm_act: the activations of ``epilogue``; code 0,
-none, is plain batch norm, so the two ops share every kernel).
+activation applied in the same pass (batchnorm_act: the device functions of ``activations``,
+the kernels compiled per activation; None, the identity, is plain batch norm, so the two ops
+share every kernel).
 
 x is viewed as (N, C, P) (P = H*W, or 1 for (N, C) input) and passed flat; M = N*P values
 per channel.
@@ -13,7 +14,7 @@ Statistics (numerically stable and deterministic: no E[x^2] - E[x]^2, no atomic 
                 (a fence, then a ticket: ``last_block``) merges the S partials (strided,
                 then a tree: a fixed order, whichever block is last), writes mean and
                 1/sqrt(var + eps), and updates the running statistics in place.
-Forward, one pass (``normalize``):
+Forward, one pass (``apply``):
   x_hat = (x - mean) * inv_std,  z = x_hat * gamma + beta,  y = act(z)
 Backward: nothing but x is kept; x_hat and z are recomputed from it (the same device function
 as forward: the same z, bit for bit), so the activation's gradient needs neither y nor z in
@@ -22,9 +23,9 @@ memory, and no host-side choice between them.  With gz = act'(z) * grad:
                     where z <= 0: the slope's gradient); the last block of each channel
                     adds them (a fixed order): grad_beta[c] = sum gz, grad_gamma[c] =
                     sum gz * x_hat, grad_slopes[c];
-  ``grad_input``    grad_x = gamma * inv_std * (gz - grad_beta / M - x_hat * grad_gamma / M)
+  ``grad_x``        grad_x = gamma * inv_std * (gz - grad_beta / M - x_hat * grad_gamma / M)
                     (training), or gz * gamma * inv_std (evaluation).
-Launches: forward 2 (statistics, normalize), backward 2 (grad_sums, grad_input).  The
+Launches: forward 2 (``stats``: moments; ``apply``), backward 2 (``backward``: grad_sums, grad_x).  The
 tickets are int32 zeros kept per device and stream, reset by each launch's last blocks.
 """
 from __future__ import annotations
@@ -35,13 +36,27 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ._launch import THREADS_1D, launch, per_dtype
-from .epilogue import ACTIVATIONS, PRELU
-from .epilogue import device_functions as epilogue_functions
+from . import activations
+from ._launch import THREADS_1D, kernel_named, launch, per_dtype
 from .reduce import REDUCE_THREADS, block_sums
 
 ELEMENTS_PER_THREAD = 8  # values per thread of the reduction grids
 MAX_BLOCKS = 1024  # reduction blocks per channel
+
+
+@cuda.jit(device=True)
+def last_block(flag, tickets, c, blocks):
+    """Whether this block is the last of channel c's ``blocks`` to finish (the answer to
+    every thread): its partial result, written before, is published by a fence, then a
+    ticket is taken.  The last block sees every block's partial and resets the ticket
+    for the next launch."""
+    if cuda.threadIdx.x == 0:
+        cuda.threadfence()
+        flag[0] = 1 if cuda.atomic.add(tickets, c, 1) == blocks - 1 else 0
+        if flag[0] == 1:
+            tickets[c] = 0
+    cuda.syncthreads()
+    return flag[0] == 1
 
 
 @per_dtype
@@ -68,20 +83,6 @@ def _build(T):
                 merge(shared, tid, tid + stride)
             cuda.syncthreads()
             stride //= 2
-
-    @cuda.jit(device=True)
-    def last_block(flag, tickets, c, blocks):
-        """Whether this block is the last of channel c's ``blocks`` to finish (the answer to
-        every thread): its partial result, written before, is published by a fence, then a
-        ticket is taken.  The last block sees every block's partial and resets the ticket
-        for the next launch."""
-        if cuda.threadIdx.x == 0:
-            cuda.threadfence()
-            flag[0] = 1 if cuda.atomic.add(tickets, c, 1) == blocks - 1 else 0
-            if flag[0] == 1:
-                tickets[c] = 0
-        cuda.syncthreads()
-        return flag[0] == 1
 
     @cuda.jit
     def moments(x, partial, tickets, mean_out, inv_std_out, running_mean, running_var, update_running, momentum,
@@ -130,8 +131,15 @@ def _build(T):
                 running_mean[c] = keep * running_mean[c] + momentum * mean
                 running_var[c] = keep * running_var[c] + momentum * (m2 / T(count - 1))
 
-    functions = epilogue_functions(T)
-    activate, activation_grad = functions.activate, functions.activation_grad
+    return SimpleNamespace(moments=moments)
+
+
+@per_dtype
+def _build_activation(T, activation):
+    """The kernels that normalise and apply ``activation`` (None: none), and their gradients."""
+    act = activations.activation(activation, T)
+    value, grad, weight_grad, per_channel = act.value, act.grad, act.weight_grad, act.per_channel
+    name = activation or "identity"
 
     @cuda.jit(device=True)
     def affine(v, m, scale, g, b):
@@ -139,19 +147,19 @@ def _build(T):
         x_hat = (v - m) * scale
         return x_hat, x_hat * g + b
 
-    @cuda.jit
-    def normalize(x, mean, inv_std, gamma, beta, slopes, y, channels, inner, size, code, slope, alpha):
+    @kernel_named(f"apply_{name}")
+    def apply(x, mean, inv_std, gamma, beta, slopes, y, channels, inner, size, a):
         # x and y are (N*C*P,); mean, inv_std, gamma, beta, slopes (prelu's; else not read)
         # are (C,); 1-D grid over x
         i = cuda.grid(1)
         if i < size:
             c = (i // inner) % channels
             _, z = affine(x[i], mean[c], inv_std[c], gamma[c], beta[c])
-            y[i] = activate(z, code, slopes[c] if code == PRELU else slope, alpha)
+            y[i] = value(z, slopes[c] if per_channel else a)
 
-    @cuda.jit
-    def grad_sums(x, grad, mean, inv_std, gamma, beta, slopes, partial, tickets, grad_beta, grad_gamma, grad_slopes,
-                  want_slopes, channels, inner, count, code, slope, alpha):
+    @kernel_named(f"grad_sums_{name}")
+    def grad_sums(x, grad_y, mean, inv_std, gamma, beta, slopes, partial, tickets, grad_beta, grad_gamma, grad_slopes,
+                  want_slopes, channels, inner, count, a):
         # partial is (C*S*3,): sums of gz, gz * x_hat and (prelu) grad * z where z <= 0;
         # tickets (>= C,) int32 zeros; grad_beta, grad_gamma, grad_slopes (written when
         # want_slopes) are (C,); grid (S, C), REDUCE_THREADS threads
@@ -160,18 +168,18 @@ def _build(T):
         sums = cuda.local.array(3, T)
         c, s, blocks = cuda.blockIdx.y, cuda.blockIdx.x, cuda.gridDim.x
         m, scale, g_c, b_c = mean[c], inv_std[c], gamma[c], beta[c]
-        a = slopes[c] if code == PRELU else slope
+        a_c = slopes[c] if per_channel else a
         sums[0], sums[1], sums[2] = T(0), T(0), T(0)
         e = s * cuda.blockDim.x + cuda.threadIdx.x
         while e < count:
             at = ((e // inner) * channels + c) * inner + e % inner
-            g = grad[at]
+            g = grad_y[at]
             x_hat, z = affine(x[at], m, scale, g_c, b_c)
-            gz = activation_grad(z, g, code, a, alpha)
+            gz = grad(z, g, a_c)
             sums[0] += gz
             sums[1] += gz * x_hat
-            if code == PRELU and not z > T(0):
-                sums[2] += g * z
+            if per_channel:
+                sums[2] += weight_grad(z, g)
             e += blocks * cuda.blockDim.x
         block_sums(shared, sums, 3)  # a constant count: sums stays in registers
         if cuda.threadIdx.x == 0:
@@ -192,20 +200,20 @@ def _build(T):
             if want_slopes:
                 grad_slopes[c] = shared[2, 0]
 
-    @cuda.jit
-    def grad_input(x, grad, mean, inv_std, gamma, beta, slopes, grad_beta, grad_gamma, grad_x, channels, inner,
-                   size, count, training, code, slope, alpha):
-        # x, grad, grad_x are (N*C*P,); the rest (C,); 1-D grid over x
+    @kernel_named(f"grad_x_{name}")
+    def grad_x(x, grad_y, mean, inv_std, gamma, beta, slopes, grad_beta, grad_gamma, out, channels, inner,
+               size, count, training, a):
+        # x, grad_y and out (grad_x) are (N*C*P,); the rest (C,); 1-D grid over x
         i = cuda.grid(1)
         if i < size:
             c = (i // inner) % channels
             x_hat, z = affine(x[i], mean[c], inv_std[c], gamma[c], beta[c])
-            gz = activation_grad(z, grad[i], code, slopes[c] if code == PRELU else slope, alpha)
+            gz = grad(z, grad_y[i], slopes[c] if per_channel else a)
             if training:
                 gz = gz - (grad_beta[c] + x_hat * grad_gamma[c]) / T(count)
-            grad_x[i] = gamma[c] * inv_std[c] * gz
+            out[i] = gamma[c] * inv_std[c] * gz
 
-    return SimpleNamespace(moments=moments, normalize=normalize, grad_sums=grad_sums, grad_input=grad_input)
+    return SimpleNamespace(apply=apply, grad_sums=grad_sums, grad_x=grad_x)
 
 
 def _split(x):
@@ -232,7 +240,7 @@ def _tickets_for(x, channels, xp):
     return tickets
 
 
-def statistics(x, mean, inv_std, running_mean, running_var, momentum, eps, xp) -> None:
+def stats(x, mean, inv_std, running_mean, running_var, momentum, eps, xp) -> None:
     """mean and inv_std (C,) of x in training; updates running_* (C,) in place when given.
     One launch: the last block of each channel merges its partials."""
     k = _build(x.dtype)
@@ -250,40 +258,37 @@ def statistics(x, mean, inv_std, running_mean, running_var, momentum, eps, xp) -
 
 
 def _activation_args(x, slopes, activation, slope, alpha):
-    """(slopes or a stand-in, code, slope, alpha) as the kernels take them."""
-    dtype = x.dtype.type
-    code = ACTIVATIONS[activation]
-    if (code == PRELU) != (slopes is not None):
-        raise ValueError("batchnorm: prelu_weight (C,) is needed for activation 'prelu', and only for it")
-    return (slopes if slopes is not None else x.reshape(-1)[:1]), np.int32(code), dtype(slope), dtype(alpha)
+    """(slopes or a stand-in, a) as the kernels of ``activation`` take them."""
+    activations.check_slopes(activation, slopes, "batchnorm")
+    return (slopes if slopes is not None else x.reshape(-1)[:1]), activations.scalar(activation, x.dtype, slope, alpha)
 
 
-def normalize(x, mean, inv_std, gamma, beta, y, slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
+def apply(x, mean, inv_std, gamma, beta, y, slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
     """y = act((x - mean) * inv_std * gamma + beta) (activation None: batch norm alone)."""
     channels, inner, _, _ = _split(x)
-    stand_in, code, slope, alpha = _activation_args(x, slopes, activation, slope, alpha)
+    stand_in, a = _activation_args(x, slopes, activation, slope, alpha)
     grid = (-(-x.size // THREADS_1D),)
-    launch(_build(x.dtype).normalize, grid, (THREADS_1D,), x, x.reshape(-1), mean, inv_std, gamma, beta, stand_in,
-           y.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size), code, slope, alpha)
+    launch(_build_activation(x.dtype, activation).apply, grid, (THREADS_1D,), x, x.reshape(-1), mean, inv_std, gamma,
+           beta, stand_in, y.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size), a)
 
 
 def backward(x, grad, mean, inv_std, gamma, beta, grad_x, grad_gamma, grad_beta, training, xp, slopes=None,
              grad_slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
     """grad_gamma, grad_beta (C,), grad_x (like x; None: not wanted) and, for prelu,
     grad_slopes (C,; None: not wanted) of y = act(batch norm of x)."""
-    k = _build(x.dtype)
+    k = _build_activation(x.dtype, activation)
     channels, inner, count, blocks = _split(x)
-    stand_in, code, slope, alpha = _activation_args(x, slopes, activation, slope, alpha)
+    stand_in, a = _activation_args(x, slopes, activation, slope, alpha)
     flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
-    if grad_slopes is not None and code != PRELU:
+    if grad_slopes is not None and slopes is None:
         raise ValueError("batchnorm: grad_slopes is prelu's only")
     partial = xp.empty((channels * blocks * 3,), dtype=x.dtype)
     launch(k.grad_sums, (blocks, channels), (REDUCE_THREADS,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta,
            stand_in, partial, _tickets_for(x, channels, xp), grad_beta, grad_gamma,
            grad_slopes if grad_slopes is not None else xp.empty((1,), dtype=x.dtype), np.uint8(grad_slopes is not None),
-           np.int64(channels), np.int64(inner), np.int64(count), code, slope, alpha)
+           np.int64(channels), np.int64(inner), np.int64(count), a)
     if grad_x is not None:
         grid = (-(-x.size // THREADS_1D),)
-        launch(k.grad_input, grid, (THREADS_1D,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta, stand_in,
+        launch(k.grad_x, grid, (THREADS_1D,), flat_x, flat_x, flat_g, mean, inv_std, gamma, beta, stand_in,
                grad_beta, grad_gamma, grad_x.reshape(-1), np.int64(channels), np.int64(inner), np.int64(x.size),
-               np.int64(count), np.uint8(training), code, slope, alpha)
+               np.int64(count), np.uint8(training), a)

@@ -28,8 +28,8 @@ import functools
 from numba import cuda
 
 from . import reduce
-from .reduce import REDUCE_THREADS
 from ._launch import launch, numba_type
+from .reduce import REDUCE_THREADS
 
 KB = 8  # output channels per block of the tiled kernel
 
@@ -39,7 +39,7 @@ def tile_for(h: int, w: int) -> int:
     return 8 if max(h, w) <= 8 else 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_tiled(T, tile):
     halo = tile + 2
 
@@ -103,7 +103,7 @@ def _conv_tiled(T, tile):
     return conv_tiled
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_grad_weight(T):
     @cuda.jit
     def conv_grad_weight(x, grad, grad_w):
@@ -149,7 +149,7 @@ def conv3x3_forward(x, weight, bias, y) -> None:
     _launch_tiled(x, weight, bias, y, False)
 
 
-def conv3x3_grad_input(grad, weight, zeros_c, grad_x) -> None:
+def conv3x3_grad_x(grad, weight, zeros_c, grad_x) -> None:
     """grad_x (N, C, H, W) from grad (N, K, H, W); zeros_c is a (C,) zero array (no bias)."""
     _launch_tiled(grad, weight, zeros_c, grad_x, True)
 

@@ -27,24 +27,27 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ._launch import THREADS_1D, launch, per_dtype
-from .epilogue import ACTIVATIONS
-from .epilogue import device_functions as epilogue_functions
+from . import activations
+from ._launch import THREADS_1D, kernel_named, launch, per_dtype
 from .reduce import REDUCE_THREADS, block_sum
 
 MAX_GRID = 65535  # grid y and z limits
 
 
+@cuda.jit(device=True)
+def grid_position():
+    """(row, image, pixel of the plane) of this thread in a ``_grid`` launch."""
+    return cuda.blockIdx.z, cuda.blockIdx.y, cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+
+
 @per_dtype
 def _build(T):
-    functions = epilogue_functions(T)
-    activate, activation_grad = functions.activate, functions.activation_grad
+    weight_grad = activations.activation("prelu", T).weight_grad
 
     @cuda.jit
     def im2col(x, cols, channels, height, width, pixels):
         # x is (N*C*H*W,), cols is (C*9*P,); grid (ceil(H*W / threads), N, C*9)
-        row, n = cuda.blockIdx.z, cuda.blockIdx.y
-        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        row, n, p = grid_position()
         plane = height * width
         if p < plane:
             c, tap = row // 9, row % 9
@@ -57,8 +60,7 @@ def _build(T):
     @cuda.jit
     def col2im(grad_cols, grad_x, channels, height, width, pixels):
         # grad_cols is (C*9*P,), grad_x is (N*C*H*W,); grid (ceil(H*W / threads), N, C)
-        c, n = cuda.blockIdx.z, cuda.blockIdx.y
-        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        c, n, p = grid_position()
         plane = height * width
         if p < plane:
             h, w = p // width, p % width
@@ -73,37 +75,6 @@ def _build(T):
             grad_x[(n * channels + c) * plane + p] = total
 
     @cuda.jit
-    def epilogue(y2, bias, slopes, y, z, outputs, plane, pixels, code, slope, alpha, has_bias, keep_z):
-        # y2 is (K*P,) pixel-major per channel; y and z are (N*K*H*W,); bias, slopes (K,)
-        # (read only when has_bias / code == 3); z (the pre-activation) is written when
-        # keep_z; grid (ceil(H*W / threads), N, K)
-        k, n = cuda.blockIdx.z, cuda.blockIdx.y
-        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        if p < plane:
-            out = (n * outputs + k) * plane + p
-            value = y2[k * pixels + n * plane + p]
-            if has_bias:
-                value += bias[k]
-            if keep_z:
-                z[out] = value
-            s = slopes[k] if code == 3 else slope
-            y[out] = activate(value, code, s, alpha)
-
-    @cuda.jit
-    def channels_first(grad, z, slopes, g2, outputs, plane, pixels, code, slope, alpha):
-        # grad and z are (N*K*H*W,), g2 is (K*P,); g2 = d act/dz * grad, transposed
-        # grid (ceil(H*W / threads), N, K)
-        k, n = cuda.blockIdx.z, cuda.blockIdx.y
-        p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        if p < plane:
-            src = (n * outputs + k) * plane + p
-            g = grad[src]
-            if code != 0:
-                s = slopes[k] if code == 3 else slope
-                g = activation_grad(z[src], g, code, s, alpha)
-            g2[k * pixels + n * plane + p] = g
-
-    @cuda.jit
     def prelu_slope_grad(z, grad, partial, outputs, plane, pixels):
         # partial is (K * blocks,): partial[k * blocks + b] = sum over block b's pixels of
         # grad * z where z <= 0; grid (blocks, K), each thread loops with a grid stride
@@ -113,16 +84,50 @@ def _build(T):
         while q < pixels:
             n, p = q // plane, q % plane
             src = (n * outputs + k) * plane + p
-            v = z[src]
-            if not v > T(0):
-                acc += grad[src] * v
+            acc += weight_grad(z[src], grad[src])
             q += cuda.gridDim.x * cuda.blockDim.x
         total = block_sum(cuda.shared.array(REDUCE_THREADS, T), acc)
         if cuda.threadIdx.x == 0:
             partial[k * cuda.gridDim.x + cuda.blockIdx.x] = total
 
-    return SimpleNamespace(im2col=im2col, col2im=col2im, epilogue=epilogue, channels_first=channels_first,
-                           prelu_slope_grad=prelu_slope_grad)
+    return SimpleNamespace(im2col=im2col, col2im=col2im, prelu_slope_grad=prelu_slope_grad)
+
+
+@per_dtype
+def _build_activation(T, activation):
+    """The kernels that apply ``activation`` (None: none) or its gradient."""
+    act = activations.activation(activation, T)
+    value, grad, per_channel = act.value, act.grad, act.per_channel
+    saved = activation is not None  # channels_first reads z (it is not passed without an activation)
+
+    @kernel_named(f"epilogue_{activation or 'identity'}")
+    def epilogue(y2, bias, slopes, y, z, outputs, plane, pixels, a, has_bias, keep_z):
+        # y2 is (K*P,) pixel-major per channel; y and z are (N*K*H*W,); bias, slopes (K,)
+        # (read only when has_bias / per channel); z (the pre-activation) is written when
+        # keep_z; grid (ceil(H*W / threads), N, K)
+        k, n, p = grid_position()
+        if p < plane:
+            out = (n * outputs + k) * plane + p
+            v = y2[k * pixels + n * plane + p]
+            if has_bias:
+                v += bias[k]
+            if keep_z:
+                z[out] = v
+            y[out] = value(v, slopes[k] if per_channel else a)
+
+    @kernel_named(f"channels_first_{activation or 'identity'}")
+    def channels_first(grad_y, z, slopes, g2, outputs, plane, pixels, a):
+        # grad_y and z are (N*K*H*W,), g2 is (K*P,); g2 = d act/dz * grad_y, transposed
+        # grid (ceil(H*W / threads), N, K)
+        k, n, p = grid_position()
+        if p < plane:
+            src = (n * outputs + k) * plane + p
+            g = grad_y[src]
+            if saved:
+                g = grad(z[src], g, slopes[k] if per_channel else a)
+            g2[k * pixels + n * plane + p] = g
+
+    return SimpleNamespace(epilogue=epilogue, channels_first=channels_first)
 
 
 def _grid(n: int, plane: int, rows: int):
@@ -164,14 +169,14 @@ def epilogue(y2, bias, slopes, y, z, activation=None, slope=0.01, alpha=1.0) -> 
     when it is not None.  bias (K,) or None; ``slopes`` (K,) are prelu's (else None)."""
     n, k, h, w = y.shape
     pixels = n * h * w
-    dtype = y.dtype.type
     grid, block = _grid(n, h * w, k)
     keep_z = z is not None
+    activations.check_slopes(activation, slopes, "conv3x3_act")
     unused = y2.reshape(-1)[:1]  # stands for an absent array (never read or written)
-    launch(_build(y.dtype).epilogue, grid, block, y, _flat(y2), bias if bias is not None else unused,
-           slopes if slopes is not None else unused, _flat(y), _flat(z) if keep_z else unused,
-           _i32(k), _i32(h * w), _i32(pixels), _i32(ACTIVATIONS[activation]), dtype(slope), dtype(alpha),
-           np.uint8(bias is not None), np.uint8(keep_z))
+    launch(_build_activation(y.dtype, activation).epilogue, grid, block, y, _flat(y2),
+           bias if bias is not None else unused, slopes if slopes is not None else unused, _flat(y),
+           _flat(z) if keep_z else unused, _i32(k), _i32(h * w), _i32(pixels),
+           activations.scalar(activation, y.dtype, slope, alpha), np.uint8(bias is not None), np.uint8(keep_z))
 
 
 def channels_first(grad, g2, z=None, slopes=None, activation=None, slope=0.01, alpha=1.0) -> None:
@@ -179,12 +184,12 @@ def channels_first(grad, g2, z=None, slopes=None, activation=None, slope=0.01, a
     pre-activation z) when there is an activation."""
     n, k, h, w = grad.shape
     pixels = n * h * w
-    dtype = grad.dtype.type
     grid, block = _grid(n, h * w, k)
+    activations.check_slopes(activation, slopes, "conv3x3_act")
     unused = _flat(grad)[:1]  # stands for an absent array (never read)
-    launch(_build(grad.dtype).channels_first, grid, block, grad, _flat(grad), _flat(z) if z is not None else unused,
-           slopes if slopes is not None else unused, _flat(g2), _i32(k), _i32(h * w), _i32(pixels),
-           _i32(ACTIVATIONS[activation]), dtype(slope), dtype(alpha))
+    launch(_build_activation(grad.dtype, activation).channels_first, grid, block, grad, _flat(grad),
+           _flat(z) if z is not None else unused, slopes if slopes is not None else unused, _flat(g2), _i32(k),
+           _i32(h * w), _i32(pixels), activations.scalar(activation, grad.dtype, slope, alpha))
 
 
 def prelu_slope_grad(z, grad, xp):

@@ -30,15 +30,15 @@ that holds accumulator [i, j] differs (``place``); loads, tiles and epilogue are
 """
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
 
-from ._launch import launch, per_dtype
-from .epilogue import ACTIVATIONS
-from .epilogue import device_functions as epilogue_functions
+from . import activations
 from . import tensor_cores as tensor_core_ops
+from ._launch import kernel_named, launch, per_dtype
 from .tensor_cores import mma_tf32, tf32_round
 
 BM = 64   # rows of a block's tile of the product: output channels (in grad_x: input channels)
@@ -52,9 +52,9 @@ PAD = 8   # a tile row is BM + PAD long: the tensor-core fragment loads (rows t,
 A_ROW, B_ROW = BM + PAD, BN + PAD  # (constants: Numba sizes shared arrays from literals)
 
 
-def _build_kernels(T, tensor_cores: bool):
-    activate = epilogue_functions(T).activate
-
+@functools.cache
+def _device_functions(T, tensor_cores: bool):
+    """What every kernel of this module does per thread, on CUDA cores or TF32 tensor cores."""
     @cuda.jit(device=True, inline=True)
     def as_loaded(value):
         return value
@@ -128,27 +128,43 @@ def _build_kernels(T, tensor_cores: bool):
                              acc[i, 0], acc[i, 1], acc[i, 2], acc[i, 3])
                 acc[i, 0], acc[i, 1], acc[i, 2], acc[i, 3] = d[0], d[1], d[2], d[3]
 
+    @cuda.jit(device=True, inline=True)
+    def cleared(acc):
+        """acc (4 x 4) set to zero."""
+        for i in range(4):
+            for j in range(4):
+                acc[i, j] = T(0)
+
     multiply_step = multiply_tensor_cores if tensor_cores else multiply_cuda_cores
+    return SimpleNamespace(operand=operand, place=place, gather=gather, cleared=cleared, multiply_step=multiply_step)
+
+
+@per_dtype
+def _forward_kernel(T, tensor_cores: bool, activation):
+    """conv_forward, its epilogue applying ``activation`` (None: none)."""
+    f = _device_functions(T, tensor_cores)
+    operand, place, gather, cleared, multiply_step = f.operand, f.place, f.gather, f.cleared, f.multiply_step
+    act = activations.activation(activation, T)
+    value, per_channel = act.value, act.per_channel
 
     @cuda.jit(device=True)
-    def store(value, i, j, tid, p0, m0, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha,
-              has_bias, keep_z):
+    def store(v, i, j, tid, p0, m0, bias, slopes, y, z, rows_out, pixels, plane, a, has_bias, keep_z):
         """y (and z) at accumulator [i, j]'s output channel and pixel: act(value + bias)."""
         row, column = place(i, j, tid)
         p = p0 + column
         m = m0 + row
         if p < pixels and m < rows_out:
             if has_bias:
-                value += bias[m]
+                v += bias[m]
             n = p // plane
             out = (n * rows_out + m) * plane + (p - n * plane)
             if keep_z:
-                z[out] = value
-            y[out] = activate(value, code, slopes[m] if code == 3 else slope, alpha)
+                z[out] = v
+            y[out] = value(v, slopes[m] if per_channel else a)
 
-    @cuda.jit
+    @kernel_named(f"conv_forward_{activation or 'identity'}")
     def conv_forward(x, wmat, bias, slopes, y, z, rows_out, rows, pixels, height, width, stride_n, stride_c,
-                     code, slope, alpha, has_bias, keep_z, flipped):
+                     a, has_bias, keep_z, flipped):
         # x flat, read as x[n * stride_n + c * stride_c + h * W + w]; wmat (rows_out * rows,)
         # row-major, or with flipped the (rows // 9, rows_out, 3, 3) weight whose wflip it
         # stands for; y, z (N * rows_out * H * W,) NCHW; bias, slopes (rows_out,).
@@ -161,9 +177,7 @@ def _build_kernels(T, tensor_cores: bool):
         tid = cuda.threadIdx.y * TS + cuda.threadIdx.x
         p0, m0 = cuda.blockIdx.x * BN, cuda.blockIdx.y * BM
         plane = height * width
-        for i in range(4):
-            for j in range(4):
-                acc[i, j] = T(0)
+        cleared(acc)
         # this thread's loads: weights (m0 + tid // 8 (+ 32), r0 + tid % 8), and the column
         # values (r0 + tid // 64 (+ 4), p0 + tid % 64): its pixel is the same at every step
         a_m, a_k = tid // BK, tid % BK
@@ -179,28 +193,29 @@ def _build_kernels(T, tensor_cores: bool):
             # load step s (into registers), multiply step s - 1, then store step s
             if s < steps:
                 r = s * BK + a_k
-                for l in range(2):
-                    m = m0 + a_m + l * (THREADS // BK)
+                for half in range(2):
+                    m = m0 + a_m + half * (THREADS // BK)
                     if m < rows_out and r < rows:
                         # wflip[m, r] = weight[r // 9, m, 8 - r % 9] (the taps reversed)
-                        a_next[l] = wmat[((r // 9) * rows_out + m) * 9 + 8 - r % 9] if flipped else wmat[m * rows + r]
+                        at = ((r // 9) * rows_out + m) * 9 + 8 - r % 9 if flipped else m * rows + r
+                        a_next[half] = wmat[at]
                     else:
-                        a_next[l] = T(0)
-                for l in range(2):
-                    r = s * BK + b_k + l * (THREADS // BN)
-                    b_next[l] = gather(x, r, n, h, w, rows, height, width, stride_n, stride_c) if n >= 0 else T(0)
+                        a_next[half] = T(0)
+                for half in range(2):
+                    r = s * BK + b_k + half * (THREADS // BN)
+                    b_next[half] = gather(x, r, n, h, w, rows, height, width, stride_n, stride_c) if n >= 0 else T(0)
             if s > 0:
                 multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tid)
             if s < steps:
                 buffer = s % 2
-                for l in range(2):
-                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = operand(a_next[l])
-                    b_tile[buffer, b_k + l * (THREADS // BN), b_q] = operand(b_next[l])
+                for half in range(2):
+                    a_tile[buffer, a_k, a_m + half * (THREADS // BK)] = operand(a_next[half])
+                    b_tile[buffer, b_k + half * (THREADS // BN), b_q] = operand(b_next[half])
             cuda.syncthreads()
         # epilogue: bias, activation, NCHW stores (a warp writes 16 consecutive pixels), one
         # call per accumulator with constant indices: acc stays in registers (a loop over it
         # with the activation inside is not unrolled, and acc would live in local memory)
-        args = (tid, p0, m0, bias, slopes, y, z, rows_out, pixels, plane, code, slope, alpha, has_bias, keep_z)
+        args = (tid, p0, m0, bias, slopes, y, z, rows_out, pixels, plane, a, has_bias, keep_z)
         store(acc[0, 0], 0, 0, *args)
         store(acc[0, 1], 0, 1, *args)
         store(acc[0, 2], 0, 2, *args)
@@ -218,6 +233,14 @@ def _build_kernels(T, tensor_cores: bool):
         store(acc[3, 2], 3, 2, *args)
         store(acc[3, 3], 3, 3, *args)
 
+    return conv_forward
+
+
+@per_dtype
+def _grad_weight_kernels(T, tensor_cores: bool):
+    f = _device_functions(T, tensor_cores)
+    operand, place, gather, cleared, multiply_step = f.operand, f.place, f.gather, f.cleared, f.multiply_step
+
     @cuda.jit
     def conv_grad_weight(g, x, partial, outputs, rows, pixels, height, width, stride_n, stride_c, chunk):
         # g (outputs * pixels,) channels-first; x flat as in conv_forward; partial
@@ -233,35 +256,33 @@ def _build_kernels(T, tensor_cores: bool):
         start = cuda.blockIdx.z * chunk
         end = min(start + chunk, pixels)
         plane = height * width
-        for i in range(4):
-            for j in range(4):
-                acc[i, j] = T(0)
+        cleared(acc)
         a_m, a_k = tid // BK, tid % BK   # g[m0 + a_m (+ 32), p + a_k]
         b_q, b_k = tid // BK, tid % BK   # cols[r0 + b_q (+ 32), p + b_k]
         steps = max(0, (end - start + BK - 1) // BK)
         for s in range(steps + 1):
             if s < steps:
                 p = start + s * BK + a_k
-                for l in range(2):
-                    m = m0 + a_m + l * (THREADS // BK)
-                    a_next[l] = g[m * pixels + p] if m < outputs and p < end else T(0)
+                for half in range(2):
+                    m = m0 + a_m + half * (THREADS // BK)
+                    a_next[half] = g[m * pixels + p] if m < outputs and p < end else T(0)
                 if p < end:
                     n = p // plane
                     q = p - n * plane
                     h, w = q // width, q % width
-                    for l in range(2):
-                        b_next[l] = gather(x, r0 + b_q + l * (THREADS // BK), n, h, w, rows, height, width,
+                    for half in range(2):
+                        b_next[half] = gather(x, r0 + b_q + half * (THREADS // BK), n, h, w, rows, height, width,
                                            stride_n, stride_c)
                 else:
-                    for l in range(2):
-                        b_next[l] = T(0)
+                    for half in range(2):
+                        b_next[half] = T(0)
             if s > 0:
                 multiply_step(a_tile, b_tile, (s - 1) % 2, acc, tid)
             if s < steps:
                 buffer = s % 2
-                for l in range(2):
-                    a_tile[buffer, a_k, a_m + l * (THREADS // BK)] = operand(a_next[l])
-                    b_tile[buffer, b_k, b_q + l * (THREADS // BK)] = operand(b_next[l])
+                for half in range(2):
+                    a_tile[buffer, a_k, a_m + half * (THREADS // BK)] = operand(a_next[half])
+                    b_tile[buffer, b_k, b_q + half * (THREADS // BK)] = operand(b_next[half])
             cuda.syncthreads()
         base = cuda.blockIdx.z * outputs * rows
         for i in range(4):
@@ -281,20 +302,16 @@ def _build_kernels(T, tensor_cores: bool):
                 total += partial[s * size + e]
             out[e] = total
 
-    return SimpleNamespace(conv_forward=conv_forward, conv_grad_weight=conv_grad_weight, sum_splits=sum_splits)
+    return SimpleNamespace(conv_grad_weight=conv_grad_weight, sum_splits=sum_splits)
 
 
-_build_cuda_cores = per_dtype(lambda T: _build_kernels(T, tensor_cores=False))
-_build_tensor_cores = per_dtype(lambda T: _build_kernels(T, tensor_cores=True))
-
-
-def _kernels(dtype, tensor_cores: bool):
-    """The kernels for dtype: on TF32 tensor cores when asked and dtype is float32 (float64
-    always runs exactly, on CUDA cores, as PyTorch's allow_tf32 leaves float64 alone)."""
+def _on_tensor_cores(dtype, tensor_cores: bool) -> bool:
+    """Whether dtype's kernels run on TF32 tensor cores: when asked and dtype is float32
+    (float64 always runs exactly, on CUDA cores, as PyTorch's allow_tf32 leaves float64 alone)."""
     if tensor_cores and np.dtype(dtype) == np.float32:
         tensor_core_ops.check_device()
-        return _build_tensor_cores(dtype)
-    return _build_cuda_cores(dtype)
+        return True
+    return False
 
 
 def _i(v):
@@ -322,16 +339,17 @@ def forward(x, wmat, y, bias=None, slopes=None, z=None, activation=None, slope=0
         channels = x.shape[1]
         stride_n, stride_c = channels * plane, plane
     rows, pixels = channels * 9, n * plane
-    dtype = y.dtype.type
     # stands for an absent array (never read or written); a view of an input, not of y: the
     # simulator copies every argument back after the kernel, and a stale view of y would
     # overwrite what the kernel wrote
     unused = _flat(wmat)[:1]
     grid = (-(-pixels // BN), -(-m_out // BM))
-    launch(_kernels(y.dtype, tensor_cores).conv_forward, grid, (TS, TS), y, _flat(x), _flat(wmat),
+    activations.check_slopes(activation, slopes, "conv3x3_act")
+    kernel = _forward_kernel(y.dtype, _on_tensor_cores(y.dtype, tensor_cores), activation)
+    launch(kernel, grid, (TS, TS), y, _flat(x), _flat(wmat),
            bias if bias is not None else unused, slopes if slopes is not None else unused, _flat(y),
            _flat(z) if z is not None else unused, _i(m_out), _i(rows), _i(pixels), _i(h), _i(w), _i(stride_n),
-           _i(stride_c), _i(ACTIVATIONS[activation]), dtype(slope), dtype(alpha), np.uint8(bias is not None),
+           _i(stride_c), activations.scalar(activation, y.dtype, slope, alpha), np.uint8(bias is not None),
            np.uint8(z is not None), np.uint8(flipped))
 
 
@@ -355,7 +373,7 @@ def grad_weight(g, x, grad_w, xp, splits: int | None = None, tensor_cores: bool 
     chunk = -(-pixels // splits)
     chunk = -(-chunk // BK) * BK
     splits = -(-pixels // chunk)
-    kernels = _kernels(x.dtype, tensor_cores)
+    kernels = _grad_weight_kernels(x.dtype, _on_tensor_cores(x.dtype, tensor_cores))
     out = _flat(grad_w)
     partial = out if splits == 1 else xp.empty((splits * k * rows,), dtype=x.dtype)
     grid = (-(-rows // BN), -(-k // BM), splits)

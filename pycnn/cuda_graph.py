@@ -11,18 +11,18 @@ each.  What the graph cannot know is what changes from step to step on the host 
 
 * **the inputs**: each call copies x and y into the static buffers the graph reads;
 * **per-step scalars** that kernels took by value: the dropout / rrelu stream keys (drawn
-  from ``pycnn.random``), the optimiser's lr (schedules, warm-up) and Adam's step count.
+  from ``pycnn.random``), the optimizer's lr (schedules, warm-up) and Adam's step count.
   During capture these become rows of a small *live table* on the device: ``next_seed()``
-  hands out placeholder seeds, the optimiser registers a getter per parameter, and the
+  hands out placeholder seeds, the optimizer registers a getter per parameter, and the
   kernels read ``table[index]`` instead of their by-value argument.  Before each replay
   ``LiveTable.refresh`` calls every getter in the order they were registered (the order in
   which an eager step computes the same values: the same seeds are drawn, the same steps
   counted) and copies the table to the device: a replay computes what an eager step would.
 
 Capture needs one eager step first (``warmup``): the kernels compile, cuBLAS starts and the
-optimiser's state exists (its first step is special).  A new input shape captures a graph of
+optimizer's state exists (its first step is special).  A new input shape captures a graph of
 its own (the last, smaller batch of an epoch); a parameter array replaced (checkpoint
-loading), a changed optimiser setting other than lr, or the model put in evaluation mode
+loading), a changed optimizer setting other than lr, or the model put in evaluation mode
 makes the graph stale: it is captured again.  Whatever cannot be captured (an L1 term, a
 host read inside the step, ...) makes the step run eagerly from then on, with one warning
 saying why.  Everything the graph allocated comes from a memory pool of its own, so the
@@ -32,6 +32,10 @@ Without a GPU (``NUMBA_ENABLE_CUDASIM=1``, the cuda backend on NumPy arrays) the
 emulated: a replay runs the step's Python again in the same live mode and checks that every
 launch has the kernel, grid and by-value arguments of the captured one -- the property a
 real graph relies on (tests/test_cuda_graph.py).
+
+The ops below this module never import it: it hooks the live table of the capture in
+progress into ``pycnn.ops._util`` (``live_table``), where the cuda backend and the host-side
+random draws read it.
 """
 from __future__ import annotations
 
@@ -43,10 +47,14 @@ import warnings
 import numpy as np
 
 from pycnn import random as _random
+from pycnn.autograd import Tensor
 from pycnn.device import is_cuda_array
+from pycnn.kernels.splitmix import seed_key
+from pycnn.ops import _util, cuda_backend, routing
 
 CAPACITY = 4096  # values per dtype in a live table
 LIVE_DTYPES = (np.uint64, np.float32, np.float64)  # stream keys; lr and Adam's corrections per parameter dtype
+
 
 
 class GraphCaptureError(RuntimeError):
@@ -59,16 +67,12 @@ class GraphCaptureError(RuntimeError):
 _active: contextvars.ContextVar = contextvars.ContextVar("pycnn_graph_capture", default=None)
 
 
-def active() -> "LiveTable | None":
+def active() -> LiveTable | None:
     """The live table of the capture in progress in this thread, else None."""
     return _active.get()
 
 
-def live_key(seed):
-    """(table, index) of the device-side stream key that stands for ``seed`` in the capture
-    in progress, or None (no capture, or a seed given explicitly: a fixed key)."""
-    table = _active.get()
-    return None if table is None else table.key_of(seed)
+_util.set_live_table(active)  # the ops read it there
 
 
 def require_eager(what: str) -> None:
@@ -122,8 +126,7 @@ class LiveTable:
         if not self._recording:
             _, base = self._replayed_rows(np.dtype(np.uint64), 1, 1)
             return next(seed for seed, index in self._seeds.items() if index == base)
-        from pycnn.kernels.rng import host_key
-        _, base = self.values(np.uint64, [lambda: (host_key(_random.draw_seed()),)], 1)
+        _, base = self.values(np.uint64, [lambda: (np.uint64(seed_key(_random.draw_seed())),)], 1)
         seed = self.PLACEHOLDER_BASE + len(self._seeds)
         self._seeds[seed] = base
         return seed
@@ -134,6 +137,12 @@ class LiveTable:
 
     def is_placeholder(self, seed) -> bool:
         return isinstance(seed, (int, np.integer)) and int(seed) in self._seeds
+
+    def check_host_draw(self, seed) -> None:
+        """A draw on the host (``_util.uniform``) runs once at capture: a placeholder seed,
+        which stands for a new draw at each replay, cannot be drawn there."""
+        if self.is_placeholder(seed):
+            raise GraphCaptureError("a random op outside the cuda kernels (NumPy reference or C++)")
 
     def on_replay(self, hook) -> None:
         """Call ``hook()`` at every replay: host-side bookkeeping of a captured launch (the
@@ -171,7 +180,8 @@ class LiveTable:
 
     def _table(self, dtype):
         if dtype not in self._device:
-            raise GraphCaptureError(f"per-step {dtype} values (the live tables hold {', '.join(map(str, self._device))})")
+            held = ", ".join(map(str, self._device))
+            raise GraphCaptureError(f"per-step {dtype} values (the live tables hold {held})")
         return self._device[dtype]
 
     def _write(self, dtype, base, width, getter) -> None:
@@ -200,7 +210,7 @@ class LiveTable:
 
 @contextlib.contextmanager
 def _live(table: LiveTable):
-    """Make ``table`` the live table: placeholder seeds, optimiser getters, live keys."""
+    """Make ``table`` the live table: placeholder seeds, optimizer getters, live keys."""
     if _active.get() is not None:
         raise GraphCaptureError("a CUDA graph capture is already in progress")
     token = _active.set(table)
@@ -219,14 +229,12 @@ def _kind(x) -> str | None:
     arrays) or None (host arrays: the step runs as it is)."""
     if is_cuda_array(x):
         return "cupy"
-    from pycnn.ops import routing
     if isinstance(x, np.ndarray) and routing.forced_backend() == "cuda" and routing.cuda_simulated():
         return "emulated"
     return None
 
 
 def _data(a):
-    from pycnn.autograd import Tensor
     return a.data if isinstance(a, Tensor) else a
 
 
@@ -261,7 +269,6 @@ class _Graph:
                 static.set(np.asarray(value, static.dtype), stream=cupy.cuda.get_current_stream())
 
     def _run(self):
-        from pycnn.autograd import Tensor
         return self._fn(Tensor(self.static_x), self.static_y)
 
     # -------------------------------------------------------------- CuPy stream capture
@@ -291,15 +298,13 @@ class _Graph:
 
     # -------------------------------------------------------------- the emulation
     def _capture_emulated(self) -> None:
-        from pycnn.ops.cuda_backend import kernel_module
-        launch = kernel_module("_launch")
+        launch = cuda_backend.kernel_module("_launch")
         self._trace = []
         with launch.tracing(self._trace), _live(self.table):
             self.output = self._run()  # executes while recording: this call's step
 
-    def _replay_emulated(self) -> None:
-        from pycnn.ops.cuda_backend import kernel_module
-        launch = kernel_module("_launch")
+    def _replay_emulated(self):
+        launch = cuda_backend.kernel_module("_launch")
         self.table.refresh()
         trace: list = []
         self.table.begin_replay()
@@ -326,20 +331,20 @@ class _Graph:
 
 
 class GraphedStep:
-    """``fn(x, y)`` (zero_grad, forward, backward, optimiser step; x a Tensor, y an array)
+    """``fn(x, y)`` (zero_grad, forward, backward, optimizer step; x a Tensor, y an array)
     run as a captured CUDA graph after ``warmup`` eager calls; see the module's text.  Each
     call returns what ``fn`` returned when it was captured (the loss Tensor, say), whose
     arrays the replay has rewritten: read them before the next call.
 
     ``optimizer`` and ``model`` (optional) tell when a graph is stale: a parameter array
-    replaced, an optimiser setting other than lr changed, the model in evaluation mode.
+    replaced, an optimizer setting other than lr changed, the model in evaluation mode.
     Host (NumPy) inputs run ``fn`` as it is: graphs are for CUDA arrays."""
 
     def __init__(self, fn, *, optimizer=None, model=None, warmup: int = 1, max_graphs: int = 4):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an integer >= 1 (the optimiser's first step is eager), got {warmup!r}")
+            raise ValueError(f"warmup must be an integer >= 1 (the optimizer's first step is eager), got {warmup!r}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         self.fn, self.optimizer, self.model = fn, optimizer, model
@@ -378,7 +383,6 @@ class GraphedStep:
         return graph.output
 
     def _eager(self, x, y):
-        from pycnn.autograd import Tensor
         self.eager_calls += 1
         return self.fn(Tensor(x), y)
 
@@ -391,8 +395,8 @@ class GraphedStep:
     def _watch(self) -> list:
         """What a captured graph bakes in besides the inputs and the live values, as
         (dict, key, value) to compare: the arrays it reads and writes (parameters, buffers,
-        optimiser state: replaced ones are not seen by the graph; compared by identity),
-        the optimiser's settings other than lr, and the modules' own settings (training
+        optimizer state: replaced ones are not seen by the graph; compared by identity),
+        the optimizer's settings other than lr, and the modules' own settings (training
         mode, batch norm's momentum, a dropout probability, ...)."""
         watched = []
         if self.optimizer is not None:

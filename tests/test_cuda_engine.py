@@ -18,7 +18,7 @@ import pycnn
 import pycnn.functional as F
 from pycnn import models
 from pycnn.autograd import Context
-from pycnn.ops import registry
+from pycnn.ops import registry, routing
 
 from tests.test_cuda_backend import HAVE_NUMBA_CUDA, SIMULATED, cuda_backend, needs_cuda, to_device, to_host
 
@@ -122,9 +122,8 @@ def test_cuda_batchnorm_statistics_stay_accurate_far_from_zero(offset, dtype, rt
 # grad.T @ x, grad.sum(0); flatten a reshape.
 CUPY_LAUNCHES = {"linear": (2, 3), "flatten": (0, 0)}
 # What the step below measures, with conv3x3 as im2col + cuBLAS (gemm, the default): 81
-# launches for 24 layers, 3.38 a layer (it was 100, 4.17, with one optimiser launch per
-# parameter); 3.33 without the optimiser's one multi-tensor launch for all 20 parameters.  As
-# implicit GEMM (igemm, and igemm_tf32 alike; grad_x reads the weight flipped in place): 68,
+# launches for 24 layers, 3.38 a layer; 3.33 without the optimizer's one multi-tensor launch
+# for all 20 parameters.  As implicit GEMM (igemm, and igemm_tf32 alike; grad_x reads the weight flipped in place): 68,
 # 2.83 a layer, grad_weight's sum over pixel splits counted where a GPU-sized batch has them
 # (here the last stage's 8 pixels make one split: with all six split, 70, 2.92 a layer).
 LAUNCHES_PER_LAYER = {"gemm": 3.4, "igemm": 3.0}
@@ -135,7 +134,6 @@ def _counting_routes(monkeypatch, records):
     """Wrap every route so that each top-level op call records (op, algo, pass, our kernel
     launches, matrix products): chained steps inside a fused op count for the fused op."""
     from pycnn.kernels import _launch
-    from pycnn.ops import routing
     real_route, depth, gemms = routing.route, [0], [0]
     real_matmul = np.matmul  # conv3x3 'gemm' calls xp.matmul: cuBLAS on a GPU
 
@@ -166,24 +164,26 @@ def _counting_routes(monkeypatch, records):
 
 @needs_cuda
 @pytest.mark.parametrize("conv_algo", ["gemm", "igemm"])
-def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkeypatch, capsys, conv_algo):
+def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkeypatch, capsys, request, conv_algo):
     """One step of the README's CIFAR-10 net as ``pycnn train`` builds it (VGG, 3 stages of
     2 x conv3x3 + BN + ReLU, max pooling, dropout, linear; SGD with Nesterov momentum and
     weight decay) on the cuda backend, widths and image shrunk for the simulator (the
     launches do not depend on them).  Counts, per layer: our kernel launches (one counter,
     ``kernels._launch.launch_count``), cuBLAS matrix products, and the CuPy operations of
-    the ops that run as references; the optimiser's one multi-tensor launch counts too."""
+    the ops that run as references; the optimizer's one multi-tensor launch counts too."""
     from pycnn import optim
     from pycnn.kernels import _launch
     from pycnn.training import config as config_module, runs
     cuda_backend()
-    monkeypatch.setenv("PYCNN_CUDA_CONV", conv_algo)
+    for name in ("conv3x3", "conv3x3_act"):
+        routing.set_default(name, "cuda", conv_algo)
+        request.addfinalizer(lambda name=name: routing.set_default(name, "cuda", None))
     if conv_algo == "igemm":  # grad_weight in 2 pixel splits + their sum, as at batch 256 on a GPU
         monkeypatch.setattr(cuda_backend().kernel_module("conv_igemm"), "splits_for", lambda *args, **kwargs: 2)
     config = config_module.Config(dataset="cifar10", widths=(2, 3, 4), convs_per_stage=2)  # README: 32, 64, 128
     net = models.build(runs.model_spec(config, 3, 8, 10), seed=0)
-    optimiser = runs.make_optimiser(config, net)
-    if SIMULATED:  # the fused optimiser kernels take CUDA arrays; the simulator's are NumPy
+    optimizer = runs.make_optimiser(config, net)
+    if SIMULATED:  # the fused optimizer kernels take CUDA arrays; the simulator's are NumPy
         monkeypatch.setattr(optim, "is_cuda_array", lambda a: True)
     else:
         net.to("cuda")
@@ -194,14 +194,14 @@ def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkey
     _counting_routes(monkeypatch, records)
     with pycnn.use_backend("cuda"):
         loss = F.softmax_cross_entropy(net(x), labels)
-        optimiser.zero_grad()
+        optimizer.zero_grad()
         loss.backward()  # + 1 CuPy fill: the seed gradient (ones)
         before = _launch.launch_count()
-        optimiser.step()
-        optimiser_launches = _launch.launch_count() - before
+        optimizer.step()
+        optimizer_launches = _launch.launch_count() - before
     parameters = sum(1 for p in net.parameters() if p.requires_grad)
-    assert parameters == 20 and len(optimiser.param_groups) == 2
-    assert optimiser_launches == 1  # one multi-tensor SGD kernel for every parameter of both groups
+    assert parameters == 20 and len(optimizer.param_groups) == 2
+    assert optimizer_launches == 1  # one multi-tensor SGD kernel for every parameter of both groups
 
     per_op = {}
     for name, algo, phase, ours, products in records:
@@ -214,16 +214,16 @@ def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkey
     assert per_op["batchnorm_act"]["algo"] == "fused" and "batchnorm" not in per_op and "relu" not in per_op
     cupy = sum(per_op[name]["calls"] * sum(CUPY_LAUNCHES[name]) for name in reference_ops) + 1
     layers = len(net)  # the Sequential's modules: conv, BN, ReLU (fused with the BN), pooling, flatten, ...
-    total = sum(e["forward"] + e["backward"] + e["gemm"] for e in per_op.values()) + cupy + optimiser_launches
+    total = sum(e["forward"] + e["backward"] + e["gemm"] for e in per_op.values()) + cupy + optimizer_launches
     with capsys.disabled():
         print(f"\nlaunches of one training step, {layers} layers, {parameters} parameters:")
         print("| op | algo | calls | ours fwd | ours bwd | cuBLAS | CuPy |")
         for name, e in per_op.items():
             print(f"| {name} | {e['algo']} | {e['calls']} | {e['forward']} | {e['backward']} | {e['gemm']} | "
                   f"{e['calls'] * sum(CUPY_LAUNCHES.get(name, (0, 0)))} |")
-        print(f"| optimiser (SGD, {parameters} parameters) | multi-tensor | 1 | {optimiser_launches} | | | |")
+        print(f"| optimizer (SGD, {parameters} parameters) | multi-tensor | 1 | {optimizer_launches} | | | |")
         print(f"total {total} = {total / layers:.2f} per layer "
-              f"({(total - optimiser_launches) / layers:.2f} without the optimiser)")
+              f"({(total - optimizer_launches) / layers:.2f} without the optimizer)")
     # exact figures per op and pass, so that a regression says where it is
     assert per_op["conv3x3"]["algo"] == conv_algo
     assert (per_op["conv3x3"]["forward"], per_op["conv3x3"]["backward"], per_op["conv3x3"]["gemm"]) == \
@@ -234,7 +234,7 @@ def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkey
     assert total / layers <= LAUNCHES_PER_LAYER[conv_algo], (total, layers)
 
 
-# --------------------------------------------------------------------------- optimiser
+# --------------------------------------------------------------------------- optimizer
 
 @needs_cuda
 @pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.9, True, 0.01), (0.5, False, 0.0), (0.0, False, 0.1)])
@@ -247,7 +247,7 @@ def test_fused_sgd_kernel_matches_the_array_operations(momentum, nesterov, weigh
     grads = [rng.standard_normal((3, 5)) for _ in range(3)]
     reference = pycnn.Tensor(w0.copy(), requires_grad=True)
     opt = optim.SGD([reference], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    kernels = cuda_backend().optimiser_kernels()
+    kernels = cuda_backend().optimizer_kernels()
     w, velocity = to_device(w0.copy()), None
     for step, g in enumerate(grads):
         reference.grad = g.copy()
@@ -269,7 +269,7 @@ def test_fused_adam_kernel_matches_the_array_operations(weight_decay):
     grads = [rng.standard_normal((4, 3)) for _ in range(3)]
     reference = pycnn.Tensor(w0.copy(), requires_grad=True)
     opt = optim.Adam([reference], lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
-    kernels = cuda_backend().optimiser_kernels()
+    kernels = cuda_backend().optimizer_kernels()
     w = to_device(w0.copy())
     m, v = to_device(np.full_like(w0, np.nan)), to_device(np.full_like(w0, np.nan))
     for step, g in enumerate(grads, start=1):
@@ -307,8 +307,29 @@ def _multi_grads(dtype, step, seed):
 
 def _as_cuda_in_the_simulator(monkeypatch):
     from pycnn import optim
-    if SIMULATED:  # the optimiser's kernels take CUDA arrays; the simulator's are NumPy
+    if SIMULATED:  # the optimizer's kernels take CUDA arrays; the simulator's are NumPy
         monkeypatch.setattr(optim, "is_cuda_array", lambda a: True)
+
+
+def _multi_tensor_setup(monkeypatch, dtype, seed, make_optimizer):
+    """(the per-parameter kernels, the parameters, the optimizer over their groups, copies of
+    the parameters for the per-parameter reference, (lr, weight decay, max-norm) of each)."""
+    _as_cuda_in_the_simulator(monkeypatch)
+    kernels = cuda_backend().optimizer_kernels()
+    params, groups = _multi_params(dtype, seed=seed)
+    reference = [to_device(to_host(p.data).copy()) for p in params]
+    hyper = [(g["lr"], g["weight_decay"], g.get("max_norm")) for g in groups for _ in g["params"]]
+    return kernels, params, make_optimizer(groups), reference, hyper
+
+
+def _launches_of_step(opt, params, grads) -> int:
+    """The kernels one optimizer step launches, the gradients set first."""
+    from pycnn.kernels import _launch
+    for p, g in zip(params, grads):
+        p.grad = g
+    before = _launch.launch_count()
+    opt.step()
+    return _launch.launch_count() - before
 
 
 @needs_cuda
@@ -320,22 +341,13 @@ def test_multi_tensor_sgd_gives_the_per_parameter_kernels_numbers(dtype, momentu
     bit, over three steps: odd and mixed sizes, three groups of their own lr and weight
     decay, parameters without a gradient on some steps, max-norm after the update."""
     from pycnn import optim
-    from pycnn.kernels import _launch
-    _as_cuda_in_the_simulator(monkeypatch)
-    kernels = cuda_backend().optimiser_kernels()
-    params, groups = _multi_params(dtype, seed=6)
-    opt = optim.SGD(groups, lr=0.1, momentum=momentum, nesterov=nesterov)
-    reference = [to_device(to_host(p.data).copy()) for p in params]
+    kernels, params, opt, reference, hyper = _multi_tensor_setup(
+        monkeypatch, dtype, 6, lambda groups: optim.SGD(groups, lr=0.1, momentum=momentum, nesterov=nesterov))
     velocities = [None] * len(params)
-    hyper = [(g["lr"], g["weight_decay"], g.get("max_norm")) for g in groups for _ in g["params"]]
     for step in range(3):
         grads = _multi_grads(dtype, step, seed=6)
-        for p, g in zip(params, grads):
-            p.grad = g
-        before = _launch.launch_count()
-        opt.step()
         with_grad = sum(g is not None for g in grads)
-        assert _launch.launch_count() - before == -(-with_grad // (20 if momentum else 28))
+        assert _launches_of_step(opt, params, grads) == -(-with_grad // (20 if momentum else 28))
         for i, g in enumerate(grads):
             if g is None:
                 continue
@@ -360,21 +372,12 @@ def test_multi_tensor_adam_gives_the_per_parameter_kernels_numbers(dtype, monkey
     """Adam.step on CUDA parameters (ceil(n / 15) launches, each parameter its own step
     count) against pycnn.kernels.optim.adam_step per parameter, bit for bit, three steps."""
     from pycnn import optim
-    from pycnn.kernels import _launch
-    _as_cuda_in_the_simulator(monkeypatch)
-    kernels = cuda_backend().optimiser_kernels()
-    params, groups = _multi_params(dtype, seed=7)
-    opt = optim.Adam(groups, lr=0.01, betas=(0.8, 0.99), eps=1e-6)
-    reference = [to_device(to_host(p.data).copy()) for p in params]
+    kernels, params, opt, reference, hyper = _multi_tensor_setup(
+        monkeypatch, dtype, 7, lambda groups: optim.Adam(groups, lr=0.01, betas=(0.8, 0.99), eps=1e-6))
     moments, steps = [None] * len(params), [0] * len(params)
-    hyper = [(g["lr"], g["weight_decay"], g.get("max_norm")) for g in groups for _ in g["params"]]
     for step in range(3):
         grads = _multi_grads(dtype, step, seed=7)
-        for p, g in zip(params, grads):
-            p.grad = g
-        before = _launch.launch_count()
-        opt.step()
-        assert _launch.launch_count() - before == -(-sum(g is not None for g in grads) // 15)
+        assert _launches_of_step(opt, params, grads) == -(-sum(g is not None for g in grads) // 15)
         for i, g in enumerate(grads):
             if g is None:
                 continue
@@ -438,11 +441,11 @@ def test_regularisation_loss_of_cuda_parameters_reads_the_device_once(dtype, rto
     spans = [(slice(0, 20), {"weight_decay": 0.01, "l1": 0.003}), (slice(20, 34), {"l1": 0.002}),
              (slice(34, 35), {"weight_decay": 0.0})]
 
-    def optimiser(arrays):
+    def optimizer(arrays):
         params = [pycnn.Tensor(a, requires_grad=True) for a in arrays]
         return optim.SGD([{"params": params[span], **extra} for span, extra in spans], lr=0.1)
-    expected = trainer.regularisation_loss(optimiser([a.copy() for a in host]))
-    opt = optimiser([to_device(a.copy()) for a in host])
+    expected = trainer.regularisation_loss(optimizer([a.copy() for a in host]))
+    opt = optimizer([to_device(a.copy()) for a in host])
     if SIMULATED:
         monkeypatch.setattr(trainer, "is_cuda_array", lambda a: True)
     reads = []

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pycnn
-from pycnn.ops import registry
+from pycnn.ops import registry, routing
 
 from tests.test_cuda_backend import check_against_reference, cuda_backend, needs_cuda, to_device, to_host
 
@@ -34,14 +34,17 @@ def test_igemm_conv3x3_matches_the_reference(dtype):
                                                 ("swish", {}), ("leaky_relu", {"slope": -0.2})])
 def test_igemm_conv3x3_act_matches_the_reference(activation, params):
     cuda_backend()
-    op = registry.get("conv3x3_act")
     rng = np.random.default_rng(12)
-    x = rng.standard_normal((2, 3, 4, 5))
-    weight = rng.standard_normal((5, 3, 3, 3)) / 3
-    bias = rng.standard_normal(5)
+    x, weight, bias = _conv_act_inputs(rng, (2, 3, 4, 5))
     slopes = rng.uniform(0.1, 0.4, 5) if activation == "prelu" else None
     sample = registry.Sample((x, weight, bias, slopes), {"activation": activation, **params})
-    check_against_reference(op, sample, np.float64, rng, algo="igemm")
+    check_against_reference(registry.get("conv3x3_act"), sample, np.float64, rng, algo="igemm")
+
+
+def _conv_act_inputs(rng, x_shape):
+    """x (float64), a weight of 5 output channels and their bias."""
+    return (rng.standard_normal(x_shape), rng.standard_normal((5, x_shape[1], 3, 3)) / 3,
+            rng.standard_normal(5))
 
 
 @needs_cuda
@@ -93,26 +96,59 @@ def test_igemm_is_chosen_by_name_and_gemm_stays_the_default():
 
 
 @needs_cuda
-def test_pycnn_cuda_conv_picks_the_auto_conv_algorithm(monkeypatch):
-    """``PYCNN_CUDA_CONV`` (read at each call) sets what ``auto`` runs for conv3x3 and
-    conv3x3_act on CUDA: how a GPU benchmark compares whole training steps; a bad name is
-    one line naming the variable."""
+def test_set_default_picks_the_auto_conv_algorithm():
+    """``routing.set_default`` sets what ``auto`` runs for conv3x3 and conv3x3_act on CUDA
+    (None: the backend's own choice, gemm, again)."""
     cuda_backend()
     x = to_device(np.ones((1, 2, 3, 3), np.float32))
     weight = to_device(np.ones((2, 2, 3, 3), np.float32))
-    for name, expected in (("conv3x3", ("gemm", "igemm", "igemm_tf32", "direct")),
-                           ("conv3x3_act", ("gemm", "igemm", "igemm_tf32"))):
-        op = registry.get(name)
-        for algo in expected:
-            monkeypatch.setenv("PYCNN_CUDA_CONV", algo)
+    try:
+        for name in ("conv3x3", "conv3x3_act"):
+            op = registry.get(name)
+            for algo in op.algorithms("cuda"):
+                routing.set_default(name, "cuda", algo)
+                with pycnn.use_backend("cuda"):
+                    assert op.resolve((x, weight, None), {})[1] == algo
+            routing.set_default(name, "cuda", None)
             with pycnn.use_backend("cuda"):
-                assert op.resolve((x, weight, None), {})[1] == algo
-    monkeypatch.setenv("PYCNN_CUDA_CONV", "direct")
-    with pycnn.use_backend("cuda"), pytest.raises(ValueError, match="PYCNN_CUDA_CONV must be one of gemm, igemm, igemm_tf32 for"):
-        registry.get("conv3x3_act").resolve((x, weight, None), {})
-    monkeypatch.delenv("PYCNN_CUDA_CONV")
+                assert op.resolve((x, weight, None), {})[1] == "gemm"
+    finally:
+        for name in ("conv3x3", "conv3x3_act"):
+            routing.set_default(name, "cuda", None)
+
+
+@needs_cuda
+def test_pycnn_cuda_conv_is_read_once_and_a_bad_name_is_one_line():
+    """``PYCNN_CUDA_CONV`` (read when the backend is imported) sets the default of both conv
+    ops; an algorithm conv3x3_act lacks (direct) refuses its calls naming the variable, and a
+    fusion then runs unfused; an unknown name refuses both ops'."""
+    cb = cuda_backend()
+    algorithms = registry.get("conv3x3_act").algorithms("cuda")
+    assert cb.conv_default_from_environment(None, "conv3x3_act", algorithms) == (None, None)
+    assert cb.conv_default_from_environment(" auto ", "conv3x3_act", algorithms) == (None, None)
+    assert cb.conv_default_from_environment("igemm", "conv3x3_act", algorithms) == ("igemm", None)
+    assert cb.conv_default_from_environment("direct", "conv3x3_act", algorithms) == \
+        (None, "PYCNN_CUDA_CONV must be one of gemm, igemm, igemm_tf32 for conv3x3_act, got 'direct'")
+    x = to_device(np.ones((1, 2, 3, 3), np.float32))
+    weight = to_device(np.ones((2, 2, 3, 3), np.float32))
+    conv, conv_act = registry.get("conv3x3"), registry.get("conv3x3_act")
+    try:
+        cb.apply_conv_environment("direct")
+        with pycnn.use_backend("cuda"):
+            assert conv.resolve((x, weight, None), {})[1] == "direct"
+            with pytest.raises(ValueError, match="PYCNN_CUDA_CONV must be one of gemm, igemm, igemm_tf32 for "
+                                                 "conv3x3_act, got 'direct'"):
+                conv_act.resolve((x, weight, None, None), {"activation": "relu"})
+            assert routing.plan_fused(conv_act, (x, weight, None, None), {"activation": "relu"}) is None
+        cb.apply_conv_environment("fft")
+        with pycnn.use_backend("cuda"), pytest.raises(ValueError, match="PYCNN_CUDA_CONV must be one of .* for "
+                                                                         "conv3x3, got 'fft'"):
+            conv.resolve((x, weight, None), {})
+    finally:
+        cb.apply_conv_environment(None)
     with pycnn.use_backend("cuda"):
-        assert registry.get("conv3x3").resolve((x, weight, None), {})[1] == "gemm"
+        assert conv.resolve((x, weight, None), {})[1] == "gemm"
+        assert conv_act.resolve((x, weight, None, None), {"activation": "relu"})[1] == "gemm"
 
 
 # ------------------------------------------------------------------ TF32 tensor cores
@@ -188,13 +224,10 @@ def test_igemm_tf32_op_is_within_its_stated_error_and_float64_stays_exact():
     the bias gradient exact in float32; float64 runs the exact kernels (the reference's
     numbers to 1e-10)."""
     cuda_backend()
-    op = registry.get("conv3x3_act")
     rng = np.random.default_rng(17)
-    x = rng.standard_normal((2, 3, 5, 4))
-    weight = rng.standard_normal((5, 3, 3, 3)) / 3
-    bias = rng.standard_normal(5)
+    x, weight, bias = _conv_act_inputs(rng, (2, 3, 5, 4))
     sample = registry.Sample((x, weight, bias, None), {"activation": "relu"})
-    check_against_reference(op, sample, np.float64, rng, algo="igemm_tf32")
+    check_against_reference(registry.get("conv3x3_act"), sample, np.float64, rng, algo="igemm_tf32")
 
     x32, w32, b32 = (a.astype(np.float32) for a in (x, weight, bias))
     grad = rng.standard_normal((2, 5, 5, 4)).astype(np.float32)

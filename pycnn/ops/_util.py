@@ -6,7 +6,7 @@ import contextvars
 
 import numpy as np
 
-from pycnn import cuda_graph, memory
+from pycnn import memory
 from pycnn.device import array_module
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -132,6 +132,24 @@ def kernel_array(a):
     return contiguous(a) if hasattr(a, "__cuda_array_interface__") else a
 
 
+# ------------------------------------------------------------------ a recorded step
+# A layer above the ops may record a training step's launches to replay them (pycnn.cuda_graph);
+# while it does, kernels read the values that change from step to step from its live table.
+# It hooks itself in with ``set_live_table``, so that no op imports it.
+_live_table = None
+
+
+def set_live_table(current) -> None:
+    """``current()``: the live table of the step being recorded in this thread, or None."""
+    global _live_table
+    _live_table = current
+
+
+def live_table():
+    """The live table of the step being recorded in this thread, or None."""
+    return None if _live_table is None else _live_table()
+
+
 # ------------------------------------------------------------------ counter-based randomness
 # One formula for every backend, defined in pycnn.kernels.splitmix (a pure NumPy module).
 from pycnn.kernels.splitmix import GOLDEN, UNIFORM_SCALE, mix64, seed_key  # noqa: E402
@@ -139,9 +157,9 @@ from pycnn.kernels.splitmix import GOLDEN, UNIFORM_SCALE, mix64, seed_key  # noq
 
 def uniform(seed: int, size: int, dtype, like=None):
     """``size`` counter-based U[0, 1) numbers for ``seed`` (see the formula above)."""
-    graph = cuda_graph.active()
-    if graph is not None and graph.is_placeholder(seed):  # drawn once, replayed: the same numbers each step
-        raise cuda_graph.GraphCaptureError("a random op outside the cuda kernels (NumPy reference or C++)")
+    table = live_table()
+    if table is not None:  # a recorded step refuses a seed that stands for each replay's draw
+        table.check_host_draw(seed)
     xp = np if like is None else array_module(like)
     index = xp.arange(1, size + 1, dtype=xp.uint64)
     with np.errstate(over="ignore"):

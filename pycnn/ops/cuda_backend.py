@@ -11,9 +11,14 @@ The wrappers follow the idiom of both compiled backends (pycnn/ops/_backend.py):
 registered from the specs.  Portable ops (linear, the losses, arithmetic) are registered as
 their array-generic reference, which runs on the same device (CuPy); softmax_cross_entropy
 has a kernel of its own ('kernel', the auto choice) besides its reference.
+
+``PYCNN_CUDA_CONV`` (read once, when this module is imported) names the algorithm that
+``auto`` runs first for conv3x3 and conv3x3_act (``routing.set_default``): how a GPU
+benchmark compares whole training steps.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -24,11 +29,20 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pycnn import cuda_graph, device
+from pycnn import device
 from pycnn.device import array_module
-from pycnn.ops import _util, activations, conv, pool, registry, routing
-from pycnn.ops._backend import (Backend, chain_pair, dropout_pair, grad_like, needs_grad, prelu_pair,
-                               shape_map_pair, winner_pair)
+from pycnn.ops import _util, activations, conv, fancy_pca, pool, registry, routing
+from pycnn.ops._backend import (
+    Backend,
+    chain_pair,
+    dropout_pair,
+    grad_like,
+    needs_grad,
+    prelu_pair,
+    shape_map_pair,
+    winner_pair,
+)
+from pycnn.ops.registry import Algo
 
 # ------------------------------------------------------------------------ finding kernels/
 
@@ -48,8 +62,7 @@ def kernels_package():
     package = importlib.util.module_from_spec(spec)
     sys.modules["pycnn.kernels"] = package
     spec.loader.exec_module(package)
-    import pycnn
-    pycnn.kernels = package
+    sys.modules["pycnn"].kernels = package
     return package
 
 
@@ -90,7 +103,7 @@ def _conv3x3_direct(K):
         grad_x = grad_weight = grad_bias = None
         if needs_grad(ctx, 0):
             grad_x = _util.empty_like(x)
-            K.conv.conv3x3_grad_input(grad, weight, _zeros(K, x.shape[1], x), grad_x)
+            K.conv.conv3x3_grad_x(grad, weight, _zeros(K, x.shape[1], x), grad_x)
         if needs_grad(ctx, 1):
             grad_weight = _util.empty_like(weight)
             K.conv.conv3x3_grad_weight(x, grad, grad_weight)
@@ -106,9 +119,9 @@ def _conv3x3_gemm(K, fused: bool, implicit: bool = False, tensor_cores: bool = F
     adds the bias and applies the activation (kernels/conv_gemm.py), or with ``implicit``
     as implicit GEMM (kernels/conv_igemm.py: the same products, no im2col matrix; backward
     keeps x instead of it), its float32 products on TF32 tensor cores with ``tensor_cores``
-    (operands rounded to 11 significant bits: kernels/tensor_cores.py states the error).  What backward keeps follows the activation's spec
-    (``conv.grad_from_output``): y where it determines the gradient, else the
-    pre-activation z."""
+    (operands rounded to 11 significant bits: kernels/tensor_cores.py states the error).
+    What backward keeps follows the activation's spec (``conv.grad_from_output``): y where
+    it determines the gradient, else the pre-activation z."""
     def forward(ctx, x, weight, bias=None, prelu_weight=None, activation=None, slope=0.01, alpha=1.0):
         xp = array_module(x)
         n, c, h, w = x.shape
@@ -156,7 +169,7 @@ def _conv3x3_gemm(K, fused: bool, implicit: bool = False, tensor_cores: bool = F
         if ctx.has_bias and needs_grad(ctx, 2):
             grad_bias = _util.empty((k,), grad.dtype, grad)
             K.reduce.channel_sum(g2.reshape(1, k, -1), grad_bias)
-        if activation == "prelu" and needs_grad(ctx, 3):
+        if slopes is not None and needs_grad(ctx, 3):  # a per-channel activation (prelu)
             grad_slopes = K.gemm.prelu_slope_grad(saved, grad, xp)  # sums of g * z (or g * y) where <= 0
             if not ctx.saved_is_pre:
                 grad_slopes = grad_slopes / slopes  # y = a z there, a > 0
@@ -189,7 +202,7 @@ def _batchnorm(K, fused: bool):
             rm = rv = None
             if running_mean is not None:
                 rm, rv = _c(running_mean), _c(running_var)
-            K.bn.statistics(x, mean, inv_std, rm, rv, momentum, eps, xp)
+            K.bn.stats(x, mean, inv_std, rm, rv, momentum, eps, xp)
             for given, updated in ((running_mean, rm), (running_var, rv)):
                 if given is not None and updated is not given:
                     given[...] = updated
@@ -197,7 +210,7 @@ def _batchnorm(K, fused: bool):
             mean = _c(running_mean).astype(x.dtype, copy=False)
             inv_std = (1 / xp.sqrt(running_var + eps)).astype(x.dtype)
         y = _util.empty_like(x)
-        K.bn.normalize(x, mean, inv_std, gamma, beta, y, prelu_weight, activation, slope, alpha)
+        K.bn.apply(x, mean, inv_std, gamma, beta, y, prelu_weight, activation, slope, alpha)
         ctx.save_for_backward(x, gamma, beta, prelu_weight, mean, inv_std)
         ctx.training, ctx.act = training, (activation, slope, alpha)
         return y
@@ -234,9 +247,9 @@ def _softmax_ce(K):
         stats = xp.empty((2,), dtype=logits.dtype)     # W, sum_c w_c
         labels, class_weight = _c(labels), _c(class_weight)  # params are not prepared with the inputs
         K.loss.softmax_ce_forward(logits, labels, class_weight, label_smoothing, loss, lse, stats)
-        graph = cuda_graph.active()
-        if graph is not None:  # each replay checks the labels again: have them read
-            graph.on_replay(lambda: K.loss.replayed(logits))
+        table = _util.live_table()
+        if table is not None:  # a recorded step: each replay checks the labels again, have them read
+            table.on_replay(lambda: K.loss.replayed(logits))
         ctx.save_for_backward(logits, lse, stats)
         ctx.params = (labels, class_weight, label_smoothing)
         return loss
@@ -255,12 +268,10 @@ def _fancy_pca(K):
     """images (N, 3, H, W) uint8 / float32 / float64 -> float32 / float32 / float64 (see
     pycnn/ops/fancy_pca.py); the kernel works in the output dtype, so uint8 images are
     converted first and offset in place."""
-    from pycnn.ops import fancy_pca as spec
-
     def forward(ctx, images, eigvecs, eigvals, alphas, scale=None):
         xp = array_module(images)
-        dtype = spec.output_dtype(images)
-        scaled = xp.asarray(eigvals, dtype=np.float64) * spec.pixel_scale(images, scale)
+        dtype = fancy_pca.output_dtype(images)
+        scaled = xp.asarray(eigvals, dtype=np.float64) * fancy_pca.pixel_scale(images, scale)
         ctx.differentiable = images.dtype != np.uint8
         if images.dtype == np.uint8:
             out = images.astype(dtype)
@@ -273,38 +284,66 @@ def _fancy_pca(K):
     return forward, backward
 
 
-def _live_keyed(K):
-    """dropout's and rrelu's kernels, reading the stream key of a seed handed out during a
-    CUDA graph capture from the capture's live table (pycnn.cuda_graph) instead of baking
-    the capture's key into the graph."""
-    live_key = cuda_graph.live_key
+def _live_key(seed):
+    """(table, index) of the stream key that stands for ``seed`` in a recorded step's live
+    table (pycnn.cuda_graph), read on the device at each replay; None otherwise."""
+    table = _util.live_table()
+    return None if table is None else table.key_of(seed)
 
+
+def _live_keyed(K):
+    """dropout's kernel and rrelu's bindings, reading the stream key of a seed handed out
+    while a step is recorded from the live table instead of baking the key into the graph."""
     def dropout_apply(x, y, p, seed):
-        K.dropout.dropout_apply(x, y, p, seed, live_key=live_key(seed))
+        K.dropout.dropout_apply(x, y, p, seed, live_key=_live_key(seed))
 
     def rrelu_forward(x, y, lower, upper, seed, training):
-        K.act.rrelu_forward(x, y, lower, upper, seed, training, live_key=live_key(seed))
+        K.act.rrelu_forward(x, y, lower, upper, seed, training, live_key=_live_key(seed))
 
     def rrelu_backward(x, grad, grad_x, lower, upper, seed, training):
-        K.act.rrelu_backward(x, grad, grad_x, lower, upper, seed, training, live_key=live_key(seed))
-
-    activations = SimpleNamespace(**{name: getattr(K.act, name) for name in dir(K.act) if name.endswith("ward")})
-    activations.rrelu_forward, activations.rrelu_backward = rrelu_forward, rrelu_backward
-    return dropout_apply, activations
+        K.act.rrelu_backward(x, grad, grad_x, lower, upper, seed, training, live_key=_live_key(seed))
+    return dropout_apply, rrelu_forward, rrelu_backward
 
 
-CONV_ALGORITHMS = ("gemm", "igemm", "igemm_tf32", "direct")  # conv3x3_act: all but direct
+def _elementwise_bindings(K, rrelu_forward, rrelu_backward):
+    """``<op>_forward`` / ``<op>_backward`` of every map in the kernels' activation table, and rrelu's."""
+    bindings = {"rrelu_forward": rrelu_forward, "rrelu_backward": rrelu_backward}
+    for name in K.act.MAPS:
+        bindings[f"{name}_forward"] = functools.partial(K.act.map_forward, name)
+        bindings[f"{name}_backward"] = functools.partial(K.act.map_backward, name)
+    return SimpleNamespace(**bindings)
 
 
-def _conv_choice(op_name: str):
-    """The cuda backend's ``auto`` for a conv op: gemm, or what ``PYCNN_CUDA_CONV`` names
-    (read at each call, so a benchmark or a test can switch it)."""
+# ----------------------------------------------------------- the conv algorithm default
+
+CONV_OPS = ("conv3x3", "conv3x3_act")
+_CONV_ENVIRONMENT = os.environ.get("PYCNN_CUDA_CONV")  # read once, here
+
+
+def conv_default_from_environment(value: str | None, op_name: str, algorithms) -> tuple[str | None, str | None]:
+    """(the algorithm ``auto`` runs first for ``op_name``, or None; an error message, or None)
+    of the value of PYCNN_CUDA_CONV (unset, empty or 'auto': the backend's own choice)."""
+    value = (value or "").strip()
+    if not value or value == "auto":
+        return None, None
+    if value not in algorithms:
+        return None, f"PYCNN_CUDA_CONV must be one of {', '.join(algorithms)} for {op_name}, got {value!r}"
+    return value, None
+
+
+def apply_conv_environment(value: str | None) -> None:
+    """Make ``value`` (of PYCNN_CUDA_CONV) what ``auto`` runs first for conv3x3 and
+    conv3x3_act on cuda; an op without that algorithm refuses each call in one line naming
+    the variable (a planned conv3x3 + activation then runs unfused)."""
+    for name in CONV_OPS:
+        algo, error = conv_default_from_environment(value, name, registry.get(name).algorithms("cuda"))
+        routing.set_default(name, "cuda", algo)
+        routing.register_auto("cuda", name, None if error is None else _refusal(error))
+
+
+def _refusal(error: str):
     def choose(shapes, params) -> str:
-        name = os.environ.get("PYCNN_CUDA_CONV", "gemm")
-        allowed = CONV_ALGORITHMS if op_name == "conv3x3" else CONV_ALGORITHMS[:3]
-        if name not in allowed:
-            raise ValueError(f"PYCNN_CUDA_CONV must be one of {', '.join(allowed)} for {op_name}, got {name!r}")
-        return name
+        raise ValueError(error)
     return choose
 
 
@@ -316,10 +355,13 @@ _KERNEL_MODULES = {"conv": "conv3x3", "gemm": "conv_gemm", "igemm": "conv_igemm"
 _optim = None
 
 
-def optimiser_kernels():
-    """The fused optimiser updates (pycnn.kernels.optim), or None without numba-cuda."""
+def optimizer_kernels():
+    """The fused optimizer updates (pycnn.kernels.optim), or None without numba-cuda."""
     registry.load_backend("cuda")
     return _optim
+
+
+optimiser_kernels = optimizer_kernels  # the name pycnn/optim.py and the trainer call
 
 
 def load() -> None:
@@ -333,24 +375,22 @@ def load() -> None:
                       "array-generic references instead. Install it with `pip install 'pycnn[cuda]'`.",
                       RuntimeWarning, stacklevel=2)
         for op in registry.all_ops():  # said in the warning, and in the profile: algorithm 'reference'
-            op.register("cuda", op.reference.forward, op.reference.backward, algo="reference")
+            op.register("cuda", op.reference.forward, op.reference.backward, algo=Algo.REFERENCE)
         return
     _optim = K.optim
-    dropout_apply, activation_kernels = _live_keyed(K)
-    # the first algorithm registered is the backend's 'auto' choice
-    cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False), algo="gemm")
-    cuda.register("conv3x3", *_conv3x3_direct(K), algo="direct")
-    cuda.register("conv3x3", *_conv3x3_gemm(K, fused=False, implicit=True), algo="igemm")  # not timed on a GPU yet
-    cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True), algo="gemm")
-    cuda.register("conv3x3_act", *_conv3x3_gemm(K, fused=True, implicit=True), algo="igemm")
+    dropout_apply, rrelu_forward, rrelu_backward = _live_keyed(K)
+    # the first algorithm registered is the backend's 'auto' choice; igemm_tf32 computes
     # float32 on TF32 tensor cores (float64 runs as igemm): only when asked for, as its error
-    # is about 1e-3 of sum |w||x|, and not timed on a GPU yet
-    for name in ("conv3x3", "conv3x3_act"):
-        cuda.register(name, *_conv3x3_gemm(K, fused=name == "conv3x3_act", implicit=True, tensor_cores=True),
-                      algo="igemm_tf32")
-    for name in ("conv3x3", "conv3x3_act"):
-        routing.register_auto("cuda", name, _conv_choice(name))
-    cuda.elementwise(activation_kernels)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (kernels/activations.py)
+    # is about 1e-3 of sum |w||x|
+    for name in CONV_OPS:
+        fused = name == "conv3x3_act"
+        cuda.register(name, *_conv3x3_gemm(K, fused), algo=Algo.GEMM)
+        if not fused:
+            cuda.register(name, *_conv3x3_direct(K), algo=Algo.DIRECT)
+        cuda.register(name, *_conv3x3_gemm(K, fused, implicit=True), algo=Algo.IGEMM)
+        cuda.register(name, *_conv3x3_gemm(K, fused, implicit=True, tensor_cores=True), algo=Algo.IGEMM_TF32)
+    apply_conv_environment(_CONV_ENVIRONMENT)
+    cuda.elementwise(_elementwise_bindings(K, rrelu_forward, rrelu_backward))  # every elementwise op's spec
     cuda.register("prelu", *prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
     cuda.register("maxout", *winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,
                                          activations.maxout_shape))
@@ -360,9 +400,9 @@ def load() -> None:
                                                 pool.pooled_shape))
     cuda.register("dropout", *dropout_pair(dropout_apply, dropout_apply))
     cuda.register("batchnorm", *_batchnorm(K, fused=False))
-    cuda.register("batchnorm_act", *_batchnorm(K, fused=True), algo="fused")
-    cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo="chain")  # batchnorm, then the activation
+    cuda.register("batchnorm_act", *_batchnorm(K, fused=True), algo=Algo.FUSED)
+    cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo=Algo.CHAIN)  # batchnorm, then the activation
     cuda.register("fancy_pca", *_fancy_pca(K))
-    cuda.register("softmax_cross_entropy", *_softmax_ce(K), algo="kernel")
+    cuda.register("softmax_cross_entropy", *_softmax_ce(K), algo=Algo.KERNEL)
     device.on_host_read(K.loss.raise_label_errors)  # bad labels found on the device are raised there
     cuda.portable()  # linear, the other losses, arithmetic: the reference on CuPy (softmax_cross_entropy's too)
