@@ -44,7 +44,7 @@ if [[ ",$STAGES," == *",igemm,"* ]]; then
     | tee "$OUT/step_igemm_tf32.txt" || status=1
 fi
 if [[ ",$STAGES," == *",profile,"* ]]; then
-  # device time per op, the multi-tensor optimiser against one launch per parameter, the
+  # device time per op, the multi-tensor optimizer against one launch per parameter, the
   # regularisation term's one read against one per parameter, host enqueue time
   timeout "${PROFILE_TIMEOUT:-180}" $PY bench/gpu_step.py --profile --batches 256 2>&1 | tee "$OUT/profile.txt" \
     || status=1

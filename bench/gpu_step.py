@@ -54,7 +54,7 @@ def _time_steps(step, synchronize, steps: int, warmup: int) -> dict:
 
 def _profile_pycnn(net, opt, x, y, step) -> None:
     """Where a step's time goes: device time per op (synchronised around each), the
-    optimiser, and the host time to enqueue a whole step without waiting for the GPU."""
+    optimizer, and the host time to enqueue a whole step without waiting for the GPU."""
     import cupy
     import pycnn
     import pycnn.functional as F
@@ -70,8 +70,8 @@ def _profile_pycnn(net, opt, x, y, step) -> None:
     for _ in range(5):
         opt.step()
     sync()
-    print(f"optimiser step (multi-tensor kernels): {(time.perf_counter() - start) / 5 * 1e3:.3f} ms", flush=True)
-    _profile_optimiser_paths(net, opt, sync)
+    print(f"optimizer step (multi-tensor kernels): {(time.perf_counter() - start) / 5 * 1e3:.3f} ms", flush=True)
+    _profile_optimizer_paths(net, opt, sync)
     start = time.perf_counter()
     for _ in range(5):
         step()
@@ -81,15 +81,15 @@ def _profile_pycnn(net, opt, x, y, step) -> None:
     print(f"host time to enqueue a step: {enqueue * 1e3:.3f} ms of {total * 1e3:.3f} ms", flush=True)
 
 
-def _profile_optimiser_paths(net, opt, sync) -> None:
-    """The multi-tensor SGD update against the per-parameter kernel (one launch each, what
-    SGD ran before), and the trainer's regularisation term: one launch and one read against
-    one host read per parameter (the old loop), each timed with the GPU synchronised."""
+def _profile_optimizer_paths(net, opt, sync) -> None:
+    """The multi-tensor SGD update against the per-parameter kernel (one launch each), and
+    the trainer's regularisation term: one launch and one read against one host read per
+    parameter, each timed with the GPU synchronised."""
     import cupy
     from pycnn import optim
     from pycnn.ops import cuda_backend
     from pycnn.training.trainer import regularisation_loss
-    kernels = cuda_backend.optimiser_kernels()
+    kernels = cuda_backend.optimizer_kernels()
     params = [p for p in net.parameters() if p.grad is not None]
     velocities = [opt.state[id(p)]["velocity"] for p in params]
 
@@ -105,7 +105,7 @@ def _profile_optimiser_paths(net, opt, sync) -> None:
     def per_parameter():
         for p, v in zip(params, velocities):
             kernels.sgd_step(p.data, p.grad, v, 1e-9, 0.9, 0.0, True, False)
-    print(f"optimiser, one launch per parameter ({len(params)}): {timed(per_parameter):.3f} ms; "
+    print(f"optimizer, one launch per parameter ({len(params)}): {timed(per_parameter):.3f} ms; "
           f"multi-tensor: {timed(opt.step):.3f} ms", flush=True)
     decayed = optim.SGD(optim.param_groups(net, weight_decay=5e-4), lr=0.01)
 
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of {', '.join(FRAMEWORKS)} (ratios need pycnn and torch-fp32)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--profile", action="store_true",
-                        help="one pycnn process: device time per op, optimiser, host enqueue time")
+                        help="one pycnn process: device time per op, optimizer, host enqueue time")
     parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from tests.test_cuda_backend import SIMULATED, cuda_backend, needs_cuda, to_devi
 
 @pytest.fixture
 def on_cuda(monkeypatch):
-    """The cuda backend; in the simulator its optimiser kernels take the NumPy parameters."""
+    """The cuda backend; in the simulator its optimizer kernels take the NumPy parameters."""
     cuda_backend()
     if SIMULATED:
         monkeypatch.setattr(optim, "is_cuda_array", lambda a: True)

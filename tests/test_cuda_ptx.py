@@ -1,7 +1,7 @@
 """Every Numba-CUDA kernel compiles for a GPU: each cuda wrapper runs on NumPy arrays with
 its launches replaced by ``cuda.compile_ptx`` (sm_90), which needs NVVM but no GPU and no
 driver; float32 kernels must stay in float32, every kernel's parameters fit in 4 KB (the
-multi-tensor optimiser kernels pass up to 20 tensors by value), and (where nvJitLink is
+multi-tensor optimizer kernels pass up to 20 tensors by value), and (where nvJitLink is
 installed) no kernel may spill registers to local memory.  The ops and samples are those
 of the registry (tests/test_cuda_backend.py: every op with kernels).
 
