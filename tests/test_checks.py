@@ -2,14 +2,13 @@
 and a gradient check of the whole model; each check fails when it should, with a fix."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
 
 import pycnn  # noqa: E402
-from pycnn.training import checks, cli  # noqa: E402
 from pycnn import nn
+from pycnn.training import checks, cli  # noqa: E402
 from pycnn.training.runs import Config, model_spec, split_data  # noqa: E402
 
 

@@ -11,9 +11,9 @@ pytest.importorskip("sklearn")
 
 import pycnn  # noqa: E402
 import pycnn.functional as F  # noqa: E402
-from pycnn.training import figures, report  # noqa: E402
 from pycnn import nn, optim
 from pycnn.autograd import Tensor  # noqa: E402
+from pycnn.training import figures, report  # noqa: E402
 from pycnn.training.diagnostics import LayerDiagnostics, series  # noqa: E402
 from pycnn.training.runs import Config, run  # noqa: E402
 
@@ -84,8 +84,8 @@ def test_a_run_without_a_finished_batch_still_gets_figures(tmp_path):
 def test_gradient_check_tells_a_kink_from_a_wrong_backward():
     """The first 4 images of this CIFAR-10 config put a max-pool switch (or a ReLU at 0) between
     the two points of one central difference at step 1e-6: 7.6e-3 relative error, gone at 1e-7."""
-    from pycnn.training import checks
     from pycnn.data import datasets, preprocess
+    from pycnn.training import checks
     from pycnn.training.runs import model_spec, split_data
 
     if not (datasets.cifar10_dir() / "train.npz").is_file():

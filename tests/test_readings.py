@@ -27,14 +27,14 @@ RUNS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(name: str) -> tuple[dict, dict]:
     """(history, {topic: verdict}) of one of RUNS, trained once per test session."""
     config = Config(**{**TINY, **RUNS[name]})
     splits = split_data(config)
-    model, optimiser, schedule, train_loader, val_loader, _ = build(
+    model, optimizer, schedule, train_loader, val_loader, _ = build(
         config, splits.train_x, splits.train_y, splits.val_x, splits.val_y, classes=splits.classes)
-    trainer = Trainer(model, optimiser, train_loader, val_loader, schedule=schedule, progress=False,
+    trainer = Trainer(model, optimizer, train_loader, val_loader, schedule=schedule, progress=False,
                       diagnostics_every=config.diagnostics_every)
     history = trainer.fit(config.epochs)
     verdicts = {r.topic: r.verdict for r in report.diagnose(history, splits.classes)}

@@ -117,11 +117,11 @@ def test_interrupted_search_resumes_to_the_same_results(tmp_path, monkeypatch):
     from pycnn.training.trainer import Trainer
     original, steps = Trainer._check_divergence, []
 
-    def ctrl_c_at_step_10(self, value):  # Ctrl-C in the middle of trial 1's first epoch
+    def ctrl_c_at_step_10(self, value, data_loss):  # Ctrl-C in the middle of trial 1's first epoch
         steps.append(1)
         if len(steps) == 10:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, value)
+        return original(self, value, data_loss)
 
     monkeypatch.setattr(Trainer, "_check_divergence", ctrl_c_at_step_10)
     with pytest.raises(search.SearchInterrupted):

@@ -465,7 +465,7 @@ class FancyPCA(Transform):
         self.mean = self.cov = self.eigvals = self.eigvecs = None
         self.count = 0
 
-    def fit(self, images, batch: int = 1024) -> "FancyPCA":
+    def fit(self, images, batch: int = 1024) -> FancyPCA:
         if not hasattr(images, "ndim") or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be RGB images (N, 3, H, W), got shape {getattr(images, 'shape', None)}")
         if images.dtype != np.uint8:
@@ -530,7 +530,7 @@ class FancyPCA(Transform):
         return state
 
     @classmethod
-    def from_state_dict(cls, state) -> "FancyPCA":
+    def from_state_dict(cls, state) -> FancyPCA:
         if str(state["type"]) != "FancyPCA":
             raise ValueError(f"state is a {state['type']}, not a FancyPCA")
         t = cls(std=float(state["std"]), scale=float(state["scale"]) if "scale" in state else None)

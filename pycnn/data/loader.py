@@ -25,9 +25,9 @@ import weakref
 
 import numpy as np
 
+from pycnn.data.augment import with_rng
 from pycnn.device import array_module, to_host
 from pycnn.ops import _util
-from pycnn.data.augment import with_rng
 
 __all__ = ["ArrayDataset", "BalancedSampler", "DataLoader"]
 

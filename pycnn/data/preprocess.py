@@ -128,7 +128,7 @@ class Preprocessor:
         return state
 
     @classmethod
-    def from_state_dict(cls, state) -> "Preprocessor":
+    def from_state_dict(cls, state) -> Preprocessor:
         kind = str(state["type"])
         if kind != cls.__name__:
             raise ValueError(f"state is a {kind}, not a {cls.__name__}")
@@ -165,7 +165,7 @@ class SubtractMeanImage(Preprocessor):
     def __init__(self):
         self.mean = None
 
-    def fit(self, images, batch: int = 1024) -> "SubtractMeanImage":
+    def fit(self, images, batch: int = 1024) -> SubtractMeanImage:
         _check_images(images)
         _check_batch_size(batch)
         total = np.zeros(images.shape[1:])
@@ -187,7 +187,7 @@ class SubtractChannelMean(Preprocessor):
     def __init__(self):
         self.mean = None
 
-    def fit(self, images, batch: int = 1024) -> "SubtractChannelMean":
+    def fit(self, images, batch: int = 1024) -> SubtractChannelMean:
         _check_images(images)
         _check_batch_size(batch)
         total = np.zeros(images.shape[1])
@@ -218,7 +218,7 @@ class Standardise(Preprocessor):
         self.per, self.eps = per, float(eps)
         self.mean = self.std = None
 
-    def fit(self, images, batch: int = 1024) -> "Standardise":
+    def fit(self, images, batch: int = 1024) -> Standardise:
         _check_images(images)
         _check_batch_size(batch)
         moments = _Moments((0, 2, 3) if self.per == "channel" else (0,))
@@ -250,7 +250,7 @@ class MinMaxScale(Preprocessor):
         self.per = per
         self.low = self.high = None
 
-    def fit(self, images, batch: int = 1024) -> "MinMaxScale":
+    def fit(self, images, batch: int = 1024) -> MinMaxScale:
         _check_images(images)
         _check_batch_size(batch)
         axis = None if self.per == "global" else (0, 2, 3)
@@ -353,7 +353,7 @@ class PCAWhiten(_Whitening):
             raise ValueError(f"n_components must be None or a positive integer, got {n_components!r}")
         self.n_components = n_components
 
-    def fit(self, images, batch: int = 512) -> "PCAWhiten":
+    def fit(self, images, batch: int = 512) -> PCAWhiten:
         mean, cov = self._covariance(images, batch)
         k = cov.shape[0] if self.n_components is None else self.n_components
         if k > cov.shape[0]:
@@ -376,7 +376,7 @@ class ZCAWhiten(_Whitening):
     possible to its input (images still look like images, with edges emphasised).""" \
         + _Whitening.__doc__
 
-    def fit(self, images, batch: int = 512) -> "ZCAWhiten":
+    def fit(self, images, batch: int = 512) -> ZCAWhiten:
         mean, cov = self._covariance(images, batch)
         eigvals, eigvecs = np.linalg.eigh(cov)
         eigvals = np.maximum(eigvals, 0)

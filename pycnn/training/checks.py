@@ -10,7 +10,7 @@
    training images to 100% training accuracy within a step budget, else something is broken
    or the learning rate is far off;
 4. **gradient check**: in float64 on a tiny batch, the gradient of the whole model (data loss
-   from autograd plus the regularisation gradient the optimiser adds) must agree with central
+   from autograd plus the regularisation gradient the optimizer adds) must agree with central
    finite differences of the logged loss along random directions, per parameter tensor (a
    direction that fails is measured again with smaller steps: a kink of ReLU or max pooling
    between the two points costs an error that shrinks with the step, a wrong backward not).
@@ -31,9 +31,10 @@ import time
 import numpy as np
 
 import pycnn.functional as F
-from pycnn.data import datasets
-from pycnn import models, random as _random
+from pycnn import models
+from pycnn import random as _random
 from pycnn.autograd import Tensor, no_grad
+from pycnn.data import datasets
 from pycnn.training.trainer import regularisation_loss
 
 
@@ -89,7 +90,7 @@ def expected_initial_loss(config, classes: int) -> tuple[float, str]:
 
 def run_checks(config, splits, overfit_images: int = 50, steps: int = 200, gradcheck: bool = True) -> Report:
     """The four checks of the module docstring for ``config`` on ``splits`` (train.Splits)."""
-    from pycnn.training.runs import PREPROCESSORS, make_optimiser, model_spec
+    from pycnn.training.runs import PREPROCESSORS, make_optimizer, model_spec
 
     if isinstance(overfit_images, bool) or not isinstance(overfit_images, int) or overfit_images < 2:
         from pycnn.training.config import ConfigError
@@ -106,7 +107,7 @@ def run_checks(config, splits, overfit_images: int = 50, steps: int = 200, gradc
         batch = min(256, len(splits.train_y))
         x, y = preprocessor(splits.train_x[:batch]).astype(np.float32), splits.train_y[:batch]
         checks.append(_timed(check_initial_loss, config, model, x, y, splits.classes))
-        checks.append(_timed(check_regularisation, config, model, x, y, make_optimiser(config, model)))
+        checks.append(_timed(check_regularisation, config, model, x, y, make_optimizer(config, model)))
         checks.append(_timed(check_overfit, config, spec, preprocessor, splits, overfit_images, steps))
         if gradcheck:
             checks.append(_timed(check_gradients, config, spec, preprocessor(splits.train_x[:4]), splits.train_y[:4]))
@@ -142,13 +143,14 @@ def check_initial_loss(config, model, x, y, classes: int) -> Check:
     return Check("initial loss", False, reading, fix)
 
 
-def check_regularisation(config, model, x, y, optimiser) -> Check:
+def check_regularisation(config, model, x, y, optimizer) -> Check:
     model.train()
     with no_grad():
         data = _data_loss(config, model(Tensor(x)), y).item()
-    reg = regularisation_loss(optimiser)
+    reg = regularisation_loss(optimizer)
     if not (config.weight_decay or config.l1):
-        return Check("regularisation", True, f"data loss {data:.4f}; no regularisation term (weight_decay and l1 are 0)")
+        return Check("regularisation", True,
+                     f"data loss {data:.4f}; no regularisation term (weight_decay and l1 are 0)")
     reading = (f"data loss {data:.4f} + regularisation {reg:.4f} = {data + reg:.4f} (the term adds "
                f"{reg / data:.1%}; weight_decay {config.weight_decay:g}, l1 {config.l1:g})")
     if 0 < reg < data:
@@ -163,8 +165,8 @@ def check_regularisation(config, model, x, y, optimiser) -> Check:
 
 def check_overfit(config, spec, preprocessor, splits, images: int, steps: int) -> Check:
     """Fit ``images`` training images (stratified) with no regularisation: no weight decay,
-    L1, max-norm, dropout or augmentation; full-batch steps of the configured optimiser."""
-    from pycnn.training.runs import make_optimiser
+    L1, max-norm, dropout or augmentation; full-batch steps of the configured optimizer."""
+    from pycnn.training.runs import make_optimizer
 
     images = min(images, len(splits.train_y) - 1)
     _, subset = datasets.stratified_holdout(splits.train_y, images, seed=0)
@@ -172,11 +174,11 @@ def check_overfit(config, spec, preprocessor, splits, images: int, steps: int) -
     y = splits.train_y[subset]
     model = models.build({**spec, "dropout": 0.0}, seed=config.seed)
     plain = dataclasses.replace(config, weight_decay=0.0, l1=0.0, max_norm=0.0, label_smoothing=0.0)
-    optimiser = make_optimiser(plain, model, regularise=False)
+    optimizer = make_optimizer(plain, model, regularise=False)
     model.train()
     first = last = None
     accuracy = 0.0
-    for step in range(1, steps + 1):
+    for step in range(1, steps + 1):  # noqa: B007 (read after the loop: the steps it took)
         logits = model(x)
         loss = _data_loss(plain, logits, y)
         last = loss.item()
@@ -184,14 +186,15 @@ def check_overfit(config, spec, preprocessor, splits, images: int, steps: int) -
         accuracy = float((np.asarray(logits.data).argmax(axis=1) == y).mean())
         if accuracy == 1.0 or not math.isfinite(last):
             break
-        optimiser.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        optimiser.step()
+        optimizer.step()
     name = f"overfit {images} images"
     if accuracy == 1.0:
         return Check(name, True, f"100% training accuracy after {step - 1} steps (loss {first:.3f} -> {last:.3f}), "
                      "regularisation off")
-    reading = f"{accuracy:.0%} training accuracy after {steps} steps (loss {first:.3f} -> {last:.3f}), regularisation off"
+    reading = (f"{accuracy:.0%} training accuracy after {steps} steps (loss {first:.3f} -> {last:.3f}), "
+               "regularisation off")
     if not math.isfinite(last) or last > first:
         fix = f"the loss grew: the learning rate {config.lr:g} is too high for this model (try a tenth of it)"
     elif last > 0.8 * first:
@@ -212,26 +215,26 @@ def _to_float64(model) -> None:
 
 def check_gradients(config, spec, x, y, directions: int = 2, eps: float = 1e-6, tolerance: float = 1e-4) -> Check:
     """Directional derivatives of the logged loss (data + regularisation) along random
-    directions, analytic (autograd + the optimiser's regularisation gradient) against
+    directions, analytic (autograd + the optimizer's regularisation gradient) against
     central differences, in float64 on a tiny batch in training mode (fixed random seeds, so
     dropout draws the same mask every time)."""
-    from pycnn.training.runs import make_optimiser
+    from pycnn.training.runs import make_optimizer
 
     model = models.build(spec, seed=config.seed)
     _to_float64(model)
-    optimiser = make_optimiser(config, model)
+    optimizer = make_optimizer(config, model)
     x = np.asarray(x, dtype=np.float64)
     model.train()
-    decay = {id(p): (g["weight_decay"], g["l1"]) for g in optimiser.param_groups for p in g["params"]}
+    decay = {id(p): (g["weight_decay"], g["l1"]) for g in optimizer.param_groups for p in g["params"]}
 
     def loss_value() -> float:
         _random.manual_seed(12345)
         with no_grad():
-            return _data_loss(config, model(Tensor(x)), y).item() + regularisation_loss(optimiser)
+            return _data_loss(config, model(Tensor(x)), y).item() + regularisation_loss(optimizer)
 
     _random.manual_seed(12345)
     loss = _data_loss(config, model(Tensor(x)), y)
-    optimiser.zero_grad()
+    optimizer.zero_grad()
     loss.backward()
     def relative_error(p, d, analytic, step) -> float:
         original = p.data.copy()
@@ -272,5 +275,5 @@ def check_gradients(config, spec, x, y, directions: int = 2, eps: float = 1e-6, 
     if worst <= tolerance:
         return Check("gradient check", True, reading)
     return Check("gradient check", False, f"{reading}, worst in {worst_name}",
-                 f"the backward pass of the layer holding {worst_name} disagrees with its forward (above {tolerance:g}; "
-                 "run the op gradchecks in tests/ for that layer's ops)")
+                 f"the backward pass of the layer holding {worst_name} disagrees with its forward (above "
+                 f"{tolerance:g}; run the op gradchecks in tests/ for that layer's ops)")

@@ -95,9 +95,6 @@ def _int_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}") from None
 
 
-_widths = _int_list  # the name earlier versions used
-
-
 def _size(text: str):
     return "auto" if text == "auto" else _int(text)
 

@@ -9,7 +9,7 @@
   learning rate is too high, far below too low.
 
 ``LayerDiagnostics(every=k)`` is driven by the Trainer: on a diagnostic step it runs the
-forward pass layer by layer (``forward``), then reads gradients before the optimiser step
+forward pass layer by layer (``forward``), then reads gradients before the optimizer step
 (``before_step``) and the update after it (``after_step``).  Every other step costs nothing.
 Readings go to ``history["diagnostics"]``: a list of {"step": s, "layers": {name: {...}}}.
 """

@@ -340,14 +340,14 @@ def run_preset(checkpoint, preset: str, run_dir="runs/finetune", dataset=None, c
         rate = config.lr if layer_module is head else config.lr * chosen.lr_factor
         for p in params:
             groups.append({"params": [p], "lr": rate, "weight_decay": config.weight_decay if p.ndim > 1 else 0.0})
-    optimiser = optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    schedule = schedules.CosineLR(optimiser, config.epochs)
+    optimizer = optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    schedule = schedules.CosineLR(optimizer, config.epochs)
     train_loader = data.DataLoader((splits.train_x, splits.train_y), config.batch_size, shuffle=True, seed=seed,
                                    transform=BatchPipeline(augmentation(config, splits.train_x), preprocessor),
                                    prefetch=config.prefetch)
     val_loader = data.DataLoader((splits.val_x, splits.val_y), 256, shuffle=False, transform=preprocessor,
                                  prefetch=0) if len(splits.val_y) else None
-    trainer = Trainer(model, optimiser, train_loader, val_loader, schedule=schedule, loss=config.loss,
+    trainer = Trainer(model, optimizer, train_loader, val_loader, schedule=schedule, loss=config.loss,
                       checkpoint_dir=run_dir / "checkpoints", progress=progress, device=config.device,
                       meta={"model": spec, "config": config.to_dict(), "finetune": {"preset": preset, "frozen": start}},
                       attachments={f"preprocess/{k}": v for k, v in preprocessor.state_dict().items()})

@@ -133,8 +133,9 @@ def _learning_rate(losses: np.ndarray, stopped, ratios: dict, expected: float | 
     if peak >= JUMP * start:
         fate = (f"then stalled near {last:.3f}" if last > STALL * start else
                 f"before falling to {last:.3f}: it recovered, but a lower rate or a warm-up would start smoother")
-        return Reading("learning_rate", "too_high", f"Too high: the loss climbed from {start:.3f} to {peak:.3f} "
-                                                    f"({peak / start:.1f}x) around batch {peak_at}, {fate}{said_update}.")
+        return Reading("learning_rate", "too_high",
+                       f"Too high: the loss climbed from {start:.3f} to {peak:.3f} ({peak / start:.1f}x) around batch "
+                       f"{peak_at}, {fate}{said_update}.")
     if last > STALL * start and trained:
         return Reading("learning_rate", "info", f"The loss stayed near {last:.3f}; it started at {start:.3f}, well "
                                                 f"below chance ({expected:.3f}), from trained weights{said_update}.")
@@ -239,9 +240,9 @@ def _layer_readings(history: dict, ratios: dict) -> list[Reading]:
     if dead:
         worst = max(dead, key=dead.get)
         if dead[worst] > 0.5:
-            out.append(Reading("dead_units", "too_many", f"{dead[worst]:.0%} of the units of {worst} are dead (zero for "
-                                                         "every image of a batch): a lower rate, Leaky ReLU or PReLU "
-                                                         "would keep them alive."))
+            out.append(Reading("dead_units", "too_many",
+                               f"{dead[worst]:.0%} of the units of {worst} are dead (zero for every image of a "
+                               "batch): a lower rate, Leaky ReLU or PReLU would keep them alive."))
         else:
             out.append(Reading("dead_units", "ok", f"Dead units: at most {dead[worst]:.0%} (in {worst})."))
     scales = {name: values[-1] for name, (_, values) in series(history, "std").items()
@@ -260,7 +261,8 @@ def _layer_readings(history: dict, ratios: dict) -> list[Reading]:
 
 def _image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"><figcaption>{path.name}</figcaption></figure>'
+    return (f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{path.name}</figcaption></figure>')
 
 
 def _results(history: dict) -> str:

@@ -1,12 +1,12 @@
 """Training runs: one ``Config`` (flags of ``pycnn train``, or keys of a TOML file) describes
-data, pre-processing, augmentation, model, optimiser, schedule and loss; ``run`` trains it
+data, pre-processing, augmentation, model, optimizer, schedule and loss; ``run`` trains it
 and writes a run directory:
 
     RUN_DIR/config.json            the config
     RUN_DIR/history.json, .csv     per-batch loss and learning rate, per-epoch loss (data +
                                    regularisation) / accuracy / lr / speed, the best epoch and
                                    the test result
-    RUN_DIR/checkpoints/epoch_NNN.npz   model, optimiser, schedule, RNG, pre-processing
+    RUN_DIR/checkpoints/epoch_NNN.npz   model, optimizer, schedule, RNG, pre-processing
     RUN_DIR/checkpoints/epoch_NNN_part_BBBBB.npz   an epoch interrupted by Ctrl-C
     RUN_DIR/loss.png, accuracy.png, lr.png, layers.png   the figures
     RUN_DIR/report.html            the figures and their readings in words, self-contained
@@ -156,7 +156,7 @@ class BatchPipeline:
 
 
 def build(config: Config, train_x, train_y, eval_x=None, eval_y=None, classes: int | None = None):
-    """(model, optimiser, schedule, train loader, evaluation loader, fitted pre-processor); the
+    """(model, optimizer, schedule, train loader, evaluation loader, fitted pre-processor); the
     evaluation loader (of ``eval_x``, the validation set in ``run``) is None without images.
     The pre-processing is fitted on ``train_x`` only."""
     pycnn.manual_seed(config.seed)
@@ -173,24 +173,27 @@ def build(config: Config, train_x, train_y, eval_x=None, eval_y=None, classes: i
         classes = len(config.classes) or int(max(train_y.max(), eval_y.max() if eval_y is not None and len(eval_y)
                                                   else 0) + 1)
     model = models.build(model_spec(config, train_x.shape[1], train_x.shape[2], classes), seed=config.seed)
-    optimiser = make_optimiser(config, model)
+    optimizer = make_optimizer(config, model)
     schedule = {
-        "none": lambda: schedules.ConstantLR(optimiser, warmup_steps=config.warmup_steps),
-        "step": lambda: schedules.StepLR(optimiser, config.step_size, config.gamma, warmup_steps=config.warmup_steps),
-        "cosine": lambda: schedules.CosineLR(optimiser, config.epochs, warmup_steps=config.warmup_steps),
-        "plateau": lambda: schedules.ReduceOnPlateau(optimiser, factor=config.plateau_factor,
+        "none": lambda: schedules.ConstantLR(optimizer, warmup_steps=config.warmup_steps),
+        "step": lambda: schedules.StepLR(optimizer, config.step_size, config.gamma, warmup_steps=config.warmup_steps),
+        "cosine": lambda: schedules.CosineLR(optimizer, config.epochs, warmup_steps=config.warmup_steps),
+        "plateau": lambda: schedules.ReduceOnPlateau(optimizer, factor=config.plateau_factor,
                                                      patience=config.patience, warmup_steps=config.warmup_steps),
     }[config.schedule]()
-    return model, optimiser, schedule, train_loader, eval_loader, preprocessor
+    return model, optimizer, schedule, train_loader, eval_loader, preprocessor
 
 
-def make_optimiser(config: Config, model, regularise: bool = True):
+def make_optimizer(config: Config, model, regularise: bool = True):
     groups = optim.param_groups(model, weight_decay=config.weight_decay if regularise else 0.0,
                                 l1=config.l1 if regularise else 0.0, max_norm=config.max_norm or None)
     if config.optimizer == "sgd":
         return optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov and config.momentum > 0)
     return optim.Adam(groups, lr=config.lr)
+
+
+make_optimiser = make_optimizer  # the spelling tests/test_cuda_engine.py and tests/test_cuda_graph.py call
 
 
 def model_spec(config: Config, in_channels: int, image_size: int, classes: int) -> dict:

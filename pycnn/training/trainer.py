@@ -10,16 +10,16 @@ resume exactly, and three ways to stop early:
   ``history["interrupted"]`` set; resuming from it gives the run an uninterrupted one would
   have given.  A second Ctrl-C quits at once (``KeyboardInterrupt``).
 
-The logged training loss is the objective the optimiser descends: the data loss (cross-
-entropy or hinge, a mean over the batch) plus the regularisation term of the optimiser's
+The logged training loss is the objective the optimizer descends: the data loss (cross-
+entropy or hinge, a mean over the batch) plus the regularisation term of the optimizer's
 parameter groups, ``0.5 * weight_decay * |w|^2 + l1 * |w|_1`` (its gradient is what the
-optimiser adds); both parts are logged too.  The validation loss is the data loss alone.
+optimizer adds); both parts are logged too.  The validation loss is the data loss alone.
 
 After every epoch the validation accuracy (ties: the lower validation loss) chooses the best
 epoch (``history["best_epoch"]``, 1-based; ``best_state()`` gives its weights).
 
 Checkpoints are one ``.npz`` per epoch (no pickle: ``np.load(..., allow_pickle=False)``):
-model parameters and buffers under ``model/``, optimiser state under ``optim/``, and a JSON
+model parameters and buffers under ``model/``, optimizer state under ``optim/``, and a JSON
 document under ``meta`` (epoch, history, schedule state, random-generator state, the model
 spec and the run config).  ``read_checkpoint`` turns any unreadable file into one
 ``CheckpointError`` naming the file.
@@ -67,7 +67,7 @@ def _new_history() -> dict:
 
 
 def regularisation_loss(optimizer) -> float:
-    """The regularisation term of the optimiser's groups at the current weights:
+    """The regularisation term of the optimizer's groups at the current weights:
     sum of ``0.5 * weight_decay * |w|^2 + l1 * |w|_1`` over the parameters it updates."""
     return start_regularisation_loss(optimizer)()
 
@@ -98,7 +98,7 @@ def start_regularisation_loss(optimizer):
     if not on_device:
         return lambda: total
     from pycnn.ops import cuda_backend
-    parts, finish = cuda_backend.optimiser_kernels().sum_squares_and_abs([flat for flat, _, _ in on_device])
+    parts, finish = cuda_backend.optimizer_kernels().sum_squares_and_abs([flat for flat, _, _ in on_device])
 
     def value() -> float:
         sums = finish(to_host(parts))  # (parameters, 2): sum of w^2, sum of |w|, in float64
@@ -432,9 +432,9 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
-        """Restore model, optimiser, schedule, history, random state and the position inside
+        """Restore model, optimizer, schedule, history, random state and the position inside
         an interrupted epoch; returns the meta.  Raises CheckpointError when the file does
-        not fit this trainer (its model, its optimiser)."""
+        not fit this trainer (its model, its optimizer)."""
         arrays, meta = read_checkpoint(path)
         try:
             self.model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})

@@ -1,4 +1,4 @@
-"""Tools built on the training pipeline (issue 12): what the lecture notes and the tips teach
+"""Tools built on the training pipeline: what the lecture notes and the tips teach
 about choosing settings and combining networks, each as one command.
 
 * ``trial``: train one ``Config`` in a folder epoch by epoch, reporting after each epoch

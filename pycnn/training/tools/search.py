@@ -296,9 +296,6 @@ def _best(specs: list):
     return max(scored, key=lambda so: (so[1].val_accuracy, -(so[1].val_loss or 0.0), so[0].stage))
 
 
-RESULT_COLUMNS = ["stage", "trial", "status", "val_accuracy", "val_loss", "best_epoch", "epochs", "seconds", "reason"]
-
-
 def results_rows(specs: list) -> list:
     keys = list(dict.fromkeys(k for s in specs for k in s.values))
     rows = []
@@ -352,7 +349,8 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
                "best": {"stage": best_spec.stage, "trial": best_spec.index, "values": best_spec.values,
                         "val_accuracy": best.val_accuracy, "best_epoch": best.best_epoch, "epochs": best.epochs,
                         "checkpoint": str(Path(best_spec.folder) / best.best_checkpoint)},
-               "test": test, "stage_warnings": warnings, "warnings": final_warnings, "figures": [str(p) for p in figures],
+               "test": test, "stage_warnings": warnings, "warnings": final_warnings,
+               "figures": [str(p) for p in figures],
                "seconds": round(sum(r["seconds"] or 0 for r in rows), 1)}
     (run_dir / "search.json").write_text(json.dumps(summary, indent=1))
     log(markdown_table(rows, limit=10), end="")

@@ -51,7 +51,7 @@ class Outcome:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Outcome":
+    def from_dict(cls, d: dict) -> Outcome:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
     @property
@@ -107,7 +107,7 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
     tools pass a long-tailed one); ``report(metrics) -> bool``: called after every epoch with
     the epoch's metrics, False cuts the trial (aborted); ``resume``: continue from the newest
     readable checkpoint of ``folder`` (a finished trial is returned as it is); ``class_weight``:
-    per-class weights of the cross-entropy; ``schedule(optimiser)``: a schedule instead of the
+    per-class weights of the cross-entropy; ``schedule(optimizer)``: a schedule instead of the
     config's; ``init_state``: model weights to start from (a fine-tune); ``preprocessor``: a
     fitted pre-processing to use instead of fitting one on the training images; ``keep``:
     'best' keeps the newest and the best epoch's checkpoints, 'all' every epoch's."""
@@ -119,7 +119,7 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
         return done
     splits = splits if splits is not None else split_data(config)
     prepare_run_dir(folder, resume=False)
-    model, optimiser, own_schedule, train_loader, val_loader, fitted = build(
+    model, optimizer, own_schedule, train_loader, val_loader, fitted = build(
         config, splits.train_x, splits.train_y, splits.val_x, splits.val_y, classes=splits.classes)
     if preprocessor is not None:
         train_loader, val_loader = make_loaders(config, splits.train_x, splits.train_y, splits.val_x,
@@ -132,8 +132,8 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
     if class_weight is not None:
         from pycnn.device import to_device
         weight = to_device(np.asarray(class_weight, dtype=np.float32), config.device)
-    trainer = Trainer(model, optimiser, train_loader, val_loader,
-                      schedule=schedule(optimiser) if schedule is not None else own_schedule,
+    trainer = Trainer(model, optimizer, train_loader, val_loader,
+                      schedule=schedule(optimizer) if schedule is not None else own_schedule,
                       loss=config.loss, label_smoothing=config.label_smoothing, class_weight=weight,
                       checkpoint_dir=folder / "checkpoints", progress=progress, device=config.device,
                       early_stop=config.early_stop,
@@ -217,8 +217,8 @@ class Predictor:
 
     def probabilities(self, images, batch_size: int = 256) -> np.ndarray:
         """Softmax probabilities (N, classes) of uint8 images (N, C, H, W), evaluation mode."""
-        from pycnn.device import to_device, to_host
         from pycnn.autograd import Tensor, no_grad
+        from pycnn.device import to_device, to_host
 
         self.model.eval()
         out = []
