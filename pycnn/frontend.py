@@ -12,13 +12,19 @@ An op whose spec has an ``Api`` (``pycnn.ops.registry``) is offered with no code
   ``pycnn train --activation``.
 
 A setting named ``training`` follows the layer's mode; a ``seed`` of None is drawn from
-pycnn's generator at every call in training (0 in evaluation, where nothing is drawn).
+pycnn's generator at every call in training (0 in evaluation, where nothing is drawn), by the
+function or, where the front end draws it itself (``draw_seed=False``), by what it calls.
+
+A front end may give its layers the constructor arguments of another library's twins
+(``TorchArgs``: pycnn.torch takes torch.nn's, such as ``MaxPool2(kernel_size=2, stride=2)`` or
+``LeakyReLU(negative_slope=0.2, inplace=True)``); a value that means something else than what
+the op does is refused in one line naming the argument.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,8 +75,9 @@ def _signature(op) -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def make_function(op, apply_op: Callable) -> Callable:
-    """``op`` as a function of its inputs and settings, run by the front end's ``apply_op``."""
+def make_function(op, apply_op: Callable, draw_seed: bool = True) -> Callable:
+    """``op`` as a function of its inputs and settings, run by the front end's ``apply_op``
+    (which draws a seed of None itself unless ``draw_seed``)."""
     signature = _signature(op)
     has_weight = op.api.weight is not None
 
@@ -81,7 +88,7 @@ def make_function(op, apply_op: Callable) -> Callable:
         inputs = [params.pop("x")] + ([params.pop("weight")] if has_weight else [])
         if "training" in params:
             check_training(params["training"])
-        if "seed" in params and params["seed"] is None:
+        if draw_seed and "seed" in params and params["seed"] is None:
             params["seed"] = _random.next_seed() if params.get("training", True) else 0
         return apply_op(op.name, *inputs, **params)
 
@@ -91,11 +98,11 @@ def make_function(op, apply_op: Callable) -> Callable:
     return function
 
 
-def functions(apply_op: Callable, module: str) -> dict[str, Callable]:
+def functions(apply_op: Callable, module: str, draw_seed: bool = True) -> dict[str, Callable]:
     """Every offered op's function and its aliases, by name, for the namespace ``module``."""
     made = {}
     for op in api_ops():
-        function = make_function(op, apply_op)
+        function = make_function(op, apply_op, draw_seed)
         function.__module__ = module
         made[op.api.function] = function
         made.update(dict.fromkeys(op.api.function_aliases, function))
@@ -104,29 +111,71 @@ def functions(apply_op: Callable, module: str) -> dict[str, Callable]:
 
 # --------------------------------------------------------------------------------- layers
 
+_UNSET = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchArgs:
+    """The constructor arguments of a layer's twin in another library that it takes too:
+    ``aliases`` (their name: the layer's), ``fixed`` (an argument: (its default, the values
+    that mean what the op does)), ``defaults`` (the layer's argument: its default there),
+    ``inplace`` (the argument of that name, kept as an attribute: the result is the same)."""
+    aliases: dict = dataclasses.field(default_factory=dict)
+    fixed: dict = dataclasses.field(default_factory=dict)
+    defaults: dict = dataclasses.field(default_factory=dict)
+    inplace: bool = False
+
+    def parameters(self, kind) -> list:
+        params = [inspect.Parameter(name, kind, default=default) for name, (default, _) in self.fixed.items()]
+        if self.inplace:
+            params.append(inspect.Parameter("inplace", kind, default=False))
+        return params + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_UNSET)
+                         for name in self.aliases]
+
+    def resolve(self, layer: str, values: dict) -> dict:
+        """``values`` with the aliases under the layer's names; one line for a fixed
+        argument's value that the op cannot honour."""
+        for name, (_, accepted) in self.fixed.items():
+            value = values.pop(name)
+            value = tuple(value) if isinstance(value, list) else value
+            if not any(value == a and type(value) is type(a) for a in accepted):
+                raise ValueError(f"{layer}: {name}={value!r} is not supported (pycnn's op takes {name} in "
+                                 f"{list(accepted)})")
+        for alias, name in self.aliases.items():
+            value = values.pop(alias)
+            if value is not _UNSET:
+                values[name] = value
+        return values
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerBase:
     """What a front end's layers are made of: the ``module`` class to derive from; for the
     layers with a weight per channel, ``new_weight(channels, value, dtype, device)`` (a
     parameter filled with ``value``) and the ``default_dtype``; ``device``: whether the
-    constructor takes a device (torch)."""
+    constructor takes a device (torch); ``torch_args``: the twins' arguments, by op name."""
     module: type
     new_weight: Callable
     default_dtype: object
     device: bool = False
+    torch_args: dict = dataclasses.field(default_factory=dict)
 
 
 def _layer_signature(op, base: LayerBase) -> inspect.Signature:
     positional, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    torch_args = base.torch_args.get(op.name, TorchArgs())
     params = []
     if op.api.weight is not None:
         initial, default = op.api.weight
-        params += [inspect.Parameter("channels", positional), inspect.Parameter(initial, positional, default=default),
+        channels = torch_args.defaults.get("channels", inspect.Parameter.empty)
+        params += [inspect.Parameter("channels", positional, default=channels),
+                   inspect.Parameter(initial, positional, default=default),
                    inspect.Parameter("dtype", positional, default=base.default_dtype)]
         if base.device:
             params.append(inspect.Parameter("device", positional, default=None))
     params += [inspect.Parameter(name, positional if op.api.weight is None else keyword, default=default)
                for name, default, _ in op.api.settings if name not in _PER_CALL]
+    params += torch_args.parameters(positional if op.api.weight is None else keyword)
     return inspect.Signature(params)
 
 
@@ -136,12 +185,15 @@ def make_layer(op, function: Callable, base: LayerBase) -> type:
     signature = _layer_signature(op, base)
     settings = [(name, kind) for name, _, kind in api.settings if name not in _PER_CALL]
     per_call = [name for name, _, _ in api.settings if name == "training"]
+    torch_args = base.torch_args.get(op.name)
 
     def __init__(self, *args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        values = bound.arguments
+        values = dict(bound.arguments) if torch_args is None else torch_args.resolve(api.layer, dict(bound.arguments))
         base.module.__init__(self)
+        if "inplace" in values:  # the twin's in-place flag: kept; the result is the same, in a new tensor
+            self.inplace = check_setting("inplace", values.pop("inplace"), bool)
         if api.weight is not None:
             channels = check_setting("channels", values["channels"], int)
             initial = check_setting(api.weight[0], values[api.weight[0]], float)

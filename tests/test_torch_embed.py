@@ -213,11 +213,11 @@ def test_argument_checks_run():
     with pytest.raises(ValueError, match="input channels"):
         pt.conv3x3(torch.randn(1, 2, 4, 4), torch.randn(3, 5, 3, 3))
     with pytest.raises(TypeError, match="float32 or float64"):
-        pt.relu(torch.ones(3, dtype=torch.float16))
+        pt.relu(torch.ones(3, dtype=torch.int32))
     with pytest.raises(TypeError, match="one dtype"):
         pt.prelu(torch.randn(2, 3), torch.rand(3, dtype=torch.float64))
     with pytest.raises(TypeError, match="bfloat16"):
-        pt.relu(torch.ones(3, dtype=torch.bfloat16))
+        pt.apply_op("relu", torch.ones(3, dtype=torch.bfloat16))  # the generic path takes what NumPy holds
     with pytest.raises(ValueError, match="pieces"):
         pt.maxout(torch.randn(2, 3, 2, 2), 2)
 
@@ -321,16 +321,25 @@ def test_layer_forward_and_backward_match_pure_torch(make, dtype):
         _assert_close(p.grad, theirs[name].grad, dtype)
 
 
-def test_layers_initialise_like_pycnn_nn():
-    pycnn.manual_seed(3)
+def test_conv_initialises_like_torch_or_like_pycnn_nn():
+    """By default torch.nn.Conv2d's reset_parameters (torch's generator, default dtype); with
+    init_scheme='he' pycnn.nn.Conv3x3's He initialisation from pycnn's generator."""
+    torch.manual_seed(3)
     ours = pt.Conv3x3(5, 7)
+    torch.manual_seed(3)
+    twin = torch.nn.Conv2d(5, 7, 3, padding=1)
+    torch.testing.assert_close(ours.weight, twin.weight, rtol=0, atol=0)
+    torch.testing.assert_close(ours.bias, twin.bias, rtol=0, atol=0)
+    assert isinstance(ours, torch.nn.Conv2d)
+    pycnn.manual_seed(3)
+    he = pt.Conv3x3(5, 7, init_scheme="he")
     pycnn.manual_seed(3)
     theirs = pnn.Conv3x3(5, 7)
-    np.testing.assert_array_equal(ours.weight.detach().numpy(), theirs.weight.data)
-    np.testing.assert_array_equal(ours.bias.detach().numpy(), theirs.bias.data)
+    np.testing.assert_array_equal(he.weight.detach().numpy(), theirs.weight.data)
+    np.testing.assert_array_equal(he.bias.detach().numpy(), theirs.bias.data)
     assert [n for n, _ in ours.named_parameters()] == ["weight", "bias"]  # as torch.nn.Conv2d
     assert ours.weight.dtype == torch.float32 and pt.Conv3x3(1, 1, dtype=torch.float64).weight.dtype == torch.float64
-    big = pt.Conv3x3(64, 64, rng=np.random.default_rng(0))
+    big = pt.Conv3x3(64, 64, init_scheme="he", rng=np.random.default_rng(0))
     assert abs(float(big.weight.detach().std()) / np.sqrt(2 / (64 * 9)) - 1) < 0.02  # He: std sqrt(2 / fan_in)
     np.testing.assert_array_equal(pt.PReLU(4).weight.detach().numpy(), np.full(4, 0.25, np.float32))
     assert pt.Conv3x3Act(2, 3, "relu").prelu_weight is None

@@ -1,0 +1,289 @@
+"""``accelerate(model)``: run an existing torch model's layers on pycnn's kernels.
+
+It walks the model and swaps, in place, every module that one of pycnn's ops computes exactly:
+
+    torch.nn module                                     runs as
+    Conv2d 3x3, stride 1, padding 1 / 'same',           Conv3x3 (the same object: its class changes)
+      dilation 1, groups 1, padding_mode 'zeros'
+    BatchNorm2d                                         BatchNorm2d (the same object)
+    BatchNorm2d, then ReLU / LeakyReLU / PReLU / ELU /  BatchNormAct2d: one batchnorm_act call; the
+      SiLU in a Sequential (no hooks on either)           activation's place holds a FusedActivation
+    ReLU, LeakyReLU, PReLU, ELU, SiLU, Sigmoid, Tanh    pycnn.torch's layer of the same settings
+    MaxPool2d / AvgPool2d, kernel 2, stride 2,          MaxPool2 / AvgPool2
+      padding 0, no ceil_mode or dilation
+
+and leaves everything else as it is (the report says why).  What a user holds stays valid:
+the Parameters and buffers are the same objects under the same state_dict keys (an optimizer
+made before keeps working), and the hooks, pre-hooks and train/eval mode of every swapped
+module go with it.  torch's RReLU is left: pycnn's rrelu draws a slope 1/U(lower, upper) per
+element, torch's U(lower, upper).  Batch norm is not folded into the convolution in evaluation.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from pycnn._torch.layers import LAYERS, BatchNorm2d, BatchNormAct2d, Conv3x3
+
+# precision -> conv3x3's algorithm
+PRECISIONS = {"default": "auto", "high": "direct"}
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# the activations batchnorm_act applies: torch class -> (pycnn activation, its settings from the module)
+_EPILOGUES = {
+    torch.nn.ReLU: ("relu", lambda m: {}),
+    torch.nn.LeakyReLU: ("leaky_relu", lambda m: {"slope": m.negative_slope}),
+    torch.nn.PReLU: ("prelu", lambda m: {}),
+    torch.nn.ELU: ("elu", lambda m: {"alpha": m.alpha}),
+    torch.nn.SiLU: ("swish", lambda m: {}),
+}
+# the activations swapped one for one: torch class -> the pycnn.torch layer made from the module
+_ACTIVATIONS = {
+    torch.nn.ReLU: lambda m: LAYERS["ReLU"](inplace=m.inplace),
+    torch.nn.LeakyReLU: lambda m: LAYERS["LeakyReLU"](m.negative_slope, inplace=m.inplace),
+    torch.nn.PReLU: lambda m: LAYERS["PReLU"](m.num_parameters, dtype=m.weight.dtype, device=m.weight.device),
+    torch.nn.ELU: lambda m: LAYERS["ELU"](m.alpha, inplace=m.inplace),
+    torch.nn.SiLU: lambda m: LAYERS["SiLU"](inplace=m.inplace),
+    torch.nn.Sigmoid: lambda m: LAYERS["Sigmoid"](),
+    torch.nn.Tanh: lambda m: LAYERS["Tanh"](),
+    torch.nn.MaxPool2d: lambda m: LAYERS["MaxPool2"](),
+    torch.nn.AvgPool2d: lambda m: LAYERS["AvgPool2"](),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    path: str      # the module's name in the model ('layer1.0.conv1')
+    module: str    # its torch class
+    action: str    # 'swapped', 'fused' or 'left'
+    detail: str    # what it runs as, or why it was left
+
+
+@dataclasses.dataclass
+class Report:
+    """What ``accelerate`` did to each module; ``str(report)`` is a table."""
+    precision: str
+    rows: list = dataclasses.field(default_factory=list)
+
+    def add(self, path, module, action, detail) -> None:
+        self.rows.append(Row(path or "(model)", type(module).__name__, action, detail))
+
+    @property
+    def swapped(self) -> list:
+        return [r for r in self.rows if r.action != "left"]
+
+    @property
+    def left(self) -> list:
+        return [r for r in self.rows if r.action == "left"]
+
+    def __str__(self) -> str:
+        header = ("module", "torch class", "action", "detail")
+        table = [header] + [(r.path, r.module, r.action, r.detail) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(3)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in table]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"{len(self.swapped)} swapped (precision {self.precision!r}), {len(self.left)} left")
+        return "\n".join(lines)
+
+
+def accelerate(model: torch.nn.Module, precision: str = "default", inplace: bool = True, verbose: bool = False):
+    """Swap ``model``'s modules for pycnn's where pycnn computes the same thing (module
+    docstring); returns ``(model, report)``.  ``inplace=False`` works on a deep copy (whose
+    Parameters are new objects).  ``verbose`` prints the report.
+
+    ``precision``: 'default' lets conv3x3 choose its algorithm per shape (Winograd where it is
+    faster): in float32 its error against float64 is larger than torch's (measured on a
+    resnet-like stack, 8 convs of 32-64 channels at 16x16 with BN and ReLU: max relative error
+    of the logits TBD vs torch's TBD); 'high' runs the direct convolution, whose float32 error
+    is torch's (TBD).  float64 models equal torch's to rounding either way.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"accelerate takes a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = Report(precision)
+    if not _swap_root(model, PRECISIONS[precision], report):
+        _walk(model, "", PRECISIONS[precision], report)
+    if verbose:
+        print(report)
+    return model, report
+
+
+def _walk(parent: torch.nn.Module, prefix: str, algo: str, report: Report) -> None:
+    children = list(parent.named_children())
+    fused = set()
+    for i, (name, child) in enumerate(children):
+        path = f"{prefix}{name}"
+        if name in fused:
+            continue
+        if isinstance(parent, torch.nn.Sequential) and i + 1 < len(children):
+            next_name, follower = children[i + 1]
+            if _fuse(parent, child, next_name, follower, prefix, name, report):
+                fused.add(next_name)
+                continue
+        if _swap_child(parent, name, child, path, algo, report):
+            continue
+        if next(child.children(), None) is None:
+            report.add(path, child, "left", "no pycnn op for it")
+        else:
+            _walk(child, f"{path}.", algo, report)
+
+
+def _swap_root(model, algo, report) -> bool:
+    """A model that is itself one swappable module (a bare Conv2d) is swapped in place."""
+    if type(model) is torch.nn.Conv2d:
+        return _swap_conv(model, "", algo, report)
+    if type(model) is torch.nn.BatchNorm2d:
+        return _swap_bn(model, "", report)
+    return False
+
+
+def _swap_child(parent, name, child, path, algo, report) -> bool:
+    """Swap ``child`` (``parent``'s attribute ``name``) if pycnn runs it; whether it did (or
+    says why it left it)."""
+    kind = type(child)
+    if isinstance(child, (Conv3x3, BatchNorm2d, FusedActivation)) or kind in LAYERS.values():
+        report.add(path, child, "left", "already pycnn's")
+        return True
+    if isinstance(child, torch.nn.Conv2d):
+        return _swap_conv(child, path, algo, report)
+    if kind is torch.nn.BatchNorm2d:
+        return _swap_bn(child, path, report)
+    if kind is torch.nn.RReLU:
+        report.add(path, child, "left", "pycnn's rrelu draws slopes 1/U(lower, upper), torch's U(lower, upper)")
+        return True
+    make = _ACTIVATIONS.get(kind)
+    if make is None:
+        return False
+    reason = _pool_reason(child) if kind in (torch.nn.MaxPool2d, torch.nn.AvgPool2d) else None
+    if reason is not None:
+        report.add(path, child, "left", reason)
+        return True
+    new = make(child)
+    if isinstance(child, torch.nn.PReLU):
+        new.weight = child.weight  # the same Parameter
+    _transplant(child, new)
+    setattr(parent, name, new)
+    report.add(path, child, "swapped", f"pycnn.torch.{type(new).__name__}")
+    return True
+
+
+def _swap_conv(conv, path, algo, report) -> bool:
+    reason = _conv_reason(conv)
+    if reason is not None:
+        report.add(path, conv, "left", reason)
+        return True
+    report.add(path, conv, "swapped", f"pycnn.torch.Conv3x3 (algo {algo!r})")
+    conv.__class__ = Conv3x3  # the same object: Parameters, hooks and mode stay
+    conv.algo = algo
+    if not conv.weight.is_contiguous():
+        conv.weight.data = conv.weight.data.contiguous()
+    return True
+
+
+def _swap_bn(bn, path, report) -> bool:
+    reason = _dtype_reason(bn.running_mean if bn.weight is None else bn.weight)
+    if reason is not None:
+        report.add(path, bn, "left", reason)
+        return True
+    report.add(path, bn, "swapped", "pycnn.torch.BatchNorm2d")
+    bn.__class__ = BatchNorm2d
+    return True
+
+
+def _fuse(parent, bn, act_name, act, prefix, bn_name, report) -> bool:
+    """BatchNorm2d followed by an activation batchnorm_act applies: one BatchNormAct2d call."""
+    if type(bn) not in (torch.nn.BatchNorm2d, BatchNorm2d) or type(act) not in _EPILOGUES:
+        return False
+    if _has_hooks(act) or any(getattr(bn, h) for h in ("_forward_hooks", "_forward_hooks_with_kwargs")):
+        return False  # a hook would see another tensor than it does now
+    if isinstance(act, torch.nn.PReLU) and act.num_parameters not in (1, bn.num_features):
+        return False
+    if _dtype_reason(bn.running_mean if bn.weight is None else bn.weight) is not None:
+        return False
+    activation, settings = _EPILOGUES[type(act)]
+    report.add(prefix + bn_name, bn, "fused", f"pycnn.torch.BatchNormAct2d ({activation}, applies {act_name})")
+    report.add(prefix + act_name, act, "fused", "FusedActivation (applied by the batch norm before it)")
+    bn.__class__ = BatchNormAct2d
+    fused = FusedActivation(type(act).__name__)
+    _transplant(act, fused)
+    if isinstance(act, torch.nn.PReLU):
+        fused.weight = act.weight  # same Parameter, same state_dict key
+    bn.set_activation(activation, prelu=fused if isinstance(act, torch.nn.PReLU) else None, **settings(act))
+    setattr(parent, act_name, fused)
+    return True
+
+
+class FusedActivation(torch.nn.Module):
+    """Where an activation was that the batch norm before it now applies: passes its input on
+    (it holds the activation's parameter, PReLU's weight, under the same name)."""
+
+    def __init__(self, fused: str):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self):
+        return f"{self.fused}, applied by the batch norm before it"
+
+
+# --------------------------------------------------------------------------- the checks
+
+def _dtype_reason(t) -> str | None:
+    if t is not None and t.dtype not in (torch.float32, torch.float64):
+        return f"dtype {t.dtype}: pycnn runs float32 and float64"
+    return None
+
+
+def _conv_reason(conv) -> str | None:
+    """Why pycnn's conv3x3 cannot stand in for ``conv``; None where it can."""
+    if type(conv) is not torch.nn.Conv2d:
+        return f"a subclass of Conv2d ({type(conv).__name__}): its forward may differ"
+    checks = [("kernel_size", conv.kernel_size, ((3, 3),), "kernel_size != 3"),
+              ("stride", conv.stride, ((1, 1),), "stride != 1"),
+              ("padding", conv.padding, ((1, 1), "same"), "padding != 1"),
+              ("dilation", conv.dilation, ((1, 1),), "dilation != 1"),
+              ("groups", conv.groups, (1,), "groups != 1"),
+              ("padding_mode", conv.padding_mode, ("zeros",), "padding_mode != 'zeros'")]
+    for name, value, accepted, why in checks:
+        if value not in accepted:
+            return f"Conv2d({name}={value!r}): {why}"
+    return _dtype_reason(conv.weight)
+
+
+def _pool_reason(pool) -> str | None:
+    def pair(v):
+        return v if isinstance(v, tuple) else (v, v)
+    checks = [("kernel_size", pair(pool.kernel_size), (2, 2)), ("stride", pair(pool.stride), (2, 2)),
+              ("padding", pair(pool.padding), (0, 0)), ("ceil_mode", pool.ceil_mode, False)]
+    if isinstance(pool, torch.nn.MaxPool2d):
+        checks += [("dilation", pair(pool.dilation), (1, 1)), ("return_indices", pool.return_indices, False)]
+    else:
+        checks += [("divisor_override", pool.divisor_override, None)]
+    for name, value, wanted in checks:
+        if value != wanted:
+            return f"{type(pool).__name__}({name}={value!r}): pycnn pools 2x2 windows, stride 2, no padding"
+    return None
+
+
+def _has_hooks(module) -> bool:
+    return any(getattr(module, h, None) for h in _RUN_HOOKS + ("_forward_hooks_with_kwargs",
+                                                               "_forward_pre_hooks_with_kwargs"))
+
+
+def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """``new`` takes ``old``'s hooks (the same dicts: their handles still remove them) and mode."""
+    for name in _HOOKS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
+    new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
+    new.train(old.training)
