@@ -148,6 +148,31 @@ def test_ctrl_c_while_starting_is_one_line_and_130(capsys, monkeypatch):
     assert status == 130 and "interrupted" in one_line(err)
 
 
+def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
+    """The pycnn command's process (argv[0] 'pycnn'): SIGINT while its modules import (here:
+    right after pycnn.training, with more importing still to come) ends it quietly."""
+    script = ("import os, signal, sys, time\n"
+              "sys.argv[0] = 'pycnn'\n"
+              "import pycnn.training\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(5)\n"
+              "import pycnn.training.cli\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "pycnn: interrupted while starting (nothing was written)"
+    # main() gives Ctrl-C back to Python; a library user's process is never touched
+    check = "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    script = ("import signal, sys\n"
+              "sys.argv[0] = 'pycnn'\n"
+              "from pycnn.training import cli\n" + check +
+              "cli.main(['evaluate', '/nonexistent.npz'])\n" + check)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"], done.stderr
+    script = "import signal\nimport pycnn.training.cli\n" + check
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True"], done.stderr
+
+
 # ---------------------------------------------------------------------------------- devices
 
 def _without_cupy(monkeypatch):

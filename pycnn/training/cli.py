@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 import pycnn
+from pycnn import training
 from pycnn.bench import harness as benchmarks
 from pycnn.training import checks, figures, finetune, runs
 from pycnn.training.config import Config, ConfigError, check_device
@@ -178,6 +179,9 @@ def _train(args) -> int:
     except ValueError as exc:  # a value the checks above let through, rejected deeper down
         return _fail("train", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
+        if not runs.latest_checkpoint(args.run_dir):
+            return _fail("train", f"interrupted before the first checkpoint: stopped at once; {args.run_dir} holds no "
+                                  "checkpoint to resume from", EXIT_INTERRUPTED)
         return _fail("train", f"interrupted outside a training batch (or a second Ctrl-C): stopped at once; the "
                               f"checkpoints in {args.run_dir} are intact (--resume continues from the newest)",
                      EXIT_INTERRUPTED)
@@ -418,6 +422,7 @@ def build_parser() -> _Parser:
 
 def main(argv=None) -> int:
     try:
+        training.quiet_startup_interrupt(False)  # from here on, KeyboardInterrupt as usual (caught below)
         args = build_parser().parse_args(argv)
         if args.command in tools.COMMANDS:
             return tools.run(args)
