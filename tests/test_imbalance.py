@@ -102,6 +102,21 @@ def test_remedies_and_two_stage_fine_tune(tmp_path, capsys):
         assert f"| {r['images_processed']} | {r['seconds']:.1f} |" in out
 
 
+def test_a_rerun_with_other_settings_is_refused_not_scored_with_the_old_remedies(tmp_path, capsys):
+    argv = ["imbalance", "--backend", "local", "--ratio", "10", "--per-class", "20", "--remedies", "plain",
+            "--run-dir", str(tmp_path), *TINY]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    first = json.loads((tmp_path / "imbalance.json").read_text())["remedies"][0]
+    assert cli.main([*argv, "--epochs", "1"]) == 0  # the same command: the remedy is reused, its time kept
+    again = json.loads((tmp_path / "imbalance.json").read_text())["remedies"][0]
+    assert again["reused"] and again["images_processed"] == first["images_processed"]
+    assert again["seconds"] >= first["train_seconds"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--epochs", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds remedies trained with other settings (epochs 3 (the folder's: 1))" in err
+
+
 def test_downsample_is_a_default_remedy_and_an_unconverged_stage_is_said():
     parser = cli.build_parser()
     args = parser.parse_args(["imbalance"])

@@ -149,6 +149,7 @@ def run_remedy(remedy: str, config: dict, options: dict, folder: str) -> dict:
     splits = make_splits(config, options)
     counts = np.bincount(splits.train_y, minlength=splits.classes)
     folder = Path(folder)
+    reused = trials.read_outcome(folder / "stage2" if remedy == "two-stage" else folder) is not None
     extra = {}
     if remedy in ("upsample", "downsample"):
         outcome = trials.train_config(dataclasses.replace(config, balance=remedy), folder, splits=splits)
@@ -170,6 +171,7 @@ def run_remedy(remedy: str, config: dict, options: dict, folder: str) -> dict:
     warnings = [w for w in (extra.pop("stage1_warning", None),
                             not_converged(outcome, "stage 2" if staged else "", "--stage2-epochs" if staged else
                                           "--epochs")) if w]
+    train_seconds = round(outcome.seconds + extra.pop("seconds", 0.0), 2)
     checkpoint = Path(extra.pop("folder", folder)) / outcome.best_checkpoint
     predictor = trials.load_predictor(checkpoint, remedy)
     predicted = predictor.probabilities(splits.test_x).argmax(axis=1)
@@ -179,7 +181,8 @@ def run_remedy(remedy: str, config: dict, options: dict, folder: str) -> dict:
             "val_accuracy": outcome.val_accuracy, "test_accuracy": float(np.trace(matrix) / matrix.sum()),
             "mean_per_class_accuracy": float(per_class.mean()), "per_class_accuracy": per_class.tolist(),
             "confusion": matrix.tolist(), "train_images": counts.tolist(),
-            "train_seconds": round(outcome.seconds + extra.pop("seconds", 0.0), 2), "seconds": round(clock(), 2),
+            "train_seconds": train_seconds, "reused": reused,
+            "seconds": round(train_seconds + clock() if reused else clock(), 2),
             "images_processed": int(outcome.images + extra.pop("images", 0)), "warnings": warnings, **extra}
 
 
@@ -228,6 +231,28 @@ def two_stage(config: Config, splits, counts, options: Options, folder: Path):
     return second, facts
 
 
+def _check_same_settings(run_dir: Path, settings: dict) -> None:
+    """Rerunning the same command continues its remedies; other settings in the same folder
+    would be scored with the old remedies' results: refused, naming what differs."""
+    for name in ("settings.json", "imbalance.json"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+            saved = {"config": Config.from_dict(saved["config"]).to_dict(), "options": saved["options"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        differ = [f"{key} {settings[part][key]!r} (the folder's: {saved[part].get(key)!r})"
+                  for part in ("config", "options") for key in settings[part]
+                  if saved[part].get(key) != settings[part][key]]
+        if differ:
+            raise ImbalanceError(f"--run-dir: {run_dir} holds remedies trained with other settings "
+                                 f"({', '.join(differ)}); rerunning continues them only with the same settings: "
+                                 "choose another --run-dir")
+        return
+
+
 def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backend: str = "local", ray_options=None,
                   log=print) -> dict:
     """Train every remedy on the same long-tailed set (in parallel on Ray with backend 'ray'),
@@ -239,7 +264,10 @@ def run_imbalance(config: Config, options: Options, remedies, run_dir, *, backen
     splits = make_splits(config, options)
     counts = np.bincount(splits.train_y, minlength=splits.classes).tolist()
     run_dir = Path(run_dir).resolve()
+    settings = {"config": config.to_dict(), "options": dataclasses.asdict(options)}
+    _check_same_settings(run_dir, settings)
     make_writable_dir(run_dir)  # RunDirError (exit 2) when it cannot be written
+    (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
     (run_dir / "dataset.json").write_text(json.dumps({
         "dataset": config.dataset, "ratio": options.ratio, "profile": options.profile, "train_images_per_class":
         counts, "validation_images": int(len(splits.val_y)), "test_images": int(len(splits.test_y))}, indent=1))
