@@ -10,7 +10,7 @@ fastest call), the ratio
 torch_time / pycnn_time (> 1: pycnn is faster), GFLOP/s (2*N*K*C*9*H*W flops) and the
 fraction of the FMA peak (pycnn._C.fma_peak_gflops, measured in the pycnn worker).
 
-  pycnn   _C.conv3x3_backward(x, w, gy, None, gw, None): the weight gradient only, float32,
+  pycnn   _C.conv3x3_grad_weight(x, gy, gw, None): the weight gradient only, float32,
           the OpenMP default thread count (2 on the reference machine)
   torch   torch.ops.aten.convolution_backward(..., output_mask=[False, True, False]),
           torch.set_num_threads(threads or 2)
@@ -75,7 +75,7 @@ def _worker(framework: str, cases: list[tuple[int, int, int, int, int]], threads
             gw = outs[i]
 
             def call():
-                _C.conv3x3_backward(x, wt, gy, None, gw, None)
+                _C.conv3x3_grad_weight(x, gy, gw, None)
             return call
         info["threads"] = _C.num_threads()
         info["variant"] = _C.build_info()["variant"]

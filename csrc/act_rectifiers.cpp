@@ -8,7 +8,8 @@
 // (see bench/).
 //
 // Subgradient at z == 0: the negative branch (0 for relu, the slope otherwise), as PyTorch.
-// Which gradients can be read off the output y (conv3x3_act keeps y alone then):
+// Which gradients can be read off the output y (the rule is pycnn/ops/conv.py's grad_from_output,
+// read from the specs in pycnn/ops/activations.py; conv3x3_act keeps y alone then); why:
 //   relu, leaky_relu with slope >= 0, prelu with every slope > 0: y > 0 exactly when z > 0,
 //     and prelu's weight gradient sum_{z<=0} g*z is (sum_{y<=0} g*y) / a[k].
 //   leaky_relu with slope < 0, prelu with a slope <= 0: y >= 0 on both branches (or y = 0 on
@@ -38,8 +39,6 @@ struct Relu : pycnn::act::Functor {
     static T forward(T z, const Params<T>&) { return z < T(0) ? T(0) : z; }  // NaN stays NaN, like np.maximum
     template <typename T>
     static T backward(T s, T g, const Params<T>&) { return s > T(0) ? g : T(0); }
-    template <typename T>
-    static bool grad_from_output(const Params<T>&) { return true; }
 };
 
 // y = z where z > 0 else slope * z  (and rrelu, with its own slope per element)
@@ -51,8 +50,6 @@ struct LeakyRelu : pycnn::act::Functor {
     static T forward(T z, const Params<T>& p) { return z > T(0) ? z : z * p.slope; }
     template <typename T>
     static T backward(T s, T g, const Params<T>& p) { return s > T(0) ? g : g * p.slope; }
-    template <typename T>
-    static bool grad_from_output(const Params<T>& p) { return p.slope >= T(0); }
 };
 
 // leaky_relu with one slope per channel (p.slope, resolved per row by Params::channel)
@@ -66,10 +63,6 @@ struct Prelu : pycnn::act::Functor {
     // d loss / d slope: g * z where z <= 0
     template <typename T>
     static double weight_grad(T s, T g) { return s > T(0) ? 0.0 : static_cast<double>(g) * static_cast<double>(s); }
-    template <typename T>
-    static bool grad_from_output(const Params<T>& p) {
-        return std::all_of(p.prelu, p.prelu + p.channels, [](T a) { return a > T(0); });
-    }
 };
 
 // y = z where z > 0 else alpha * expm1(z)  (exp / expm1 for z <= 0: vecmath.hpp)

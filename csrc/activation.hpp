@@ -15,14 +15,14 @@
 //   template <class T> static T forward(T z, const Params<T>& p);         y = act(z)
 //   template <class T> static T backward(T s, T g, const Params<T>& p);   g * act'(z), s the saved array
 //   static constexpr Scalar kScalar; kScalarDefault;  the one scalar parameter of the bindings, if any
-//   template <class T> static bool grad_from_output(const Params<T>& p);
-//       whether `backward` gives the same result from s = y = act(z) as from s = z (true for the
-//       rectifiers whose output has the sign of z; conv3x3_act then keeps y alone: saves_pre)
+//   `backward` reads s = z or s = y = act(z), whichever the caller saved: the rule of which
+//   activations may keep y alone is pycnn/ops/conv.py's (grad_from_output), the one place.
 //   static constexpr bool kPerChannel;  prelu: p.slope is the slope of the row's channel, and
 //       template <class T> static double weight_grad(T s, T g);  its term of that slope's gradient
 // forward and backward are inline and branch-free (selects), so the loops that call them vectorise.
 #pragma once
 
+#include "activation_kernels.hpp"
 #include "common.hpp"
 
 #include <cstdint>
@@ -32,148 +32,6 @@
 
 namespace pycnn {
 namespace act {
-
-using std::int64_t;
-
-// The parameters of an activation in the dtype of the arrays.
-template <typename T>
-struct Params {
-    T slope = T(0.01);         // leaky_relu; prelu: the slope of the current channel (channel())
-    T alpha = T(1);            // elu
-    const T* prelu = nullptr;  // prelu: one slope per channel, `channels` of them
-    int64_t channels = 0;
-
-    // The parameters of channel k (prelu: its slope; the others: unchanged).  Resolved once per
-    // row or stretch of outputs, so the per-element code reads a scalar.
-    Params channel(int64_t k) const {
-        Params p = *this;
-        if (prelu) p.slope = prelu[k];
-        return p;
-    }
-};
-
-// The parameters of conv3x3_act's arguments (prelu: its `channels` slopes).
-template <typename T>
-Params<T> make_params(double slope, double alpha, const T* prelu = nullptr, int64_t channels = 0) {
-    Params<T> p;
-    p.slope = static_cast<T>(slope);
-    p.alpha = static_cast<T>(alpha);
-    p.prelu = prelu;
-    p.channels = channels;
-    return p;
-}
-
-enum class Scalar { None, Slope, Alpha };
-
-struct Functor {
-    static constexpr Scalar kScalar = Scalar::None;
-    static constexpr double kScalarDefault = 0.0;
-    static constexpr bool kPerChannel = false;
-    template <typename T>
-    static bool grad_from_output(const Params<T>&) { return false; }
-    template <typename T>
-    static double weight_grad(T, T) { return 0.0; }
-};
-
-// Params of the bindings' scalar argument `value`.
-template <class A, typename T>
-Params<T> scalar_params(double value) {
-    Params<T> p;
-    if constexpr (A::kScalar == Scalar::Slope) p.slope = static_cast<T>(value);
-    if constexpr (A::kScalar == Scalar::Alpha) p.alpha = static_cast<T>(value);
-    return p;
-}
-
-// ------------------------------------------------------------------------ kernels
-// n elements, C-contiguous.  Loops over fewer than kParallelMinElements run on one thread.
-
-// Each thread works on its own copy of the parameters: read through the shared one, gcc must
-// assume the stores to y may change them, reloads them every element and does not vectorise
-// (leaky_relu then ran a mispredicted branch per element: 20x slower than relu).
-template <class A, typename T>
-void map_forward(const T* z, T* y, int64_t n, const Params<T> p) {
-#pragma omp parallel if (n >= kParallelMinElements)
-    {
-        const Params<T> q = p;
-#pragma omp for simd schedule(static)
-        for (int64_t i = 0; i < n; ++i) y[i] = A::forward(z[i], q);
-    }
-}
-
-template <class A, typename T>
-void map_backward(const T* s, const T* g, T* gi, int64_t n, const Params<T> p) {
-#pragma omp parallel if (n >= kParallelMinElements)
-    {
-        const Params<T> q = p;
-#pragma omp for simd schedule(static)
-        for (int64_t i = 0; i < n; ++i) gi[i] = A::backward(s[i], g[i], q);
-    }
-}
-
-// One row (a stretch of one channel, p resolved by channel()), on the calling thread: the
-// conv epilogue (z == y: in place) and the per-channel kernels.
-template <class A, typename T>
-void row_forward(const T* z, T* y, int64_t n, const Params<T>& p) {
-    const Params<T> q = p;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = A::forward(z[i], q);
-}
-
-// gi = g * act'(z) on one row; returns the row's term of the per-channel weight gradient,
-// sum of weight_grad(s, g) in double (0 without one).
-template <class A, typename T>
-double row_backward(const T* s, const T* g, T* gi, int64_t n, const Params<T>& p) {
-    const Params<T> q = p;
-    if constexpr (A::kPerChannel) {
-        double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < n; ++i) {
-            gi[i] = A::backward(s[i], g[i], q);
-            acc += A::template weight_grad<T>(s[i], g[i]);
-        }
-        return acc;
-    } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) gi[i] = A::backward(s[i], g[i], q);
-        return 0.0;
-    }
-}
-
-template <typename T>
-using RowForward = void (*)(const T* z, T* y, int64_t n, const Params<T>& p);
-template <typename T>
-using RowBackward = double (*)(const T* s, const T* g, T* gi, int64_t n, const Params<T>& p);
-
-// Arrays viewed as (N, C, S): row r = n*C + c is S contiguous elements of channel c.
-template <typename T, class Row>
-void rows_forward(Row row, const T* z, T* y, int64_t N, int64_t C, int64_t S, const Params<T>& p) {
-    const int64_t rows = N * C;
-#pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
-    for (int64_t r = 0; r < rows; ++r) row(z + r * S, y + r * S, S, p.channel(r % C));
-}
-
-// gi = g * act'(.) by rows; where gw is not null, gw[c] (overwritten) = the sum over n of the
-// row terms of channel c (each row sums into its own double, the rows of a channel are added
-// in order of n: the result does not depend on the number of threads), divided by the slope
-// of the channel where `per_slope` (conv3x3_act's prelu from the output y = a z).
-template <typename T, class Row>
-void rows_backward(Row row, const T* s, const T* g, T* gi, T* gw, bool per_slope, int64_t N, int64_t C, int64_t S,
-                   const Params<T>& p) {
-    const int64_t rows = N * C;
-    std::vector<double> row_sum(gw ? static_cast<size_t>(rows) : 0);
-    double* row_sum_p = row_sum.data();
-#pragma omp parallel for schedule(static) if (rows * S >= kParallelMinElements)
-    for (int64_t r = 0; r < rows; ++r) {
-        const double acc = row(s + r * S, g + r * S, gi + r * S, S, p.channel(r % C));
-        if (row_sum_p) row_sum_p[r] = acc;
-    }
-    if (!gw) return;
-    for (int64_t c = 0; c < C; ++c) {
-        double acc = 0.0;
-        for (int64_t n = 0; n < N; ++n) acc += row_sum_p[n * C + c];
-        gw[c] = static_cast<T>(per_slope ? acc / static_cast<double>(p.channel(c).slope) : acc);
-    }
-}
 
 // ------------------------------------------------------------------------ bindings
 // <name>_forward(x, out[, scalar]) and <name>_backward(x, grad_out, grad_in[, scalar]) of a
@@ -211,8 +69,7 @@ void def_map(py::module_& m, const char* forward_doc, const char* backward_doc) 
 
 // ---------------------------------------------------------- conv3x3_act activations
 // The activations conv3x3_act takes by name: the row functions of each dtype (a function
-// pointer per stretch of outputs costs nothing next to the convolution) and the
-// pre-activation rule.
+// pointer per stretch of outputs costs nothing next to the convolution).
 struct ConvActivation {
     std::string name;
     bool per_channel;  // takes prelu_weight (K,)
@@ -220,8 +77,6 @@ struct ConvActivation {
     RowForward<double> forward_f64;
     RowBackward<float> backward_f32;
     RowBackward<double> backward_f64;
-    bool (*grad_from_output_f32)(const Params<float>&);
-    bool (*grad_from_output_f64)(const Params<double>&);
 
     template <typename T>
     RowForward<T> forward() const {
@@ -230,10 +85,6 @@ struct ConvActivation {
     template <typename T>
     RowBackward<T> backward() const {
         if constexpr (std::is_same_v<T, float>) return backward_f32; else return backward_f64;
-    }
-    template <typename T>
-    bool grad_from_output(const Params<T>& p) const {
-        if constexpr (std::is_same_v<T, float>) return grad_from_output_f32(p); else return grad_from_output_f64(p);
     }
 };
 
@@ -244,25 +95,12 @@ template <class A>
 struct ConvRegistrar {
     ConvRegistrar() {
         add_conv_activation({A::kName, A::kPerChannel, &row_forward<A, float>, &row_forward<A, double>,
-                             &row_backward<A, float>, &row_backward<A, double>, &A::template grad_from_output<float>,
-                             &A::template grad_from_output<double>});
+                             &row_backward<A, float>, &row_backward<A, double>});
     }
 };
 
 // The activation called `name`; ValueError "<fn>: activation must be one of 'elu', ... got '<name>'".
 const ConvActivation& conv_activation(const char* fn, const std::string& name);
-
-// Whether conv3x3_act's backward pass needs the pre-activation z (saved_is_pre=True) rather than
-// the output y, for these parameters (prelu_weight: None, or the (K,) slopes of 'prelu', which
-// needs them and which alone takes them).  The one place that decides it for the CPU: the
-// binding conv3x3_act_saves_pre and check_saved.
-bool saves_pre(const char* fn, const std::string& activation, double slope, double alpha,
-               const py::object& prelu_weight);
-
-// The check of the fused backward passes (conv3x3_act, batchnorm_act): ValueError where the
-// output y was saved (saved_is_pre=False) but saves_pre says the gradient needs z.
-void check_saved(const char* fn, const std::string& activation, bool saved_is_pre, double slope, double alpha,
-                 const py::object& prelu_weight);
 
 }  // namespace act
 }  // namespace pycnn

@@ -475,7 +475,8 @@ void define(py::module_& m) {
         py::arg("pre"), py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0,
         "y = act((x - mean[c]) * scale[c] + shift[c]) in one pass over (N, C) or (N, C, H, W): the activations of "
         "conv3x3_act (prelu_weight (C,) for 'prelu', None otherwise).  pre: None or an array like x that receives "
-        "the pre-activation (the backward pass needs it where conv3x3_act_saves_pre says so).");
+        "the pre-activation, for a backward pass that needs it (the caller decides: pycnn/ops/conv.py, "
+        "grad_from_output).");
     m.def(
         "batchnorm_act_backward",
         [](const py::object& x_obj, const py::object& mean_obj, const py::object& invstd_obj,
@@ -496,7 +497,6 @@ void define(py::module_& m) {
                 ga = as_array_like(fn, "grad_prelu_weight", ga_obj, "x", b.x, true);
                 check_channels(fn, "grad_prelu_weight", ga, b.d.C);
             }
-            act::check_saved(fn, activation, saved_is_pre, slope, alpha, a_obj);
             dispatch_float(b.x, [&](auto zero) {
                 using T = decltype(zero);
                 const T *xp = data_of<T>(b.x), *mp = data_of<T>(b.mean), *ip = data_of<T>(b.invstd),
@@ -515,7 +515,7 @@ void define(py::module_& m) {
         py::arg("grad_prelu_weight"), py::arg("training"), py::arg("activation"), py::arg("slope") = 0.01,
         py::arg("alpha") = 1.0,
         "Gradients of batchnorm_act_forward: grad_out is the gradient of y = act(batch norm of x); saved is y "
-        "(saved_is_pre=False, where conv3x3_act_saves_pre allows it) or the pre-activation; grad_prelu_weight "
+        "(saved_is_pre=False, where the caller's rule allows it) or the pre-activation; grad_prelu_weight "
         "(C,) or None (prelu only).  grad_in, grad_gamma, grad_beta are overwritten.");
 }
 

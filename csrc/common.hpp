@@ -1,6 +1,9 @@
-// Shared helpers of the C++ backend (pycnn._C): argument checks, dtype dispatch, the
-// counter-based random numbers, and the registration function of every source file.
+// Shared helpers of the bindings of the C++ backend (pycnn._C): argument checks, dtype
+// dispatch and the registration function of every source file (kernel_base.hpp: what the
+// kernels share without Python).
 #pragma once
+
+#include "kernel_base.hpp"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -36,40 +39,6 @@ struct Bindings {
 };
 
 void define_registered_bindings(py::module_& m);  // module.cpp
-
-}  // namespace pycnn
-
-namespace pycnn {
-
-// Loops over fewer elements than this run on one thread: starting the OpenMP team costs
-// microseconds, more than a small map costs.
-constexpr std::int64_t kParallelMinElements = 32768;
-
-// --------------------------------------------------------------- counter-based randomness
-// The same formula as pycnn/ops/_util.py (`seed_key`, `uniform`) and the CUDA kernels:
-// element i of a draw with seed s is output i of a splitmix64 stream keyed by s, so the
-// numbers do not depend on how the work is split between threads.
-//   key = mix(s * GOLDEN + GOLDEN);  z_i = mix(key + (i + 1) * GOLDEN);  u_i = (z_i >> 40) * 2^-24
-// All arithmetic is uint64 modulo 2^64.
-constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-constexpr std::uint64_t kMix1 = 0xBF58476D1CE4E5B9ULL;
-constexpr std::uint64_t kMix2 = 0x94D049BB133111EBULL;
-
-inline std::uint64_t mix(std::uint64_t z) {
-    z = (z ^ (z >> 30)) * kMix1;
-    z = (z ^ (z >> 27)) * kMix2;
-    return z ^ (z >> 31);
-}
-
-// The stream key of a seed (computed once per draw).
-inline std::uint64_t seed_key(std::uint64_t seed) { return mix(seed * kGolden + kGolden); }
-
-// U[0, 1) number i of the stream `key`: 24 random bits, exactly representable in float32.
-template <typename T>
-inline T uniform01(std::uint64_t key, std::uint64_t i) {
-    const std::uint64_t z = mix(key + (i + 1) * kGolden);
-    return static_cast<T>(static_cast<std::int32_t>(z >> 40)) * static_cast<T>(1.0 / 16777216.0);
-}
 
 // --------------------------------------------------------------------------- arg checks
 // Every message starts with the function and names the argument:

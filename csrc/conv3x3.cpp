@@ -1,5 +1,6 @@
-// conv3x3, stride 1, zero padding 1: direct convolution (forward, grad_input, grad_bias; grad_weight
-// is in conv3x3_grad_weight.cpp).  The bindings of both algorithms ("direct", "winograd") are in conv3x3_bindings.cpp.
+// conv3x3, stride 1, zero padding 1: direct convolution (forward, grad_bias; grad_x is the
+// forward with the flipped filter, conv3x3.hpp; grad_weight is in conv3x3_grad_weight.cpp).
+// The bindings of every algorithm are in conv3x3_bindings.cpp.
 // The NumPy reference in pycnn/ops/conv.py is the spec.
 //
 // Shapes: x is (N, C, H, W), weight is (K, C, 3, 3), bias is (K,), y is (N, K, H, W), P = H*W.
@@ -18,7 +19,7 @@
 //   grad_input: the same kernel with the filter flipped and transposed (K -> C channels).
 //   grad_weight: conv3x3_grad_weight.cpp.
 // float64 (and float32 in the generic build): plain loops, for gradient checks.
-#include "common.hpp"
+#include "kernel_base.hpp"
 #include "conv3x3.hpp"
 
 #include <omp.h>
@@ -31,12 +32,6 @@
 #include <vector>
 
 #include "simd.hpp"
-
-#if defined(__AVX512F__)
-#define PYCNN_CONV_AVX512 1
-#else
-#define PYCNN_CONV_AVX512 0
-#endif
 
 namespace pycnn {
 namespace conv {
@@ -220,12 +215,6 @@ void direct_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t
     forward_plain(x, w, b, y, N, C, K, H, W, ep);
 }
 
-template <typename T>
-void direct_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
-    const std::vector<T> wt = flip_transpose(w, C, K);  // (C, K, 3, 3)
-    direct_forward<T>(gy, wt.data(), nullptr, gx, N, K, C, H, W);
-}
-
 // gb[k] = sum over n, p of gy[n, k, p], summed in double per (n, k) row, rows added in order of n.
 template <typename T>
 void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P) {
@@ -243,27 +232,9 @@ void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P) {
     }
 }
 
-template <typename T>
-void backward(bool winograd, const T* x, const T* w, const T* gy, T* gx, T* gw, T* gb, int64_t N, int64_t C,
-              int64_t K, int64_t H, int64_t W) {
-    if (gx) {
-        if (winograd) winograd_grad_input<T>(gy, w, gx, N, C, K, H, W);
-        else direct_grad_input<T>(gy, w, gx, N, C, K, H, W);
-    }
-    if (gw) direct_grad_weight<T>(x, gy, gw, N, C, K, H, W);
-    if (gb) grad_bias<T>(gy, gb, N, K, H * W);
-}
-
-#define PYCNN_INSTANTIATE(T)                                                                                  \
-    template void direct_forward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                    const Epilogue<T>&);                                                      \
-    template void backward<T>(bool, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,  \
-                              int64_t);                                                                       \
-    template void direct_grad_input<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t);         \
-    template void grad_bias<T>(const T*, T*, int64_t, int64_t, int64_t);
-PYCNN_INSTANTIATE(float)
-PYCNN_INSTANTIATE(double)
-#undef PYCNN_INSTANTIATE
+PYCNN_CONV_INSTANTIATE(PYCNN_CONV_FORWARD_INSTANTIATE, direct_forward)
+template void grad_bias<float>(const float*, float*, int64_t, int64_t, int64_t);
+template void grad_bias<double>(const double*, double*, int64_t, int64_t, int64_t);
 
 }  // namespace conv
 }  // namespace pycnn

@@ -11,7 +11,7 @@
 #include <cstring>
 #include <vector>
 
-#include "activation.hpp"
+#include "activation_kernels.hpp"
 
 namespace pycnn {
 namespace conv {
@@ -39,21 +39,45 @@ struct Epilogue {
     }
 };
 
-// Direct convolution, float32 (AVX-512 micro-kernels where compiled with -mavx512f) and a
-// plain path for float64.  All outputs are overwritten, never accumulated.
-//   forward:      y = conv(x, w) + b                      (b may be null)
-//   grad_input:   gx = conv(gy, flip(w)^T)                 (gy is (N, K, H, W), gx is (N, C, H, W))
-//   grad_weight:  gw[k, c, t] = sum_{n, p} gy[n, k, p] * x[n, c, p + off(t)]
-//   grad_bias:    gb[k] = sum_{n, p} gy[n, k, p]
+// The forward kernel of each algorithm, float32 (SIMD micro-kernels, simd.hpp) and float64
+// (plain loops, for gradient checks); all outputs are overwritten, never accumulated:
+//   y = conv(x, w) + b (b may be null), then the epilogue ep
+//   direct_forward     the direct loop nest                        (conv3x3.cpp)
+//   winograd_forward   Winograd F(2x2, 3x3): 16 multiplies per 2x2 outputs and channel
+//                      instead of 36                                (conv3x3_winograd.cpp)
+//   winograd4_forward  Winograd F(4x4, 3x3): 36 multiplies per 4x4 outputs and channel
+//                      instead of 144, a float32 error about 5x the direct kernel's (the file
+//                      says what was measured)                     (conv3x3_winograd4.cpp)
 template <typename T>
 void direct_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
                     const Epilogue<T>& ep = Epilogue<T>());
 template <typename T>
-void direct_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
+                      const Epilogue<T>& ep = Epilogue<T>());
+template <typename T>
+void winograd4_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
+                       int64_t W, const Epilogue<T>& ep = Epilogue<T>());
+
+// grad_weight: gw[k, c, t] = sum_{n, p} gy[n, k, p] * x[n, c, p + off(t)]   (gy is (N, K, H, W))
+//   direct_grad_weight     the direct sums                          (conv3x3_grad_weight.cpp)
+//   winograd4_grad_weight  the adjoint of winograd4_forward: sum over the 4x4 output tiles of
+//                          G^T [(A gy A^T) . (B^T x B)] G, 36 multiplies per tile and channel
+//                          pair instead of 144              (conv3x3_winograd4_grad_weight.cpp)
+// grad_bias: gb[k] = sum_{n, p} gy[n, k, p]                                       (conv3x3.cpp)
 template <typename T>
 void direct_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
 template <typename T>
+void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
+template <typename T>
 void grad_bias(const T* gy, T* gb, int64_t N, int64_t K, int64_t P);
+
+// The explicit instantiations of a kernel `fn` (a forward kernel above, or a grad_weight one)
+// for float32 and float64, in its file.
+#define PYCNN_CONV_FORWARD_INSTANTIATE(T, fn) \
+    template void fn<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, const Epilogue<T>&);
+#define PYCNN_CONV_GRAD_WEIGHT_INSTANTIATE(T, fn) \
+    template void fn<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t);
+#define PYCNN_CONV_INSTANTIATE(kind, fn) kind(float, fn) kind(double, fn)
 
 // Non-finite outputs of the Winograd kernels.  Their transforms mix every value of a tile
 // into every other: one inf input makes NaN (inf - inf) over a whole 4x4 or 6x6 tile, and
@@ -70,36 +94,6 @@ inline bool all_finite(const T* a, int64_t n) {
     for (int64_t i = 0; i < n; ++i) probe += a[i] * T(0);
     return probe == T(0);
 }
-
-// Winograd F(2x2, 3x3) (conv3x3_winograd.cpp): forward and grad_input (a Winograd conv with
-// the flipped, transposed filter).  grad_weight uses direct_grad_weight.
-template <typename T>
-void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
-                      const Epilogue<T>& ep = Epilogue<T>());
-template <typename T>
-void winograd_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
-
-// Winograd F(4x4, 3x3) (conv3x3_winograd4.cpp): forward and grad_input, as above (and
-// grad_weight below); 36
-// multiplies per 4x4 outputs and channel instead of F(2x2, 3x3)'s 64 (and the direct 144),
-// with a float32 error about 5x the direct kernel's (the file says what was measured).
-template <typename T>
-void winograd4_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
-                       int64_t W, const Epilogue<T>& ep = Epilogue<T>());
-template <typename T>
-void winograd4_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
-
-// grad_weight by Winograd F(4x4, 3x3) (conv3x3_winograd4_grad_weight.cpp): gw = sum over the
-// 4x4 output tiles of G^T [(A gy A^T) . (B^T x B)] G, 36 multiplies per tile and channel pair
-// instead of 144.
-template <typename T>
-void winograd4_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W);
-
-// The whole backward pass of either algorithm ("winograd": grad_x by Winograd); gx, gw, gb
-// may each be null (not computed).
-template <typename T>
-void backward(bool winograd, const T* x, const T* w, const T* gy, T* gx, T* gw, T* gb, int64_t N, int64_t C,
-              int64_t K, int64_t H, int64_t W);
 
 // Scratch of a kernel, kept per thread between calls and grown when needed (never shrinks),
 // 64-byte aligned: fresh allocations of a few MiB per call cost their page faults.  Each Owner
@@ -121,6 +115,35 @@ std::vector<T> flip_transpose(const T* w, int64_t C, int64_t K) {
         for (int64_t c = 0; c < C; ++c)
             for (int t = 0; t < 9; ++t) out[(c * K + k) * 9 + t] = w[(k * C + c) * 9 + (8 - t)];
     return out;
+}
+
+// ------------------------------------------------------------------ by algorithm
+// The algorithms of the bindings (pycnn.ops.registry.Algo: "direct", "winograd", "winograd4").
+enum class Algo { Direct, Winograd, Winograd4 };
+
+template <typename T>
+void forward(Algo algo, const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
+             int64_t W, const Epilogue<T>& ep = Epilogue<T>()) {
+    if (algo == Algo::Direct) direct_forward<T>(x, w, b, y, N, C, K, H, W, ep);
+    else if (algo == Algo::Winograd) winograd_forward<T>(x, w, b, y, N, C, K, H, W, ep);
+    else winograd4_forward<T>(x, w, b, y, N, C, K, H, W, ep);
+}
+
+// grad_x = conv(gy, flip(w)^T): the forward kernel of the algorithm from K to C channels.
+template <typename T>
+void grad_x(Algo algo, const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
+    const std::vector<T> wt = flip_transpose(w, C, K);  // (C, K, 3, 3)
+    forward<T>(algo, gy, wt.data(), nullptr, gx, N, K, C, H, W);
+}
+
+// grad_weight (by F(4x4, 3x3) for "winograd4", the adjoint of its forward; directly for the
+// others) and grad_bias, each skipped where its output is null.
+template <typename T>
+void grad_weight(Algo algo, const T* x, const T* gy, T* gw, T* gb, int64_t N, int64_t C, int64_t K, int64_t H,
+                 int64_t W) {
+    if (gw && algo == Algo::Winograd4) winograd4_grad_weight<T>(x, gy, gw, N, C, K, H, W);
+    else if (gw) direct_grad_weight<T>(x, gy, gw, N, C, K, H, W);
+    if (gb) grad_bias<T>(gy, gb, N, K, H * W);
 }
 
 }  // namespace conv

@@ -1,17 +1,21 @@
-// The Python bindings of the conv3x3 family: conv3x3_forward / conv3x3_backward (algo
-// "direct": conv3x3.cpp, "winograd": conv3x3_winograd.cpp, F(2x2, 3x3), "winograd4":
-// conv3x3_winograd4.cpp, F(4x4, 3x3)) and conv3x3_act, conv3x3 + bias +
-// activation in one pass (the NumPy reference, the composition of conv3x3 and the activation,
-// is in pycnn/ops/conv.py).
+// The Python bindings of the conv3x3 family, the same names as the CUDA backend's:
+//   conv3x3_forward      y = conv(x, w) + b
+//   conv3x3_grad_x       grad_x of it
+//   conv3x3_grad_weight  grad_weight and grad_bias of it (both read x and grad_y; either may be None)
+//   conv3x3_act_forward / conv3x3_act_backward: conv3x3 + bias + activation in one pass, and its
+//       whole backward pass in one call (the gradient of the pre-activation, computed once, feeds
+//       grad_x, grad_weight, grad_bias and grad_prelu_weight)
+// for the algorithms "direct" (conv3x3.cpp), "winograd" (F(2x2, 3x3): conv3x3_winograd.cpp) and
+// "winograd4" (F(4x4, 3x3): conv3x3_winograd4.cpp); the NumPy reference (the composition of
+// conv3x3 and the activation) is in pycnn/ops/conv.py.
 //
 // conv3x3_act forward: the convolution kernels take an Epilogue (conv3x3.hpp) that applies the
 // activation (activation.hpp: its row function, looked up by name) to each stretch of output
 // right after it is stored, while it is in L1: z = conv(x, w) + b never travels to memory on
 // its own.  Backward: gz = g * act'(saved) by rows of (N, K, P) with the same per-element code
-// (act::rows_backward), then the conv backward of the chosen algorithm on gz.
-// What is saved for the backward pass: the output y where the activation's gradient can be
-// read off it, the pre-activation z otherwise (act::saves_pre decides, for Python
-// (conv3x3_act_saves_pre) and for the check here; csrc/act_rectifiers.cpp says why for each).
+// (act::rows_backward), then the conv gradients of the chosen algorithm on gz.
+// What is saved for the backward pass, the output y or the pre-activation z, is the caller's
+// choice (pycnn/ops/conv.py: grad_from_output, the one rule), told by saved_is_pre.
 #include "common.hpp"
 #include "activation.hpp"
 #include "conv3x3.hpp"
@@ -57,7 +61,7 @@ ConvDims conv_dims(const char* fn, const py::array& x, const py::array& w) {
     return {x.shape(0), x.shape(1), w.shape(0), x.shape(2), x.shape(3)};
 }
 
-enum class Algo { Direct, Winograd, Winograd4 };
+using cv::Algo;
 
 Algo parse_algo(const char* fn, const std::string& algo) {
     if (algo == "direct") return Algo::Direct;
@@ -74,13 +78,32 @@ struct ConvCall {
     py::array x, w;
     ConvDims d;
 
-    ConvCall(const char* fn_, const py::object& x_obj, const py::object& w_obj, const std::string& algo_name)
+    // x_name: "x", or "grad_x" for conv3x3_grad_x, where the (N, C, H, W) array is the output
+    ConvCall(const char* fn_, const py::object& x_obj, const py::object& w_obj, const std::string& algo_name,
+             const char* x_name = "x")
         : fn(fn_),
           algo(parse_algo(fn_, algo_name)),
-          x(as_float_array(fn_, "x", x_obj)),
-          w(as_array_like(fn_, "weight", w_obj, "x", x)),
+          x(as_float_array(fn_, x_name, x_obj, x_name[0] == 'g')),
+          w(as_array_like(fn_, "weight", w_obj, x_name, x)),
           d(conv_dims(fn_, x, w)) {}
+    // conv3x3_grad_weight: x and grad_y (N, K, H, W, into g) give the shapes; no weight (w stays empty)
+    ConvCall(const char* fn_, const py::object& x_obj, const py::object& g_obj, const std::string& algo_name,
+             py::array& g)
+        : fn(fn_), algo(parse_algo(fn_, algo_name)), x(as_float_array(fn_, "x", x_obj)), d() {
+        g = as_array_like(fn, "grad_y", g_obj, "x", x);
+        if (x.ndim() != 4) throw py::value_error(std::string(fn) + ": x must be (N, C, H, W), got shape " + shape_str(x));
+        if (g.ndim() != 4 || g.shape(0) != x.shape(0) || g.shape(2) != x.shape(2) || g.shape(3) != x.shape(3)) {
+            throw py::value_error(std::string(fn) + ": grad_y must be (N, K, H, W) with the N, H, W of x " +
+                                  shape_str(x) + ", got shape " + shape_str(g));
+        }
+        if (x.size() == 0 || g.shape(1) == 0) {
+            throw py::value_error(std::string(fn) + ": x and grad_y must not be empty, got x " + shape_str(x) +
+                                  ", grad_y " + shape_str(g));
+        }
+        d = {x.shape(0), x.shape(1), g.shape(1), x.shape(2), x.shape(3)};
+    }
     std::vector<py::ssize_t> y_shape() const { return {d.N, d.K, d.H, d.W}; }
+    std::vector<py::ssize_t> w_shape() const { return {d.K, d.C, 3, 3}; }
 
     // `name`, an array like x of this shape (writeable where `out`).
     py::array array(const char* name, const py::object& obj, bool out, const std::vector<py::ssize_t>& shape) const {
@@ -106,31 +129,29 @@ T* mutable_data_or_null(bool has, py::array& a) { return has ? mutable_data_of<T
 // an array to overwrite.
 struct ConvGrads {
     py::array gx, gw, gb;
-    bool want_x, want_w, want_b;
+    bool want_x = false, want_w = false, want_b = false;
 
-    ConvGrads(const ConvCall& c, const py::object& gx_obj, const py::object& gw_obj, const py::object& gb_obj) {
-        want_x = c.optional("grad_x", gx_obj, true, pycnn::shape_of(c.x), gx);
-        want_w = c.optional("grad_weight", gw_obj, true, pycnn::shape_of(c.w), gw);
+    ConvGrads(const ConvCall& c, const py::object& gw_obj, const py::object& gb_obj) {
+        want_w = c.optional("grad_weight", gw_obj, true, c.w_shape(), gw);
         want_b = c.optional("grad_bias", gb_obj, true, {c.d.K}, gb);
     }
+    ConvGrads(const ConvCall& c, const py::object& gx_obj, const py::object& gw_obj, const py::object& gb_obj)
+        : ConvGrads(c, gw_obj, gb_obj) {
+        want_x = c.optional("grad_x", gx_obj, true, pycnn::shape_of(c.x), gx);
+    }
 
-    // The conv backward pass of c's algorithm on raw pointers (taken here, with the GIL held):
+    // The conv gradients of c's algorithm on raw pointers (taken here, with the GIL held):
     // backward(gy), gy the gradient of the conv's output, runs without the GIL.
     template <typename T>
     auto backward(const ConvCall& c) {
         const T* xp = data_of<T>(c.x);
-        const T* wp = data_of<T>(c.w);
+        const T* wp = data_or_null<T>(want_x, c.w);  // (conv3x3_grad_weight has none)
         T* gxp = mutable_data_or_null<T>(want_x, gx);
         T* gwp = mutable_data_or_null<T>(want_w, gw);
         T* gbp = mutable_data_or_null<T>(want_b, gb);
         return [=, algo = c.algo, d = c.d](const T* gy) {
-            if (algo == Algo::Winograd4) {  // grad_x and grad_weight by F(4x4, 3x3)
-                if (gxp) cv::winograd4_grad_input<T>(gy, wp, gxp, d.N, d.C, d.K, d.H, d.W);
-                if (gwp) cv::winograd4_grad_weight<T>(xp, gy, gwp, d.N, d.C, d.K, d.H, d.W);
-                if (gbp) cv::grad_bias<T>(gy, gbp, d.N, d.K, d.H * d.W);
-                return;
-            }
-            cv::backward<T>(algo == Algo::Winograd, xp, wp, gy, gxp, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
+            if (gxp) cv::grad_x<T>(algo, gy, wp, gxp, d.N, d.C, d.K, d.H, d.W);
+            cv::grad_weight<T>(algo, xp, gy, gwp, gbp, d.N, d.C, d.K, d.H, d.W);
         };
     }
 };
@@ -144,9 +165,7 @@ void run_forward(const ConvCall& c, bool has_bias, const py::array& b, py::array
     T* yp = mutable_data_of<T>(y);
     const ConvDims& d = c.d;
     py::gil_scoped_release nogil;
-    if (c.algo == Algo::Direct) cv::direct_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
-    else if (c.algo == Algo::Winograd) cv::winograd_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
-    else cv::winograd4_forward<T>(xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
+    cv::forward<T>(c.algo, xp, wp, bp, yp, d.N, d.C, d.K, d.H, d.W, ep);
 }
 
 // The prelu weight (K,): required for a per-channel activation (prelu), refused otherwise.
@@ -177,12 +196,32 @@ void define(py::module_& m) {
         "cross-correlation, stride 1, zero padding 1.  algo: 'direct', 'winograd' (F(2x2, 3x3)) or 'winograd4' "
         "(F(4x4, 3x3): fewer multiplies, float32 error about 5x the direct kernel's).");
     m.def(
-        "conv3x3_backward",
-        [](const py::object& x_obj, const py::object& w_obj, const py::object& g_obj, const py::object& gx_obj,
-           const py::object& gw_obj, const py::object& gb_obj, const std::string& algo_name) {
-            const ConvCall c("conv3x3_backward", x_obj, w_obj, algo_name);
+        "conv3x3_grad_x",
+        [](const py::object& g_obj, const py::object& w_obj, const py::object& gx_obj, const std::string& algo_name) {
+            const ConvCall c("conv3x3_grad_x", gx_obj, w_obj, algo_name, "grad_x");
             const py::array g = c.array("grad_y", g_obj, false, c.y_shape());
-            ConvGrads grads(c, gx_obj, gw_obj, gb_obj);
+            py::array gx = c.x;  // (checked writeable)
+            pycnn::dispatch_float(gx, [&](auto zero) {
+                using T = decltype(zero);
+                const T* gp = data_of<T>(g);
+                const T* wp = data_of<T>(c.w);
+                T* gxp = mutable_data_of<T>(gx);
+                const ConvDims& d = c.d;
+                py::gil_scoped_release nogil;
+                cv::grad_x<T>(c.algo, gp, wp, gxp, d.N, d.C, d.K, d.H, d.W);
+            });
+        },
+        py::arg("grad_y"), py::arg("weight"), py::arg("grad_x"), py::arg("algo") = "direct",
+        "grad_y (N, K, H, W), weight (K, C, 3, 3) -> grad_x (N, C, H, W) (overwritten): the gradient of "
+        "conv3x3_forward with respect to x, a convolution with the flipped, transposed filter by the same "
+        "algorithm ('winograd': F(2x2, 3x3), 'winograd4': F(4x4, 3x3)).");
+    m.def(
+        "conv3x3_grad_weight",
+        [](const py::object& x_obj, const py::object& g_obj, const py::object& gw_obj, const py::object& gb_obj,
+           const std::string& algo_name) {
+            py::array g;
+            const ConvCall c("conv3x3_grad_weight", x_obj, g_obj, algo_name, g);
+            ConvGrads grads(c, gw_obj, gb_obj);
             pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
                 const T* gp = data_of<T>(g);
@@ -191,12 +230,11 @@ void define(py::module_& m) {
                 backward(gp);
             });
         },
-        py::arg("x"), py::arg("weight"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"),
-        py::arg("grad_bias"), py::arg("algo") = "direct",
-        "Gradients of conv3x3_forward; each of grad_x, grad_weight, grad_bias is None (not computed) or "
-        "an array to overwrite.  algo 'winograd' ('winograd4') computes grad_x by Winograd F(2x2, 3x3) "
-        "(F(4x4, 3x3)) with the flipped filter; 'winograd4' also computes grad_weight by F(4x4, 3x3) (the "
-        "adjoint of its forward), the others directly.");
+        py::arg("x"), py::arg("grad_y"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("algo") = "direct",
+        "x (N, C, H, W), grad_y (N, K, H, W) -> grad_weight (K, C, 3, 3) and grad_bias (K,), each None (not "
+        "computed) or an array to overwrite: the gradients of conv3x3_forward with respect to its weight and "
+        "bias.  algo 'winograd4' computes grad_weight by F(4x4, 3x3) (the adjoint of its forward), 'direct' and "
+        "'winograd' directly.");
     m.def(
         "conv3x3_act_forward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& b_obj, const py::object& a_obj,
@@ -221,8 +259,8 @@ void define(py::module_& m) {
         py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0, py::arg("algo") = "direct",
         "y = act(conv3x3(x, weight) + bias) in one pass (y overwritten).  activation: 'relu', 'leaky_relu' "
         "(slope), 'prelu' (prelu_weight (K,)), 'elu' (alpha) or 'swish'; prelu_weight is None for the others.  "
-        "pre: None or an array (N, K, H, W) that receives the pre-activation (needed by the backward pass where "
-        "conv3x3_act_saves_pre says so).");
+        "pre: None or an array (N, K, H, W) that receives the pre-activation, for a backward pass that needs it "
+        "(the caller decides: pycnn/ops/conv.py, grad_from_output).");
     m.def(
         "conv3x3_act_backward",
         [](const py::object& x_obj, const py::object& w_obj, const py::object& a_obj, const py::object& s_obj,
@@ -241,7 +279,6 @@ void define(py::module_& m) {
             if (want_a && !has_prelu) {
                 throw py::value_error(std::string(fn) + ": grad_prelu_weight must be None unless activation is 'prelu'");
             }
-            act::check_saved(fn, activation, saved_is_pre, slope, alpha, a_obj);
             pycnn::dispatch_float(c.x, [&](auto zero) {
                 using T = decltype(zero);
                 const act::Params<T> params = act::make_params<T>(slope, alpha, data_or_null<T>(has_prelu, a), c.d.K);
@@ -262,20 +299,11 @@ void define(py::module_& m) {
         py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
         py::arg("grad_prelu_weight"), py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0,
         py::arg("algo") = "direct",
-        "Gradients of conv3x3_act_forward.  saved is the output y (saved_is_pre=False: relu, leaky_relu with "
-        "slope >= 0, prelu with every slope > 0) or the pre-activation (saved_is_pre=True, required where "
-        "conv3x3_act_saves_pre says so: elu and swish always).  Each gradient is None (not computed) or an "
+        "Gradients of conv3x3_act_forward, in one pass: the gradient of the pre-activation is computed once "
+        "and feeds every other.  saved is the output y (saved_is_pre=False) or the pre-activation "
+        "(saved_is_pre=True); the caller decides which the activation's gradient needs (pycnn/ops/conv.py, "
+        "grad_from_output: y only where it determines the gradient).  Each gradient is None (not computed) or an "
         "array to overwrite.");
-    m.def(
-        "conv3x3_act_saves_pre",
-        [](const std::string& activation, double slope, double alpha, const py::object& prelu_weight) {
-            return act::saves_pre("conv3x3_act_saves_pre", activation, slope, alpha, prelu_weight);
-        },
-        py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0, py::arg("prelu_weight") = py::none(),
-        "Whether conv3x3_act's backward pass needs the pre-activation (pre, saved_is_pre=True) for these "
-        "parameters, rather than the output y: False for relu, leaky_relu with slope >= 0 and prelu with every "
-        "slope of prelu_weight (K,) > 0 (y > 0 exactly where the pre-activation is); True otherwise (elu, "
-        "swish).  prelu_weight: the slopes of 'prelu', None for the others.");
 }
 
 const pycnn::Bindings bindings(define);

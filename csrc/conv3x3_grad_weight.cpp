@@ -15,7 +15,7 @@
 //   over the images and pixels in order, the result depends neither on the thread count nor
 //   on the schedule (and the channels-last result not on the vector width either).
 // float64 (and float32 in the generic build): plain loops, for gradient checks.
-#include "common.hpp"
+#include "kernel_base.hpp"
 #include "conv3x3.hpp"
 #include "channels_last.hpp"
 
@@ -29,12 +29,6 @@
 #include <vector>
 
 #include "simd.hpp"
-
-#if defined(__AVX512F__)
-#define PYCNN_CONV_AVX512 1
-#else
-#define PYCNN_CONV_AVX512 0
-#endif
 
 namespace pycnn {
 namespace conv {
@@ -78,7 +72,7 @@ void grad_weight_plain(const T* x, const T* gy, T* gw, int64_t N, int64_t C, int
 constexpr int64_t kGradWeightChannelsLastMinC = 16;  // below: the pixel-vectorised kernel
 
 // xt[n] (padded channels-last) from x[n] (C, H, W): borders and channels past C are zero.
-#if PYCNN_CONV_AVX512
+#if PYCNN_AVX512
 using simd::first_lanes;
 using simd::transpose16;
 #endif
@@ -117,7 +111,7 @@ float* scratch(std::vector<float>& buf, size_t n) {
 template <int KB>
 void pack_grad_y(const float* gy, float* gyb, int64_t K, int64_t P, int64_t kstride) {
     const int64_t kblocks = (K + KB - 1) / KB;
-#if PYCNN_CONV_AVX512
+#if PYCNN_AVX512
     static_assert(KB <= 16, "one 16 x 16 transposition per 16 pixels");
     const __mmask16 kbm = first_lanes(KB);
     for (int64_t kb = 0; kb < kblocks; ++kb) {
@@ -352,7 +346,6 @@ void grad_weight_pixels_block(const float* x0, int64_t xstride, const float* g0,
 template <class V>
 void grad_weight_pixels(const float* x, const float* gy, float* gw, int64_t N, int64_t C, int64_t K, int64_t H,
                         int64_t W) {
-    using Reg = typename V::Reg;
     constexpr int L = V::kLanes, KB = V::kGradKB;
     const int64_t P = H * W, nvec = (P + L - 1) / L;
     const int64_t Xs = (nvec * L + 2 * W + L - 1) / L * L;  // shifted plane stride (floats), read up to nvec*L + 2W
@@ -423,10 +416,7 @@ void direct_grad_weight(const T* x, const T* gy, T* gw, int64_t N, int64_t C, in
     grad_weight_plain(x, gy, gw, N, C, K, H, W);
 }
 
-template void direct_grad_weight<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t);
-template void direct_grad_weight<double>(const double*, const double*, double*, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t);
+PYCNN_CONV_INSTANTIATE(PYCNN_CONV_GRAD_WEIGHT_INSTANTIATE, direct_grad_weight)
 
 }  // namespace conv
 }  // namespace pycnn

@@ -130,9 +130,11 @@ int64_t chunk_rows(int64_t tw) {
     return best;
 }
 
+}  // namespace
+
 template <typename T>
-void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
-              const Epilogue<T>& ep) {
+void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
+                      int64_t W, const Epilogue<T>& ep) {
     const int64_t th = (H + 1) / 2, tw = (W + 1) / 2;
     // A tile row of the chunk is one strip of pw = 2 * (tw + 1) padded columns: [0, x row, 0 (, 0)].
     // Column j of V is tile (row j / tq, tx = j % tq) with tq = tw + 1 and reads strip columns
@@ -242,28 +244,7 @@ void winograd(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, in
     if (nonfinite) direct_forward<T>(x, w, b, y, N, C, K, H, W, ep);
 }
 
-}  // namespace
-
-template <typename T>
-void winograd_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
-                      int64_t W, const Epilogue<T>& ep) {
-    winograd<T>(x, w, b, y, N, C, K, H, W, ep);
-}
-
-template <typename T>
-void winograd_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
-    const std::vector<T> wt = flip_transpose(w, C, K);  // (C, K, 3, 3)
-    winograd<T>(gy, wt.data(), nullptr, gx, N, K, C, H, W, Epilogue<T>());
-}
-
-template void winograd_forward<float>(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
-                                      int64_t, int64_t, const Epilogue<float>&);
-template void winograd_forward<double>(const double*, const double*, const double*, double*, int64_t, int64_t,
-                                       int64_t, int64_t, int64_t, const Epilogue<double>&);
-template void winograd_grad_input<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t);
-template void winograd_grad_input<double>(const double*, const double*, double*, int64_t, int64_t, int64_t,
-                                          int64_t, int64_t);
+PYCNN_CONV_INSTANTIATE(PYCNN_CONV_FORWARD_INSTANTIATE, winograd_forward)
 
 }  // namespace conv
 }  // namespace pycnn

@@ -60,6 +60,7 @@
 #include <vector>
 
 #include "simd.hpp"
+#include "winograd4.hpp"
 
 namespace pycnn {
 namespace conv {
@@ -307,32 +308,7 @@ __attribute__((noinline)) void input_transform(const Plan& p, const T* x, int64_
         T* vc = v + c * kVStride;
 #pragma omp simd
         for (int64_t j = 0; j < ncols; ++j) {
-            T t[6][6];  // B^T d: t[i][q] for patch column q
-            for (int q = 0; q < 6; ++q) {
-                const T* s = q < 4 ? lo + 4 * j + q : hi + 4 * j + (q - 4);
-                const T d0 = s[0], d1 = s[kSlen], d2 = s[2 * kSlen], d3 = s[3 * kSlen], d4 = s[4 * kSlen],
-                        d5 = s[5 * kSlen];
-                const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
-                const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
-                t[0][q] = T(4) * d0 - T(5) * d2 + d4;
-                t[1][q] = a1 + a2;
-                t[2][q] = a1 - a2;
-                t[3][q] = b1 + b2;
-                t[4][q] = b1 - b2;
-                t[5][q] = T(4) * d1 - T(5) * d3 + d5;
-            }
-            for (int i = 0; i < 6; ++i) {  // (B^T d) B
-                const T d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
-                const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
-                const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
-                T* o = vc + (6 * i) * kLd + j;
-                o[0] = T(4) * d0 - T(5) * d2 + d4;
-                o[kLd] = a1 + a2;
-                o[2 * kLd] = a1 - a2;
-                o[3 * kLd] = b1 + b2;
-                o[4 * kLd] = b1 - b2;
-                o[5 * kLd] = T(4) * d1 - T(5) * d3 + d5;
-            }
+            PYCNN_WINOGRAD4_INPUT_TILE(T, q_ < 4 ? lo + 4 * j + q_ : hi + 4 * j + (q_ - 4), kSlen, vc + j, kLd);
         }
     }
 }
@@ -391,8 +367,10 @@ __attribute__((noinline)) bool output_transform(const Plan& p, const T* m, const
 // team thread's).
 struct Winograd4Scratch;
 
+}  // namespace
+
 template <typename T>
-void winograd4(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
+void winograd4_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W,
                const Epilogue<T>& ep) {
     const Plan p(N, C, K, H, W);
     const int64_t kblocks = (K + kKB - 1) / kKB;
@@ -424,28 +402,7 @@ void winograd4(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, i
     if (nonfinite) direct_forward<T>(x, w, b, y, N, C, K, H, W, ep);
 }
 
-}  // namespace
-
-template <typename T>
-void winograd4_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t K, int64_t H,
-                       int64_t W, const Epilogue<T>& ep) {
-    winograd4<T>(x, w, b, y, N, C, K, H, W, ep);
-}
-
-template <typename T>
-void winograd4_grad_input(const T* gy, const T* w, T* gx, int64_t N, int64_t C, int64_t K, int64_t H, int64_t W) {
-    const std::vector<T> wt = flip_transpose(w, C, K);  // (C, K, 3, 3)
-    winograd4<T>(gy, wt.data(), nullptr, gx, N, K, C, H, W, Epilogue<T>());
-}
-
-template void winograd4_forward<float>(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t, const Epilogue<float>&);
-template void winograd4_forward<double>(const double*, const double*, const double*, double*, int64_t, int64_t,
-                                        int64_t, int64_t, int64_t, const Epilogue<double>&);
-template void winograd4_grad_input<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                                          int64_t);
-template void winograd4_grad_input<double>(const double*, const double*, double*, int64_t, int64_t, int64_t,
-                                           int64_t, int64_t);
+PYCNN_CONV_INSTANTIATE(PYCNN_CONV_FORWARD_INSTANTIATE, winograd4_forward)
 
 }  // namespace conv
 }  // namespace pycnn

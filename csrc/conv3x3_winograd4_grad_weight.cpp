@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "simd.hpp"
+#include "winograd4.hpp"
 
 namespace pycnn {
 namespace conv {
@@ -119,32 +120,7 @@ void transform_row(const Plan& p, const T* xs, const T* gs, int64_t t0, T* v, T*
         T* out = v + (t0 + tx) * Cp;
 #pragma omp simd
         for (int64_t c = 0; c < Cp; ++c) {
-            T t[6][6];  // B^T d: t[i][q] for patch column q
-            for (int q = 0; q < 6; ++q) {
-                const T* s = d + q * Cp + c;
-                const T d0 = s[0], d1 = s[xrow], d2 = s[2 * xrow], d3 = s[3 * xrow], d4 = s[4 * xrow],
-                        d5 = s[5 * xrow];
-                const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
-                const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
-                t[0][q] = T(4) * d0 - T(5) * d2 + d4;
-                t[1][q] = a1 + a2;
-                t[2][q] = a1 - a2;
-                t[3][q] = b1 + b2;
-                t[4][q] = b1 - b2;
-                t[5][q] = T(4) * d1 - T(5) * d3 + d5;
-            }
-            for (int i = 0; i < 6; ++i) {  // (B^T d) B
-                const T d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
-                const T a1 = d4 - T(4) * d2, a2 = d3 - T(4) * d1;
-                const T b1 = d4 - d2, b2 = T(2) * (d3 - d1);
-                T* o = out + 6 * i * vs + c;
-                o[0] = T(4) * d0 - T(5) * d2 + d4;
-                o[vs] = a1 + a2;
-                o[2 * vs] = a1 - a2;
-                o[3 * vs] = b1 + b2;
-                o[4 * vs] = b1 - b2;
-                o[5 * vs] = T(4) * d1 - T(5) * d3 + d5;
-            }
+            PYCNN_WINOGRAD4_INPUT_TILE(T, d + q_ * Cp + c, xrow, out + c, vs);
         }
         // A d A^T of the 4x4 gy patch; A (6 x 4) has the rows [1 0 0 0], [1 1 1 1], [1 -1 1 -1],
         // [1 2 4 8], [1 -2 4 -8], [0 0 0 1]

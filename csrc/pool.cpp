@@ -31,6 +31,10 @@ namespace {
 using std::int64_t;
 using std::uint8_t;
 
+// Whether T's rows take the AVX-512 path (maxpool_simd_*): float32 in the AVX-512 build.
+template <typename T>
+constexpr bool kSimdRows = PYCNN_POOL_AVX512 && std::is_same_v<T, float>;
+
 // Does `b` replace the current best `a`?  Greater, or NaN over a number.
 template <typename T>
 inline bool beats(T b, T a) {
@@ -132,6 +136,27 @@ inline void maxpool_two_rows16_backward(const float* g, const uint8_t* arg, floa
     const __m512i idx = _mm512_maskz_cvtepu8_epi32(__mmask16(0xFFFF), bytes);  // (maskz: no gcc 12 warning)
     maxpool16_backward(gv, idx, r, r + 32, r + 16, r + 48, __mmask16(0xFFFF), __mmask16(0xFFFF));
 }
+
+// Output row h of a plane of width W (Ho output rows), and row h + 1 with it where W == 16
+// (16 contiguous outputs); returns the rows done.  r0: input row 2h; y, arg: output row h.
+inline int maxpool_simd_forward(const float* r0, float* y, uint8_t* arg, int64_t W, int64_t h, int64_t Ho) {
+    if (W == 16 && h + 1 < Ho) {
+        maxpool_two_rows16_forward(r0, y, arg);
+        return 2;
+    }
+    maxpool_row_forward(r0, r0 + W, y, arg, W / 2);
+    return 1;
+}
+
+// The same for the backward pass (W even where two rows are taken: no odd column to clear).
+inline int maxpool_simd_backward(const float* g, const uint8_t* arg, float* r0, int64_t W, int64_t h, int64_t Ho) {
+    if (W == 16 && h + 1 < Ho) {
+        maxpool_two_rows16_backward(g, arg, r0);
+        return 2;
+    }
+    maxpool_row_backward(g, arg, r0, r0 + W, W / 2);
+    return 1;
+}
 #endif
 
 template <typename T>
@@ -144,17 +169,10 @@ void maxpool_forward(const T* x, T* y, uint8_t* arg, int64_t planes, int64_t H, 
             const T* r1 = r0 + W;
             T* yr = y + (pl * Ho + h) * Wo;
             uint8_t* ar = arg + (pl * Ho + h) * Wo;
-#if PYCNN_POOL_AVX512
-            if constexpr (std::is_same_v<T, float>) {
-                if (W == 16 && h + 1 < Ho) {  // two output rows are 16 contiguous outputs
-                    maxpool_two_rows16_forward(r0, yr, ar);
-                    ++h;
-                    continue;
-                }
-                maxpool_row_forward(r0, r1, yr, ar, Wo);
+            if constexpr (kSimdRows<T>) {  // (discarded unless compiled: a dependent call)
+                h += maxpool_simd_forward(r0, yr, ar, W, h, Ho) - 1;
                 continue;
             }
-#endif
 #pragma omp simd
             for (int64_t w = 0; w < Wo; ++w) {
                 T best = r0[2 * w];
@@ -182,17 +200,10 @@ void maxpool_backward(const T* gy, const uint8_t* arg, T* gx, int64_t planes, in
             T* r0 = gx + (pl * H + 2 * h) * W;
             T* r1 = r0 + W;
             if (W & 1) r0[W - 1] = r1[W - 1] = T(0);
-#if PYCNN_POOL_AVX512
-            if constexpr (std::is_same_v<T, float>) {
-                if (W == 16 && h + 1 < Ho) {  // two output rows (W even: no odd column to clear)
-                    maxpool_two_rows16_backward(g, a, r0);
-                    ++h;
-                    continue;
-                }
-                maxpool_row_backward(g, a, r0, r1, Wo);
+            if constexpr (kSimdRows<T>) {
+                h += maxpool_simd_backward(g, a, r0, W, h, Ho) - 1;
                 continue;
             }
-#endif
 #pragma omp simd
             for (int64_t w = 0; w < Wo; ++w) {
                 const T gv = g[w];

@@ -76,6 +76,14 @@ struct Avx2 {
 };
 #endif
 
+// PYCNN_AVX512: 1 where the hand-written AVX-512 paths (transposes, masks of simd.hpp and
+// pool.cpp) are compiled in.
+#if defined(__AVX512F__)
+#define PYCNN_AVX512 1
+#else
+#define PYCNN_AVX512 0
+#endif
+
 #if defined(__AVX512F__)
 using Isa = Avx512;
 #define PYCNN_SIMD 1

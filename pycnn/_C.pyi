@@ -7,12 +7,11 @@ Every kernel writes into output arrays the caller allocated (never allocates), c
 all arrays are NumPy arrays, C-contiguous, of one dtype (float32 or float64) and of matching
 shapes (ValueError / TypeError naming the argument otherwise), and releases the GIL.
 """
-from typing import Union
 
 import numpy as np
 import numpy.typing as npt
 
-_Array = npt.NDArray[Union[np.float32, np.float64]]
+_Array = npt.NDArray[np.float32 | np.float64]
 
 def build_info() -> dict:
     """What this binary was compiled for: {'variant': 'avx512' | 'avx2' | 'generic', 'isa': [...],
@@ -59,17 +58,24 @@ def counter_uniform(seed: int, n: int, dtype: npt.DTypeLike = np.float32) -> _Ar
 
 # ------------------------------------------------- conv3x3 (csrc/conv3x3*.cpp)
 # x (N, C, H, W), weight (K, C, 3, 3), bias (K,) or None, y (N, K, H, W); stride 1, padding 1.
-# algo: "direct" or "winograd" (F(2x2, 3x3); grad_weight is always computed directly).
+# algo: "direct", "winograd" (F(2x2, 3x3)) or "winograd4" (F(4x4, 3x3)); the kernel names are the
+# CUDA backend's (forward / grad_x / grad_weight).
 def conv3x3_forward(x: _Array, weight: _Array, bias: _Array | None, y: _Array, algo: str = "direct") -> None: ...
-def conv3x3_backward(x: _Array, weight: _Array, grad_y: _Array, grad_x: _Array | None, grad_weight: _Array | None,
-                     grad_bias: _Array | None, algo: str = "direct") -> None:
-    """Each gradient that is not None is overwritten."""
+def conv3x3_grad_x(grad_y: _Array, weight: _Array, grad_x: _Array, algo: str = "direct") -> None:
+    """grad_x (overwritten): a convolution of grad_y with the flipped, transposed filter, by algo."""
+def conv3x3_grad_weight(x: _Array, grad_y: _Array, grad_weight: _Array | None, grad_bias: _Array | None,
+                        algo: str = "direct") -> None:
+    """grad_weight (K, C, 3, 3) and grad_bias (K,), each overwritten unless None: both read x and
+    grad_y, so the bias gradient comes with the weight's.  "winograd4": grad_weight by F(4x4, 3x3)
+    (the adjoint of its forward); the others directly."""
 
 # conv3x3_act (csrc/conv3x3_bindings.cpp; the activations: csrc/act_*.cpp): y = act(conv3x3(x) + bias)
 # in one pass; activation "relu", "leaky_relu" (slope), "prelu" (prelu_weight (K,), None otherwise),
 # "elu" (alpha) or "swish" (an unknown name: ValueError listing the known ones).  pre: None or
-# (N, K, H, W) receiving the pre-activation; backward reads `saved` = y, or the pre-activation
-# (saved_is_pre=True: required where conv3x3_act_saves_pre says so).
+# (N, K, H, W) receiving the pre-activation; backward reads `saved` = y (saved_is_pre=False) or the
+# pre-activation (saved_is_pre=True), whichever the caller kept: the rule of which is
+# pycnn.ops.conv.grad_from_output.  The backward pass is one call: the gradient of the
+# pre-activation, computed once, feeds every other.
 def conv3x3_act_forward(x: _Array, weight: _Array, bias: _Array | None, prelu_weight: _Array | None, y: _Array,
                         pre: _Array | None, activation: str, slope: float = 0.01, alpha: float = 1.0,
                         algo: str = "direct") -> None: ...
@@ -78,14 +84,6 @@ def conv3x3_act_backward(x: _Array, weight: _Array, prelu_weight: _Array | None,
                          grad_prelu_weight: _Array | None, activation: str, slope: float = 0.01, alpha: float = 1.0,
                          algo: str = "direct") -> None:
     """Each gradient that is not None is overwritten."""
-def conv3x3_act_saves_pre(activation: str, slope: float = 0.01, alpha: float = 1.0,
-                          prelu_weight: _Array | None = None) -> bool:
-    """Whether conv3x3_act's backward pass needs the pre-activation (pass `pre` to the forward pass,
-    then saved_is_pre=True) rather than the output y, for these parameters: False for relu,
-    leaky_relu with slope >= 0 and prelu with every slope > 0 (y > 0 exactly where the
-    pre-activation is > 0); True for leaky_relu with slope < 0, prelu with a slope <= 0, elu and
-    swish.  The C++ backend's one rule; conv3x3_act_backward refuses saved_is_pre=False where it
-    says True.  prelu_weight: the (K,) slopes of "prelu" (required there, None otherwise)."""
 
 # (csrc/fma_peak.cpp)
 def fma_peak_gflops(iters: int = 10000000) -> float:
@@ -103,7 +101,7 @@ def batchnorm_backward(x: _Array, mean: _Array, invstd: _Array, gamma: _Array, g
     """Gradients of batch norm; training=True includes the dependence of the batch statistics on x."""
 # batch norm + an activation of conv3x3_act in one pass (prelu_weight (C,) for "prelu", else None);
 # pre: None or an array like x for the pre-activation, which the backward pass needs where
-# conv3x3_act_saves_pre says so (saved is then pre, saved_is_pre=True; else saved is y).
+# pycnn.ops.conv.grad_from_output says so (saved is then pre, saved_is_pre=True; else saved is y).
 def batchnorm_act_forward(x: _Array, mean: _Array, scale: _Array, shift: _Array, prelu_weight: _Array | None,
                           y: _Array, pre: _Array | None, activation: str, slope: float = 0.01,
                           alpha: float = 1.0) -> None: ...

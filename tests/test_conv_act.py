@@ -74,15 +74,23 @@ def test_inference_keeps_no_preactivation(rng):
 
 
 def test_output_does_not_tell_negative_slopes_apart():
-    """Why the pre-activation is kept for a negative slope: both branches give y >= 0."""
+    """Why the pre-activation is kept for a negative slope (grad_from_output is False): both
+    branches give y >= 0, so a backward pass given y alone takes the wrong branch."""
     C = pytest.importorskip("pycnn._C")
     x = np.ones((1, 1, 2, 2), np.float32)
-    w = np.zeros((1, 1, 3, 3), np.float32)
-    y = np.empty((1, 1, 2, 2), np.float32)
-    g = np.ones_like(y)
-    C.conv3x3_act_forward(x, w, None, None, y, None, "leaky_relu", -0.5)
-    with pytest.raises(ValueError, match="pre-activation"):
-        C.conv3x3_act_backward(x, w, None, y, False, g, np.empty_like(x), None, None, None, "leaky_relu", -0.5)
+    w = np.full((1, 1, 3, 3), 0.1, np.float32)
+    b = np.array([-1.0], np.float32)  # z = 0.4 - 1 < 0 at every pixel
+    y, pre = np.empty((1, 1, 2, 2), np.float32), np.empty((1, 1, 2, 2), np.float32)
+    C.conv3x3_act_forward(x, w, b, None, y, pre, "leaky_relu", -0.5)
+    assert (pre < 0).all() and (y > 0).all()
+    grad_bias = {}
+    for saved_is_pre, saved in ((True, pre), (False, y)):
+        gb = np.empty(1, np.float32)
+        C.conv3x3_act_backward(x, w, None, saved, saved_is_pre, np.ones_like(y), None, None, gb, None,
+                               "leaky_relu", -0.5)
+        grad_bias[saved_is_pre] = float(gb[0])
+    assert grad_bias == {True: -2.0, False: 4.0}  # 4 pixels of slope -0.5; from y: the positive branch
+    assert not conv.grad_from_output("leaky_relu", slope=-0.5)
 
 
 def test_the_rule_of_what_backward_keeps():
@@ -95,20 +103,6 @@ def test_the_rule_of_what_backward_keeps():
     assert not conv.grad_from_output("prelu", prelu_weight=mixed)
     assert not conv.grad_from_output("elu", alpha=1.0) and not conv.grad_from_output("swish")
     assert set(conv.CONV_ACTIVATIONS) == {"relu", "leaky_relu", "prelu", "elu", "swish"}
-
-
-def test_cpp_guard_agrees_with_the_spec():
-    """_C.conv3x3_act_saves_pre (the C++ side of the rule) on every activation, both signs."""
-    C = pytest.importorskip("pycnn._C")
-    if not hasattr(C, "conv3x3_act_saves_pre"):
-        pytest.skip("this build of pycnn._C has no conv3x3_act_saves_pre (rebuild the extension)")
-    for activation in conv.CONV_ACTIVATIONS:
-        for sign in (1.0, -1.0, 0.0):
-            weight = np.array([0.25, 0.5 * sign], np.float32) if activation == "prelu" else None
-            slope, alpha = 0.2 * sign, 1.0 * (sign or 1.0)
-            expected = not conv.grad_from_output(activation, slope, alpha, weight)
-            got = C.conv3x3_act_saves_pre(activation, slope, alpha, weight)
-            assert got == expected, (activation, sign)
 
 
 def _net(layers, fuse):

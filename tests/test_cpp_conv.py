@@ -10,6 +10,7 @@ C = pytest.importorskip("pycnn._C")
 
 from pycnn.autograd import Context  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
+from pycnn.ops.routing import use_backend  # noqa: E402
 from tests.conftest import TOLERANCE  # noqa: E402
 
 CONV_ALGOS = ["direct", "winograd"]
@@ -142,12 +143,22 @@ def test_conv3x3_rejects_bad_arguments():
         C.conv3x3_forward(x, w, None, y, "fft")
     with pytest.raises(TypeError, match="conv3x3_forward: x must be a numpy array"):
         C.conv3x3_forward([1.0], w, None, y)
-    with pytest.raises(ValueError, match="conv3x3_backward: grad_y must have shape"):
-        C.conv3x3_backward(x, w, np.zeros((2, 3, 5, 5), np.float32), None, None, None)
-    with pytest.raises(ValueError, match="conv3x3_backward: grad_weight must have shape"):
-        C.conv3x3_backward(x, w, y, None, np.zeros((4, 3, 3, 2), np.float32), None)
-    with pytest.raises(ValueError, match="conv3x3_backward: grad_x must have shape"):
-        C.conv3x3_backward(x, w, y, np.zeros((2, 3, 5, 4), np.float32), None, None)
+    with pytest.raises(ValueError, match="conv3x3_grad_x: grad_y must have shape"):
+        C.conv3x3_grad_x(np.zeros((2, 3, 5, 5), np.float32), w, np.zeros_like(x))
+    with pytest.raises(ValueError, match=r"conv3x3_grad_x: weight must be \(K, C, 3, 3\)"):
+        C.conv3x3_grad_x(y, w, np.zeros((2, 2, 5, 5), np.float32))
+    read_only = np.zeros_like(x)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="conv3x3_grad_x: grad_x must be writeable"):
+        C.conv3x3_grad_x(y, w, read_only)
+    with pytest.raises(ValueError, match="conv3x3_grad_weight: grad_weight must have shape"):
+        C.conv3x3_grad_weight(x, y, np.zeros((4, 3, 3, 2), np.float32), None)
+    with pytest.raises(ValueError, match="conv3x3_grad_weight: grad_bias must have shape"):
+        C.conv3x3_grad_weight(x, y, None, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"conv3x3_grad_weight: grad_y must be \(N, K, H, W\)"):
+        C.conv3x3_grad_weight(x, np.zeros((2, 4, 5, 4), np.float32), None, None)
+    with pytest.raises(ValueError, match="conv3x3_grad_weight: algo must be"):
+        C.conv3x3_grad_weight(x, y, None, None, "fft")
     with pytest.raises(ValueError, match="conv3x3_forward: x and weight must not be empty"):
         C.conv3x3_forward(np.zeros((0, 3, 5, 5), np.float32), w, None, np.zeros((0, 4, 5, 5), np.float32))
 
@@ -163,7 +174,6 @@ def test_conv3x3_unknown_algorithm_is_a_clear_error(rng):
 def test_conv3x3_auto_picks_an_available_algorithm(shape):
     n, c, k, h, w = shape
     x, weight, b = np.zeros((n, c, h, w), np.float32), np.zeros((k, c, 3, 3), np.float32), np.zeros(k, np.float32)
-    from pycnn.device import use_backend
     with use_backend("cpp"):
         backend, algo, impl = registry.get("conv3x3").resolve((x, weight, b), {}, algo="auto")
     assert backend == "cpp" and algo in registry.get("conv3x3").algorithms("cpp")

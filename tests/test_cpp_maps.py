@@ -3,15 +3,14 @@
 every cpp implementation with its NumPy reference is registry-driven (test_ops.py)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 C = pytest.importorskip("pycnn._C")
 
 import pycnn  # noqa: E402
-from pycnn.data import augment as A  # noqa: E402
 from pycnn.autograd import Context  # noqa: E402
+from pycnn.data import augment as A  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
 from tests.conftest import TOLERANCE, omp_threads  # noqa: E402
 

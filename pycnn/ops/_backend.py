@@ -19,10 +19,11 @@ test).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pycnn.device import array_module
-from pycnn.ops import _util, registry
+from pycnn.ops import _util, registry, routing
+from pycnn.ops.registry import Algo
 
 
 def needs_grad(ctx, i: int) -> bool:
@@ -39,7 +40,7 @@ class Backend:
     def __init__(self, name: str, prepare: Callable):
         self.name, self.prepare = name, prepare
 
-    def register(self, op: str, forward: Callable, backward: Callable, algo: str = "default",
+    def register(self, op: str, forward: Callable, backward: Callable, algo: Algo = Algo.DEFAULT,
                  refuses: Callable | None = None, rounding: float = 1.0) -> None:
         """Register a pair whose input arrays and incoming gradient pass through ``prepare``
         (params are left alone: running statistics are updated in place)."""
@@ -67,7 +68,7 @@ class Backend:
         layout of the arrays)."""
         for op in registry.all_ops():
             if op.portable:
-                self.register(op.name, op.reference.forward, op.reference.backward, algo="reference")
+                self.register(op.name, op.reference.forward, op.reference.backward, algo=Algo.REFERENCE)
 
 
 def elementwise_pair(spec_params, forward_kernel, backward_kernel):
@@ -176,5 +177,4 @@ def chain_pair(fused: str) -> tuple[Callable, Callable]:
     """A fused op run as the ops it replaces, each on the route it would take by itself: for
     a backend without a fused kernel, so that a planned fusion never runs slower than the
     separate calls (registered as the algorithm 'chain', which the profiler then shows)."""
-    from pycnn.ops import routing
     return registry.chain_pair(fused, lambda op, inputs, params: routing.route(op, inputs, params).impl)
