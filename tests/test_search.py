@@ -5,6 +5,7 @@ interrupted search resumed to the same results, bad input, and ONE real local-Ra
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -219,3 +220,15 @@ def test_search_figures_show_diverged_trials_apart_and_whole_epochs(tmp_path, mo
     ticks = [t for t in curves.axes[0].get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks)
     plt.close("all")
+
+
+def test_resume_refuses_flags_that_would_change_the_search(tmp_path, capsys):
+    """--resume continued the saved search and silently ignored flags such as --trials 99."""
+    spec = SearchSpec(base=Config(epochs=3).to_dict(), space={"lr": {"log_uniform": [1e-3, 1.0]}}, trials=4)
+    (tmp_path / "search.json").write_text(json.dumps({"spec": dataclasses.asdict(spec)}))
+    for flags, words in ((["--trials", "99"], "--trials 99 (the search's: 4)"),
+                         (["--lr", "0.3"], "--lr 0.3 (the search's: 0.05)"),
+                         (["--epochs", "5"], "--epochs 5 (the search's: 3)")):
+        status = cli.main(["search", "--backend", "local", "--resume", "--run-dir", str(tmp_path), *flags])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and "\n" not in err and words in err and "continues with its own settings" in err, err

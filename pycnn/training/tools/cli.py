@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from pycnn.training import cli as base
 from pycnn.training import runs
@@ -185,10 +187,44 @@ def _search(args) -> int:
                              trials=args.trials, epochs=config.epochs, stages=args.stages, fine_trials=args.fine_trials,
                              fine_epochs=args.fine_epochs, top=args.top, eta=args.eta, grace=args.grace,
                              seed=args.search_seed)
+    if args.resume:
+        _refuse_changes_on_resume(args, spec)
     _need_ray(args)
     search.run_search(spec, args.run_dir, resume=args.resume, backend=args.backend,
                       ray_options=_ray_options(args, config))
     return 0
+
+
+SEARCH_FLAGS = {"trials": "trials", "stages": "stages", "fine_trials": "fine_trials", "fine_epochs": "fine_epochs",
+                "top": "top", "eta": "eta", "grace": "grace", "search_seed": "seed"}
+
+
+def _refuse_changes_on_resume(args, spec) -> None:
+    """--resume continues the saved search as it was: a flag given now that would change it is
+    refused in one line (it was silently ignored)."""
+    state = Path(args.run_dir) / "search.json"
+    if not state.is_file():
+        return  # run_search says there is nothing to resume
+    try:
+        saved = search.SearchSpec(**json.loads(state.read_text())["spec"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(search.SearchSpec)}
+    changed = []
+    for flag, field in SEARCH_FLAGS.items():
+        value = getattr(args, flag)
+        if value != defaults[field] and value != getattr(saved, field):
+            changed.append(f"--{flag.replace('_', '-')} {value} (the search's: {getattr(saved, field)})")
+    given = {f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+    for name in sorted(given | (set(spec.base) if args.config else set())):
+        if name in spec.base and spec.base[name] != saved.base.get(name):
+            changed.append(f"--{name.replace('_', '-')} {spec.base[name]} (the search's: {saved.base.get(name)})")
+    if args.param and any(spec.space.get(k) != saved.space.get(k) for k in spec.space):
+        changed.append("--param (the search's space: " + ", ".join(sorted(saved.space)) + ")")
+    if changed:
+        raise search.SearchError(f"--resume: {', '.join(changed)} would change the search in {args.run_dir}, which "
+                                 "continues with its own settings: leave them out, or start a new search in another "
+                                 "--run-dir")
 
 
 def _ensemble(args) -> int:
