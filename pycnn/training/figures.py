@@ -99,6 +99,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
                 transform=ax.transAxes)
     else:
         _empty(ax, "batch")
+    ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
     _note_stop(ax, history)
     fig.tight_layout()
     paths.append(out_dir / "loss.png")
@@ -140,6 +141,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
     if len(rates):
         ax.plot(np.arange(1, len(rates) + 1), rates, lw=1.2)
         ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
     else:
         _empty(ax, "batch")
     ax.grid(alpha=0.3)
