@@ -1,9 +1,11 @@
 """Which build of the C++ backend this CPU runs: the table of variants and the choice.
 
 The extension is built once per instruction-set variant (CMakeLists.txt); each row of
-``VARIANTS`` names a module and the CPU features its compiler flags assume (keep the two
-in step), best first, like NNPACK's hwinfo table.  ``pycnn._C`` imports the first variant
-that is built and whose features the CPU (and the operating system) has:
+``VARIANTS`` names a module and the CPU features it assumes, best first, like NNPACK's hwinfo
+table.  The one list: CMakeLists.txt compiles each variant with the flags of its features
+(``python -I pycnn/_cpu.py --flags avx512`` prints them, ``FLAGS``; -I keeps pycnn/random.py
+from shadowing the standard module), and ``pycnn._C`` imports the
+first variant that is built and whose features the CPU (and the operating system) has:
 
     avx512   pycnn._C_avx512   AVX512F AVX512BW AVX512DQ AVX512VL AVX2 FMA3
     avx2     pycnn._C_avx2     AVX2 FMA3            the x86-64 baseline
@@ -24,10 +26,13 @@ XSAVE support, the same test NumPy's own dispatch uses), else from /proc/cpuinfo
 """
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.machinery
 import importlib.util
 import os
 import platform
+import sys
 
 ENV = "PYCNN_CPU"
 DIR_ENV = "PYCNN_EXTENSION_DIR"
@@ -42,6 +47,9 @@ _X86 = ("x86_64", "amd64", "x64", "i686", "i386")
 # /proc/cpuinfo flag of each NumPy feature name (Linux).
 _PROC_FLAGS = {"AVX512F": "avx512f", "AVX512BW": "avx512bw", "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl",
                "AVX2": "avx2", "FMA3": "fma"}
+# The compiler flag (gcc, clang) that lets the compiler use each feature.
+FLAGS = {"AVX512F": "-mavx512f", "AVX512BW": "-mavx512bw", "AVX512DQ": "-mavx512dq", "AVX512VL": "-mavx512vl",
+         "AVX2": "-mavx2", "FMA3": "-mfma"}
 
 _loaded: dict | None = None  # set by pycnn._C once it has imported a variant
 
@@ -165,6 +173,19 @@ def choose() -> dict:
     raise ImportError(f"this CPU runs none of the built variants of the C++ extension: {'; '.join(skipped)}")
 
 
+def import_variant(choice: dict):
+    """The module of ``choice`` (choose()): imported from the package, or from
+    PYCNN_EXTENSION_DIR under the module's own name."""
+    path = variant_file(choice["variant"])
+    if path is None:
+        return importlib.import_module(choice["module"])
+    spec = importlib.util.spec_from_file_location(choice["module"], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[choice["module"]] = module
+    return module
+
+
 def cpu_info() -> dict:
     """Which build of the C++ backend runs and why.
 
@@ -186,3 +207,32 @@ def cpu_info() -> dict:
         return {"variant": None, "module": None, "loaded": False, "error": str(exc),
                 "requested": os.environ.get(ENV, "").strip() or "auto", "built": built,
                 "cpu_features": features, "features_from": source, "machine": platform.machine()}
+
+
+def compiler_flags(variant: str) -> list[str]:
+    """The flags CMakeLists.txt compiles ``variant`` with: those of the features it assumes."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return [FLAGS[f] for f in VARIANTS[variant][1]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python pycnn/_cpu.py --flags VARIANT``: the compiler flags of a variant, for CMake;
+    without arguments: cpu_info() of this machine."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--flags", metavar="VARIANT", help="print the compiler flags of VARIANT")
+    args = parser.parse_args(argv)
+    if args.flags is None:
+        for key, value in cpu_info().items():
+            print(f"{key}: {value}")
+        return 0
+    try:
+        print(" ".join(compiler_flags(args.flags)))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
