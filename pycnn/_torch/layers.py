@@ -189,7 +189,8 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
 
     def _batch_norm_args(self, x) -> dict:
         """torch's _BatchNorm.forward, up to the call: which statistics, and the momentum."""
-        self._check_input_dim(x)
+        if isinstance(x, torch.Tensor):  # (an fx Proxy is not: torch.fx traces this module)
+            self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -258,26 +258,27 @@ def _real_forward(spec: OpSpec):
 
 
 def _fake_backward(grad, handle, inputs, needs):
-    return [_empty(t.shape, t, t) if need else t.new_empty(0) for t, need in zip(inputs, needs)]
+    return [_empty(t.shape, t, t) if need else grad.new_empty(0) for t, need in zip(inputs, needs)]
 
 
 def _real_backward(grad, handle, inputs, needs):
-    """The gradients of the op's inputs that are not None (``inputs``), those not needed empty."""
+    """The gradients of the op's differentiable ``inputs`` (None for an absent one), empty
+    where not ``needs``."""
     state = _kept_state(handle)
     if state is None:  # an empty batch
-        return [torch.zeros_like(t) if need else t.new_empty(0) for t, need in zip(inputs, needs)]
+        return [torch.zeros_like(t) if need else grad.new_empty(0) for t, need in zip(inputs, needs)]
     ctx = state.ctx
     full_needs = list(needs) + [False] * (len(ctx.needs_input_grad) - len(needs))
     ctx.needs_input_grad = tuple(full_needs)
     with device_context((grad,)):
         g = array(_in(grad, state.compute))
         grads = timed(state.op.name, state.backend, state.algo, "backward", state.impl.backward, ctx, g)
-        if not isinstance(grads, tuple):
-            grads = (grads,)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        grads += (None,) * (len(inputs) - len(grads))
         result, taken = [], [g]
         for gi, t, need in zip(grads, inputs, needs):
             if gi is None or not need:
-                result.append(t.new_empty(0))
+                result.append(grad.new_empty(0))
                 continue
             copy = same_view(gi, g) or any(aliases(gi, other) for other in taken)  # one gradient per memory
             taken.append(gi)
@@ -298,18 +299,16 @@ def _autograd(spec: OpSpec):
     count = len(spec.tensors)
 
     def setup_context(ctx, inputs, output):
-        present = [i for i in range(count) if inputs[i] is not None]
-        ctx.present = present
-        ctx.save_for_backward(output[1], *(inputs[i] for i in present))
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.save_for_backward(output[1], *inputs[:count])
 
     def backward(ctx, grad, _grad_handle, *_grad_updated):
         handle, *saved = ctx.saved_tensors
-        needs = [bool(ctx.needs_input_grad[i]) for i in ctx.present]
+        needs = [t is not None and bool(ctx.needs_input_grad[i]) for i, t in enumerate(saved)]
         result = [None] * (count + len(spec.mutated) + len(spec.settings))
         if any(needs):
             grads = torch.ops.pycnn.backward(grad, handle, saved, needs)
-            for i, g, need in zip(ctx.present, grads, needs):
-                result[i] = g if need else None
+            result[:count] = [g if need else None for g, need in zip(grads, needs)]
         return tuple(result)
     return setup_context, backward
 
@@ -324,7 +323,7 @@ def _declare(spec: OpSpec) -> None:
 
 
 torch.library.define(f"{NAMESPACE}::backward",
-                     "(Tensor grad, Tensor handle, Tensor[] inputs, bool[] needs) -> Tensor[]", lib=_LIBRARY)
+                     "(Tensor grad, Tensor handle, Tensor?[] inputs, bool[] needs) -> Tensor[]", lib=_LIBRARY)
 torch.library.impl(f"{NAMESPACE}::backward", "CompositeExplicitAutograd", _real_backward, lib=_LIBRARY)
 torch.library.register_fake(f"{NAMESPACE}::backward", _fake_backward, lib=_LIBRARY)
 for _spec in SPECS.values():
