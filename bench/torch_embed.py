@@ -1,16 +1,18 @@
-"""pycnn inside a PyTorch training loop: the same CIFAR-10 model in pure torch and with
-pycnn's convolutions, pools and activations (``pycnn.torch``), side by side.
+"""pycnn inside a PyTorch training loop: the same CIFAR-10 model in pure torch and
+accelerated by ``pycnn.torch.accelerate``, side by side; and the float32 error of an
+accelerated model against float64 (``--float32-error``, no timing, no data needed).
 
     python bench/torch_embed.py                      # 10,000 images, batch 64, 3 rounds
     python bench/torch_embed.py --train 2000 --dtype float64 --rounds 1   # rounding-level match
+    python bench/torch_embed.py --float32-error      # precision 'default' / 'high' / torch vs float64
 
-The model: a small VGG-style net, widths 16/32/64, each stage conv3x3 + BatchNorm (torch's in
-both variants) + ReLU + 2x2 max pool, then flatten and a linear layer (torch's).  Variant
-``torch`` uses torch.nn.Conv2d / ReLU / MaxPool2d; variant ``pycnn`` uses pycnn.torch.Conv3x3 /
-ReLU / MaxPool2, whose forward and backward run pycnn's C++ kernels on the tensors' memory.
+The model: a small VGG-style net, widths 16/32/64, each stage conv3x3 + BatchNorm + ReLU + 2x2
+max pool, then flatten and a linear layer, all torch.nn.  Variant ``torch`` runs it as it is;
+variant ``pycnn`` runs ``pycnn.torch.accelerate(model)``, whose Conv3x3, BatchNormAct2d (batch
+norm and ReLU in one call) and MaxPool2 run pycnn's C++ kernels on the tensors' memory.
 
 How it measures:
-* initial weights are drawn once (pycnn's He initialisation, ``--seed``) and saved; both
+* initial weights are drawn once (torch's initialisation, ``--seed``) and saved; both
   variants load them, see the same batches (first ``--train`` training images, per-channel
   standardised, shuffled by ``--seed``, ``--batch`` images, last partial batch dropped) and
   train one epoch with SGD (momentum 0.9, ``--lr`` 0.01: 0.05 spikes the loss to 13 early),
@@ -55,22 +57,21 @@ def data_dir() -> str:
 
 
 def build_model(variant: str, dtype):
-    """conv3x3 + BN + ReLU + maxpool per width, flatten, linear: (N, 3, 32, 32) -> (N, 10)."""
+    """conv3x3 + BN + ReLU + maxpool per width, flatten, linear: (N, 3, 32, 32) -> (N, 10);
+    variant 'pycnn': accelerated by pycnn.torch.accelerate."""
     import torch
     nn = torch.nn
     layers, c_in = [], 3
     for width in WIDTHS:
-        if variant == "pycnn":
-            import pycnn.torch as pt
-            layers += [pt.Conv3x3(c_in, width, dtype=dtype), nn.BatchNorm2d(width, dtype=dtype), pt.ReLU(),
-                       pt.MaxPool2()]
-        else:
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, dtype=dtype), nn.BatchNorm2d(width, dtype=dtype),
-                       nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(c_in, width, 3, padding=1, dtype=dtype), nn.BatchNorm2d(width, dtype=dtype), nn.ReLU(),
+                   nn.MaxPool2d(2)]
         c_in = width
     side = 32 // 2 ** len(WIDTHS)
-    layers += [nn.Flatten(), nn.Linear(c_in * side * side, 10, dtype=dtype)]
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * side * side, 10, dtype=dtype))
+    if variant == "pycnn":
+        import pycnn.torch as pt
+        model, _ = pt.accelerate(model)
+    return model
 
 
 # =========================================================================== the worker
@@ -138,6 +139,71 @@ def worker(task: dict) -> None:
         "torch_threads": torch.get_num_threads()}), flush=True)
 
 
+# ================================================================ float32 error (no timing)
+
+def resnet_like(dtype):
+    """A stem conv3x3 3 -> 32 + BN + ReLU, then at widths 32, 64, 128 two residual blocks
+    (conv3x3-BN-ReLU-conv3x3-BN, plus the input, ReLU; a 1x1 conv widens the skip) with a 2x2
+    max pool between widths; global average, linear: (N, 3, 32, 32) -> (N, 10).  Eleven 3x3
+    convolutions, all of which accelerate swaps."""
+    import torch
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, dtype=dtype),
+                                      nn.BatchNorm2d(c_out, dtype=dtype), nn.ReLU(),
+                                      nn.Conv2d(c_out, c_out, 3, padding=1, bias=False, dtype=dtype),
+                                      nn.BatchNorm2d(c_out, dtype=dtype))
+            self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False, dtype=dtype)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.body(x) + self.skip(x))
+
+    stem = nn.Conv2d(3, 32, 3, padding=1, bias=False, dtype=dtype)  # (a bias before BN: a gradient of 0 + noise)
+    layers, c_in = [stem, nn.BatchNorm2d(32, dtype=dtype), nn.ReLU()], 32
+    for i, width in enumerate((32, 64, 128)):
+        layers += ([nn.MaxPool2d(2)] if i else []) + [Block(c_in, width), Block(width, width)]
+        c_in = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10, dtype=dtype))
+
+
+def float32_error(seed: int = 0, batch: int = 16) -> dict:
+    """The float32 error against the float64 model (training mode) of torch and of accelerate's
+    precisions: of the logits, the largest |error| over the largest |logit|; of the gradients,
+    the worst parameter's ||error|| / ||gradient|| (2-norms: elementwise, a max pool or ReLU
+    decided the other way by a rounding moves whole gradient entries, in torch's float32 too)."""
+    import torch
+
+    import pycnn.torch as pt
+    torch.manual_seed(seed)
+    reference = resnet_like(torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=gen)
+    upstream = torch.randn(batch, 10, dtype=torch.float64, generator=gen)
+
+    def run(model, dtype):
+        y = model(x.to(dtype))
+        y.backward(upstream.to(dtype))
+        return y.detach().double(), [p.grad.double() for p in model.parameters()]
+
+    def relative(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    y64, g64 = run(copy.deepcopy(reference), torch.float64)
+    errors = {}
+    for name, precision in (("torch", None), ("pycnn default", "default"), ("pycnn high", "high")):
+        model = copy.deepcopy(reference).float()
+        if precision is not None:
+            model, _ = pt.accelerate(model, precision=precision)
+        y, g = run(model, torch.float32)
+        errors[name] = {"logits": relative(y, y64),
+                        "gradients": max(float((a - b).norm() / b.norm()) for a, b in zip(g, g64))}
+    return errors
+
+
 # =========================================================================== the parent
 
 def _run_worker(task: dict) -> dict:
@@ -151,16 +217,11 @@ def _run_worker(task: dict) -> dict:
 
 
 def _initial_weights(seed: int, dtype_name: str, path: str) -> None:
-    """Weights drawn once: pycnn's He initialisation for the convs (pycnn.manual_seed), torch's
-    defaults for BN and the linear layer (torch.manual_seed); no kernel runs here."""
+    """Weights drawn once, torch's initialisation (torch.manual_seed); no kernel runs here."""
     import torch
-
-    import pycnn
     torch.manual_seed(seed)
-    pycnn.manual_seed(seed)
-    model = build_model("pycnn", getattr(torch, dtype_name))
+    model = build_model("torch", getattr(torch, dtype_name))
     torch.save(model.state_dict(), path)
-    assert list(model.state_dict()) == list(build_model("torch", getattr(torch, dtype_name)).state_dict())
 
 
 def main(argv=None) -> int:
@@ -175,10 +236,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--float32-error", action="store_true",
+                        help="only the float32 error against float64 of torch and of accelerate's precisions")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
+        return 0
+    if args.float32_error:
+        for name, error in float32_error(args.seed).items():
+            print(f"{name:<14} max relative error vs float64: logits {error['logits']:.2e}, "
+                  f"gradients {error['gradients']:.2e}")
         return 0
     if not os.path.isfile(os.path.join(data_dir(), "train.npz")):
         print(f"skipped: CIFAR-10 not found at {data_dir()} (set PYCNN_CIFAR10_DIR)")

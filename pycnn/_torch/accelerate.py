@@ -97,10 +97,12 @@ def accelerate(model: torch.nn.Module, precision: str = "default", inplace: bool
     Parameters are new objects).  ``verbose`` prints the report.
 
     ``precision``: 'default' lets conv3x3 choose its algorithm per shape (Winograd where it is
-    faster): in float32 its error against float64 is larger than torch's (measured on a
-    resnet-like stack, 8 convs of 32-64 channels at 16x16 with BN and ReLU: max relative error
-    of the logits TBD vs torch's TBD); 'high' runs the direct convolution, whose float32 error
-    is torch's (TBD).  float64 models equal torch's to rounding either way.
+    faster), 'high' runs the direct convolution, whose float32 error is torch's.  Measured on a
+    resnet-like stack (bench/torch_embed.py --float32-error: eleven 3x3 convs of 32-128 channels
+    at 32x32-8x8, BN, ReLU, residual sums, batch 16, training mode; seeds 0-4), the largest
+    error of the float32 logits over the largest float64 logit is 1.3e-6 to 2.6e-6 for
+    'default', 4.4e-7 to 8.5e-7 for 'high' and 3.2e-7 to 5.5e-7 for torch itself (at most 1.6x
+    torch's).  float64 models equal torch's to about 1e-14 with either precision.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
