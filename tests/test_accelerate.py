@@ -10,13 +10,16 @@ import copy
 import io
 import socket
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import pycnn  # noqa: E402
 import pycnn.torch as pt  # noqa: E402
+from pycnn._torch import library  # noqa: E402
 from pycnn.device import cpp_extension  # noqa: E402
+from pycnn.ops import registry  # noqa: E402
 from tests._accelerate_helpers import ddp_batch, ddp_net, ddp_worker, small_net, torchvision_models  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
@@ -234,6 +237,31 @@ def test_export_fx_and_jit_trace():
     torch.testing.assert_close(loaded(x), expected)
 
 
+@pytest.mark.parametrize("name", sorted(library.SPECS))
+def test_operators_pass_torchs_opcheck(name):
+    """Schema, fake kernel and autograd registration of every operator, on the registry's first
+    sample (opcheck's aot_dispatch test compares every output of two calls, and the handle is a
+    new number at each: torch.compile is tested end to end above instead)."""
+    spec = library.SPECS[name]
+    sample = registry.get(name).samples(np.random.default_rng(0), np.float64)[0]
+    tensors = [None if a is None else torch.tensor(a, requires_grad=bool(d))
+               for a, d in zip(sample.inputs, sample.differentiable)]
+    tensors += [None] * (len(spec.tensors) - len(tensors))
+    mutated = [None if sample.params.get(n) is None else torch.tensor(sample.params[n]) for n in spec.mutated]
+    settings = [sample.params.get(n, default) for n, _, default in spec.settings]
+    torch.library.opcheck(getattr(torch.ops.pycnn, name), (*tensors, *mutated, *settings),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_double_backward_is_refused():
+    """A gradient made with create_graph=True would silently be a constant: refused."""
+    x = _inputs((2, 3, 4, 4)).requires_grad_()
+    with pytest.raises(RuntimeError, match="relu has no double backward"):
+        torch.autograd.grad(pt.relu(x * 1.0).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(pt.relu(x * 1.0).sum(), x)
+    torch.testing.assert_close(g, (x > 0).to(x.dtype))
+
+
 def test_meta_device_forward():
     model = _accelerated_small_net().to("meta")
     y = model(torch.empty(4, 3, 8, 8, device="meta"))
@@ -254,14 +282,16 @@ def test_channels_last_in_channels_last_out_without_weight_copies():
 
 
 def test_bfloat16_autocast_computes_in_float32():
-    model = _accelerated_small_net()
-    x = _inputs((2, 3, 8, 8), torch.float32)
+    """torch's convolutions under autocast hand bfloat16 tensors to pycnn's layers after them
+    (the hand-made model's stride-2 and 1x1 convs): computed in float32, cast back."""
+    model, _ = pt.accelerate(hand_made_model(torch.float32).eval())
+    x = _inputs((2, 3, 8, 8), torch.float32, seed=4)
     expected = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model[:14](x)
         y = model(x)
-        h = pt.relu(x.to(torch.bfloat16))
-    assert h.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+    assert h.dtype == torch.bfloat16 and model[14](h).dtype == torch.bfloat16  # PReLU's weight is float32
+    assert_close(y.float(), expected, rel=0.05)
     y.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 

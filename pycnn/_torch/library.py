@@ -303,6 +303,8 @@ def _autograd(spec: OpSpec):
         ctx.save_for_backward(output[1], *inputs[:count])
 
     def backward(ctx, grad, _grad_handle, *_grad_updated):
+        if torch.is_grad_enabled():  # backward(create_graph=True): the gradient would be a constant
+            raise RuntimeError(f"pycnn's {spec.name} has no double backward: its backward is not differentiable")
         handle, *saved = ctx.saved_tensors
         needs = [t is not None and bool(ctx.needs_input_grad[i]) for i, t in enumerate(saved)]
         result = [None] * (count + len(spec.mutated) + len(spec.settings))
