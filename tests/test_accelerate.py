@@ -7,6 +7,7 @@ signatures and refuse the rest in one line.  torchvision's models where it is in
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import socket
 
@@ -168,6 +169,24 @@ def test_hooks_go_with_the_modules():
     seen.clear()
     model(_inputs((2, 3, 8, 8)))
     assert "relu" not in seen
+
+
+def test_contexts_for_backward_live_as_long_as_the_graph():
+    """Each op keeps its context for backward in the memory of its handle: freed with the
+    graph, never kept under no_grad."""
+    model = _accelerated_small_net()
+    x = _inputs((2, 3, 8, 8), torch.float32)
+    gc.collect()
+    before = len(library._kept)
+    y = model(x)
+    assert len(library._kept) == before + 6  # conv, batch norm + ReLU, max pool, conv, batch norm + leaky, avg pool
+    y.sum().backward()
+    del y
+    gc.collect()
+    assert len(library._kept) == before
+    with torch.no_grad():
+        y = model(x)
+    assert len(library._kept) == before and y.shape == (2, 10)
 
 
 def test_precision_high_runs_the_direct_convolution():

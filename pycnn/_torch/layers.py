@@ -227,7 +227,8 @@ class BatchNormAct2d(BatchNorm2d):
 
 class Dropout(torch.nn.Module):
     """Inverted dropout in training (``module.training``; a seed per call from pycnn's
-    generator), the identity in evaluation."""
+    generator), the identity in evaluation (x itself, as torch's).  ``inplace`` as torch's
+    argument: the result is the same, in a new tensor."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False):
         super().__init__()
@@ -236,7 +237,7 @@ class Dropout(torch.nn.Module):
         self.p, self.inplace = float(p), bool(inplace)
 
     def forward(self, x):
-        return dropout(x, self.p, training=self.training)
+        return dropout(x, self.p, training=True) if self.training else x
 
     def extra_repr(self):
         return f"p={self.p}"
