@@ -37,7 +37,7 @@ def measure(batch: int, images: int, rounds: int, steps: int, fancy_pca: float, 
     import pycnn
     import pycnn.functional as F
     from pycnn.training.config import Config
-    from pycnn.training.runs import build, split_data
+    from pycnn.training.pipeline import build, split_data
     from pycnn.training.trainer import Trainer
 
     config = Config(dataset="cifar10", limit=images, val_size=0, flip=True, crop_padding=4, fancy_pca=fancy_pca,

@@ -19,6 +19,7 @@ import numpy as np
 from pycnn import cuda_graph
 from pycnn.autograd import no_grad
 from pycnn.device import array_module, is_cuda_array
+from pycnn.ops import cuda_backend
 
 GROUP_DEFAULTS = dict(weight_decay=0.0, l1=0.0, max_norm=None)
 
@@ -183,7 +184,6 @@ def _cuda_kernels(w, grad, group):
     if group["l1"] or not is_cuda_array(w) or not (w.flags.c_contiguous and grad.flags.c_contiguous) \
             or grad.dtype != w.dtype:
         return None
-    from pycnn.ops import cuda_backend
     return cuda_backend.optimiser_kernels()
 
 

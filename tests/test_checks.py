@@ -9,7 +9,8 @@ pytest.importorskip("sklearn")
 import pycnn  # noqa: E402
 from pycnn import nn
 from pycnn.training import checks, cli  # noqa: E402
-from pycnn.training.runs import Config, model_spec, split_data  # noqa: E402
+from pycnn.training.config import Config
+from pycnn.training.pipeline import model_spec, split_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

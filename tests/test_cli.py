@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("sklearn")
 
 from pycnn.training import cli  # noqa: E402
-from pycnn.training.runs import Config, run  # noqa: E402
+from pycnn.training.config import Config
+from pycnn.training.runs import run  # noqa: E402
 
 TINY = ["--epochs", "1", "--widths", "4,8", "--limit", "200", "--checks", "off"]
 

@@ -14,8 +14,9 @@ import pycnn.functional as F  # noqa: E402
 from pycnn import nn, optim
 from pycnn.autograd import Tensor  # noqa: E402
 from pycnn.training import figures, report  # noqa: E402
+from pycnn.training.config import Config
 from pycnn.training.diagnostics import LayerDiagnostics, series  # noqa: E402
-from pycnn.training.runs import Config, run  # noqa: E402
+from pycnn.training.runs import run  # noqa: E402
 
 
 def test_readings_match_a_hand_computation():
@@ -86,7 +87,7 @@ def test_gradient_check_tells_a_kink_from_a_wrong_backward():
     the two points of one central difference at step 1e-6: 7.6e-3 relative error, gone at 1e-7."""
     from pycnn.data import datasets, preprocess
     from pycnn.training import checks
-    from pycnn.training.runs import model_spec, split_data
+    from pycnn.training.pipeline import model_spec, split_data
 
     if not (datasets.cifar10_dir() / "train.npz").is_file():
         pytest.skip("no CIFAR-10 copy")

@@ -14,7 +14,8 @@ pytest.importorskip("sklearn")
 from pycnn import optim
 from pycnn.training import cli  # noqa: E402
 from pycnn.training.config import Config  # noqa: E402
-from pycnn.training.runs import run, split_data  # noqa: E402
+from pycnn.training.pipeline import split_data
+from pycnn.training.runs import run  # noqa: E402
 from pycnn.training.tools import ensemble, search, trial  # noqa: E402
 
 TINY = ["--dataset", "digits", "--limit", "150", "--widths", "4", "--batch-size", "32", "--prefetch", "0"]

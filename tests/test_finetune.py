@@ -12,7 +12,9 @@ from pycnn import nn, optim
 from pycnn.autograd import Tensor  # noqa: E402
 from pycnn.data import datasets
 from pycnn.training import cli, finetune  # noqa: E402
-from pycnn.training.runs import Config, evaluate_checkpoint, run  # noqa: E402
+from pycnn.training.config import Config
+from pycnn.training.evaluation import evaluate_checkpoint
+from pycnn.training.runs import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -105,11 +105,12 @@ def _function_level_imports() -> list[str]:
     for path in _sources():
         if not _module_name(path).startswith("pycnn") or path.parts[-2] == "kernels":
             continue
-        top = set(ast.parse(path.read_text()).body)
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pycnn") \
                     or isinstance(node, ast.Import) and any(a.name.startswith("pycnn") for a in node.names):
-                if not any(node is t for t in top):
+                if id(node) not in top:
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     return found
 

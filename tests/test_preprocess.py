@@ -161,8 +161,8 @@ def test_errors_name_the_argument():
 
 
 def test_floating_point_input_and_use_in_a_loader():
-    from pycnn.data.augment import Compose, RandomFlip
     from pycnn.data import DataLoader
+    from pycnn.data.augment import Compose, RandomFlip
 
     x = _images(32)
     norm = P.Standardise().fit(x.astype(np.float32))

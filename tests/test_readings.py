@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("sklearn")
 
 from pycnn.training import report  # noqa: E402
-from pycnn.training.runs import Config, build, split_data  # noqa: E402
+from pycnn.training.config import Config
+from pycnn.training.pipeline import build, split_data  # noqa: E402
 from pycnn.training.trainer import Trainer  # noqa: E402
 
 # 320 training images in batches of 16: 60 steps, per-layer readings every 5

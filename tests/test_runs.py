@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pycnn.training import cli, runs  # noqa: E402
+from pycnn.training import cli, rundir  # noqa: E402
 from pycnn.training import config as config_module
 
 TINY = ["--epochs", "1", "--widths", "4,8", "--limit", "200", "--checks", "off"]
@@ -77,7 +77,7 @@ def test_without_run_dir_every_run_gets_its_own_folder_and_latest_points_at_the_
                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     stamps = iter(["20260101-120000", "20260101-120000", "20260101-120001"])
-    monkeypatch.setattr(runs.time, "strftime", lambda fmt: next(stamps))
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: next(stamps))
     for _ in range(2):  # the second in the same second: a suffix, not a refusal
         status, out, err = call(["train", *TINY], capsys)
         assert status == 0, err
@@ -232,7 +232,7 @@ def test_a_read_only_run_directory_is_status_2_before_anything_runs(tmp_path, ca
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(runs.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(rundir.tempfile, "TemporaryFile", read_only)
     status, out, err = call([*command, "--run-dir", str(tmp_path / "new")], capsys)
     line = one_line(err)
     assert status == 2 and f"--run-dir: cannot write to {tmp_path / 'new'}" in line and "Read-only file system" in line

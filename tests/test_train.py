@@ -13,11 +13,14 @@ import pytest
 pytest.importorskip("sklearn")
 
 import pycnn.functional as F  # noqa: E402
-from pycnn import models  # noqa: E402
+from pycnn import models, schedules  # noqa: E402
 from pycnn.autograd import Tensor, no_grad  # noqa: E402
-from pycnn.training import runs as train_module
+from pycnn.training import pipeline, runs
 from pycnn.training import trainer as trainer_module
-from pycnn.training.runs import Config, ConfigError, evaluate_checkpoint, run, run_folds, split_data  # noqa: E402
+from pycnn.training.config import Config, ConfigError
+from pycnn.training.evaluation import evaluate_checkpoint
+from pycnn.training.pipeline import split_data
+from pycnn.training.runs import run, run_folds  # noqa: E402
 
 
 def quick(**overrides) -> Config:
@@ -41,7 +44,7 @@ def test_digits_reach_a_stated_accuracy_quickly(tmp_path):
 
 def test_validation_is_held_out_of_training_and_stratified():
     splits = split_data(Config())
-    pool_x, pool_y, test_x, test_y = train_module.load_data(Config())
+    pool_x, pool_y, test_x, test_y = pipeline.load_data(Config())
     assert len(splits.val_y) == round(0.2 * len(pool_y)) and len(splits.train_y) + len(splits.val_y) == len(pool_y)
     np.testing.assert_array_equal(splits.test_y, test_y)  # the test set is left as it is
     share = np.bincount(splits.val_y) / np.bincount(pool_y)
@@ -55,28 +58,28 @@ def test_validation_is_held_out_of_training_and_stratified():
 
 
 def test_limit_draws_a_stratified_sample_of_the_whole_pool():
-    pool_x, pool_y, _, _ = train_module.load_data(Config())
-    x, y = train_module.load_data(Config(limit=60))[:2]
+    pool_x, pool_y, _, _ = pipeline.load_data(Config())
+    x, y = pipeline.load_data(Config(limit=60))[:2]
     assert len(y) == 60 and np.all(np.bincount(y, minlength=10) == 6)
     rows = {row.tobytes(): i for i, row in enumerate(pool_x)}
     where = [rows[row.tobytes()] for row in x]
     # spread over the pool (the digits are stored writer by writer), not its first 60 images
     assert where == sorted(where) and where[-1] > 0.8 * len(pool_y) and where[29] > 60
-    again = train_module.load_data(Config(limit=60, seed=3))[0]
+    again = pipeline.load_data(Config(limit=60, seed=3))[0]
     np.testing.assert_array_equal(again, x)  # the same images for every training seed
 
 
 def test_test_set_is_used_once_and_the_schedule_follows_validation(tmp_path, monkeypatch):
     calls, metrics = [], []
-    original = train_module.score_on_test
+    original = runs.score_on_test
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "score_on_test", counting)
-    step_epoch = train_module.schedules.ReduceOnPlateau.step_epoch
-    monkeypatch.setattr(train_module.schedules.ReduceOnPlateau, "step_epoch",
+    monkeypatch.setattr(runs, "score_on_test", counting)
+    step_epoch = schedules.ReduceOnPlateau.step_epoch
+    monkeypatch.setattr(schedules.ReduceOnPlateau, "step_epoch",
                         lambda self, metric=None: (metrics.append(metric), step_epoch(self, metric))[1])
     history = run(quick(schedule="plateau", epochs=3, limit=200), tmp_path / "run", progress=False)
     assert len(calls) == 1
@@ -137,7 +140,7 @@ def test_logged_loss_includes_the_regularisation_term(tmp_path):
     # same initial weights and batch: the same data loss, a total that differs by the L2 term
     assert runs[0.0]["batch_data_loss"][0] == runs[1.0]["batch_data_loss"][0]
     assert runs[0.0]["batch_loss"][0] == runs[0.0]["batch_data_loss"][0]
-    model = train_module.build(quick(), *split_data(quick(limit=100))[:4])[0]
+    model = pipeline.build(quick(), *split_data(quick(limit=100))[:4])[0]
     l2 = sum(float((p.data.astype(np.float64) ** 2).sum()) for p in model.parameters() if p.ndim > 1)
     assert runs[1.0]["batch_loss"][0] - runs[1.0]["batch_data_loss"][0] == pytest.approx(0.5 * l2, rel=1e-5)
     h = runs[1.0]
@@ -148,13 +151,13 @@ def test_logged_loss_includes_the_regularisation_term(tmp_path):
 def test_default_model_starts_near_ln_classes():
     config = Config()
     splits = split_data(config)
-    model, *_, preprocessor = train_module.build(config, splits.train_x, splits.train_y, classes=splits.classes)
+    model, *_, preprocessor = pipeline.build(config, splits.train_x, splits.train_y, classes=splits.classes)
     x, y = Tensor(preprocessor(splits.train_x[:512])), splits.train_y[:512]
     with no_grad():
         loss = F.softmax_cross_entropy(model(x), y).item()
     assert abs(loss - math.log(10)) < 0.05 * math.log(10)
     # the cause of the 3.35 it used to start at: a full-scale Xavier head on rectified, pooled features
-    spec = train_module.model_spec(config, 1, 8, 10)
+    spec = pipeline.model_spec(config, 1, 8, 10)
     full = models.build({**spec, "head_gain": 1.0}, seed=config.seed)
     np.testing.assert_allclose(full[-1].weight.data, 10 * model[-1].weight.data, rtol=1e-6)
     with no_grad():

@@ -23,8 +23,9 @@ import math
 
 import numpy as np
 
+import pycnn
 from pycnn import random as _random
-from pycnn.device import array_module, to_host
+from pycnn.device import array_module, cpp_extension, to_host
 
 __all__ = ["Transform", "Compose", "RandomFlip", "RandomCrop", "RandomScaleCrop", "RandomRotation",
            "ColourJitter", "ColorJitter", "FancyPCA", "resize_bilinear", "rgb_to_hsv", "hsv_to_rgb",
@@ -149,7 +150,6 @@ def resize_bilinear(x, size):
 def _rgb_moments_kernel():
     """``pycnn._C.rgb_moments`` (sums of x and x x^T over the pixels of a batch), or None
     where the C++ extension is not built (FancyPCA.fit then sums with NumPy)."""
-    from pycnn.device import cpp_extension
     C = cpp_extension()
     return None if C is None else C.rgb_moments
 
@@ -509,7 +509,6 @@ class FancyPCA(Transform):
     def __call__(self, x, rng=None):
         """x + scale * eigvecs @ (alpha[n] * eigvals) per image, through the registry op
         ``fancy_pca`` (C++ on NumPy arrays, CUDA on CuPy arrays); no autograd graph."""
-        import pycnn
 
         _check_batch(x, channels=3)
         alphas = self.alphas(len(x), rng)

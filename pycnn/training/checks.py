@@ -35,6 +35,8 @@ from pycnn import models
 from pycnn import random as _random
 from pycnn.autograd import Tensor, no_grad
 from pycnn.data import datasets
+from pycnn.training.config import ConfigError
+from pycnn.training.pipeline import PREPROCESSORS, make_optimizer, model_spec
 from pycnn.training.trainer import regularisation_loss
 
 
@@ -90,13 +92,10 @@ def expected_initial_loss(config, classes: int) -> tuple[float, str]:
 
 def run_checks(config, splits, overfit_images: int = 50, steps: int = 200, gradcheck: bool = True) -> Report:
     """The four checks of the module docstring for ``config`` on ``splits`` (train.Splits)."""
-    from pycnn.training.runs import PREPROCESSORS, make_optimizer, model_spec
 
     if isinstance(overfit_images, bool) or not isinstance(overfit_images, int) or overfit_images < 2:
-        from pycnn.training.config import ConfigError
         raise ConfigError(f"images must be an integer >= 2, got {overfit_images!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        from pycnn.training.config import ConfigError
         raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
     spec = model_spec(config, splits.train_x.shape[1], splits.train_x.shape[2], splits.classes)
     preprocessor = PREPROCESSORS[config.preprocess]().fit(splits.train_x)
@@ -166,7 +165,6 @@ def check_regularisation(config, model, x, y, optimizer) -> Check:
 def check_overfit(config, spec, preprocessor, splits, images: int, steps: int) -> Check:
     """Fit ``images`` training images (stratified) with no regularisation: no weight decay,
     L1, max-norm, dropout or augmentation; full-batch steps of the configured optimizer."""
-    from pycnn.training.runs import make_optimizer
 
     images = min(images, len(splits.train_y) - 1)
     _, subset = datasets.stratified_holdout(splits.train_y, images, seed=0)
@@ -218,7 +216,6 @@ def check_gradients(config, spec, x, y, directions: int = 2, eps: float = 1e-6, 
     directions, analytic (autograd + the optimizer's regularisation gradient) against
     central differences, in float64 on a tiny batch in training mode (fixed random seeds, so
     dropout draws the same mask every time)."""
-    from pycnn.training.runs import make_optimizer
 
     model = models.build(spec, seed=config.seed)
     _to_float64(model)

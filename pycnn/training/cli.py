@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -39,96 +38,20 @@ from pathlib import Path
 import pycnn
 from pycnn import training
 from pycnn.bench import harness as benchmarks
-from pycnn.training import checks, figures, finetune, runs
+from pycnn.training import checks, evaluation, figures, finetune, pipeline, rundir, runs
+from pycnn.training.arguments import (
+    EXIT_INTERRUPTED,
+    Parser,
+    add_config_flags,
+    fail,
+    parse_int,
+    parse_int_list,
+    parse_number,
+    parse_size,
+)
 from pycnn.training.config import Config, ConfigError, check_device
 from pycnn.training.tools import cli as tools
 from pycnn.training.trainer import CheckpointError
-
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the flag and what it expected), exit 2."""
-
-    def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _fail(command: str, message, status: int = EXIT_BAD_INPUT) -> int:
-    print(f"pycnn {command}: {message}", file=sys.stderr)
-    return status
-
-
-# ------------------------------------------------------------------------- flag types
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> tuple:
-    if text.strip() == "":
-        return ()
-    try:
-        return tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}") from None
-
-
-def _size(text: str):
-    return "auto" if text == "auto" else _int(text)
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for field in dataclasses.fields(Config):
-        if field.name == "fold":
-            continue  # set by the k-fold driver
-        if field.name == "val_size":
-            kind, metavar = _size, "auto|N"
-        elif isinstance(field.default, bool):
-            kind, metavar = _bool, "true|false"
-        elif isinstance(field.default, tuple):
-            kind, metavar = _int_list, "N,N,..."
-        elif field.name in Config.INTEGERS:
-            kind, metavar = _int, "N"
-        elif field.name in Config.NUMBERS:
-            kind, metavar = _number, "X"
-        else:
-            kind, metavar = str, field.name.upper()
-        choices = Config.CHOICES.get(field.name)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind, default=None,
-                            choices=choices, metavar=None if choices else metavar,
-                            help=f"{Config.HELP[field.name]} (default: {_shown(field.default)})")
-
-
-def _shown(default) -> str:
-    """A default as it is typed on the command line: 16,32 for a tuple, true/false, all for ()."""
-    if isinstance(default, bool):
-        return str(default).lower()
-    if isinstance(default, tuple):
-        return ",".join(str(v) for v in default) if default else "all"
-    return str(default)
 
 
 def _config(args, command: str):
@@ -155,16 +78,16 @@ def _config(args, command: str):
 def _train(args) -> int:
     latest = None
     if args.run_dir is None:  # a new folder per run, runs/latest the newest; --resume continues runs/latest
-        default = runs.RUNS_ROOT / "latest"
+        default = rundir.RUNS_ROOT / "latest"
         if args.resume:
             args.run_dir = os.path.relpath(default.resolve()) if default.is_symlink() else str(default)
         else:
-            args.run_dir, latest = str(runs.new_run_dir()), default
+            args.run_dir, latest = str(rundir.new_run_dir()), default
     try:
         config = _config(args, "train")
         check_device(config.device)
     except ConfigError as exc:
-        return _fail("train", exc)
+        return fail("train", exc)
     try:
         with pycnn.profile() if args.profile else contextlib.nullcontext() as timings:
             options = dict(resume=args.resume, checks=args.checks == "on", overwrite=args.overwrite, latest=latest)
@@ -172,21 +95,21 @@ def _train(args) -> int:
                 summary = runs.run_folds(config, args.run_dir, **options)
             else:
                 history = runs.run(config, args.run_dir, **options)
-    except (ConfigError, runs.RunDirError, CheckpointError, FileNotFoundError) as exc:
-        return _fail("train", exc)
+    except (ConfigError, rundir.RunDirError, CheckpointError, FileNotFoundError) as exc:
+        return fail("train", exc)
     except RuntimeError as exc:
-        return _fail("train", exc)
+        return fail("train", exc)
     except ValueError as exc:  # a value the checks above let through, rejected deeper down
-        return _fail("train", f"{type(exc).__name__}: {exc}")
+        return fail("train", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
         if not runs.latest_checkpoint(args.run_dir):
-            return _fail("train", f"interrupted before the first checkpoint: stopped at once; {args.run_dir} holds no "
+            return fail("train", f"interrupted before the first checkpoint: stopped at once; {args.run_dir} holds no "
                                   "checkpoint to resume from", EXIT_INTERRUPTED)
-        return _fail("train", f"interrupted outside a training batch (or a second Ctrl-C): stopped at once; the "
+        return fail("train", f"interrupted outside a training batch (or a second Ctrl-C): stopped at once; the "
                               f"checkpoints in {args.run_dir} are intact (--resume continues from the newest)",
                      EXIT_INTERRUPTED)
     except OSError as exc:
-        return _fail("train", f"cannot write the run ({exc})", 1)
+        return fail("train", f"cannot write the run ({exc})", 1)
     if timings is not None and not (summary if config.folds else history).get("nothing_to_do"):
         print(f"time spent in ops (training and validation):\n{timings.table()}")
     if config.folds:
@@ -198,7 +121,7 @@ def _report_run(history: dict, run_dir) -> int:
     if history.get("nothing_to_do"):
         print(f"nothing to do: {history['nothing_to_do']}")
     if history["interrupted"]:
-        return _fail("train", f"interrupted: saved {history['interrupted']}, the history and the figures; "
+        return fail("train", f"interrupted: saved {history['interrupted']}, the history and the figures; "
                               f"continue with: pycnn train --run-dir {run_dir} --resume", EXIT_INTERRUPTED)
     if history["stopped"]:
         print(f"stopped early: {history['stopped']}")
@@ -221,7 +144,7 @@ def _report_folds(summary: dict, run_dir) -> int:
     if summary.get("nothing_to_do"):
         print(f"nothing to do: {summary['nothing_to_do']}")
     if summary["interrupted"]:
-        return _fail("train", f"interrupted: saved {summary['interrupted']}; continue with: pycnn train "
+        return fail("train", f"interrupted: saved {summary['interrupted']}; continue with: pycnn train "
                               f"--run-dir {run_dir} --resume", EXIT_INTERRUPTED)
     if summary["stopped"]:
         print(f"stopped early: {summary['stopped']}")
@@ -238,28 +161,28 @@ def _check(args) -> int:
         config = _config(args, "check")
         if config.device != "cpu":
             raise ConfigError(f"device: pycnn check runs its checks on the CPU; leave out --device {config.device}")
-        report = checks.run_checks(config, runs.split_data(config), overfit_images=args.images, steps=args.steps)
+        report = checks.run_checks(config, pipeline.split_data(config), overfit_images=args.images, steps=args.steps)
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
-        return _fail("check", exc)
+        return fail("check", exc)
     except ValueError as exc:
-        return _fail("check", f"{type(exc).__name__}: {exc}")
+        return fail("check", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
-        return _fail("check", "interrupted", EXIT_INTERRUPTED)
+        return fail("check", "interrupted", EXIT_INTERRUPTED)
     print(report.block())
     return 0 if report.passed else 1
 
 
 def _evaluate(args) -> int:
     try:
-        result = runs.evaluate(args.checkpoint, args.dataset, args.split)
+        result = evaluation.evaluate(args.checkpoint, args.dataset, args.split)
     except CheckpointError as exc:
-        return _fail("evaluate", f"CHECKPOINT: {exc}")
+        return fail("evaluate", f"CHECKPOINT: {exc}")
     except (ConfigError, FileNotFoundError) as exc:
-        return _fail("evaluate", f"--{exc}" if str(exc).startswith(("dataset", "split")) else exc)
+        return fail("evaluate", f"--{exc}" if str(exc).startswith(("dataset", "split")) else exc)
     except KeyboardInterrupt:
-        return _fail("evaluate", "interrupted", EXIT_INTERRUPTED)
+        return fail("evaluate", "interrupted", EXIT_INTERRUPTED)
     print(result.summary())
-    target = runs.figure_path(result)
+    target = evaluation.figure_path(result)
     try:
         figures.plot_confusion(result.matrix, result.names, target,
                                f"{result.checkpoint.name}: {result.dataset} {result.split}, {result.images} images, "
@@ -279,14 +202,14 @@ def _finetune(args) -> int:
                                      epochs=args.epochs, lr=args.lr, val_size=args.val_size, seed=args.seed,
                                      overwrite=args.overwrite)
     except CheckpointError as exc:
-        return _fail("finetune", f"CHECKPOINT: {exc}")
-    except (ConfigError, runs.RunDirError, FileNotFoundError) as exc:
-        return _fail("finetune", exc)
+        return fail("finetune", f"CHECKPOINT: {exc}")
+    except (ConfigError, rundir.RunDirError, FileNotFoundError) as exc:
+        return fail("finetune", exc)
     except finetune.FinetuneStopped as exc:  # as pycnn train says it
         print(f"stopped early: {exc}")
         return 1
     except KeyboardInterrupt:
-        return _fail("finetune", "interrupted", EXIT_INTERRUPTED)
+        return fail("finetune", "interrupted", EXIT_INTERRUPTED)
     print(result.summary())
     return 0
 
@@ -313,11 +236,11 @@ def _bench(args) -> int:
         print(f"pycnn bench: {exc}", file=sys.stderr)
         return 2
     except AttributeError as exc:  # a built pycnn._C older than the sources
-        return _fail("bench", f"the C++ extension does not match the sources ({exc}): rebuild it with "
+        return fail("bench", f"the C++ extension does not match the sources ({exc}): rebuild it with "
                               "pip install --no-build-isolation -e .")
     except AssertionError as exc:  # a case did not match the reference: nothing is timed after it
         detail = " ".join(str(exc).split())[:300]
-        return _fail("bench", f"a correctness check failed, so the timings were not printed: {detail}", 1)
+        return fail("bench", f"a correctness check failed, so the timings were not printed: {detail}", 1)
     print(benchmarks.table(rows, facts))
     if args.json:
         Path(args.json).write_text(json.dumps([row.as_json() for row in rows], indent=1) + "\n")
@@ -339,12 +262,12 @@ Runs are never replaced without being asked:
 Ctrl-C finishes the batch, saves a checkpoint and exits with 130 (--resume continues)."""
 
 
-def build_parser() -> _Parser:
+def build_parser() -> Parser:
     """The parser of every command (pycnn --help)."""
-    parser = _Parser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = Parser(prog="pycnn", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pycnn {pycnn.__version__}",
                         help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a CNN and write a run directory", description=TRAIN_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,13 +282,14 @@ def build_parser() -> _Parser:
     train.add_argument("--profile", action="store_true", help="print the time spent in each op at the end")
     train.add_argument("--checks", choices=("on", "off"), default="on",
                        help="run the sanity checks of 'pycnn check' first (default: on)")
-    _add_config_flags(train)
+    add_config_flags(train)
 
     check = commands.add_parser("check", help="sanity checks of a config before training (exit 1 when one fails)")
     check.add_argument("--config", help="a TOML file whose keys are the flags of pycnn train")
-    check.add_argument("--images", type=_int, default=50, help="images of the overfitting check (default: 50)")
-    check.add_argument("--steps", type=_int, default=200, help="step budget of the overfitting check (default: 200)")
-    _add_config_flags(check)
+    check.add_argument("--images", type=parse_int, default=50, help="images of the overfitting check (default: 50)")
+    check.add_argument("--steps", type=parse_int, default=200,
+                       help="step budget of the overfitting check (default: 200)")
+    add_config_flags(check)
 
     evaluate = commands.add_parser(
         "evaluate", help="score a run's best checkpoint (or a checkpoint) on a split of its data",
@@ -390,20 +314,20 @@ def build_parser() -> _Parser:
                       help="the strategy: similar or different task, small or large data (see above)")
     tune.add_argument("--dataset", choices=("digits", "cifar10"), default=None,
                       help="the new task's dataset (default: the checkpoint's)")
-    tune.add_argument("--classes", type=_int_list, default=None,
+    tune.add_argument("--classes", type=parse_int_list, default=None,
                       help="labels of the new task, e.g. 5,6,7,8,9 (default: the checkpoint's)")
-    tune.add_argument("--limit", type=_int, default=None, help="use N training images (default: all)")
-    tune.add_argument("--layer", type=_int, default=None,
+    tune.add_argument("--limit", type=parse_int, default=None, help="use N training images (default: all)")
+    tune.add_argument("--layer", type=parse_int, default=None,
                       help="the layer whose output the probe reads, or the first layer a fine-tune trains "
                            "(default: the preset's)")
     tune.add_argument("--probe", choices=("softmax", "svm"), default=None,
                       help="linear probe loss of the probe presets (default: the preset's)")
-    tune.add_argument("--epochs", type=_int, default=None, help="epochs of training (default: the preset's)")
-    tune.add_argument("--lr", type=_number, default=None,
+    tune.add_argument("--epochs", type=parse_int, default=None, help="epochs of training (default: the preset's)")
+    tune.add_argument("--lr", type=parse_number, default=None,
                       help="learning rate of the new head (default: 0.1 for a probe, else the checkpoint's)")
-    tune.add_argument("--val-size", type=_size, default="auto",
+    tune.add_argument("--val-size", type=parse_size, default="auto",
                       help="validation images held out of the new training set: auto, N or 0 (default: auto)")
-    tune.add_argument("--seed", type=_int, default=0, help="seed of the new head and the batches (default: 0)")
+    tune.add_argument("--seed", type=parse_int, default=0, help="seed of the new head and the batches (default: 0)")
     tune.add_argument("--run-dir", default="runs/finetune",
                       help="where to write the fine-tuned run (default: runs/finetune; refused when it holds a run)")
     tune.add_argument("--overwrite", action="store_true",
@@ -429,7 +353,7 @@ def main(argv=None) -> int:
         return {"train": _train, "check": _check, "evaluate": _evaluate, "finetune": _finetune,
                 "bench": _bench}[args.command](args)
     except KeyboardInterrupt:  # while starting, or a second Ctrl-C
-        return _fail(getattr(locals().get("args"), "command", "") or "", "interrupted", EXIT_INTERRUPTED)
+        return fail(getattr(locals().get("args"), "command", "") or "", "interrupted", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

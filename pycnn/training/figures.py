@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pycnn.training.diagnostics import series
+
 
 def _pyplot():
     import matplotlib
@@ -157,7 +159,6 @@ def plot_history(history: dict, out_dir) -> list[Path]:
 def plot_layers(history: dict, path) -> Path:
     """Four panels of the per-layer diagnostics (``pycnn.training.diagnostics``): each layer keeps its
     colour in every panel, and one legend on the right names them."""
-    from pycnn.training.diagnostics import series
 
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)

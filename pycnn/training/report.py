@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pycnn.training.diagnostics import series
+
 HEALTHY_UPDATE = 1e-3     # CS231n: updates about 1e-3 of the weights
 JUMP = 1.5                # the smoothed loss climbing to this many times its first value
 STALL = 0.9               # the last tenth of the batches above this share of the first loss
@@ -214,14 +216,12 @@ def _fit(history: dict, classes: int | None) -> list[Reading]:
 
 def _update_ratios(history: dict) -> dict:
     """{layer: median update / weight ratio over the later half of the diagnostic steps}."""
-    from pycnn.training.diagnostics import series
 
     return {name: float(np.median(values[len(values) // 2:])) for name, (_, values) in
             series(history, "update_ratio.weight").items()}
 
 
 def _layer_readings(history: dict, ratios: dict) -> list[Reading]:
-    from pycnn.training.diagnostics import series
 
     out = []
     if ratios:

@@ -47,7 +47,10 @@ from tqdm import tqdm
 import pycnn.functional as F
 from pycnn import random as _random
 from pycnn.autograd import Tensor, no_grad
+from pycnn.cuda_graph import GraphedStep
 from pycnn.device import array_module, is_cuda_array, to_device, to_host
+from pycnn.ops import cuda_backend
+from pycnn.training.diagnostics import LayerDiagnostics
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,7 +100,6 @@ def start_regularisation_loss(optimizer):
                 total += l1 * float(array_module(flat).abs(flat).sum())
     if not on_device:
         return lambda: total
-    from pycnn.ops import cuda_backend
     parts, finish = cuda_backend.optimizer_kernels().sum_squares_and_abs([flat for flat, _, _ in on_device])
 
     def value() -> float:
@@ -142,11 +144,9 @@ class Trainer:
         self.on_first_batch = on_first_batch
         self.diagnostics = None
         if diagnostics_every:
-            from pycnn.training.diagnostics import LayerDiagnostics
             self.diagnostics = LayerDiagnostics(diagnostics_every)
         self._graphed = None
         if cuda_graph:
-            from pycnn.cuda_graph import GraphedStep
             self._graphed = GraphedStep(self._whole_step, optimizer=optimizer, model=self.model)
         self.epoch = 0
         self.history = _new_history()

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from pycnn.training import cli as base
-from pycnn.training import runs
+from pycnn.training import arguments as base
+from pycnn.training import rundir
 from pycnn.training.config import Config, ConfigError, check_device
 from pycnn.training.tools import ensemble, imbalance, raytune, search
 from pycnn.training.trainer import CheckpointError
@@ -26,7 +26,7 @@ COMMANDS = ("search", "ensemble", "imbalance")
 
 
 def _positive(text: str) -> int:
-    value = base._int(text)
+    value = base.parse_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
@@ -47,7 +47,7 @@ def _add_ray_flags(parser, default_dir: str) -> None:
                              "local instance; the run directory must be on storage every node sees")
     parser.add_argument("--cpus", type=_positive, default=None,
                         help="CPUs the local Ray instance offers (default: all of this machine's)")
-    parser.add_argument("--gpus", type=base._int, default=None, help="GPUs the local Ray instance offers")
+    parser.add_argument("--gpus", type=base.parse_int, default=None, help="GPUs the local Ray instance offers")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="CPU threads per trial / job (OpenMP threads of the C++ kernels; default: 1)")
 
@@ -66,19 +66,19 @@ def add_parsers(commands) -> None:
                              "widths=choice:16/32,32/64 (repeatable; overrides the TOML's [space])")
     search.add_argument("--trials", type=_positive, default=16, help="trials of stage 1 (default: 16)")
     search.add_argument("--stages", type=_positive, default=2, help="coarse-to-fine stages (default: 2)")
-    search.add_argument("--fine-trials", type=base._int, default=0,
+    search.add_argument("--fine-trials", type=base.parse_int, default=0,
                         help="trials of each later stage (default: half of --trials, at least 2)")
-    search.add_argument("--fine-epochs", type=base._int, default=0,
+    search.add_argument("--fine-epochs", type=base.parse_int, default=0,
                         help="epochs of each later stage's trials (default: twice the stage before)")
-    search.add_argument("--top", type=base._int, default=0,
+    search.add_argument("--top", type=base.parse_int, default=0,
                         help="best trials whose values set the next stage's ranges (default: a quarter, >= 3)")
-    search.add_argument("--eta", type=base._number, default=3.0,
+    search.add_argument("--eta", type=base.parse_number, default=3.0,
                         help="successive halving keeps the best 1/eta at each rung (default: 3)")
     search.add_argument("--grace", type=_positive, default=1, help="epochs before the first cut (default: 1)")
-    search.add_argument("--search-seed", type=base._int, default=0, help="seed of the sampling (default: 0)")
+    search.add_argument("--search-seed", type=base.parse_int, default=0, help="seed of the sampling (default: 0)")
     search.add_argument("--resume", action="store_true", help="continue the search in --run-dir")
     _add_ray_flags(search, "runs/search")
-    base._add_config_flags(search)
+    base.add_config_flags(search)
 
     ens = commands.add_parser(
         "ensemble", help="build and score an ensemble (seeds, a search's top trials, a run's checkpoints, "
@@ -86,21 +86,21 @@ def add_parsers(commands) -> None:
         description="Members: --members N (the config trained with seeds seed..seed+N-1, in parallel), "
                     "--from-search DIR --top K, --from-run DIR --last K, --snapshots K (one run with a cyclic "
                     "schedule); any mix.  Probabilities are averaged (majority vote reported too).")
-    ens.add_argument("--members", type=base._int, default=0, help="members trained with different seeds")
+    ens.add_argument("--members", type=base.parse_int, default=0, help="members trained with different seeds")
     ens.add_argument("--from-search", default=None, metavar="DIR", help="a pycnn search folder")
-    ens.add_argument("--top", type=base._int, default=0, help="the search's best K trials (default: 3)")
+    ens.add_argument("--top", type=base.parse_int, default=0, help="the search's best K trials (default: 3)")
     ens.add_argument("--from-run", default=None, metavar="DIR", help="a run folder (pycnn train --run-dir)")
-    ens.add_argument("--last", type=base._int, default=0, help="the run's last K epoch checkpoints (default: 3)")
-    ens.add_argument("--snapshots", type=base._int, default=0,
+    ens.add_argument("--last", type=base.parse_int, default=0, help="the run's last K epoch checkpoints (default: 3)")
+    ens.add_argument("--snapshots", type=base.parse_int, default=0,
                      help="one run of K cycles of a cyclic cosine schedule; its end-of-cycle checkpoints")
     ens.add_argument("--cycle-epochs", type=_positive, default=2, help="epochs per snapshot cycle (default: 2)")
     ens.add_argument("--tta", action="store_true", help="test-time augmentation: average over views of each image")
     ens.add_argument("--tta-views", type=_names, default=None,
                      help="flip,crop (default: crops, plus flips when the members trained with flips)")
-    ens.add_argument("--tta-padding", type=base._int, default=None,
+    ens.add_argument("--tta-padding", type=base.parse_int, default=None,
                      help="shift of the crop views in pixels (default: the training crops' padding, or 1)")
     _add_ray_flags(ens, "runs/ensemble")
-    base._add_config_flags(ens)
+    base.add_config_flags(ens)
 
     imb = commands.add_parser(
         "imbalance", help="long-tailed data and its remedies (sampling, class weights, two-stage fine-tune), "
@@ -109,28 +109,28 @@ def add_parsers(commands) -> None:
                     "trains each remedy on it and reports per-class test accuracy and confusion matrices.  "
                     "--remedies two-stage is the two-stage fine-tune: the classes with many images first, "
                     "then those with few.")
-    imb.add_argument("--ratio", type=base._number, default=10.0, help="largest / smallest class (default: 10)")
+    imb.add_argument("--ratio", type=base.parse_number, default=10.0, help="largest / smallest class (default: 10)")
     imb.add_argument("--profile", choices=("exp", "step"), default="exp", help="exp (long tail) or step")
-    imb.add_argument("--per-class", type=base._int, default=0,
+    imb.add_argument("--per-class", type=base.parse_int, default=0,
                      help="training images of the largest class (default: as many as every class has)")
     imb.add_argument("--remedies", type=_names, default=list(imbalance.DEFAULT_REMEDIES),
                      help=f"some of {','.join(imbalance.REMEDIES)} (default: all: "
                           f"{','.join(imbalance.DEFAULT_REMEDIES)})")
     imb.add_argument("--class-weight", choices=("inverse", "sqrt", "effective"), default="inverse",
                      help="the weights of the 'weights' remedy (default: inverse frequency)")
-    imb.add_argument("--head", type=base._int, default=0,
+    imb.add_argument("--head", type=base.parse_int, default=0,
                      help="two-stage: the K largest classes go to stage 1 (default: those above the median)")
-    imb.add_argument("--stage2-epochs", type=base._int, default=0,
+    imb.add_argument("--stage2-epochs", type=base.parse_int, default=0,
                      help="two-stage: epochs of stage 2 (default: as many as --epochs)")
-    imb.add_argument("--stage2-lr-factor", type=base._number, default=1.0,
+    imb.add_argument("--stage2-lr-factor", type=base.parse_number, default=1.0,
                      help="two-stage: stage 2's learning rate as a share of --lr (default: 1; a network pretrained "
                           "elsewhere would take a smaller one, such as 0.1)")
-    imb.add_argument("--replay", type=base._int, default=-1,
+    imb.add_argument("--replay", type=base.parse_int, default=-1,
                      help="two-stage: images of each large class kept in stage 2 (default: the mean tail count; "
                           "0: the small classes alone)")
-    imb.add_argument("--imbalance-seed", type=base._int, default=0, help="seed of the long-tailed subset")
+    imb.add_argument("--imbalance-seed", type=base.parse_int, default=0, help="seed of the long-tailed subset")
     _add_ray_flags(imb, "runs/imbalance")
-    base._add_config_flags(imb)
+    base.add_config_flags(imb)
 
 
 def _config(args, defaults: dict | None = None, space: bool = False):
@@ -167,7 +167,7 @@ def _check_environment(args, config) -> None:
     """The device and the run directory, before anything is trained or written: ConfigError
     or RunDirError (exit 2) naming what is missing."""
     check_device(config.device)
-    runs.check_writable(args.run_dir)
+    rundir.check_writable(args.run_dir)
 
 
 def _need_ray(args) -> None:
@@ -272,24 +272,24 @@ def run(args) -> int:
         return {"search": _search, "ensemble": _ensemble, "imbalance": _imbalance}[command](args)
     except (search.SearchInterrupted, ensemble.EnsembleInterrupted, KeyboardInterrupt) as exc:
         detail = f" ({exc})" if str(exc) else ""
-        return base._fail(command, f"interrupted{detail}; the finished trials and the checkpoints are kept in "
+        return base.fail(command, f"interrupted{detail}; the finished trials and the checkpoints are kept in "
                                    f"{args.run_dir}: continue with {again}", base.EXIT_INTERRUPTED)
     except CheckpointError as exc:
-        return base._fail(command, f"checkpoint: {exc}")
-    except (search.SearchError, ensemble.EnsembleError, imbalance.ImbalanceError, ConfigError, runs.RunDirError,
+        return base.fail(command, f"checkpoint: {exc}")
+    except (search.SearchError, ensemble.EnsembleError, imbalance.ImbalanceError, ConfigError, rundir.RunDirError,
             raytune.RayUnavailable, FileNotFoundError) as exc:
-        return base._fail(command, exc)
+        return base.fail(command, exc)
     except ValueError as exc:  # a value the checks above let through, rejected deeper down
-        return base._fail(command, f"{type(exc).__name__}: {exc}")
+        return base.fail(command, f"{type(exc).__name__}: {exc}")
     except (RuntimeError, OSError) as exc:
-        return base._fail(command, exc, 1)
+        return base.fail(command, exc, 1)
 
 
 def main(argv=None) -> int:
     """``python -m pycnn.training.tools.cli search ...``: the three commands on their own (the same as
     ``pycnn search ...`` once pycnn.training.cli has its hook)."""
-    parser = base._Parser(prog="pycnn")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=base._Parser)
+    parser = base.Parser(prog="pycnn")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=base.Parser)
     add_parsers(commands)
     return run(parser.parse_args(argv))
 

@@ -34,7 +34,8 @@ import numpy as np
 
 from pycnn import schedules
 from pycnn.training.config import Config, ConfigError
-from pycnn.training.runs import check_writable, make_writable_dir, split_data
+from pycnn.training.pipeline import split_data
+from pycnn.training.rundir import check_writable, make_writable_dir
 from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
 from pycnn.training.trainer import list_checkpoints

@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from pycnn.training.config import Config
+from pycnn.training.evaluation import class_names, confusion_matrix, per_class_accuracy
 from pycnn.training.figures import plot_confusion
-from pycnn.training.runs import class_names, confusion_matrix, make_writable_dir, per_class_accuracy, split_data
+from pycnn.training.pipeline import split_data
+from pycnn.training.rundir import make_writable_dir
 from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
 

@@ -29,6 +29,9 @@ from __future__ import annotations
 import contextlib
 import os
 
+from pycnn.training.config import Config
+from pycnn.training.tools import trial as trials
+
 INSTALL_HINT = ('Ray is not installed: pip install "pycnn[ray]" (or pip install "ray==2.60.0"); '
                 "--backend local runs without it, in this process")
 
@@ -124,13 +127,9 @@ def _trial_task(spec, judge) -> str:
     """One search trial (a Ray task): train, asking the judge after every epoch."""
     import ray
 
-    from pycnn.training.config import Config
-    from pycnn.training.tools import search
-    from pycnn.training.tools import trial as trials
-
     config = Config.from_dict(spec.config)
     report = lambda m: ray.get(judge.record.remote(spec.id, m["epoch"], m.get("val_accuracy")))  # noqa: E731
-    outcome = trials.train_config(config, spec.folder, splits=search.cached_splits(config), report=report,
+    outcome = trials.train_config(config, spec.folder, splits=trials.cached_splits(config), report=report,
                                   resume=True)  # a worker keeps the data between its trials
     judge.note.remote(f"  trial {spec.id}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
     return outcome.status

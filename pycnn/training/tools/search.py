@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from pycnn.training.config import Config, ConfigError
-from pycnn.training.runs import make_writable_dir
+from pycnn.training.rundir import make_writable_dir
+from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
 from pycnn.training.tools.space import (
     DEFAULT_SPACE,
@@ -182,7 +183,6 @@ def run_search(spec: SearchSpec, run_dir, *, resume: bool = False, backend: str 
         state.write_text(json.dumps({"spec": dataclasses.asdict(spec)}, indent=1))
     session = contextlib.nullcontext()
     if backend == "ray":  # one Ray instance for every stage
-        from pycnn.training.tools import raytune
         options = ray_options or {}
         session = raytune.session(options.get("address"), options.get("cpus"), options.get("gpus"),
                                   options.get("threads", 1))
@@ -237,7 +237,6 @@ def _run_stages(spec: SearchSpec, base: Config, run_dir: Path, backend: str, ray
         all_specs += stage_specs
         try:
             if todo and backend == "ray":
-                from pycnn.training.tools import raytune
                 raytune.run_trials(todo, halving, log=log, **(ray_options or {}))
             elif todo:
                 _run_local(todo, halving, log)
@@ -262,24 +261,10 @@ def _run_local(todo: list, halving: Halving, log) -> None:
                 f"train loss {metrics['train_loss']:.4f}", flush=True)
             return halving.record(s.id, metrics["epoch"], metrics["val_accuracy"])
 
-        outcome = trials.train_config(config, s.folder, splits=cached_splits(config), report=report, resume=True)
+        outcome = trials.train_config(config, s.folder, splits=trials.cached_splits(config), report=report, resume=True)
         if outcome.status == trials.INTERRUPTED:
             raise SearchInterrupted(outcome.reason)
         log(f"    {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
-
-
-_SPLITS: dict = {}
-
-
-def cached_splits(config: Config):
-    """split_data once per data setting in this process (trials differ in other settings)."""
-    from pycnn.training.runs import split_data
-
-    key = (config.dataset, config.classes, config.limit, config.val_size)
-    if key not in _SPLITS:
-        _SPLITS.clear()
-        _SPLITS[key] = split_data(config)
-    return _SPLITS[key]
 
 
 def _outcomes(specs: list):
@@ -339,7 +324,6 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
     best_spec, best = _best(specs)
     config = Config.from_dict(best_spec.config)
     _write_toml(config, run_dir / "best.toml")
-    from pycnn.training.tools import plots
     figures = plots.search_figures(rows, [(s, trials.read_curve(s.folder)) for s in specs], spec.dists(), run_dir)
     test = score_test(Path(best_spec.folder) / best.best_checkpoint)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "aborted")}
@@ -366,7 +350,7 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
 
 
 def score_test(checkpoint) -> dict:
-    from pycnn.training.runs import split_data
+    from pycnn.training.pipeline import split_data
 
     predictor = trials.load_predictor(checkpoint)
     splits = split_data(predictor.config)

@@ -26,8 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from pycnn import data, models
+from pycnn.autograd import Tensor, no_grad
 from pycnn.data import preprocess
+from pycnn.device import to_device, to_host
 from pycnn.training.config import Config
+from pycnn.training.pipeline import BatchPipeline, augmentation, build, model_spec, split_data
+from pycnn.training.rundir import prepare_run_dir, resume_from_newest
 from pycnn.training.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
 
 FINISHED, ABORTED, INTERRUPTED = "finished", "aborted", "interrupted"
@@ -85,7 +89,6 @@ def _curve(history: dict) -> list:
 def make_loaders(config: Config, train_x, train_y, val_x, val_y, preprocessor):
     """The training loader (augmentation, then ``preprocessor``; class-balanced sampling when
     ``config.balance`` says so) and the validation loader, as ``train.build`` makes them."""
-    from pycnn.training.runs import BatchPipeline, augmentation
 
     sampler = data.BalancedSampler(train_y, mode=config.balance, seed=config.seed) \
         if config.balance != "none" else None
@@ -111,7 +114,6 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
     config's; ``init_state``: model weights to start from (a fine-tune); ``preprocessor``: a
     fitted pre-processing to use instead of fitting one on the training images; ``keep``:
     'best' keeps the newest and the best epoch's checkpoints, 'all' every epoch's."""
-    from pycnn.training.runs import build, model_spec, prepare_run_dir, resume_from_newest, split_data
 
     folder = Path(folder)
     done = read_outcome(folder) if resume else None
@@ -130,7 +132,6 @@ def train_config(config: Config, folder, *, splits=None, report=None, resume: bo
     spec = model_spec(config, splits.train_x.shape[1], splits.train_x.shape[2], splits.classes)
     weight = None
     if class_weight is not None:
-        from pycnn.device import to_device
         weight = to_device(np.asarray(class_weight, dtype=np.float32), config.device)
     trainer = Trainer(model, optimizer, train_loader, val_loader,
                       schedule=schedule(optimizer) if schedule is not None else own_schedule,
@@ -217,8 +218,6 @@ class Predictor:
 
     def probabilities(self, images, batch_size: int = 256) -> np.ndarray:
         """Softmax probabilities (N, classes) of uint8 images (N, C, H, W), evaluation mode."""
-        from pycnn.autograd import Tensor, no_grad
-        from pycnn.device import to_device, to_host
 
         self.model.eval()
         out = []
@@ -251,3 +250,15 @@ def load_predictor(path, name: str | None = None, device: str | None = None) -> 
 def timer():
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
+
+
+_SPLITS: dict = {}
+
+
+def cached_splits(config: Config):
+    """split_data once per data setting in this process (trials differ in other settings)."""
+    key = (config.dataset, config.classes, config.limit, config.val_size)
+    if key not in _SPLITS:
+        _SPLITS.clear()
+        _SPLITS[key] = split_data(config)
+    return _SPLITS[key]
