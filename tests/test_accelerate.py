@@ -152,6 +152,18 @@ def test_inplace_false_leaves_the_model_alone():
     assert again is copied and not report.swapped  # already pycnn's: nothing to do
 
 
+def test_modules_used_in_several_places():
+    """A batch norm used twice is not fused with what follows one of its uses; an activation
+    used twice is the same pycnn module in both places."""
+    bn, relu = nn.BatchNorm2d(3, dtype=torch.float64), nn.ReLU()
+    theirs = nn.Sequential(bn, relu, nn.Conv2d(3, 3, 3, padding=1, dtype=torch.float64), bn, nn.Tanh(), relu)
+    ours, report = pt.accelerate(copy.deepcopy(theirs))
+    assert type(ours[0]) is pt.BatchNorm2d and ours[3] is ours[0]
+    assert isinstance(ours[1], pt.ReLU) and ours[5] is ours[1]
+    assert [r.path for r in report.rows] == ["0", "1", "2", "4"]  # each module once
+    assert_same_model(ours, theirs, _inputs((2, 3, 4, 4)))
+
+
 def test_hooks_go_with_the_modules():
     model = small_net(torch.float64)
     seen = []

@@ -20,6 +20,7 @@ element, torch's U(lower, upper).  Batch norm is not folded into the convolution
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 
@@ -111,31 +112,47 @@ def accelerate(model: torch.nn.Module, precision: str = "default", inplace: bool
     if not inplace:
         model = copy.deepcopy(model)
     report = Report(precision)
+    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     if not _swap_root(model, PRECISIONS[precision], report):
-        _walk(model, "", PRECISIONS[precision], report)
+        _walk(model, "", _Walk(PRECISIONS[precision], report, uses))
     if verbose:
         print(report)
     return model, report
 
 
-def _walk(parent: torch.nn.Module, prefix: str, algo: str, report: Report) -> None:
-    children = list(parent.named_children())
+@dataclasses.dataclass
+class _Walk:
+    algo: str                  # conv3x3's algorithm
+    report: Report
+    uses: collections.Counter  # id(module) -> the number of places it is used in the model
+    seen: set = dataclasses.field(default_factory=set)
+    replaced: dict = dataclasses.field(default_factory=dict)  # id(torch module) -> its pycnn module
+
+
+def _walk(parent: torch.nn.Module, prefix: str, walk: _Walk) -> None:
+    """Swap ``parent``'s children (every place, a module used twice included), then theirs."""
+    children = [(name, child) for name, child in parent._modules.items() if child is not None]
     fused = set()
     for i, (name, child) in enumerate(children):
         path = f"{prefix}{name}"
-        if name in fused:
+        if id(child) in walk.replaced:  # a module used in several places: the same swap in each
+            setattr(parent, name, walk.replaced[id(child)])
+        if name in fused or id(child) in walk.seen:
             continue
-        if isinstance(parent, torch.nn.Sequential) and i + 1 < len(children):
+        walk.seen.add(id(child))
+        if isinstance(parent, torch.nn.Sequential) and i + 1 < len(children) and walk.uses[id(child)] == 1:
             next_name, follower = children[i + 1]
-            if _fuse(parent, child, next_name, follower, prefix, name, report):
+            if _fuse(parent, child, next_name, follower, prefix, name, walk.report):
                 fused.add(next_name)
                 continue
-        if _swap_child(parent, name, child, path, algo, report):
+        if _swap_child(parent, name, child, path, walk.algo, walk.report):
+            if getattr(parent, name) is not child:
+                walk.replaced[id(child)] = getattr(parent, name)
             continue
         if next(child.children(), None) is None:
-            report.add(path, child, "left", "no pycnn op for it")
+            walk.report.add(path, child, "left", "no pycnn op for it")
         else:
-            _walk(child, f"{path}.", algo, report)
+            _walk(child, f"{path}.", walk)
 
 
 def _swap_root(model, algo, report) -> bool:
@@ -163,7 +180,10 @@ def _swap_child(parent, name, child, path, algo, report) -> bool:
         return True
     make = _ACTIVATIONS.get(kind)
     if make is None:
-        return False
+        base = next((k for k in (*_ACTIVATIONS, torch.nn.BatchNorm2d) if isinstance(child, k)), None)
+        if base is not None:
+            report.add(path, child, "left", f"a subclass of {base.__name__} ({kind.__name__}): its forward may differ")
+        return base is not None
     reason = _pool_reason(child) if kind in (torch.nn.MaxPool2d, torch.nn.AvgPool2d) else None
     if reason is not None:
         report.add(path, child, "left", reason)
@@ -204,8 +224,8 @@ def _fuse(parent, bn, act_name, act, prefix, bn_name, report) -> bool:
     """BatchNorm2d followed by an activation batchnorm_act applies: one BatchNormAct2d call."""
     if type(bn) not in (torch.nn.BatchNorm2d, BatchNorm2d) or type(act) not in _EPILOGUES:
         return False
-    if _has_hooks(act) or any(getattr(bn, h) for h in ("_forward_hooks", "_forward_hooks_with_kwargs")):
-        return False  # a hook would see another tensor than it does now
+    if _has_hooks(act) or _has_hooks(bn):
+        return False  # a hook would see other tensors than it does now
     if isinstance(act, torch.nn.PReLU) and act.num_parameters not in (1, bn.num_features):
         return False
     if _dtype_reason(bn.running_mean if bn.weight is None else bn.weight) is not None:
