@@ -206,10 +206,13 @@ int64_t chunk_rows(int64_t tw, int64_t max_cols) {
     return best;
 }
 
-// d[0 .. n) = s[0 .. n) (n <= W: rows are short, a libc call each costs more than the copy).
-// float32: whole vectors and one masked vector; nothing past d[n - 1] is written.
-template <typename T>
-inline void copy_row(T* d, const T* s, int64_t n) {
+// d[0 .. n) = s[0 .. n) (n <= W: rows are short, a libc call each costs more than the copy);
+// float32: whole vectors and one masked load for the tail.  kPadded: d[n ..] is zero and may be
+// overwritten with zeros up to the next multiple of the vector length (the tail is stored
+// whole: load_row, into the input strips); else nothing past d[n - 1] is written (the tail's
+// store is masked too: copy_row, into y).
+template <bool kPadded, typename T>
+inline void move_row(T* d, const T* s, int64_t n) {
 #if PYCNN_SIMD
     if constexpr (std::is_same_v<T, float>) {
         using V = simd::Isa;
@@ -217,8 +220,12 @@ inline void copy_row(T* d, const T* s, int64_t n) {
         int64_t i = 0;
         for (; i + L <= n; i += L) V::storeu(d + i, V::loadu(s + i));
         if (i < n) {
-            const typename V::Mask mk = V::mask_from_bits((1u << static_cast<int>(n - i)) - 1u);
-            V::mask_storeu(d + i, mk, V::maskz_loadu(mk, s + i));
+            if constexpr (kPadded) {
+                V::storeu(d + i, V::maskz_loadu(V::mask_from_bits((1u << static_cast<int>(n - i)) - 1u), s + i));
+            } else {
+                const typename V::Mask mk = V::mask_from_bits((1u << static_cast<int>(n - i)) - 1u);
+                V::mask_storeu(d + i, mk, V::maskz_loadu(mk, s + i));
+            }
         }
         return;
     }
@@ -226,22 +233,10 @@ inline void copy_row(T* d, const T* s, int64_t n) {
     std::memcpy(d, s, sizeof(T) * static_cast<size_t>(n));
 }
 
-// Strip row d[0 .. n) = s[0 .. n) where d[n ..] is zero and may be overwritten with zeros up
-// to the next multiple of the vector length (float32: masked loads, whole-vector stores).
 template <typename T>
-inline void load_row(T* d, const T* s, int64_t n) {
-#if PYCNN_SIMD
-    if constexpr (std::is_same_v<T, float>) {
-        using V = simd::Isa;
-        constexpr int L = V::kLanes;
-        int64_t i = 0;
-        for (; i + L <= n; i += L) V::storeu(d + i, V::loadu(s + i));
-        if (i < n) V::storeu(d + i, V::maskz_loadu(V::mask_from_bits((1u << static_cast<int>(n - i)) - 1u), s + i));
-        return;
-    }
-#endif
-    std::memcpy(d, s, sizeof(T) * static_cast<size_t>(n));
-}
+inline void copy_row(T* d, const T* s, int64_t n) { move_row<false>(d, s, n); }
+template <typename T>
+inline void load_row(T* d, const T* s, int64_t n) { move_row<true>(d, s, n); }
 
 // The geometry of one call.  A row item is the tiles (n, ty, tx0 .. tx0 + tws - 1) of one tile
 // row, or of one segment of it where a row has more than kLd tiles (W > 4 kLd): items are

@@ -138,24 +138,27 @@ inline void maxpool_two_rows16_backward(const float* g, const uint8_t* arg, floa
 }
 
 // Output row h of a plane of width W (Ho output rows), and row h + 1 with it where W == 16
-// (16 contiguous outputs); returns the rows done.  r0: input row 2h; y, arg: output row h.
-inline int maxpool_simd_forward(const float* r0, float* y, uint8_t* arg, int64_t W, int64_t h, int64_t Ho) {
+// (16 contiguous outputs): returns whether it took row h + 1 too.  r0, r1: input rows 2h, 2h + 1;
+// y, arg: output row h (Wo = W / 2 outputs).
+inline bool maxpool_simd_forward(const float* r0, const float* r1, float* y, uint8_t* arg, int64_t W, int64_t Wo,
+                                 int64_t h, int64_t Ho) {
     if (W == 16 && h + 1 < Ho) {
         maxpool_two_rows16_forward(r0, y, arg);
-        return 2;
+        return true;
     }
-    maxpool_row_forward(r0, r0 + W, y, arg, W / 2);
-    return 1;
+    maxpool_row_forward(r0, r1, y, arg, Wo);
+    return false;
 }
 
 // The same for the backward pass (W even where two rows are taken: no odd column to clear).
-inline int maxpool_simd_backward(const float* g, const uint8_t* arg, float* r0, int64_t W, int64_t h, int64_t Ho) {
+inline bool maxpool_simd_backward(const float* g, const uint8_t* arg, float* r0, float* r1, int64_t W, int64_t Wo,
+                                  int64_t h, int64_t Ho) {
     if (W == 16 && h + 1 < Ho) {
         maxpool_two_rows16_backward(g, arg, r0);
-        return 2;
+        return true;
     }
-    maxpool_row_backward(g, arg, r0, r0 + W, W / 2);
-    return 1;
+    maxpool_row_backward(g, arg, r0, r1, Wo);
+    return false;
 }
 #endif
 
@@ -170,7 +173,7 @@ void maxpool_forward(const T* x, T* y, uint8_t* arg, int64_t planes, int64_t H, 
             T* yr = y + (pl * Ho + h) * Wo;
             uint8_t* ar = arg + (pl * Ho + h) * Wo;
             if constexpr (kSimdRows<T>) {  // (discarded unless compiled: a dependent call)
-                h += maxpool_simd_forward(r0, yr, ar, W, h, Ho) - 1;
+                if (maxpool_simd_forward(r0, r1, yr, ar, W, Wo, h, Ho)) ++h;
                 continue;
             }
 #pragma omp simd
@@ -201,7 +204,7 @@ void maxpool_backward(const T* gy, const uint8_t* arg, T* gx, int64_t planes, in
             T* r1 = r0 + W;
             if (W & 1) r0[W - 1] = r1[W - 1] = T(0);
             if constexpr (kSimdRows<T>) {
-                h += maxpool_simd_backward(g, a, r0, W, h, Ho) - 1;
+                if (maxpool_simd_backward(g, a, r0, r1, W, Wo, h, Ho)) ++h;
                 continue;
             }
 #pragma omp simd
@@ -291,28 +294,46 @@ py::array as_argmax(const char* fn, const py::object& obj, const py::array& x, b
     return a;
 }
 
-}  // namespace
+// A pooling call: `full` (N, C, H, W) and `pooled` (like full pooled 2x2), checked; the forward
+// passes read full (x) and write pooled (y), the backward passes read pooled (grad_y) and write
+// full (grad_x).
+struct PoolCall {
+    const char* fn;
+    bool forward;
+    py::array full, pooled;
+    PoolDims d;
 
-namespace {
+    PoolCall(const char* fn_, bool forward_, const py::object& full_obj, const py::object& pooled_obj)
+        : fn(fn_), forward(forward_) {
+        const char* full_name = forward ? "x" : "grad_x";
+        const char* pooled_name = forward ? "y" : "grad_y";
+        full = as_float_array(fn, full_name, full_obj, !forward);
+        d = pool_dims(fn, full);
+        pooled = as_array_like(fn, pooled_name, pooled_obj, full_name, full, forward);
+        require_pooled(fn, pooled_name, pooled, full);
+    }
+
+    // kernel(in, out, d) with T pointers (in: x or grad_y; out: y or grad_x), the GIL released.
+    template <class Kernel>
+    void run(Kernel kernel) {
+        pycnn::dispatch_float(full, [&](auto zero) {
+            using T = decltype(zero);
+            const T* in = pycnn::data_of<T>(forward ? full : pooled);
+            T* out = pycnn::mutable_data_of<T>(forward ? pooled : full);
+            py::gil_scoped_release nogil;
+            kernel(in, out, d);
+        });
+    }
+};
 
 void define(py::module_& m) {
     m.def(
         "maxpool2x2_forward",
         [](const py::object& x_obj, const py::object& y_obj, const py::object& arg_obj) {
-            const char* fn = "maxpool2x2_forward";
-            py::array x = as_float_array(fn, "x", x_obj);
-            const PoolDims d = pool_dims(fn, x);
-            py::array y = as_array_like(fn, "y", y_obj, "x", x, true);
-            require_pooled(fn, "y", y, x);
-            py::array arg = as_argmax(fn, arg_obj, x, true);
-            pycnn::dispatch_float(x, [&](auto zero) {
-                using T = decltype(zero);
-                const T* xp = pycnn::data_of<T>(x);
-                T* yp = pycnn::mutable_data_of<T>(y);
-                auto* ap = static_cast<uint8_t*>(arg.mutable_data());
-                py::gil_scoped_release nogil;
-                maxpool_forward<T>(xp, yp, ap, d.planes, d.H, d.W);
-            });
+            PoolCall c("maxpool2x2_forward", true, x_obj, y_obj);
+            py::array arg = as_argmax(c.fn, arg_obj, c.full, true);
+            auto* ap = static_cast<uint8_t*>(arg.mutable_data());
+            c.run([ap](auto xp, auto yp, const PoolDims& d) { maxpool_forward(xp, yp, ap, d.planes, d.H, d.W); });
         },
         py::arg("x"), py::arg("y"), py::arg("argmax"),
         "x (N, C, H, W) -> y (N, C, H//2, W//2) and argmax (uint8, same shape as y: 0..3, the winner of each "
@@ -320,57 +341,30 @@ void define(py::module_& m) {
     m.def(
         "maxpool2x2_backward",
         [](const py::object& g_obj, const py::object& arg_obj, const py::object& gx_obj) {
-            const char* fn = "maxpool2x2_backward";
-            py::array gx = as_float_array(fn, "grad_x", gx_obj, true);
-            const PoolDims d = pool_dims(fn, gx);
-            py::array g = as_array_like(fn, "grad_y", g_obj, "grad_x", gx);
-            require_pooled(fn, "grad_y", g, gx);
-            py::array arg = as_argmax(fn, arg_obj, gx, false);
-            pycnn::dispatch_float(gx, [&](auto zero) {
-                using T = decltype(zero);
-                const T* gp = pycnn::data_of<T>(g);
-                const auto* ap = static_cast<const uint8_t*>(arg.data());
-                T* gxp = pycnn::mutable_data_of<T>(gx);
-                py::gil_scoped_release nogil;
-                maxpool_backward<T>(gp, ap, gxp, d.planes, d.H, d.W);
-            });
+            PoolCall c("maxpool2x2_backward", false, gx_obj, g_obj);
+            const py::array arg = as_argmax(c.fn, arg_obj, c.full, false);
+            const auto* ap = static_cast<const uint8_t*>(arg.data());
+            c.run([ap](auto gp, auto gxp, const PoolDims& d) { maxpool_backward(gp, ap, gxp, d.planes, d.H, d.W); });
         },
         py::arg("grad_y"), py::arg("argmax"), py::arg("grad_x"),
         "grad_x (N, C, H, W), overwritten: grad_y routed to the winner of each window, 0 elsewhere.");
     m.def(
         "avgpool2x2_forward",
         [](const py::object& x_obj, const py::object& y_obj) {
-            const char* fn = "avgpool2x2_forward";
-            py::array x = as_float_array(fn, "x", x_obj);
-            const PoolDims d = pool_dims(fn, x);
-            py::array y = as_array_like(fn, "y", y_obj, "x", x, true);
-            require_pooled(fn, "y", y, x);
-            pycnn::dispatch_float(x, [&](auto zero) {
-                using T = decltype(zero);
-                const T* xp = pycnn::data_of<T>(x);
-                T* yp = pycnn::mutable_data_of<T>(y);
-                py::gil_scoped_release nogil;
-                avgpool_forward<T>(xp, yp, d.planes, d.H, d.W);
+            PoolCall("avgpool2x2_forward", true, x_obj, y_obj).run([](auto xp, auto yp, const PoolDims& d) {
+                avgpool_forward(xp, yp, d.planes, d.H, d.W);
             });
         },
         py::arg("x"), py::arg("y"), "x (N, C, H, W) -> y (N, C, H//2, W//2): the mean of each 2x2 window.");
     m.def(
         "avgpool2x2_backward",
         [](const py::object& g_obj, const py::object& gx_obj) {
-            const char* fn = "avgpool2x2_backward";
-            py::array gx = as_float_array(fn, "grad_x", gx_obj, true);
-            const PoolDims d = pool_dims(fn, gx);
-            py::array g = as_array_like(fn, "grad_y", g_obj, "grad_x", gx);
-            require_pooled(fn, "grad_y", g, gx);
-            pycnn::dispatch_float(gx, [&](auto zero) {
-                using T = decltype(zero);
-                const T* gp = pycnn::data_of<T>(g);
-                T* gxp = pycnn::mutable_data_of<T>(gx);
-                py::gil_scoped_release nogil;
-                avgpool_backward<T>(gp, gxp, d.planes, d.H, d.W);
+            PoolCall("avgpool2x2_backward", false, gx_obj, g_obj).run([](auto gp, auto gxp, const PoolDims& d) {
+                avgpool_backward(gp, gxp, d.planes, d.H, d.W);
             });
         },
-        py::arg("grad_y"), py::arg("grad_x"), "grad_x (N, C, H, W), overwritten: grad_y / 4 on each window, 0 where not pooled.");
+        py::arg("grad_y"), py::arg("grad_x"),
+        "grad_x (N, C, H, W), overwritten: grad_y / 4 on each window, 0 where not pooled.");
 }
 
 const pycnn::Bindings bindings(define);
