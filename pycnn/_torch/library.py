@@ -159,8 +159,7 @@ class _State:
     backend: str
     algo: str
     ctx: Context
-    dtypes: tuple     # the differentiable inputs' dtypes (their gradients are cast back to them)
-    compute: object   # the dtype the op ran in
+    compute: object   # the dtype the op ran in (the gradients are cast back to their inputs')
 
 
 # ------------------------------------------------------------------ layout and dtype
@@ -248,9 +247,7 @@ def _real_forward(spec: OpSpec):
             out = timed(op.name, backend, algorithm, "forward", impl.forward, ctx, *arrays, **params)
             y = tensor(out.copy() if any(aliases(out, a) for a in arrays) else out)
         y = y.to(x.dtype).contiguous(memory_format=memory_format(x))
-        state = _State(op, impl, backend, algorithm, ctx, tuple(t.dtype for t in tensors.values() if t is not None),
-                       compute)
-        return y, _keep(state), *updated
+        return y, _keep(_State(op, impl, backend, algorithm, ctx, compute)), *updated
     return forward
 
 
@@ -280,9 +277,9 @@ def _real_backward(grad, handle, inputs, needs):
             if gi is None or not need:
                 result.append(grad.new_empty(0))
                 continue
-            copy = same_view(gi, g) or any(aliases(gi, other) for other in taken)  # one gradient per memory
+            shared = same_view(gi, g) or any(aliases(gi, other) for other in taken)  # one gradient per memory
             taken.append(gi)
-            gt = tensor(gi.copy() if copy else gi)
+            gt = tensor(gi.copy() if shared else gi)
             if gt.shape != t.shape:
                 gt = gt.sum_to_size(t.shape)  # a value shared by every channel
             result.append(gt.to(t.dtype).contiguous(memory_format=memory_format(t) if t.dim() == 4
@@ -338,7 +335,3 @@ for _spec in SPECS.values():
 def call(name: str, *args, **kwargs) -> torch.Tensor:
     """y of operator ``name`` (``torch.ops.pycnn.<name>``); arguments as its schema."""
     return getattr(torch.ops.pycnn, name)(*args, **kwargs)[0]
-
-
-def has_operator(name: str) -> bool:
-    return name in SPECS
