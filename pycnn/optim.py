@@ -184,7 +184,7 @@ def _cuda_kernels(w, grad, group):
     if group["l1"] or not is_cuda_array(w) or not (w.flags.c_contiguous and grad.flags.c_contiguous) \
             or grad.dtype != w.dtype:
         return None
-    return cuda_backend.optimiser_kernels()
+    return cuda_backend.optimizer_kernels()
 
 
 def _adam_counter(group, state):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pycnn.data import augment as A
+from pycnn.data import images
 from pycnn.data import datasets
 
 
@@ -85,13 +86,13 @@ def test_crop_errors_name_the_argument():
 
 def test_bilinear_resize():
     x = _images(3, h=8, w=8, dtype=np.float64)
-    half = A.resize_bilinear(x, (4, 4))  # half-pixel centres: each output is a 2x2 block mean
+    half = images.resize_bilinear(x, (4, 4))  # half-pixel centres: each output is a 2x2 block mean
     np.testing.assert_allclose(half, x.reshape(3, 3, 4, 2, 4, 2).mean(axis=(3, 5)), rtol=1e-12)
-    np.testing.assert_array_equal(A.resize_bilinear(x, (8, 8)), x)
+    np.testing.assert_array_equal(images.resize_bilinear(x, (8, 8)), x)
     constant = np.full((2, 3, 5, 7), 77, np.uint8)
-    np.testing.assert_array_equal(A.resize_bilinear(constant, (13, 4)), np.full((2, 3, 13, 4), 77, np.uint8))
+    np.testing.assert_array_equal(images.resize_bilinear(constant, (13, 4)), np.full((2, 3, 13, 4), 77, np.uint8))
     ramp = np.tile(np.arange(8.0), (1, 1, 8, 1))  # linear in x: upsampling keeps it linear inside
-    up = A.resize_bilinear(ramp, (8, 16))[0, 0, 0]
+    up = images.resize_bilinear(ramp, (8, 16))[0, 0, 0]
     np.testing.assert_allclose(np.diff(up[1:-1]), 0.5)
 
 
@@ -113,9 +114,9 @@ def test_scale_crop():
 
 def test_rotation():
     x = _images(4, h=10, w=10, dtype=np.float64)
-    np.testing.assert_allclose(A.rotate(x, 0.0, 1.0), x, atol=1e-12)
-    np.testing.assert_allclose(A.rotate(x, 90.0, 1.0), np.rot90(x, 1, axes=(2, 3)), atol=1e-9)  # counter-clockwise
-    small = A.rotate(np.ones((1, 1, 10, 10)), 0.0, 0.5)  # shrunk: zero fill at the border
+    np.testing.assert_allclose(images.rotate(x, 0.0, 1.0), x, atol=1e-12)
+    np.testing.assert_allclose(images.rotate(x, 90.0, 1.0), np.rot90(x, 1, axes=(2, 3)), atol=1e-9)  # counter-clockwise
+    small = images.rotate(np.ones((1, 1, 10, 10)), 0.0, 0.5)  # shrunk: zero fill at the border
     assert small[0, 0, 0, 0] == 0 and small[0, 0, 5, 5] == 1
     u8 = _images(8)
     out = A.RandomRotation(degrees=30, scale=(0.8, 1.2))(u8, 3)
@@ -139,10 +140,10 @@ def _special_pixels():
 def test_hsv_conversions_match_colorsys():
     pixels = _special_pixels()
     rgb = pixels.T.reshape(1, 3, 8, 8)
-    hsv = A.rgb_to_hsv(rgb)
+    hsv = images.rgb_to_hsv(rgb)
     expected = np.array([colorsys.rgb_to_hsv(*p) for p in pixels]).T.reshape(1, 3, 8, 8)
     np.testing.assert_allclose(hsv, expected, atol=1e-12)
-    back = A.hsv_to_rgb(hsv)
+    back = images.hsv_to_rgb(hsv)
     expected_back = np.array([colorsys.hsv_to_rgb(*p) for p in expected.reshape(3, -1).T]).T.reshape(1, 3, 8, 8)
     np.testing.assert_allclose(back, expected_back, atol=1e-12)
     np.testing.assert_allclose(back, rgb, atol=1e-12)
@@ -185,7 +186,7 @@ def test_colour_jitter_scale_and_hue_wrap():
     red = np.zeros((1, 3, 1, 1))
     red[0, 0] = 1.0                                 # hue 0; a shift of -0.05 wraps to 0.95
     same = dict(sat_power=1.0, sat_factor=1.0, sat_shift=0.0, val_power=1.0, val_factor=1.0, val_shift=0.0)
-    wrapped = A.jitter_hsv(red, hue_shift=-0.05, **same)
+    wrapped = images.jitter_hsv(red, hue_shift=-0.05, **same)
     np.testing.assert_allclose(wrapped[0, :, 0, 0], colorsys.hsv_to_rgb(0.95, 1.0, 1.0), atol=1e-12)
     with pytest.raises(ValueError, match="x must have 3"):
         A.ColourJitter()(_images(c=1), 0)
@@ -292,15 +293,15 @@ def test_sizes_are_checked_and_empty_batches_keep_their_shape():
     ZeroDivisionError; an empty batch failed in the crops, rotation and resize."""
     x = np.random.default_rng(0).integers(0, 256, (3, 3, 6, 5)).astype(np.uint8)
     for call in (lambda: A.RandomCrop(2, size=0), lambda: A.RandomScaleCrop((4, 4), size=-1),
-                 lambda: A.RandomCrop(2, size=(3, 2.5)), lambda: A.resize_bilinear(x, (0, 3)),
-                 lambda: A.resize_bilinear(x, 3.5)):
+                 lambda: A.RandomCrop(2, size=(3, 2.5)), lambda: images.resize_bilinear(x, (0, 3)),
+                 lambda: images.resize_bilinear(x, 3.5)):
         with pytest.raises(ValueError, match="size must be"):
             call()
     empty = x[:0]
     for transform in (A.RandomCrop(2), A.RandomScaleCrop((6, 8)), A.RandomRotation(), A.RandomFlip()):
         out = transform(empty, 0)
         assert out.shape == (0, 3, 6, 5) and out.dtype == np.uint8, transform
-    assert A.resize_bilinear(empty, (3, 4)).shape == (0, 3, 3, 4)
+    assert images.resize_bilinear(empty, (3, 4)).shape == (0, 3, 3, 4)
 
 
 def test_a_callable_gets_the_generator_only_where_it_asks_for_one():

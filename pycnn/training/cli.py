@@ -49,9 +49,9 @@ from pycnn.training.arguments import (
     parse_number,
     parse_size,
 )
+from pycnn.training.checkpoints import CheckpointError
 from pycnn.training.config import Config, ConfigError, check_device
 from pycnn.training.tools import cli as tools
-from pycnn.training.trainer import CheckpointError
 
 
 def _config(args, command: str):

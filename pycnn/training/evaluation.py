@@ -11,10 +11,11 @@ import numpy as np
 from pycnn import data, models, optim
 from pycnn.autograd import Tensor, no_grad
 from pycnn.data import datasets, preprocess
+from pycnn.training.checkpoints import CheckpointError, list_checkpoints, read_checkpoint
 from pycnn.training.config import Config, ConfigError
 from pycnn.training.pipeline import split_data
 from pycnn.training.rundir import newest_meta, run_contents
-from pycnn.training.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
+from pycnn.training.trainer import Trainer
 
 
 def evaluate_checkpoint(path, dataset: str | None = None, split: str = "test") -> tuple[float, float]:

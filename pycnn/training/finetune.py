@@ -37,11 +37,12 @@ from pycnn import data, models, nn, optim, schedules
 from pycnn.autograd import Tensor, no_grad
 from pycnn.data import preprocess
 from pycnn.training import figures, report
+from pycnn.training.checkpoints import CheckpointError, read_checkpoint
 from pycnn.training.config import Config, ConfigError, check_device
 from pycnn.training.pipeline import BatchPipeline, augmentation, split_data
 from pycnn.training.rundir import check_run_dir, prepare_run_dir
 from pycnn.training.runs import score_on_test, write_history
-from pycnn.training.trainer import CheckpointError, Trainer, read_checkpoint
+from pycnn.training.trainer import Trainer
 
 
 class FinetuneStopped(RuntimeError):

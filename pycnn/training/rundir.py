@@ -9,8 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pycnn.training.checkpoints import CheckpointError, list_checkpoints, read_checkpoint
 from pycnn.training.config import Config, ConfigError
-from pycnn.training.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
+from pycnn.training.trainer import Trainer
 
 
 class RunDirError(ValueError):

@@ -35,10 +35,11 @@ import pycnn
 from pycnn import data
 from pycnn.training import checks as sanity
 from pycnn.training import figures, report
+from pycnn.training.checkpoints import list_checkpoints
 from pycnn.training.config import Config, ConfigError, check_device
 from pycnn.training.pipeline import Splits, build, model_spec, split_data
 from pycnn.training.rundir import check_run_dir, point_latest, prepare_run_dir, resume_from_newest, resume_plan
-from pycnn.training.trainer import Trainer, list_checkpoints
+from pycnn.training.trainer import Trainer
 
 __all__ = ["latest_checkpoint", "run", "run_folds", "score_on_test", "write_history"]
 

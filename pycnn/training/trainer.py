@@ -31,14 +31,11 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
 import threading
 import time
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +47,12 @@ from pycnn.autograd import Tensor, no_grad
 from pycnn.cuda_graph import GraphedStep
 from pycnn.device import array_module, is_cuda_array, to_device, to_host
 from pycnn.ops import cuda_backend
+from pycnn.training.checkpoints import CheckpointError, read_checkpoint
 from pycnn.training.diagnostics import LayerDiagnostics
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or grew past max_loss_ratio x its initial value."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt or not a pycnn checkpoint."""
 
 
 def _new_history() -> dict:
@@ -461,59 +455,6 @@ class Trainer:
                 best_arrays, _ = read_checkpoint(best_path)
                 self._best_state = {k[len("model/"):]: v for k, v in best_arrays.items() if k.startswith("model/")}
         return meta
-
-
-_CHECKPOINT_NAME = re.compile(r"epoch_(\d+)(?:_part_(\d+))?\.npz$")
-
-
-def checkpoint_order(path) -> tuple:
-    """Sort key of a checkpoint file name: epoch_NNN.npz (end of epoch NNN) comes after
-    epoch_NNN_part_BBBBB.npz (epoch NNN interrupted after BBBBB batches)."""
-    match = _CHECKPOINT_NAME.search(Path(path).name)
-    if match is None:
-        return (-1, -1)
-    return (int(match.group(1)), math.inf if match.group(2) is None else int(match.group(2)))
-
-
-def list_checkpoints(checkpoint_dir) -> list[Path]:
-    """The checkpoints of a folder, oldest first."""
-    found = [p for p in Path(checkpoint_dir).glob("epoch_*.npz") if _CHECKPOINT_NAME.search(p.name)]
-    return sorted(found, key=checkpoint_order)
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(arrays by name, meta dict) of a checkpoint written by ``Trainer.save_checkpoint``.
-    Raises CheckpointError (one message naming the file) when it is missing, truncated,
-    corrupt or not a pycnn checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"{path} is not a file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path} ({exc.strerror or exc})") from None
-    if not magic:
-        raise CheckpointError(f"{path} is empty, not a pycnn checkpoint")
-    if magic != b"PK\x03\x04":
-        raise CheckpointError(f"{path} is not a pycnn checkpoint (not an .npz archive)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-    if "meta" not in arrays:
-        raise CheckpointError(f"{path} is not a pycnn checkpoint (no 'meta' entry)")
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-    except ValueError as exc:
-        raise CheckpointError(f"{path} has a corrupt 'meta' entry ({exc})") from None
-    missing = [key for key in ("epoch", "history", "rng") if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise CheckpointError(f"{path} is not a pycnn checkpoint (meta lacks {missing})")
-    return arrays, meta
 
 
 def _length(loader):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pycnn.training import arguments as base
 from pycnn.training import rundir
+from pycnn.training.checkpoints import CheckpointError
 from pycnn.training.config import Config, ConfigError, check_device
 from pycnn.training.tools import ensemble, imbalance, raytune, search
-from pycnn.training.trainer import CheckpointError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from pycnn import schedules
+from pycnn.training.checkpoints import list_checkpoints
 from pycnn.training.config import Config, ConfigError
 from pycnn.training.pipeline import split_data
 from pycnn.training.rundir import check_writable, make_writable_dir
 from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
-from pycnn.training.trainer import list_checkpoints
 
 ECE_BINS = 15
 

@@ -29,10 +29,11 @@ from pycnn import data, models
 from pycnn.autograd import Tensor, no_grad
 from pycnn.data import preprocess
 from pycnn.device import to_device, to_host
+from pycnn.training.checkpoints import CheckpointError, list_checkpoints, read_checkpoint
 from pycnn.training.config import Config
 from pycnn.training.pipeline import BatchPipeline, augmentation, build, model_spec, split_data
 from pycnn.training.rundir import prepare_run_dir, resume_from_newest
-from pycnn.training.trainer import CheckpointError, Trainer, list_checkpoints, read_checkpoint
+from pycnn.training.trainer import Trainer
 
 FINISHED, ABORTED, INTERRUPTED = "finished", "aborted", "interrupted"
 
