@@ -9,7 +9,7 @@ README's CIFAR-10 net, VGG-style widths 32/64/128 with two conv+BN+ReLU per stag
 Nesterov; flips, pad-4 crops and fancy PCA; the prefetching DataLoader) on the first
 ``--images`` training images, then alternates, ``--rounds`` times:
 
-* bare step: ``--steps`` steps of forward, loss, backward and optimiser on batches made before
+* bare step: ``--steps`` steps of forward, loss, backward and optimizer on batches made before
   the clock starts (the same augmented batches the loader gives), as bench/side_by_side.py
   times them;
 * epoch: one epoch of ``Trainer.fit`` (tqdm off), i.e. what ``pycnn train`` does per epoch,
@@ -44,16 +44,16 @@ def measure(batch: int, images: int, rounds: int, steps: int, fancy_pca: float, 
                     widths=(32, 64, 128), convs_per_stage=2, batch_size=batch, epochs=1000, lr=0.01,
                     schedule="none", prefetch=prefetch, diagnostics_every=0)
     splits = split_data(config)
-    model, optimiser, schedule, loader, _, _ = build(config, splits.train_x, splits.train_y,
+    model, optimizer, schedule, loader, _, _ = build(config, splits.train_x, splits.train_y,
                                                      classes=splits.classes)
-    trainer = Trainer(model, optimiser, loader, schedule=schedule, progress=False)
+    trainer = Trainer(model, optimizer, loader, schedule=schedule, progress=False)
     pool = [b for _, b in zip(range(16), iter(loader))]  # the loader's own batches, made once
 
     def bare_step(x, y):
         loss = F.softmax_cross_entropy(model(pycnn.Tensor(x)), y)
-        optimiser.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        optimiser.step()
+        optimizer.step()
 
     for x, y in pool[:3]:  # warm-up
         bare_step(x, y)

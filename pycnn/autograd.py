@@ -30,7 +30,7 @@ _grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("pycnn_grad
 
 @contextlib.contextmanager
 def no_grad():
-    """Run the block without recording a graph (inference, optimiser updates)."""
+    """Run the block without recording a graph (inference, optimizer updates)."""
     token = _grad_enabled.set(False)
     try:
         yield

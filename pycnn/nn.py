@@ -44,7 +44,7 @@ class Module:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
         if name in self._parameters and isinstance(value, Tensor) and not isinstance(value, Parameter):
             raise TypeError(f"{name} is a parameter of {type(self).__name__}: assign a pycnn.nn.Parameter (or "
-                            f"to {name}.data), not a Tensor, which the optimiser and checkpoints would not see")
+                            f"to {name}.data), not a Tensor, which the optimizer and checkpoints would not see")
         if name in self._buffers and value is not None and not isinstance(value, (Module, Tensor)):
             self.register_buffer(name, value)  # a new array for a buffer stays a buffer (saved, moved)
             return

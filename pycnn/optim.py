@@ -1,4 +1,4 @@
-"""Optimisers with the regularisers of CS231n lecture 6.
+"""Optimizers with the regularisers of CS231n lecture 6.
 
 The loss is a mean over the batch, so a learning rate does not depend on the batch size.
 Each parameter group may set, besides ``lr``:
@@ -26,7 +26,7 @@ GROUP_DEFAULTS = dict(weight_decay=0.0, l1=0.0, max_norm=None)
 
 def param_groups(model, weight_decay: float = 0.0, l1: float = 0.0, max_norm: float | None = None,
                  regularise_biases: bool = False) -> list[dict]:
-    """[weights with the regularisers, biases and BN parameters without] for an optimiser."""
+    """[weights with the regularisers, biases and BN parameters without] for an optimizer."""
     weights, others = [], []
     for _, p in model.named_parameters():
         (weights if p.ndim > 1 or regularise_biases else others).append(p)
@@ -86,7 +86,7 @@ class Optimizer:
 
     def step(self) -> None:
         with no_grad():
-            fused = []  # (p, group, state) of the parameters the optimiser's kernels update
+            fused = []  # (p, group, state) of the parameters the optimizer's kernels update
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -95,7 +95,7 @@ class Optimizer:
                     if self._fusable(p, group):
                         fused.append((p, group, state))
                         continue
-                    cuda_graph.require_eager("an update outside the optimiser's kernels (an L1 term, a "
+                    cuda_graph.require_eager("an update outside the optimizer's kernels (an L1 term, a "
                                              "non-contiguous or host parameter)")
                     grad = p.grad
                     if group["weight_decay"]:
@@ -118,12 +118,12 @@ class Optimizer:
         raise NotImplementedError
 
     def _fusable(self, p, group) -> bool:
-        """Whether the optimiser's kernels update this parameter (regularisers included,
+        """Whether the optimizer's kernels update this parameter (regularisers included,
         max-norm projected afterwards); False: the array operations of ``_update``."""
         return False
 
     def _fused_updates(self, items) -> None:  # pragma: no cover - only with _fusable
-        """Update every (p, group, state) of ``items`` with the optimiser's kernels."""
+        """Update every (p, group, state) of ``items`` with the optimizer's kernels."""
         raise NotImplementedError
 
     # --------------------------------------------------------- state, for checkpoints
@@ -139,12 +139,12 @@ class Optimizer:
 
     def load_state_dict(self, state: dict) -> None:
         """What ``state_dict`` gave, checked whole before anything is changed: the groups,
-        each key's parameter, the state this optimiser keeps, and each array's shape."""
+        each key's parameter, the state this optimizer keeps, and each array's shape."""
         if "lr" not in state:
-            raise ValueError("state has no 'lr': not an optimiser's state_dict")
+            raise ValueError("state has no 'lr': not an optimizer's state_dict")
         lrs = list(state["lr"])
         if len(lrs) != len(self.param_groups):
-            raise ValueError(f"state has {len(lrs)} parameter groups, the optimiser {len(self.param_groups)}")
+            raise ValueError(f"state has {len(lrs)} parameter groups, the optimizer {len(self.param_groups)}")
         loaded: dict[int, dict] = {}
         for key, value in state.items():
             if key == "lr":
@@ -154,10 +154,10 @@ class Optimizer:
                 raise ValueError(f"state key {key!r} is not GROUP.POSITION.NAME")
             gi, pi, name = int(parts[0]), int(parts[1]), parts[2]
             if gi >= len(self.param_groups) or pi >= len(self.param_groups[gi]["params"]):
-                raise ValueError(f"state key {key!r}: the optimiser has no parameter {pi} in group {gi}")
+                raise ValueError(f"state key {key!r}: the optimizer has no parameter {pi} in group {gi}")
             if name not in self.STATE_KEYS:
                 raise ValueError(f"state key {key!r}: {type(self).__name__} keeps {', '.join(self.STATE_KEYS)}, "
-                                 f"not {name!r} (a state of another optimiser?)")
+                                 f"not {name!r} (a state of another optimizer?)")
             p = self.param_groups[gi]["params"][pi]
             if np.ndim(value) and tuple(np.shape(value)) != tuple(p.shape):
                 raise ValueError(f"state key {key!r} has shape {tuple(np.shape(value))}, its parameter "
@@ -179,7 +179,7 @@ def _project_rows(weight, max_norm: float) -> None:
 
 
 def _cuda_kernels(w, grad, group):
-    """The fused optimiser kernels (pycnn.kernels.optim) where they apply to this parameter:
+    """The fused optimizer kernels (pycnn.kernels.optim) where they apply to this parameter:
     a C-contiguous CUDA array with a gradient of its dtype, and no L1 term; else None."""
     if group["l1"] or not is_cuda_array(w) or not (w.flags.c_contiguous and grad.flags.c_contiguous) \
             or grad.dtype != w.dtype:

@@ -1,5 +1,5 @@
 """Learning-rate schedules.  Each one sets ``group["lr"]`` of every parameter group of an
-optimiser as a factor of the group's ``initial_lr`` (so per-group rates keep their ratios).
+optimizer as a factor of the group's ``initial_lr`` (so per-group rates keep their ratios).
 
 * ``StepLR``: multiply by ``gamma`` every ``step_size`` epochs;
 * ``CosineLR``: cosine from 1 down to ``min_factor`` over ``total_epochs``;

@@ -1,4 +1,4 @@
-"""Layers, initialisation, the optimiser and the training loop."""
+"""Layers, initialisation, the optimizer and the training loop."""
 from __future__ import annotations
 
 import numpy as np

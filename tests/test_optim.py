@@ -1,4 +1,4 @@
-"""Optimisers, regularisers and learning-rate schedules."""
+"""Optimizers, regularisers and learning-rate schedules."""
 from __future__ import annotations
 
 import numpy as np
