@@ -1,0 +1,1 @@
+"""The parts of ``pycnn.torch`` (its docstring says which part does what)."""

@@ -92,7 +92,8 @@ class Report:
         return "\n".join(lines)
 
 
-def accelerate(model: torch.nn.Module, precision: str = "default", inplace: bool = True, verbose: bool = False):
+def accelerate(model: torch.nn.Module, precision: str = "default", inplace: bool = True,
+               verbose: bool = False) -> tuple[torch.nn.Module, Report]:
     """Swap ``model``'s modules for pycnn's where pycnn computes the same thing (module
     docstring); returns ``(model, report)``.  ``inplace=False`` works on a deep copy (whose
     Parameters are new objects).  ``verbose`` prints the report.
