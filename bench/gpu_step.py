@@ -56,6 +56,7 @@ def _profile_pycnn(net, opt, x, y, step) -> None:
     """Where a step's time goes: device time per op (synchronised around each), the
     optimizer, and the host time to enqueue a whole step without waiting for the GPU."""
     import cupy
+
     import pycnn
     import pycnn.functional as F
     sync = cupy.cuda.Device().synchronize
@@ -86,6 +87,7 @@ def _profile_optimizer_paths(net, opt, sync) -> None:
     the trainer's regularisation term: one launch and one read against one host read per
     parameter, each timed with the GPU synchronised."""
     import cupy
+
     from pycnn import optim
     from pycnn.ops import cuda_backend
     from pycnn.training.trainer import regularisation_loss
@@ -120,6 +122,7 @@ def _profile_optimizer_paths(net, opt, sync) -> None:
 def run_pycnn(batch: int, steps: int, warmup: int, profile: bool = False, graph: bool = False) -> dict:
     """``graph``: every step after the first replays one captured CUDA graph (pycnn.cuda_graph)."""
     import cupy
+
     import pycnn
     import pycnn.functional as F
     from pycnn import models, optim

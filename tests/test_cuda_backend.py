@@ -52,7 +52,8 @@ else:
 pytestmark = pytest.mark.filterwarnings("ignore:Grid size")
 
 needs_cuda = pytest.mark.skipif(_SKIP_REASON is not None, reason=_SKIP_REASON or "")
-real_gpu_only = pytest.mark.skipif(SIMULATED or _SKIP_REASON is not None, reason="needs a real GPU with CuPy (not the simulator)")
+real_gpu_only = pytest.mark.skipif(SIMULATED or _SKIP_REASON is not None,
+                                   reason="needs a real GPU with CuPy (not the simulator)")
 
 # the ops with kernels: every op that is not portable (portable ones run their reference on CuPy)
 CUDA_OPS = tuple(op.name for op in registry.all_ops() if not op.portable)
@@ -370,8 +371,9 @@ def test_small_network_trains_on_the_cuda_backend(monkeypatch):
     cb = cuda_backend()
     calls = []
     for kernel in ("im2col", "col2im"):  # conv3x3's default algorithm on cuda: im2col + GEMM
-        original = getattr(cb.kernel_module("conv_gemm"), kernel)
-        monkeypatch.setattr(cb.kernel_module("conv_gemm"), kernel, lambda *a, _f=original, _n=kernel: (calls.append(_n), _f(*a))[1])
+        gemm = cb.kernel_module("conv_gemm")
+        original = getattr(gemm, kernel)
+        monkeypatch.setattr(gemm, kernel, lambda *a, _f=original, _n=kernel: (calls.append(_n), _f(*a))[1])
     losses = _train_small_network("cuda")
     assert calls.count("im2col") == 4 and "col2im" not in calls  # x needs no gradient
     assert all(np.isfinite(losses)), losses

@@ -19,7 +19,6 @@ import pycnn.functional as F
 from pycnn import models
 from pycnn.autograd import Context
 from pycnn.ops import registry, routing
-
 from tests.test_cuda_backend import HAVE_NUMBA_CUDA, SIMULATED, cuda_backend, needs_cuda, to_device, to_host
 
 ROOT = Path(pycnn.__file__).resolve().parents[1]
@@ -43,6 +42,25 @@ def test_numba_cuda_imports_where_numpy_has_no_row_stack():
         "import numba.cuda.np.arrayobj\n"
         "assert np.row_stack is np.vstack\n"))
     assert through_pycnn.returncode == 0, through_pycnn.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (HAVE_NUMBA_CUDA and SIMULATED), reason="the simulator runs the cuda backend on NumPy arrays")
+def test_pycnn_cuda_conv_is_read_once_when_the_backend_is_imported():
+    """PYCNN_CUDA_CONV=igemm in a process's environment: auto runs igemm for conv3x3 and
+    conv3x3_act; changing the variable later changes nothing."""
+    result = subprocess.run([sys.executable, "-c", (
+        "import os, numpy as np, pycnn\n"
+        "from pycnn.ops import cuda_backend, registry\n"
+        "os.environ['PYCNN_CUDA_CONV'] = 'gemm'\n"
+        "x, w = np.ones((1, 2, 3, 3), np.float32), np.ones((2, 2, 3, 3), np.float32)\n"
+        "with pycnn.use_backend('cuda'):\n"
+        "    print(registry.get('conv3x3').resolve((x, w, None), {})[1],\n"
+        "          registry.get('conv3x3_act').resolve((x, w, None, None), {'activation': 'relu'})[1])\n")],
+        env={**os.environ, "PYCNN_CUDA_CONV": "igemm",
+             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["igemm", "igemm"]
 
 
 # ------------------------------------------------------------------------ raw launch path
@@ -74,16 +92,31 @@ def test_raw_launch_rejects_ptx_whose_parameters_differ():
 @needs_cuda
 def test_every_kernel_has_a_stable_ptx_cache_key():
     """Closure values (dtype, tile size, device functions) are keyed by text without memory
-    addresses, so a new process finds the PTX cached by an earlier one."""
+    addresses, so a new process finds the PTX cached by an earlier one; the builds of one
+    kernel for each activation differ in name and key, so none is served another's PTX."""
     kernels = cuda_backend().kernels_package()
     raw = kernels._rawlaunch
-    from pycnn.kernels import activations, batchnorm, conv_gemm, optim, pool, reduce
-    for module in (activations, batchnorm, conv_gemm, optim, pool, reduce):  # optim: generated kernels too
-        built = module._build(np.dtype(np.float32))
-        for name, kernel in vars(built).items():
-            if hasattr(kernel, "py_func") and not getattr(kernel, "_device", False):
-                key = raw._closure_key(kernel.py_func)
-                assert key is not None and " at 0x" not in key, (module.__name__, name)
+    from pycnn.kernels import _launch, activations, batchnorm, conv_gemm, conv_igemm, optim, pool, reduce
+    f32 = np.dtype(np.float32)
+    built = [*vars(activations._build(f32)).values(), *vars(batchnorm._build(f32)).values(),
+             *vars(conv_gemm._build(f32)).values(), *vars(optim._build(f32)).values(),  # optim: generated kernels too
+             *vars(pool._build(f32)).values(), *vars(conv_igemm._grad_weight_kernels(f32, False)).values(),
+             reduce._zero_kernel(f32), reduce._channel_sum(_launch.numba_type(f32), reduce.first)]
+    keys = set()
+    for name in activations.SPECS:
+        per_activation = [*vars(conv_gemm._build_activation(f32, name)).values(),
+                          *vars(batchnorm._build_activation(f32, name)).values(),
+                          conv_igemm._forward_kernel(f32, False, name)]
+        per_activation += list(activations._map_kernels(f32, name)) if name in activations.MAPS else []
+        for kernel in per_activation:
+            key = (kernel.py_func.__qualname__, raw._closure_key(kernel.py_func))
+            assert key not in keys, key
+            keys.add(key)
+        built += per_activation
+    for kernel in built:
+        if hasattr(kernel, "py_func") and not getattr(kernel, "_device", False):
+            key = raw._closure_key(kernel.py_func)
+            assert key is not None and " at 0x" not in key, kernel.py_func.__qualname__
 
 
 # ------------------------------------------------------------ batch norm far from zero
@@ -171,9 +204,11 @@ def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkey
     launches do not depend on them).  Counts, per layer: our kernel launches (one counter,
     ``kernels._launch.launch_count``), cuBLAS matrix products, and the CuPy operations of
     the ops that run as references; the optimizer's one multi-tensor launch counts too."""
-    from pycnn import optim
     from pycnn.kernels import _launch
-    from pycnn.training import config as config_module, runs
+
+    from pycnn import optim
+    from pycnn.training import config as config_module
+    from pycnn.training import pipeline
     cuda_backend()
     for name in ("conv3x3", "conv3x3_act"):
         routing.set_default(name, "cuda", conv_algo)
@@ -181,8 +216,8 @@ def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkey
     if conv_algo == "igemm":  # grad_weight in 2 pixel splits + their sum, as at batch 256 on a GPU
         monkeypatch.setattr(cuda_backend().kernel_module("conv_igemm"), "splits_for", lambda *args, **kwargs: 2)
     config = config_module.Config(dataset="cifar10", widths=(2, 3, 4), convs_per_stage=2)  # README: 32, 64, 128
-    net = models.build(runs.model_spec(config, 3, 8, 10), seed=0)
-    optimizer = runs.make_optimiser(config, net)
+    net = models.build(pipeline.model_spec(config, 3, 8, 10), seed=0)
+    optimizer = pipeline.make_optimizer(config, net)
     if SIMULATED:  # the fused optimizer kernels take CUDA arrays; the simulator's are NumPy
         monkeypatch.setattr(optim, "is_cuda_array", lambda a: True)
     else:
@@ -399,8 +434,9 @@ def test_multi_tensor_adam_gives_the_per_parameter_kernels_numbers(dtype, monkey
 def test_l1_parameters_keep_the_array_operations_beside_the_multi_tensor_kernel(monkeypatch):
     """A group with L1 runs SGD's array operations; the others' one launch; both as on the
     host (to rounding: the kernel's float64 arithmetic order is the array operations')."""
-    from pycnn import optim
     from pycnn.kernels import _launch
+
+    from pycnn import optim
     rng = np.random.default_rng(8)
     w0 = [rng.standard_normal(s) for s in ((3, 4), (5,), (2, 3))]
     grads = [[rng.standard_normal(w.shape) for w in w0] for _ in range(3)]
@@ -432,8 +468,9 @@ def test_regularisation_loss_of_cuda_parameters_reads_the_device_once(dtype, rto
     """The trainer's regularisation term of CUDA parameters: one multi-tensor launch (up to
     32 parameters) and one host read for all of them, not one synchronisation per
     parameter; the value is the host computation's (float64 sums on the device)."""
-    from pycnn import optim
     from pycnn.kernels import _launch
+
+    from pycnn import optim
     from pycnn.training import trainer
     rng = np.random.default_rng(9)
     shapes = MULTI_SHAPES + [(40,), (3, 7)] * 6  # 35 parameters, 34 regularised: two launches

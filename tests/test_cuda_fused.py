@@ -11,9 +11,16 @@ import pytest
 import pycnn
 from pycnn.autograd import Context
 from pycnn.ops import registry
-
-from tests.test_cuda_backend import DTYPES, check_against_reference, cuda_backend, kernel_module, \
-    needs_cuda, run_op, to_device, to_host
+from tests.test_cuda_backend import (
+    DTYPES,
+    check_against_reference,
+    cuda_backend,
+    kernel_module,
+    needs_cuda,
+    run_op,
+    to_device,
+    to_host,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Grid size")
 OP = "batchnorm_act"
@@ -27,7 +34,8 @@ def _sample(rng, dtype, shape, activation, training=True, running=True, **params
     pw = rng.uniform(-0.4, 0.6, c).astype(dtype) if activation == "prelu" else None
     params = dict(params, training=training, activation=activation)
     if running:
-        params.update(running_mean=rng.standard_normal(c).astype(dtype), running_var=rng.uniform(0.5, 2, c).astype(dtype))
+        params.update(running_mean=rng.standard_normal(c).astype(dtype),
+                      running_var=rng.uniform(0.5, 2, c).astype(dtype))
     return registry.Sample((x, gamma, beta, pw), params)
 
 

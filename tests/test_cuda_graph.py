@@ -16,7 +16,6 @@ import pycnn
 import pycnn.functional as F
 from pycnn import cuda_graph, models, nn, optim, schedules
 from pycnn.cuda_graph import GraphCaptureError, GraphedStep
-
 from tests.test_cuda_backend import SIMULATED, cuda_backend, needs_cuda, to_device, to_host
 
 
@@ -31,12 +30,13 @@ def on_cuda(monkeypatch):
 
 
 def _readme_net(seed=0):
-    from pycnn.training import config as config_module, runs
+    from pycnn.training import config as config_module
+    from pycnn.training import pipeline
     config = config_module.Config(dataset="cifar10", widths=(2, 3, 4), convs_per_stage=2)  # README: 32, 64, 128
-    net = models.build(runs.model_spec(config, 3, 8, 10), seed=seed)
+    net = models.build(pipeline.model_spec(config, 3, 8, 10), seed=seed)
     if not SIMULATED:
         net.to("cuda")
-    return net, runs.make_optimiser(config, net)
+    return net, pipeline.make_optimizer(config, net)
 
 
 def _small_net(seed=0, activation="relu", adam=False):
@@ -246,6 +246,7 @@ def test_a_bad_label_in_a_replayed_step_is_raised_at_the_next_read(on_cuda):
 def test_only_the_capturing_thread_gets_placeholder_seeds(on_cuda):
     """A loader thread drawing seeds while another thread captures keeps real draws."""
     import threading
+
     from pycnn import random as pycnn_random
     table = cuda_graph.LiveTable(np, immediate=True)
     table.allocate(cuda_graph.LIVE_DTYPES)

@@ -15,7 +15,6 @@ import pytest
 
 import pycnn
 from pycnn.ops import registry, routing
-
 from tests.test_cuda_backend import check_against_reference, cuda_backend, needs_cuda, to_device, to_host
 
 

@@ -13,9 +13,16 @@ import pycnn.functional as F
 from pycnn import device
 from pycnn.autograd import Context
 from pycnn.ops import _util, registry
-
-from tests.test_cuda_backend import DTYPES, check_against_reference, cuda_backend, needs_cuda, \
-    real_gpu_only, run_op, to_device, to_host
+from tests.test_cuda_backend import (
+    DTYPES,
+    check_against_reference,
+    cuda_backend,
+    needs_cuda,
+    real_gpu_only,
+    run_op,
+    to_device,
+    to_host,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Grid size")
 OP = "softmax_cross_entropy"

@@ -24,8 +24,8 @@ from pycnn.ops import registry
 from tests.test_cuda_backend import CUDA_OPS, DTYPES, HAVE_NUMBA_CUDA, cuda_backend
 
 NO_NVVM_EXIT = 3
-KERNEL_MODULES = ("conv3x3", "conv_gemm", "conv_igemm", "batchnorm", "pool", "activations", "dropout", "reduce", "rng", "fancy_pca",
-                  "optim", "loss")
+KERNEL_MODULES = ("conv3x3", "conv_gemm", "conv_igemm", "batchnorm", "pool", "activations", "dropout", "reduce", "rng",
+                  "fancy_pca", "optim", "loss")
 # portable ops with a kernel of their own besides the reference (not in CUDA_OPS)
 OWN_KERNELS = (("softmax_cross_entropy", "kernel"),)
 
@@ -116,13 +116,15 @@ def _compile_all_kernels_to_ptx() -> None:
         return
     rows = sorted((qualname, str(signature[0].dtype) if hasattr(signature[0], "dtype") else "-", r)
                   for (qualname, signature), r in resources.items())
-    lines = ["| kernel | dtype | registers | stack bytes | spill stores | shared bytes |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| kernel | dtype | registers | stack bytes | spill stores | shared bytes |",
+             "|---|---|---:|---:|---:|---:|"]
     seen = set()
     for qualname, dtype, r in rows:
         if (qualname, dtype) not in seen:
             seen.add((qualname, dtype))
-            lines.append(f"| {qualname.split('.')[0]}.{qualname.split('.')[-1]} | {dtype} | {r['registers']} | {r['stack']} | "
-                         f"{r['spill_stores']} | {r['shared']} |")
+            name = f"{qualname.split('.')[0]}.{qualname.split('.')[-1]}"
+            cells = (name, dtype, r["registers"], r["stack"], r["spill_stores"], r["shared"])
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     report = "\n".join(lines)
     print(report)
     if os.environ.get("PYCNN_PTX_REPORT"):

@@ -31,17 +31,8 @@ import numpy as np
 
 from pycnn import device
 from pycnn.device import array_module
-from pycnn.ops import _util, activations, conv, fancy_pca, pool, registry, routing
-from pycnn.ops._backend import (
-    Backend,
-    chain_pair,
-    dropout_pair,
-    grad_like,
-    needs_grad,
-    prelu_pair,
-    shape_map_pair,
-    winner_pair,
-)
+from pycnn.ops import _backend, _util, activations, conv, fancy_pca, pool, registry, routing
+from pycnn.ops._backend import Backend, grad_like, needs_grad
 from pycnn.ops.registry import Algo
 
 # ------------------------------------------------------------------------ finding kernels/
@@ -324,11 +315,10 @@ def conv_default_from_environment(value: str | None, op_name: str, algorithms) -
     """(the algorithm ``auto`` runs first for ``op_name``, or None; an error message, or None)
     of the value of PYCNN_CUDA_CONV (unset, empty or 'auto': the backend's own choice)."""
     value = (value or "").strip()
-    if not value or value == "auto":
-        return None, None
-    if value not in algorithms:
-        return None, f"PYCNN_CUDA_CONV must be one of {', '.join(algorithms)} for {op_name}, got {value!r}"
-    return value, None
+    if value in algorithms:
+        return value, None
+    wrong = f"PYCNN_CUDA_CONV must be one of {', '.join(algorithms)} for {op_name}, got {value!r}"
+    return None, None if value in ("", "auto") else wrong
 
 
 def apply_conv_environment(value: str | None) -> None:
@@ -361,8 +351,6 @@ def optimizer_kernels():
     return _optim
 
 
-optimiser_kernels = optimizer_kernels  # the name pycnn/optim.py and the trainer call
-
 
 def load() -> None:
     """Import the kernels and register every cuda implementation (once, on first use)."""
@@ -389,19 +377,21 @@ def load() -> None:
             cuda.register(name, *_conv3x3_direct(K), algo=Algo.DIRECT)
         cuda.register(name, *_conv3x3_gemm(K, fused, implicit=True), algo=Algo.IGEMM)
         cuda.register(name, *_conv3x3_gemm(K, fused, implicit=True, tensor_cores=True), algo=Algo.IGEMM_TF32)
-    apply_conv_environment(_CONV_ENVIRONMENT)
+    if _CONV_ENVIRONMENT is not None and not any(routing.default_algorithm(n, "cuda") for n in CONV_OPS):
+        apply_conv_environment(_CONV_ENVIRONMENT)  # a routing.set_default made before wins
     cuda.elementwise(_elementwise_bindings(K, rrelu_forward, rrelu_backward))  # every elementwise op's spec
-    cuda.register("prelu", *prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
-    cuda.register("maxout", *winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,
-                                         activations.maxout_shape))
-    cuda.register("maxpool2x2", *winner_pair(K.pool.maxpool2x2_forward, K.pool.maxpool2x2_backward, np.int8,
-                                             pool.pooled_shape))
-    cuda.register("avgpool2x2", *shape_map_pair(K.pool.avgpool2x2_forward, K.pool.avgpool2x2_backward,
-                                                pool.pooled_shape))
-    cuda.register("dropout", *dropout_pair(dropout_apply, dropout_apply))
+    cuda.register("prelu", *_backend.prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
+    cuda.register("maxout", *_backend.winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,
+                                                  activations.maxout_shape))
+    cuda.register("maxpool2x2", *_backend.winner_pair(K.pool.maxpool2x2_forward, K.pool.maxpool2x2_backward,
+                                                      np.int8, pool.pooled_shape))
+    cuda.register("avgpool2x2", *_backend.shape_map_pair(K.pool.avgpool2x2_forward, K.pool.avgpool2x2_backward,
+                                                         pool.pooled_shape))
+    cuda.register("dropout", *_backend.dropout_pair(dropout_apply, dropout_apply))
     cuda.register("batchnorm", *_batchnorm(K, fused=False))
     cuda.register("batchnorm_act", *_batchnorm(K, fused=True), algo=Algo.FUSED)
-    cuda.register("batchnorm_act", *chain_pair("batchnorm_act"), algo=Algo.CHAIN)  # batchnorm, then the activation
+    # batchnorm_act also as batchnorm, then the activation
+    cuda.register("batchnorm_act", *_backend.chain_pair("batchnorm_act"), algo=Algo.CHAIN)
     cuda.register("fancy_pca", *_fancy_pca(K))
     cuda.register("softmax_cross_entropy", *_softmax_ce(K), algo=Algo.KERNEL)
     device.on_host_read(K.loss.raise_label_errors)  # bad labels found on the device are raised there
