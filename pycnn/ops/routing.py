@@ -91,7 +91,8 @@ _defaults: dict[tuple[str, str], str] = {}
 
 
 def register_auto(backend: str, op_name: str, choose: Callable) -> None:
-    """``choose(shapes, params) -> algorithm``: the backend's own ``auto`` for the op."""
+    """``choose(shapes, params) -> algorithm``: the backend's own ``auto`` for the op; None
+    clears it (``auto`` then tries the algorithms in the order they were registered)."""
     _auto[(backend, op_name)] = choose
 
 

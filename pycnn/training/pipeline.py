@@ -149,7 +149,6 @@ def make_optimizer(config: Config, model, regularise: bool = True):
     return optim.Adam(groups, lr=config.lr)
 
 
-make_optimiser = make_optimizer  # the spelling tests/test_cuda_engine.py and tests/test_cuda_graph.py call
 
 
 def model_spec(config: Config, in_channels: int, image_size: int, classes: int) -> dict:
