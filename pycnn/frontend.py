@@ -111,9 +111,6 @@ def functions(apply_op: Callable, module: str, draw_seed: bool = True) -> dict[s
 
 # --------------------------------------------------------------------------------- layers
 
-_UNSET = object()
-
-
 @dataclasses.dataclass(frozen=True)
 class TorchArgs:
     """The constructor arguments of a layer's twin in another library that it takes too:
@@ -129,7 +126,7 @@ class TorchArgs:
         params = [inspect.Parameter(name, kind, default=default) for name, (default, _) in self.fixed.items()]
         if self.inplace:
             params.append(inspect.Parameter("inplace", kind, default=False))
-        return params + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_UNSET)
+        return params + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
                          for name in self.aliases]
 
     def resolve(self, layer: str, values: dict) -> dict:
@@ -143,7 +140,7 @@ class TorchArgs:
                                  f"{list(accepted)})")
         for alias, name in self.aliases.items():
             value = values.pop(alias)
-            if value is not _UNSET:
+            if value is not None:  # given: it takes the place of the layer's own argument
                 values[name] = value
         return values
 
