@@ -143,6 +143,25 @@ def test_parameters_state_dict_and_optimizer_are_kept():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_accelerated_models_pickle_copy_and_convert():
+    """torch.save of the whole model, deepcopy and .to(dtype): the fused PReLU's weight stays
+    one Parameter, read by the batch norm before it."""
+    theirs = hand_made_model(torch.float32)
+    theirs[19] = nn.Identity()
+    ours, _ = pt.accelerate(copy.deepcopy(theirs))
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    copied = copy.deepcopy(ours)
+    for model in (loaded, copied):
+        assert model[4]._prelu is model[5] and model[5].weight is not ours[5].weight
+        assert_same_model(model.double(), copy.deepcopy(theirs).double(), _inputs((4, 3, 8, 8)))
+    bn = pt.BatchNormAct2d(3, "leaky_relu", slope=0.2, momentum=0.5)
+    x = _inputs((2, 3, 4, 4), torch.float32)
+    torch.testing.assert_close(bn(x), F.leaky_relu(F.batch_norm(x, None, None, training=True), 0.2))
+    assert bn.momentum == 0.5
+
+
 def test_inplace_false_leaves_the_model_alone():
     model = small_net()
     copied, report = pt.accelerate(model, inplace=False)

@@ -208,7 +208,13 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
 class BatchNormAct2d(BatchNorm2d):
     """A BatchNorm2d and the activation after it in one call (batchnorm_act): ``activation``
     one of CONV_ACTIVATIONS, with ``slope`` / ``alpha``; for 'prelu', ``prelu`` is the PReLU
-    module whose weight it reads (that module keeps the parameter)."""
+    module whose weight it reads (that module keeps the parameter); the other arguments are
+    torch.nn.BatchNorm2d's."""
+
+    def __init__(self, num_features: int, activation: str = "relu", slope: float = 0.01, alpha: float = 1.0,
+                 prelu=None, **batch_norm_args):
+        super().__init__(num_features, **batch_norm_args)
+        self.set_activation(activation, slope, alpha, prelu)
 
     def set_activation(self, activation: str, slope: float = 0.01, alpha: float = 1.0, prelu=None) -> None:
         if activation not in CONV_ACTIVATIONS:
