@@ -103,9 +103,25 @@ def test_report_says_what_was_swapped_and_what_was_left():
     assert isinstance(model[0], pt.Conv3x3) and isinstance(model[0], nn.Conv2d)
     assert isinstance(model[7], pt.BatchNormAct2d) and model[7].activation == "leaky_relu"
     assert isinstance(model[12], pt.MaxPool2d) and isinstance(model[21], pt.AvgPool2d)
+    assert isinstance(model[16], pt.Conv3x3Act) and model[16].activation == "swish"  # conv + SiLU
+    assert actions["17"] == ("fused", "FusedActivation (applied by 16)")
     text = str(report)
     assert "stride != 1" in text and text.splitlines()[0].split() == ["module", "torch", "class", "action", "detail"]
     assert "precision 'default'" in text
+
+
+def test_convolutions_and_their_activations_fuse():
+    kw = dict(padding=1, dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3, **kw), nn.PReLU(4, dtype=torch.float64), nn.Conv2d(4, 4, 3, **kw),
+                           nn.ELU(0.5), nn.Conv2d(4, 4, 3, bias=False, **kw), nn.PReLU(dtype=torch.float64),
+                           nn.Conv2d(4, 4, 3, **kw), nn.LeakyReLU(-0.3), nn.Conv2d(4, 4, 3, **kw), nn.SiLU(),
+                           nn.Conv2d(4, 4, 3, **kw), nn.ReLU())
+    ours, report = pt.accelerate(copy.deepcopy(theirs), precision="high")
+    assert [r.action for r in report.rows] == ["fused"] * 12 and list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(type(m) is pt.Conv3x3Act and m.algo == "direct" for m in ours[::2])
+    assert ours[0]._prelu is ours[1] and ours[1].weight is not None
+    assert_same_model(ours, theirs, _inputs((2, 3, 6, 5)))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

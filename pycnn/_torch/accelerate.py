@@ -6,8 +6,9 @@ It walks the model and swaps, in place, every module that one of pycnn's ops com
     Conv2d 3x3, stride 1, padding 1 / 'same',           Conv3x3 (the same object: its class changes)
       dilation 1, groups 1, padding_mode 'zeros'
     BatchNorm2d                                         BatchNorm2d (the same object)
-    BatchNorm2d, then ReLU / LeakyReLU / PReLU / ELU /  BatchNormAct2d: one batchnorm_act call; the
-      SiLU in a Sequential (no hooks on either)           activation's place holds a FusedActivation
+    such a Conv2d or a BatchNorm2d, then ReLU /         Conv3x3Act (conv3x3_act) or BatchNormAct2d
+      LeakyReLU / PReLU / ELU / SiLU in a Sequential      (batchnorm_act): one call; the activation's
+      (no hooks on either, used once)                      place holds a FusedActivation
     ReLU, LeakyReLU, PReLU, ELU, SiLU, Sigmoid, Tanh    pycnn.torch's layer of the same settings
     MaxPool2d / AvgPool2d, kernel 2, stride 2,          MaxPool2 / AvgPool2
       padding 0, no ceil_mode or dilation
@@ -26,7 +27,7 @@ import dataclasses
 
 import torch
 
-from pycnn._torch.layers import LAYERS, BatchNorm2d, BatchNormAct2d, Conv3x3
+from pycnn._torch.layers import LAYERS, BatchNorm2d, BatchNormAct2d, Conv3x3, Conv3x3Act
 
 # precision -> conv3x3's algorithm
 PRECISIONS = {"default": "auto", "high": "direct"}
@@ -143,7 +144,7 @@ def _walk(parent: torch.nn.Module, prefix: str, walk: _Walk) -> None:
         walk.seen.add(id(child))
         if isinstance(parent, torch.nn.Sequential) and i + 1 < len(children) and walk.uses[id(child)] == 1:
             next_name, follower = children[i + 1]
-            if _fuse(parent, child, next_name, follower, prefix, name, walk.report):
+            if _fuse(parent, child, next_name, follower, prefix, name, walk):
                 fused.add(next_name)
                 continue
         if _swap_child(parent, name, child, path, walk.algo, walk.report):
@@ -212,7 +213,7 @@ def _swap_conv(conv, path, algo, report) -> bool:
 
 
 def _swap_bn(bn, path, report) -> bool:
-    reason = _dtype_reason(bn.running_mean if bn.weight is None else bn.weight)
+    reason = _bn_reason(bn)
     if reason is not None:
         report.add(path, bn, "left", reason)
         return True
@@ -221,25 +222,32 @@ def _swap_bn(bn, path, report) -> bool:
     return True
 
 
-def _fuse(parent, bn, act_name, act, prefix, bn_name, report) -> bool:
-    """BatchNorm2d followed by an activation batchnorm_act applies: one BatchNormAct2d call."""
-    if type(bn) not in (torch.nn.BatchNorm2d, BatchNorm2d) or type(act) not in _EPILOGUES:
+def _fuse(parent, first, act_name, act, prefix, first_name, walk) -> bool:
+    """A Conv2d or a BatchNorm2d followed by an activation its op applies (conv3x3_act,
+    batchnorm_act): one Conv3x3Act or BatchNormAct2d call."""
+    if type(act) not in _EPILOGUES or _has_hooks(act) or _has_hooks(first):
+        return False  # (a hook would see other tensors than it does now)
+    if type(first) in (torch.nn.BatchNorm2d, BatchNorm2d):
+        reason, fused_class, channels = _bn_reason(first), BatchNormAct2d, first.num_features
+    elif type(first) in (torch.nn.Conv2d, Conv3x3):
+        reason, fused_class, channels = _conv_reason(first, Conv3x3), Conv3x3Act, first.out_channels
+    else:
         return False
-    if _has_hooks(act) or _has_hooks(bn):
-        return False  # a hook would see other tensors than it does now
-    if isinstance(act, torch.nn.PReLU) and act.num_parameters not in (1, bn.num_features):
-        return False
-    if _dtype_reason(bn.running_mean if bn.weight is None else bn.weight) is not None:
+    if reason is not None or (isinstance(act, torch.nn.PReLU) and act.num_parameters not in (1, channels)):
         return False
     activation, settings = _EPILOGUES[type(act)]
-    report.add(prefix + bn_name, bn, "fused", f"pycnn.torch.BatchNormAct2d ({activation}, applies {act_name})")
-    report.add(prefix + act_name, act, "fused", "FusedActivation (applied by the batch norm before it)")
-    bn.__class__ = BatchNormAct2d
+    walk.report.add(prefix + first_name, first, "fused",
+                    f"pycnn.torch.{fused_class.__name__} ({activation}, applies {act_name})")
+    walk.report.add(prefix + act_name, act, "fused", f"FusedActivation (applied by {first_name})")
+    algo = first.algo if type(first) is Conv3x3 else walk.algo
+    first.__class__ = fused_class  # the same object: Parameters, hooks and mode stay
+    if fused_class is Conv3x3Act:
+        first.algo = algo
     fused = FusedActivation(type(act).__name__)
     _transplant(act, fused)
     if isinstance(act, torch.nn.PReLU):
         fused.weight = act.weight  # same Parameter, same state_dict key
-    bn.set_activation(activation, prelu=fused if isinstance(act, torch.nn.PReLU) else None, **settings(act))
+    first.set_activation(activation, prelu=fused if isinstance(act, torch.nn.PReLU) else None, **settings(act))
     setattr(parent, act_name, fused)
     return True
 
@@ -267,9 +275,15 @@ def _dtype_reason(t) -> str | None:
     return None
 
 
-def _conv_reason(conv) -> str | None:
-    """Why pycnn's conv3x3 cannot stand in for ``conv``; None where it can."""
-    if type(conv) is not torch.nn.Conv2d:
+def _bn_reason(bn) -> str | None:
+    """Why pycnn's batchnorm cannot stand in for ``bn``; None where it can."""
+    return _dtype_reason(bn.running_mean if bn.weight is None else bn.weight)
+
+
+def _conv_reason(conv, also=None) -> str | None:
+    """Why pycnn's conv3x3 cannot stand in for ``conv`` (a torch.nn.Conv2d, or of class
+    ``also``); None where it can."""
+    if type(conv) not in (torch.nn.Conv2d, also):
         return f"a subclass of Conv2d ({type(conv).__name__}): its forward may differ"
     checks = [("kernel_size", conv.kernel_size, ((3, 3),), "kernel_size != 3"),
               ("stride", conv.stride, ((1, 1),), "stride != 1"),

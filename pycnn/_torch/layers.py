@@ -158,26 +158,37 @@ class Conv3x3(torch.nn.Conv2d):
 class Conv3x3Act(Conv3x3):
     """A Conv3x3 and its activation in one fused call (``conv3x3_act``): activation 'relu',
     'leaky_relu' (``slope``), 'prelu' (a learned ``prelu_weight`` per output channel,
-    initially ``initial_slope``), 'elu' (``alpha``) or 'swish'.  Same result as the two layers."""
+    initially ``initial_slope``), 'elu' (``alpha``) or 'swish'.  Same result as the two layers.
+    Made by accelerate from a Conv2d and the PReLU after it, it reads that module's weight
+    (``set_activation``) and has no prelu_weight of its own."""
 
     def __init__(self, in_channels: int, out_channels: int, activation: str = "relu", slope: float = 0.01,
                  alpha: float = 1.0, initial_slope: float = 0.25, **conv_args):
-        if activation not in CONV_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
         super().__init__(in_channels, out_channels, **conv_args)
-        self.activation, self.slope, self.alpha = activation, float(slope), float(alpha)
+        self.set_activation(activation, slope, alpha)
         if activation == "prelu":
             self.prelu_weight = torch.nn.Parameter(torch.full((self.out_channels,), float(initial_slope),
                                                               dtype=self.weight.dtype, device=self.weight.device))
-        else:
-            self.register_parameter("prelu_weight", None)
+
+    def set_activation(self, activation: str, slope: float = 0.01, alpha: float = 1.0, prelu=None) -> None:
+        _set_activation(self, activation, slope, alpha, prelu)
+        self.register_parameter("prelu_weight", None)
 
     def forward(self, x):
-        return conv3x3_act(x, self.weight, self.bias, self.prelu_weight, activation=self.activation,
+        prelu_weight = self.prelu_weight if self._prelu is None else self._prelu.weight
+        return conv3x3_act(x, self.weight, self.bias, prelu_weight, activation=self.activation,
                            slope=self.slope, alpha=self.alpha, algo=self.algo)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+def _set_activation(module, activation: str, slope: float, alpha: float, prelu) -> None:
+    """The activation a fused layer applies; ``prelu``: the module holding PReLU's weight."""
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+    module.activation, module.slope, module.alpha = activation, float(slope), float(alpha)
+    module.__dict__["_prelu"] = prelu  # not a submodule: its parameter stays where it is in the state_dict
 
 
 # -------------------------------------------------------------------------- batch norm
@@ -217,10 +228,7 @@ class BatchNormAct2d(BatchNorm2d):
         self.set_activation(activation, slope, alpha, prelu)
 
     def set_activation(self, activation: str, slope: float = 0.01, alpha: float = 1.0, prelu=None) -> None:
-        if activation not in CONV_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
-        self.activation, self.slope, self.alpha = activation, float(slope), float(alpha)
-        self.__dict__["_prelu"] = prelu  # not a submodule: its parameter stays where it is in the state_dict
+        _set_activation(self, activation, slope, alpha, prelu)
 
     def forward(self, x):
         prelu_weight = None if self._prelu is None else self._prelu.weight
