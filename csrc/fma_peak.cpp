@@ -1,12 +1,10 @@
 // The float32 FMA peak of this machine: the limit bench/test_conv_pool.py compares conv3x3 to
-// (fma_peak_gflops).
-#include "common.hpp"
+// (fma_peak_gflops; its binding is in module.cpp, so that this file compiles without pybind11).
 
 #include <omp.h>
 
 #include <cstdint>
 #include <limits>
-#include <string>
 
 #if defined(__AVX512F__)
 #define PYCNN_FMA_AVX512 1
@@ -14,7 +12,7 @@
 #define PYCNN_FMA_AVX512 0
 #endif
 
-namespace {
+namespace pycnn {
 
 using std::int64_t;
 
@@ -69,20 +67,4 @@ double fma_peak_gflops(int64_t iters) {
 #endif
 }
 
-
-void define(py::module_& m) {
-    m.def(
-        "fma_peak_gflops",
-        [](int64_t iters) {
-            if (iters < 1) throw py::value_error("fma_peak_gflops: iters must be >= 1, got " + std::to_string(iters));
-            py::gil_scoped_release nogil;
-            return fma_peak_gflops(iters);
-        },
-        py::arg("iters") = 10000000,
-        "The float32 FMA peak of the OpenMP threads in GFLOP/s (24 independent AVX-512 FMA chains per "
-        "thread, or 12 AVX2 ones, timed); NaN without either.  The limit bench/test_conv_pool.py compares conv3x3 to.");
-}
-
-const pycnn::Bindings bindings(define);
-
-}  // namespace
+}  // namespace pycnn

@@ -1,10 +1,12 @@
-// The extension module pycnn._C_<variant>: the bindings every source file registers
-// (pycnn::Bindings, common.hpp).  CMakeLists.txt builds it once per instruction-set variant (PYCNN_MODULE_NAME
+// The extension module pycnn._C_<variant>: what describes the binary (build_info, its threads,
+// its FMA peak) and the bindings every source file registers (pycnn::Bindings, common.hpp).  CMakeLists.txt builds it once per instruction-set variant (PYCNN_MODULE_NAME
 // _C_avx512, _C_avx2, _C_generic); pycnn/_C.py imports the one the CPU runs.
 #include "common.hpp"
 
 #include <omp.h>
 
+#include <cstdint>
+#include <string>
 #include <vector>
 
 #ifndef PYCNN_MODULE_NAME
@@ -15,6 +17,8 @@
 #endif
 
 namespace pycnn {
+
+double fma_peak_gflops(std::int64_t iters);  // fma_peak.cpp
 
 Bindings::Bindings(DefineFn define) { registered<DefineFn>().push_back(define); }
 
@@ -78,6 +82,17 @@ PYBIND11_MODULE(PYCNN_MODULE_NAME, m) {
             omp_set_num_threads(n);
         },
         py::arg("n"), "Set the number of OpenMP threads for kernels called from this Python thread.");
+
+    m.def(
+        "fma_peak_gflops",
+        [](std::int64_t iters) {
+            if (iters < 1) throw py::value_error("fma_peak_gflops: iters must be >= 1, got " + std::to_string(iters));
+            py::gil_scoped_release nogil;
+            return pycnn::fma_peak_gflops(iters);
+        },
+        py::arg("iters") = 10000000,
+        "The float32 FMA peak of the OpenMP threads in GFLOP/s (24 independent AVX-512 FMA chains per "
+        "thread, or 12 AVX2 ones, timed); NaN without either.  The limit bench/test_conv_pool.py compares conv3x3 to.");
 
     pycnn::define_registered_bindings(m);  // every file's pycnn::Bindings (common.hpp)
 }
