@@ -196,7 +196,8 @@ def _set_activation(module, activation: str, slope: float, alpha: float, prelu) 
 class BatchNorm2d(torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on pycnn's batchnorm op: the same arguments, parameters, buffers
     and semantics (training / evaluation, affine=False, track_running_stats=False, momentum=None
-    for the cumulative average)."""
+    for the cumulative average; torch.fx, which traces into this module where torch's own is a
+    leaf, counts num_batches_tracked once at trace time, which only momentum=None reads)."""
 
     def _batch_norm_args(self, x) -> dict:
         """torch's _BatchNorm.forward, up to the call: which statistics, and the momentum."""
