@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from pycnn.data import augment as A
-from pycnn.data import images
-from pycnn.data import datasets
+from pycnn.data import datasets, images
 
 
 @pytest.fixture(scope="module")

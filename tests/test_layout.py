@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 
@@ -126,3 +128,11 @@ def test_files_within_their_line_budget():
     long_files += [f"{p.relative_to(REPO)}: {n}" for p in sorted(REPO.glob("csrc/*"))
                    if (n := len(p.read_text().splitlines())) > 550]
     assert not long_files, "files over budget (Python 500 lines, C++ 550): " + ", ".join(long_files)
+
+
+def test_ruff_check_is_clean():
+    """The lint rules of pyproject.toml ([tool.ruff]) hold over the whole tree."""
+    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed (it comes with the test extra)")
+    done = subprocess.run([ruff, "check", "--no-cache", "--quiet", str(REPO)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
