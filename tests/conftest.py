@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pycnn.autograd import Context
+from pycnn.device import cpp_extension
 
 TOLERANCE = {np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12)}
 
@@ -71,6 +72,17 @@ def omp_threads(n: int):
         yield
     finally:
         _C.set_num_threads(before)
+
+
+@pytest.fixture
+def one_kernel_thread():
+    """Small shapes on a shared machine: one OpenMP thread for pycnn's kernels, so the many
+    small calls (gradcheck) don't wait on a second thread."""
+    if cpp_extension() is None:
+        yield
+        return
+    with omp_threads(1):
+        yield
 
 
 @pytest.fixture

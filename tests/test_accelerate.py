@@ -19,7 +19,6 @@ torch = pytest.importorskip("torch")
 import pycnn  # noqa: E402
 import pycnn.torch as pt  # noqa: E402
 from pycnn._torch import library  # noqa: E402
-from pycnn.device import cpp_extension  # noqa: E402
 from pycnn.ops import registry  # noqa: E402
 from tests._accelerate_helpers import ddp_batch, ddp_net, ddp_worker, small_net, torchvision_models  # noqa: E402
 
@@ -27,19 +26,7 @@ nn, F = torch.nn, torch.nn.functional
 F64 = dict(rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _one_kernel_thread():
-    """Small shapes on a shared machine: one OpenMP thread for pycnn's kernels."""
-    C = cpp_extension()
-    if C is None:
-        yield
-        return
-    before = C.num_threads()
-    C.set_num_threads(1)
-    try:
-        yield
-    finally:
-        C.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")
 
 
 def hand_made_model(dtype=torch.float64):

@@ -21,24 +21,7 @@ pytest.importorskip("sklearn")
 
 from pycnn.training import cli, rundir  # noqa: E402
 from pycnn.training import config as config_module
-
-TINY = ["--epochs", "1", "--widths", "4,8", "--limit", "200", "--checks", "off"]
-
-
-def call(argv, capsys) -> tuple[int, str, str]:
-    try:
-        status = cli.main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+from tests._cli_helpers import TINY, call, one_line  # noqa: E402
 
 
 def snapshot(folder) -> dict:

@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 import pycnn  # noqa: E402
 import pycnn.torch as pt  # noqa: E402
 from pycnn import nn as pnn  # noqa: E402
-from pycnn.device import cpp_extension  # noqa: E402
 from pycnn.ops import _util, registry  # noqa: E402
 from tests.torch_equivalents import TORCH_EQUIVALENTS  # noqa: E402
 
@@ -26,20 +25,7 @@ SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
-@pytest.fixture(autouse=True)
-def _one_kernel_thread():
-    """Tiny shapes: one OpenMP thread, so a busy shared machine doesn't make the many small
-    calls of gradcheck wait on a second thread."""
-    C = cpp_extension()
-    if C is None:
-        yield
-        return
-    before = C.num_threads()
-    C.set_num_threads(1)
-    try:
-        yield
-    finally:
-        C.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")
 
 
 def _torch_sample(sample, dtype=torch.float64, requires_grad=True):
