@@ -117,15 +117,24 @@ def _train(args) -> int:
     return _report_run(history, args.run_dir)
 
 
-def _report_run(history: dict, run_dir) -> int:
-    if history.get("nothing_to_do"):
-        print(f"nothing to do: {history['nothing_to_do']}")
-    if history["interrupted"]:
-        return fail("train", f"interrupted: saved {history['interrupted']}, the history and the figures; "
-                              f"continue with: pycnn train --run-dir {run_dir} --resume", EXIT_INTERRUPTED)
-    if history["stopped"]:
-        print(f"stopped early: {history['stopped']}")
+def _ended_early(result: dict, run_dir, saved: str) -> int | None:
+    """The exit status of a run (or a cross-validation) that was interrupted or stopped early
+    (saying so), else None; a resumed run with nothing to do is said too."""
+    if result.get("nothing_to_do"):
+        print(f"nothing to do: {result['nothing_to_do']}")
+    if result["interrupted"]:
+        return fail("train", f"interrupted: saved {result['interrupted']}{saved}; continue with: "
+                             f"pycnn train --run-dir {run_dir} --resume", EXIT_INTERRUPTED)
+    if result["stopped"]:
+        print(f"stopped early: {result['stopped']}")
         return 1
+    return None
+
+
+def _report_run(history: dict, run_dir) -> int:
+    status = _ended_early(history, run_dir, ", the history and the figures")
+    if status is not None:
+        return status
     seconds = sum(history["epoch_seconds"])
     images = sum(s * r for s, r in zip(history["epoch_seconds"], history["images_per_second"]))
     best, test = history["best_epoch"], history["test"]
@@ -141,14 +150,9 @@ def _report_run(history: dict, run_dir) -> int:
 
 
 def _report_folds(summary: dict, run_dir) -> int:
-    if summary.get("nothing_to_do"):
-        print(f"nothing to do: {summary['nothing_to_do']}")
-    if summary["interrupted"]:
-        return fail("train", f"interrupted: saved {summary['interrupted']}; continue with: pycnn train "
-                              f"--run-dir {run_dir} --resume", EXIT_INTERRUPTED)
-    if summary["stopped"]:
-        print(f"stopped early: {summary['stopped']}")
-        return 1
+    status = _ended_early(summary, run_dir, "")
+    if status is not None:
+        return status
     scores = ", ".join(f"{s:.4f}" for s in summary["val_accuracy"])
     print(f"{summary['folds']}-fold cross-validation: best validation accuracy per fold {scores}; mean "
           f"{summary['mean']:.4f} +- {summary['std']:.4f} (the test set was not used: choose settings by this, then "

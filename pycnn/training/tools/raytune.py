@@ -86,11 +86,12 @@ def _task(ray, function, threads: int, device: str):
     return ray.remote(num_cpus=threads, num_gpus=1 if device == "cuda" else 0, max_retries=0)(function)
 
 
-def _wait_all(ray, futures: list) -> list:
-    """ray.get of every future; Ctrl-C cancels them all and raises KeyboardInterrupt; a
-    task's error becomes a RuntimeError."""
+@contextlib.contextmanager
+def _tasks(ray, futures: list):
+    """Around waiting on Ray tasks: Ctrl-C cancels every future in ``futures`` (the list as it
+    is then) and raises KeyboardInterrupt; a task's error becomes a RuntimeError."""
     try:
-        return ray.get(futures)
+        yield
     except KeyboardInterrupt:
         for f in futures:
             ray.cancel(f, force=True)
@@ -98,6 +99,12 @@ def _wait_all(ray, futures: list) -> list:
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         raise RuntimeError(f"a Ray task failed: {type(cause).__name__}: {cause}") from None
+
+
+def _wait_all(ray, futures: list) -> list:
+    """ray.get of every future (see ``_tasks`` for Ctrl-C and errors)."""
+    with _tasks(ray, futures):
+        return ray.get(futures)
 
 
 # ----------------------------------------------------------------------------- search trials
@@ -168,20 +175,13 @@ def run_trials(todo: list, halving, *, address=None, cpus=None, gpus=None, threa
                 log(line, flush=True)
                 shown[0] += 1
 
-        try:
+        with _tasks(ray, running):
             while queue or running:
                 while queue and len(running) < slots:
                     running.append(task.remote(queue.pop(0), judge))
-                done, running = ray.wait(running, num_returns=1, timeout=1.0)
+                done, running[:] = ray.wait(running, num_returns=1, timeout=1.0)
                 ray.get(done)
                 show()
-        except KeyboardInterrupt:
-            for f in running:
-                ray.cancel(f, force=True)
-            raise
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            raise RuntimeError(f"a Ray task failed: {type(cause).__name__}: {cause}") from None
 
 
 # ------------------------------------------------------------------------------- plain jobs
