@@ -43,6 +43,14 @@ def _log_scale(ax) -> None:
     ax.yaxis.set_minor_formatter(some if high / low < 100 else ticker.NullFormatter())
 
 
+def save(fig, path: Path, dpi: int = 100, rect=(0, 0, 1, 1)) -> Path:
+    """Lay out (within ``rect`` of the figure), write and close ``fig``; its path."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def _empty(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} yet: the run stopped before one finished", ha="center", va="center",
             transform=ax.transAxes)
@@ -103,10 +111,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
         _empty(ax, "batch")
     ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
     _note_stop(ax, history)
-    fig.tight_layout()
-    paths.append(out_dir / "loss.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save(fig, out_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy per epoch")
@@ -132,10 +137,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
         _empty(ax, "epoch")
     ax.grid(alpha=0.3)
     _note_stop(ax, history)
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save(fig, out_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.set(xlabel="batch", ylabel="learning rate", title="Learning rate per batch")
@@ -147,10 +149,7 @@ def plot_history(history: dict, out_dir) -> list[Path]:
     else:
         _empty(ax, "batch")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "lr.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save(fig, out_dir / "lr.png"))
     if history.get("diagnostics"):
         paths.append(plot_layers(history, out_dir / "layers.png"))
     return paths
@@ -193,11 +192,7 @@ def plot_layers(history: dict, path) -> Path:
     if handles:
         fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
                    loc="center right", fontsize=8, title="layer", frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.86 if handles else 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, Path(path), dpi=90, rect=(0, 0, 0.86 if handles else 1, 1))
 
 
 def plot_confusion(matrix: np.ndarray, names: list, path, title: str) -> Path:
@@ -219,7 +214,5 @@ def plot_confusion(matrix: np.ndarray, names: list, path, title: str) -> Path:
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="share of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return Path(path)

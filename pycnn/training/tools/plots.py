@@ -77,10 +77,7 @@ def search_figures(rows: list, curves: list, space: dict, out_dir) -> list:
         if failed:
             ax.legend(fontsize=7)
     fig.suptitle("random search: validation accuracy of every trial")
-    fig.tight_layout()
-    scatter = out_dir / "search_scatter.png"
-    fig.savefig(scatter, dpi=110)
-    plt.close(fig)
+    scatter = figures.save(fig, out_dir / "search_scatter.png", dpi=110)
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     ranked = sorted(((s, c) for s, c in curves if c and any(r["val_accuracy"] is not None for r in c)),
@@ -99,10 +96,7 @@ def search_figures(rows: list, curves: list, space: dict, out_dir) -> list:
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=6)
     fig.suptitle("the best trials")
-    fig.tight_layout()
-    curves_path = out_dir / "search_curves.png"
-    fig.savefig(curves_path, dpi=110)
-    plt.close(fig)
+    curves_path = figures.save(fig, out_dir / "search_curves.png", dpi=110)
     return [scatter, curves_path]
 
 
@@ -126,9 +120,7 @@ def reliability(confidence, correct, bins: int, path, title: str) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path, dpi=110)
     return Path(path)
 
 
@@ -147,7 +139,5 @@ def per_class(accuracies: dict, counts: list, names: list, path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path, dpi=110)
     return Path(path)
