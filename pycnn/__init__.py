@@ -14,6 +14,7 @@ pre-processing; ``pycnn.training`` the configuration, the training loop, the com
 checks, figures and tools; ``pycnn.bench`` the harness behind ``pycnn bench``; the Numba-CUDA
 kernels are ``pycnn.kernels``.
 """
+from pycnn import _startup  # noqa: F401, I001 (first: Ctrl-C while the pycnn command starts is one line)
 from pycnn import functional, initializers, models, nn, ops, optim, schedules  # noqa: F401 (the core's modules)
 from pycnn._cpu import cpu_info  # which build of the C++ backend runs, and why
 from pycnn._threads import threads

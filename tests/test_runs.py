@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ pytest.importorskip("sklearn")
 from pycnn.training import cli, rundir  # noqa: E402
 from pycnn.training import config as config_module
 from tests._cli_helpers import TINY, call, one_line  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def snapshot(folder) -> dict:
@@ -133,16 +136,19 @@ def test_ctrl_c_while_starting_is_one_line_and_130(capsys, monkeypatch):
 
 def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
     """The pycnn command's process (argv[0] 'pycnn'): SIGINT while its modules import (here:
-    right after pycnn.training, with more importing still to come) ends it quietly."""
+    right after pycnn's first module, with the whole package still to come) ends it quietly."""
     script = ("import os, signal, sys, time\n"
               "sys.argv[0] = 'pycnn'\n"
-              "import pycnn.training\n"
+              "import pycnn._startup\n"
               "os.kill(os.getpid(), signal.SIGINT)\n"
               "time.sleep(5)\n"
               "import pycnn.training.cli\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "pycnn: interrupted while starting (nothing was written)"
+    first = [line for line in (REPO / "pycnn" / "__init__.py").read_text().splitlines()
+             if line.startswith(("import ", "from "))][0]
+    assert first.startswith("from pycnn import _startup"), "pycnn/__init__.py must import _startup first"
     # main() gives Ctrl-C back to Python; a library user's process is never touched
     check = "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
     script = ("import signal, sys\n"

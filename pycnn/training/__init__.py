@@ -4,39 +4,4 @@ ensembles, class imbalance: ``pycnn.training.tools``).
 
     from pycnn.training import config, runs
     runs.run(config.Config(dataset="cifar10", epochs=10), "runs/a")
-
-In the ``pycnn`` command's own process (and only there), Ctrl-C while the command's modules
-are still importing ends it with one line and status 130 instead of a traceback;
-``pycnn.training.cli.main`` gives SIGINT back to Python's handler as soon as it starts.
 """
-import os
-import signal
-import sys
-import threading
-
-
-def _interrupted_while_starting(signum, frame):
-    sys.stderr.write("pycnn: interrupted while starting (nothing was written)\n")
-    raise SystemExit(130)
-
-
-def _is_the_pycnn_command() -> bool:
-    """This process runs ``pycnn`` (the console script) or ``python -m pycnn``."""
-    script = sys.argv[0] if sys.argv else ""
-    return os.path.basename(script) == "pycnn" or script.endswith(os.path.join("pycnn", "__main__.py"))
-
-
-def quiet_startup_interrupt(enable: bool) -> None:
-    """While the command starts, Ctrl-C exits quietly (enable=True); then Python's own
-    KeyboardInterrupt again (enable=False).  Only SIGINT's default handler is replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    current = signal.getsignal(signal.SIGINT)
-    if enable and current is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted_while_starting)
-    elif not enable and current is _interrupted_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-if _is_the_pycnn_command():
-    quiet_startup_interrupt(True)

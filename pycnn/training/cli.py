@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 import pycnn
-from pycnn import training
+from pycnn import _startup
 from pycnn.bench import harness as benchmarks
 from pycnn.training import checks, evaluation, figures, finetune, pipeline, rundir, runs
 from pycnn.training.arguments import (
@@ -350,7 +350,7 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     try:
-        training.quiet_startup_interrupt(False)  # from here on, KeyboardInterrupt as usual (caught below)
+        _startup.quiet_startup_interrupt(False)  # from here on, KeyboardInterrupt as usual (caught below)
         args = build_parser().parse_args(argv)
         if args.command in tools.COMMANDS:
             return tools.run(args)
