@@ -42,13 +42,11 @@ def _maxout_refuses(inputs, params):
 
 
 def _fancy_pca(C):
-    spec = fancy_pca_spec
-
     # images (N, 3, H, W) uint8 / float32 / float64 -> out float32 / float32 / float64 (csrc/fancy_pca.cpp)
     def forward(ctx, images, eigvecs, eigvals, alphas, scale=None):
-        out = _util.empty(images.shape, spec.output_dtype(images), images)
+        out = _util.empty(images.shape, fancy_pca_spec.output_dtype(images), images)
         params = (kernel_array(np.asarray(a, dtype=np.float64)) for a in (eigvecs, eigvals, alphas))
-        C.fancy_pca_apply(images, *params, spec.pixel_scale(images, scale), out)
+        C.fancy_pca_apply(images, *params, fancy_pca_spec.pixel_scale(images, scale), out)
         ctx.differentiable = images.dtype != np.uint8
         return out
 
