@@ -15,8 +15,9 @@ from pycnn.training.config import Config
 from pycnn.training.pipeline import build, split_data  # noqa: E402
 from pycnn.training.trainer import Trainer  # noqa: E402
 
-# 320 training images in batches of 16: 60 steps, per-layer readings every 5
-TINY = dict(limit=400, widths=(8, 16), batch_size=16, epochs=3, diagnostics_every=5, prefetch=0)
+# 320 training images in batches of 16: 60 steps, per-layer readings every 5; no warm-up, so
+# each run's rate is the one it names from the first step
+TINY = dict(limit=400, widths=(8, 16), batch_size=16, epochs=3, diagnostics_every=5, prefetch=0, warmup_steps=0)
 RUNS = {
     "good": {},                                  # the default rate, 0.05
     "diverges": dict(lr=1.0),                    # 20x: past 3x the first loss within a few steps

@@ -256,3 +256,17 @@ def test_accuracy_figure_zooms_to_its_data():
     low, high = figures.zoom([0.95, 0.97, 0.99])
     assert 0.9 < low < 0.95 and 0.99 < high <= 1.0
     assert figures.zoom([]) == (0.0, 1.0)
+
+
+def test_the_default_settings_train_on_real_cifar10(tmp_path):
+    """CIFAR-10 with the defaults does not diverge: the rate warms up over the first epoch
+    ("auto"); without a warm-up the default rate diverged within the first epoch."""
+    from pycnn.data import datasets
+
+    if not (datasets.cifar10_dir() / "train.npz").is_file():
+        pytest.skip(f"CIFAR-10 not found at {datasets.cifar10_dir()}")
+    history = run(Config(dataset="cifar10", limit=3000, epochs=1, prefetch=0), tmp_path / "run", progress=False,
+                  test=False)
+    assert not history["stopped"], history["stopped"]
+    rates = history["batch_lr"]  # one epoch of warm-up: rising all the way
+    assert rates[0] < rates[len(rates) // 2] < rates[-1] <= Config().lr

@@ -67,7 +67,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(Config):
         if field.name == "fold":
             continue  # set by the k-fold driver
-        if field.name == "val_size":
+        if field.name in ("val_size", "warmup_steps"):
             kind, metavar = parse_size, "auto|N"
         elif isinstance(field.default, bool):
             kind, metavar = parse_bool, "true|false"

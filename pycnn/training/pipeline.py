@@ -9,7 +9,7 @@ import numpy as np
 import pycnn
 from pycnn import data, models, optim, schedules
 from pycnn.data import augment, datasets, preprocess
-from pycnn.training.config import DEFAULT_VAL_FRACTION, Config, ConfigError, check_against_data
+from pycnn.training.config import AUTO_WARMUP_MAX_STEPS, DEFAULT_VAL_FRACTION, Config, ConfigError, check_against_data
 
 SPLIT_SEED = 0  # the validation split and the folds do not move with the training seed
 
@@ -130,14 +130,23 @@ def build(config: Config, train_x, train_y, eval_x=None, eval_y=None, classes: i
                                                   else 0) + 1)
     model = models.build(model_spec(config, train_x.shape[1], train_x.shape[2], classes), seed=config.seed)
     optimizer = make_optimizer(config, model)
+    warmup = warmup_steps(config, len(train_loader))
     schedule = {
-        "none": lambda: schedules.ConstantLR(optimizer, warmup_steps=config.warmup_steps),
-        "step": lambda: schedules.StepLR(optimizer, config.step_size, config.gamma, warmup_steps=config.warmup_steps),
-        "cosine": lambda: schedules.CosineLR(optimizer, config.epochs, warmup_steps=config.warmup_steps),
+        "none": lambda: schedules.ConstantLR(optimizer, warmup_steps=warmup),
+        "step": lambda: schedules.StepLR(optimizer, config.step_size, config.gamma, warmup_steps=warmup),
+        "cosine": lambda: schedules.CosineLR(optimizer, config.epochs, warmup_steps=warmup),
         "plateau": lambda: schedules.ReduceOnPlateau(optimizer, factor=config.plateau_factor,
-                                                     patience=config.patience, warmup_steps=config.warmup_steps),
+                                                     patience=config.patience, warmup_steps=warmup),
     }[config.schedule]()
     return model, optimizer, schedule, train_loader, eval_loader, preprocessor
+
+
+def warmup_steps(config: Config, steps_per_epoch: int) -> int:
+    """The warm-up's length in steps: ``config.warmup_steps``, or for "auto" the first epoch's
+    steps, at most AUTO_WARMUP_MAX_STEPS."""
+    if config.warmup_steps == "auto":
+        return min(steps_per_epoch, AUTO_WARMUP_MAX_STEPS)
+    return int(config.warmup_steps)
 
 
 def make_optimizer(config: Config, model, regularise: bool = True):

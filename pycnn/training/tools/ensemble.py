@@ -35,7 +35,7 @@ import numpy as np
 from pycnn import schedules
 from pycnn.training.checkpoints import list_checkpoints
 from pycnn.training.config import Config, ConfigError
-from pycnn.training.pipeline import split_data
+from pycnn.training.pipeline import split_data, warmup_steps
 from pycnn.training.rundir import check_writable, make_writable_dir
 from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
@@ -80,7 +80,7 @@ def train_member(config: dict, folder: str, cycle_epochs: int = 0) -> dict:
     if cycle_epochs:
         splits = split_data(config)
         per_epoch = math.ceil(len(splits.train_y) / config.batch_size)
-        schedule = lambda opt: CyclicCosine(opt, cycle_epochs * per_epoch, config.warmup_steps)  # noqa: E731
+        schedule = lambda opt: CyclicCosine(opt, cycle_epochs * per_epoch, warmup_steps(config, per_epoch))  # noqa: E731
     else:
         splits = None
     meta = {"schedule": f"cyclic cosine, restarted every {cycle_epochs} epochs"} if cycle_epochs else None
