@@ -241,7 +241,7 @@ def test_conv3x3_act_epilogue_sees_the_winograd4_output(rng):
     (3, 32, 32, 32, "direct"), (32, 32, 32, 32, "winograd4"), (32, 64, 16, 16, "winograd4"),
     (64, 64, 16, 16, "winograd4"), (64, 128, 8, 8, "winograd4"), (128, 128, 8, 8, "winograd4"),
     (16, 16, 32, 32, "winograd4"), (16, 32, 16, 16, "winograd4"), (8, 16, 32, 32, "winograd4"),
-    # fewer channels, small images, many channels: as before
+    # fewer channels, small images, more than 256 channels: F(2x2, 3x3) or direct
     (4, 16, 32, 32, "direct"), (64, 64, 6, 6, "winograd"), (64, 64, 4, 4, "winograd"),
     (128, 128, 2, 2, "winograd"), (256, 256, 8, 8, "winograd4"), (128, 256, 16, 16, "winograd4"),
     (512, 512, 8, 8, "winograd"),

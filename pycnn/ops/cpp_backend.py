@@ -120,9 +120,9 @@ def choose_conv3x3_algo(shapes, params) -> Algo:
     else Winograd F(2x2, 3x3) from 32 channels; else the direct kernel.  Measured forward and
     grad_x, float32, on 2 cores of AMD EPYC (Zen 4 and Zen 5, AVX-512), batch 32-64
     (bench/test_conv_pool.py; `pycnn bench`): the transforms cost more than the multiplies they
-    save below 8 channels (first layers, C = 3: direct 1.3-1.7x faster), and F(4x4, 3x3) has too
-    few tiles below 8x8 (at 2x2, one tile per image, F(2x2, 3x3) is faster); above 256 channels
-    F(4x4, 3x3) is unmeasured."""
+    save below 8 channels (first layers, C = 3: direct 1.3-1.7x faster); below 8x8, F(4x4, 3x3)
+    is faster at 4x4 and 6x6 but slower at 2x2 (one tile per image) and unmeasured at 3x3 and
+    5x5, so it is not chosen there; above 256 channels it is unmeasured."""
     c, k = shapes[0][1], shapes[1][0]
     h, w = shapes[0][2], shapes[0][3]
     if (_WINOGRAD4_MIN_CHANNELS <= min(c, k) and max(c, k) <= _WINOGRAD4_MAX_CHANNELS
