@@ -21,7 +21,7 @@ using std::int64_t;
 // ------------------------------------------------------------------ the fused epilogue
 // conv3x3_act applies an activation where the convolution stores its output, while the
 // stored values are still in L1: z = conv(x, w) + b, y = act(z).  The activation is one of
-// activation.hpp's conv activations ("relu", "leaky_relu", "prelu", "elu", "swish", ...): its
+// activation.hpp's conv activations ("relu", "leaky_relu", "prelu", "elu", ...): its
 // row function runs the same per-element code as its elementwise kernel.
 // Where `pre` is set, z is also kept there (N, K, H, W) for the backward pass.
 template <typename T>

@@ -258,7 +258,8 @@ void define(py::module_& m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("y"), py::arg("pre"),
         py::arg("activation"), py::arg("slope") = 0.01, py::arg("alpha") = 1.0, py::arg("algo") = "direct",
         "y = act(conv3x3(x, weight) + bias) in one pass (y overwritten).  activation: 'relu', 'leaky_relu' "
-        "(slope), 'prelu' (prelu_weight (K,)), 'elu' (alpha) or 'swish'; prelu_weight is None for the others.  "
+        "(slope), 'prelu' (prelu_weight (K,)), 'elu' (alpha) or another conv activation of activation.hpp; "
+        "prelu_weight is None for the others.  "
         "pre: None or an array (N, K, H, W) that receives the pre-activation, for a backward pass that needs it "
         "(the caller decides: pycnn/ops/conv.py, grad_from_output).");
     m.def(

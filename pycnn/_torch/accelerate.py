@@ -6,10 +6,11 @@ It walks the model and swaps, in place, every module that one of pycnn's ops com
     Conv2d 3x3, stride 1, padding 1 / 'same',           Conv3x3 (the same object: its class changes)
       dilation 1, groups 1, padding_mode 'zeros'
     BatchNorm2d                                         BatchNorm2d (the same object)
-    such a Conv2d or a BatchNorm2d, then ReLU /         Conv3x3Act (conv3x3_act) or BatchNormAct2d
-      LeakyReLU / PReLU / ELU / SiLU in a Sequential      (batchnorm_act): one call; the activation's
+    such a Conv2d or a BatchNorm2d, then an             Conv3x3Act (conv3x3_act) or BatchNormAct2d
+      activation of the conv epilogues in a Sequential    (batchnorm_act): one call; the activation's
       (no hooks on either, used once)                      place holds a FusedActivation
-    ReLU, LeakyReLU, PReLU, ELU, SiLU, Sigmoid, Tanh    pycnn.torch's layer of the same settings
+    every activation whose spec names its torch twin    pycnn.torch's layer of the same settings
+      (Api.torch_layer: ReLU, LeakyReLU, PReLU, ...)
     MaxPool2d / AvgPool2d, kernel 2, stride 2,          MaxPool2 / AvgPool2
       padding 0, no ceil_mode or dilation
 
@@ -27,6 +28,7 @@ import dataclasses
 
 import torch
 
+from pycnn import frontend
 from pycnn._torch.layers import LAYERS, BatchNorm2d, BatchNormAct2d, Conv3x3, Conv3x3Act
 
 # precision -> conv3x3's algorithm
@@ -36,26 +38,32 @@ _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always
           "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
           "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 _RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# the activations batchnorm_act applies: torch class -> (pycnn activation, its settings from the module)
-_EPILOGUES = {
-    torch.nn.ReLU: ("relu", lambda m: {}),
-    torch.nn.LeakyReLU: ("leaky_relu", lambda m: {"slope": m.negative_slope}),
-    torch.nn.PReLU: ("prelu", lambda m: {}),
-    torch.nn.ELU: ("elu", lambda m: {"alpha": m.alpha}),
-    torch.nn.SiLU: ("swish", lambda m: {}),
-}
-# the activations swapped one for one: torch class -> the pycnn.torch layer made from the module
-_ACTIVATIONS = {
-    torch.nn.ReLU: lambda m: LAYERS["ReLU"](inplace=m.inplace),
-    torch.nn.LeakyReLU: lambda m: LAYERS["LeakyReLU"](m.negative_slope, inplace=m.inplace),
-    torch.nn.PReLU: lambda m: LAYERS["PReLU"](m.num_parameters, dtype=m.weight.dtype, device=m.weight.device),
-    torch.nn.ELU: lambda m: LAYERS["ELU"](m.alpha, inplace=m.inplace),
-    torch.nn.SiLU: lambda m: LAYERS["SiLU"](inplace=m.inplace),
-    torch.nn.Sigmoid: lambda m: LAYERS["Sigmoid"](),
-    torch.nn.Tanh: lambda m: LAYERS["Tanh"](),
-    torch.nn.MaxPool2d: lambda m: LAYERS["MaxPool2"](),
-    torch.nn.AvgPool2d: lambda m: LAYERS["AvgPool2"](),
-}
+# the ops whose spec names the torch.nn class they compute exactly: torch class -> op
+_TWINS = {getattr(torch.nn, op.api.torch_layer): op for op in frontend.api_ops() if op.api.torch_layer}
+
+
+def _settings(op, module) -> dict:
+    """The op's settings read off the torch module (``Api.torch_settings`` names them there)."""
+    return {name: getattr(module, op.api.torch_settings.get(name, name)) for name, _, _ in op.api.settings
+            if name not in ("training", "seed")}
+
+
+def _twin_layer(op):
+    """torch module -> the pycnn.torch layer of ``op`` with its settings (a PReLU: its slope count,
+    dtype and device; the Parameter itself is moved over by the caller)."""
+    layer = LAYERS[op.api.layer]
+    if op.api.weight is not None:
+        return lambda m: layer(m.num_parameters, dtype=m.weight.dtype, device=m.weight.device)
+    if op.api.torch_inplace:
+        return lambda m: layer(**_settings(op, m), inplace=m.inplace)
+    return lambda m: layer(**_settings(op, m))
+
+
+# the activations batchnorm_act / conv3x3_act apply: torch class -> (op name, its settings from the module)
+_EPILOGUES = {cls: (op.name, lambda m, op=op: _settings(op, m)) for cls, op in _TWINS.items() if op.conv_epilogue}
+# the modules swapped one for one: torch class -> the pycnn.torch layer made from the module
+_ACTIVATIONS = {cls: _twin_layer(op) for cls, op in _TWINS.items()}
+_ACTIVATIONS |= {torch.nn.MaxPool2d: lambda m: LAYERS["MaxPool2"](), torch.nn.AvgPool2d: lambda m: LAYERS["AvgPool2"]()}
 
 
 @dataclasses.dataclass

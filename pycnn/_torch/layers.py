@@ -158,7 +158,8 @@ class Conv3x3(torch.nn.Conv2d):
 class Conv3x3Act(Conv3x3):
     """A Conv3x3 and its activation in one fused call (``conv3x3_act``): activation 'relu',
     'leaky_relu' (``slope``), 'prelu' (a learned ``prelu_weight`` per output channel,
-    initially ``initial_slope``), 'elu' (``alpha``) or 'swish'.  Same result as the two layers.
+    initially ``initial_slope``), 'elu' (``alpha``), or another of CONV_ACTIVATIONS.  Same result
+    as the two layers.
     Made by accelerate from a Conv2d and the PReLU after it, it reads that module's weight
     (``set_activation``) and has no prelu_weight of its own."""
 
@@ -265,14 +266,13 @@ def _new_weight(channels, value, dtype, device) -> torch.nn.Parameter:
 
 
 _POOL = {"kernel_size": (2, (2, (2, 2))), "stride": (None, (None, 2, (2, 2))), "padding": (0, (0, (0, 0)))}
-TORCH_ARGS = {
-    "relu": frontend.TorchArgs(inplace=True),
-    "leaky_relu": frontend.TorchArgs(aliases={"negative_slope": "slope"}, inplace=True),
+# the arguments of each layer's torch twin: from the op's spec (Api.torch_settings, torch_inplace),
+# and prelu's and the poolings' own
+TORCH_ARGS = {op.name: frontend.TorchArgs(aliases={twin: name for name, twin in op.api.torch_settings.items()},
+                                          inplace=op.api.torch_inplace) for op in frontend.api_ops()}
+TORCH_ARGS |= {
     "prelu": frontend.TorchArgs(aliases={"num_parameters": "channels", "init": "initial_slope"},
                                 defaults={"channels": 1}),
-    "rrelu": frontend.TorchArgs(inplace=True),
-    "elu": frontend.TorchArgs(inplace=True),
-    "swish": frontend.TorchArgs(inplace=True),
     "maxpool2x2": frontend.TorchArgs(fixed={**_POOL, "dilation": (1, (1, (1, 1))), "return_indices": (False, (False,)),
                                             "ceil_mode": (False, (False,))}),
     "avgpool2x2": frontend.TorchArgs(fixed={**_POOL, "ceil_mode": (False, (False,)),

@@ -62,7 +62,7 @@ def relu_backward(ctx, grad):
 declare("relu", forward=relu_forward, backward=relu_backward, check=_check_x, **_map_costs(1, 1),
         samples=_x_samples, torch=_functional("relu"), bench=map_bench(), elementwise=(),
         conv_epilogue=Epilogue(grad_from_output=lambda params, weight: True),
-        api=Api("relu", "ReLU", "max(x, 0).", activation=True))
+        api=Api("relu", "ReLU", "max(x, 0).", activation=True, torch_layer="ReLU", torch_inplace=True))
 
 
 # --------------------------------------------------------------------------- leaky_relu
@@ -102,7 +102,8 @@ declare("leaky_relu", forward=leaky_relu_forward, backward=leaky_relu_backward, 
         conv_epilogue=Epilogue(params=("slope",), flops=2,
                                grad_from_output=lambda params, weight: params.get("slope", 0.01) >= 0),
         api=Api("leaky_relu", "LeakyReLU", "x where x > 0, else slope * x.", settings=(("slope", 0.01, float),),
-                activation=True))
+                activation=True, torch_layer="LeakyReLU", torch_settings={"slope": "negative_slope"},
+                torch_inplace=True))
 
 
 # -------------------------------------------------------------------------------- prelu
@@ -157,7 +158,7 @@ declare("prelu", forward=prelu_forward, backward=prelu_backward, check=_check_pr
         conv_epilogue=Epilogue(weight=True, flops=2,
                                grad_from_output=lambda params, weight: bool((weight > 0).all())),
         api=Api("prelu", "PReLU", "Leaky ReLU with a learned slope per channel (axis 1; He et al. 2015): weight "
-                "is (C,).", weight=("initial_slope", 0.25), activation=True))
+                "is (C,).", weight=("initial_slope", 0.25), activation=True, torch_layer="PReLU"))
 
 
 # -------------------------------------------------------------------------------- rrelu
@@ -224,7 +225,7 @@ declare("rrelu", forward=rrelu_forward, backward=rrelu_backward, check=_check_rr
         api=Api("rrelu", "RReLU", "Randomized leaky ReLU (Xu et al. 2015): in training a slope 1/U(lower, upper) "
                 "per element, drawn at every call; the fixed slope 2/(lower+upper) in evaluation.",
                 settings=(("lower", 3.0, float), ("upper", 8.0, float), ("training", False, bool),
-                          ("seed", None, int)), activation=True))
+                          ("seed", None, int)), activation=True, torch_inplace=True))
 
 
 # ---------------------------------------------------------------------------------- elu
@@ -255,7 +256,7 @@ declare("elu", forward=elu_forward, backward=elu_backward, check=_check_elu, **_
         # its derivative alpha * exp(z) read off the output as y + alpha cancels for z << 0
         conv_epilogue=Epilogue(params=("alpha",), flops=4),
         api=Api("elu", "ELU", "x where x > 0, else alpha * (exp(x) - 1) (Clevert et al. 2015).",
-                settings=(("alpha", 1.0, float),), activation=True))
+                settings=(("alpha", 1.0, float),), activation=True, torch_layer="ELU", torch_inplace=True))
 
 
 # -------------------------------------------------------------------------- sigmoid, tanh
@@ -285,7 +286,7 @@ def _torch_method(name):
 
 declare("sigmoid", forward=sigmoid_forward, backward=sigmoid_backward, check=_check_x, **_map_costs(4, 5),
         samples=_x_samples, torch=_torch_method("sigmoid"), bench=map_bench(), elementwise=(),
-        api=Api("sigmoid", "Sigmoid", "1 / (1 + exp(-x))."))
+        api=Api("sigmoid", "Sigmoid", "1 / (1 + exp(-x)).", torch_layer="Sigmoid"))
 
 
 def tanh_forward(ctx, x):
@@ -304,7 +305,7 @@ def tanh_backward(ctx, grad):
 
 declare("tanh", forward=tanh_forward, backward=tanh_backward, check=_check_x, **_map_costs(4, 6),
         samples=_x_samples, torch=_torch_method("tanh"), bench=map_bench(), elementwise=(),
-        api=Api("tanh", "Tanh", "The hyperbolic tangent.", activation=True))
+        api=Api("tanh", "Tanh", "The hyperbolic tangent.", activation=True, torch_layer="Tanh"))
 
 
 # ----------------------------------------------------------------------- swish (SiLU)
@@ -344,7 +345,8 @@ declare("swish", forward=swish_forward, backward=swish_backward, check=_check_x,
         samples=_swish_samples, torch=_functional("silu"), bench=map_bench(), elementwise=(),
         conv_epilogue=Epilogue(flops=5),  # its gradient needs z (y does not determine it)
         api=Api("swish", "SiLU", "x * sigmoid(x) (SiLU); 0 at -inf, its gradient 0 and 1 at -inf and +inf.",
-                function_aliases=("silu",), layer_aliases=("Swish",), activation=True))
+                function_aliases=("silu",), layer_aliases=("Swish",), activation=True, torch_layer="SiLU",
+                torch_inplace=True))
 
 
 # ------------------------------------------------------------------------------- maxout

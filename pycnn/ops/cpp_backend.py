@@ -202,7 +202,7 @@ def load() -> None:
     if C is None:
         return
     cpp = Backend("cpp", kernel_array)
-    cpp.elementwise(C)  # relu, leaky_relu, rrelu, elu, sigmoid, tanh, swish (csrc/act_*.cpp)
+    cpp.elementwise(C)  # every map with bindings <op>_forward / <op>_backward (csrc/act_*.cpp)
     cpp.register("prelu", *prelu_pair(C.prelu_forward, C.prelu_backward))
     # the winners are uint8 (0..k-1): more than 256 pieces are refused
     cpp.register("maxout", *winner_pair(C.maxout_forward, C.maxout_backward, np.uint8, activations.maxout_shape,

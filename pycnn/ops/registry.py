@@ -138,7 +138,9 @@ class Api:
     ``settings``: the op's params after x, in the function's order, as (name, default, type);
     a ``training`` setting follows a layer's mode and a ``seed`` of None is drawn per call.
     ``weight``: a learned input per channel after x, as (the layer's argument for its
-    initial value, its default)."""
+    initial value, its default).  ``torch_layer``: the torch.nn class it computes exactly (the
+    layer of ``pycnn.torch.accelerate``'s swap), whose attributes ``torch_settings`` names per
+    setting (its own name where absent); ``torch_inplace``: that class takes ``inplace``."""
     function: str
     layer: str
     doc: str
@@ -147,6 +149,9 @@ class Api:
     function_aliases: tuple = ()
     layer_aliases: tuple = ()
     activation: bool = False
+    torch_layer: str | None = None
+    torch_settings: dict = dataclasses.field(default_factory=dict)
+    torch_inplace: bool = False
 
 
 def _standard_normal(rng, shapes, params):
