@@ -61,6 +61,7 @@ def ddp_worker(rank: int, world_size: int, port: int, result_path: str) -> None:
         loss.backward()
         if rank == 0:
             torch.save({name: p.grad for name, p in model.named_parameters()}, result_path)
+        dist.barrier()  # no rank leaves while another still talks to it (gloo aborts a process then)
     finally:
         dist.destroy_process_group()
 

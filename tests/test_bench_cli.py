@@ -16,10 +16,10 @@ NUMBER_OR_NONE = (int, float, type(None))
 
 def test_bench_quick_writes_the_rows_as_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--ops", "relu,maxpool2x2", "--json", str(path)]) == 0
+    assert cli.main(["bench", "--quick", "--ops", "relu,max_pool2x2", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())
     assert isinstance(rows, list) and rows
-    assert {row["op"] for row in rows} == {"relu", "maxpool2x2"}
+    assert {row["op"] for row in rows} == {"relu", "max_pool2x2"}
     assert {row["pass"] for row in rows} == {"fwd", "fwd+bwd"}
     for row in rows:
         assert list(row) == list(benchmarks.JSON_KEYS)
@@ -32,7 +32,7 @@ def test_bench_quick_writes_the_rows_as_json(tmp_path, capsys):
             assert isinstance(row[key], NUMBER_OR_NONE), key
         assert row["pycnn_ms"] > 0 and row["gbps"] > 0 and row["gflops"] is None
     table = capsys.readouterr().out
-    assert "pycnn ms" in table and "relu" in table and "maxpool2x2" in table
+    assert "pycnn ms" in table and "relu" in table and "max_pool2x2" in table
     assert f"correctness: all {len(rows)} checked cases matched the float64 NumPy reference" in table
     assert "run-to-run spread of pycnn's timed runs (interquartile range / median): median " in table
     assert "load average " in table and " CPUs" in table
@@ -79,7 +79,7 @@ def test_cases_are_generated_from_the_specs():
     assert {(c.index, c.algo) for c in full if c.op == "conv3x3"} == {
         (i, a) for i, case in enumerate(conv.bench) if case.where == "cpu"
         for a in ("direct", "winograd", "winograd4", "auto")}
-    for op in ("maxpool2x2", "avgpool2x2", "relu", "swish"):
+    for op in ("max_pool2x2", "avg_pool2x2", "relu", "swish"):
         assert {c.shape for c in full if c.op == op} == {case.shapes for case in registry.get(op).bench_cases("cpu")}
     assert {c.op for c in full if c.unfused} == {"conv3x3+relu", "batchnorm+relu"}
 

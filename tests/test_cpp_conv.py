@@ -203,7 +203,7 @@ POOL_SHAPES = [(2, 5, 9, 35), (3, 4, 32, 32), (1, 2, 2, 3), (2, 3, 17, 16), (1, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["maxpool2x2", "avgpool2x2"])
+@pytest.mark.parametrize("name", ["max_pool2x2", "avg_pool2x2"])
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
 def test_pool_matches_reference(name, shape, dtype, rng):
     x = rng.standard_normal(shape).astype(dtype)
@@ -219,8 +219,8 @@ def test_maxpool_ties_and_nan_follow_the_reference(shape, dtype, rng):
     x = rng.integers(-1, 2, shape).astype(dtype)  # many ties
     x.reshape(-1)[::7] = np.nan
     x.reshape(-1)[3::11] = np.inf
-    expected, (expected_grad,) = run(registry.get("maxpool2x2").reference, (x,))
-    out, (grad,) = run(cpp("maxpool2x2"), (x,))
+    expected, (expected_grad,) = run(registry.get("max_pool2x2").reference, (x,))
+    out, (grad,) = run(cpp("max_pool2x2"), (x,))
     np.testing.assert_array_equal(out, expected)  # NaN == NaN for assert_array_equal
     np.testing.assert_array_equal(grad, expected_grad)
 

@@ -239,17 +239,17 @@ def test_dropout_keeps_exactly_the_reference_elements(p):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["maxpool2x2", "maxout"])
+@pytest.mark.parametrize("name", ["max_pool2x2", "maxout"])
 def test_max_ties_go_to_the_first_and_nan_wins(name):
     # windows / groups: ties, a NaN after a larger number, a NaN first, two NaNs
     rows = np.array([[1.0, 1.0, 0.5, 1.0], [0.0, 3.0, np.nan, 3.0], [np.nan, 5.0, 5.0, 1.0],
                      [2.0, np.nan, np.nan, 2.0], [-1.0, -2.0, -1.0, -1.0]])
-    if name == "maxpool2x2":  # each row is one 2x2 window (row-major), windows side by side
+    if name == "max_pool2x2":  # each row is one 2x2 window (row-major), windows side by side
         x = rows.reshape(1, 5, 2, 2)
     else:  # each row is one group of 4 channels
         x = rows.reshape(1, 20)
     op = registry.get(name)
-    params = {} if name == "maxpool2x2" else {"pieces": 4}
+    params = {} if name == "max_pool2x2" else {"pieces": 4}
     ctx = Context((True,))
     ref = op.reference.forward(ctx, x, **params)
     grad = np.arange(1.0, ref.size + 1).reshape(ref.shape)

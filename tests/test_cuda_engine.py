@@ -264,7 +264,7 @@ def test_a_training_step_of_the_readme_net_launches_few_kernels_per_layer(monkey
     assert (per_op["conv3x3"]["forward"], per_op["conv3x3"]["backward"], per_op["conv3x3"]["gemm"]) == \
         CONV_LAUNCHES[conv_algo]
     assert (per_op["batchnorm_act"]["forward"], per_op["batchnorm_act"]["backward"]) == (12, 12)
-    assert (per_op["maxpool2x2"]["forward"], per_op["maxpool2x2"]["backward"]) == (3, 3)
+    assert (per_op["max_pool2x2"]["forward"], per_op["max_pool2x2"]["backward"]) == (3, 3)
     assert (per_op["softmax_cross_entropy"]["forward"], per_op["softmax_cross_entropy"]["backward"]) == (1, 1)
     assert total / layers <= LAUNCHES_PER_LAYER[conv_algo], (total, layers)
 

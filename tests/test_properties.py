@@ -240,7 +240,7 @@ def test_fancy_pca_matches_the_reference(image_dtype, n, h, w, seed, layouts):
 # ----------------------------------------------------------------------- pooling
 
 @PROPERTY
-@given(name=st.sampled_from(["maxpool2x2", "avgpool2x2"]), dtype=DTYPES, n=st.integers(1, 2), c=st.integers(1, 3),
+@given(name=st.sampled_from(["max_pool2x2", "avg_pool2x2"]), dtype=DTYPES, n=st.integers(1, 2), c=st.integers(1, 3),
        h=st.integers(2, 9), w=st.integers(2, 9), scale=SCALES, offset=OFFSETS, seed=SEEDS,
        layouts=st.lists(LAYOUT_NAMES, min_size=2))
 def test_pooling_matches_the_reference(name, dtype, n, c, h, w, scale, offset, seed, layouts):
@@ -248,7 +248,7 @@ def test_pooling_matches_the_reference(name, dtype, n, c, h, w, scale, offset, s
     x = draw_array(rng, (n, c, h, w), dtype, scale, offset)
     g = draw_array(rng, (n, c, h // 2, w // 2), dtype, 1.0)
     (y, (gx,)), (y64, (gx64,)) = both(name, (x,), {}, g, iter(layouts * 2))
-    if name == "maxpool2x2":
+    if name == "max_pool2x2":
         np.testing.assert_array_equal(y, y64)
         np.testing.assert_array_equal(gx, gx64)
     else:  # bound: the average of |x|
@@ -419,7 +419,7 @@ def _finite_differences(implementation, inputs, params, g, index, step):
 ELEMENTWISE = [op.name for op in registry.all_ops() if op.elementwise is not None]
 GRADCHECK_OPS = st.sampled_from([(name, {}) for name in ELEMENTWISE] + [
     ("leaky_relu", {"slope": -0.3}), ("elu", {"alpha": 1.5}), ("batchnorm", {}), ("batchnorm", {"training": False}),
-    ("conv3x3_act", {"activation": "elu"}), ("conv3x3_act", {"activation": "swish"}), ("avgpool2x2", {})])
+    ("conv3x3_act", {"activation": "elu"}), ("conv3x3_act", {"activation": "swish"}), ("avg_pool2x2", {})])
 
 
 @FEW
@@ -438,7 +438,7 @@ def test_cpp_backward_matches_float64_finite_differences(op, scale, offset, seed
         inputs = (draw_array(rng, (1, 2, 3, 4), np.float64, scale, offset),
                   draw_array(rng, (2, 2, 3, 3), np.float64, 0.5),
                   draw_array(rng, (2,), np.float64, scale, offset), None)
-    elif name == "avgpool2x2":
+    elif name == "avg_pool2x2":
         inputs = (draw_array(rng, (1, 2, 4, 5), np.float64, scale, offset),)
     else:
         x = draw_array(rng, (3, 7), np.float64, scale, offset)
@@ -467,7 +467,7 @@ def _torch_run(name, inputs, params, g):
     return y.detach().numpy(), [None if t is None else t.grad.numpy() for t in tensors]
 
 
-TORCH_OPS = st.sampled_from(ELEMENTWISE + ["prelu", "maxpool2x2", "avgpool2x2", "conv3x3", "batchnorm"])
+TORCH_OPS = st.sampled_from(ELEMENTWISE + ["prelu", "max_pool2x2", "avg_pool2x2", "conv3x3", "batchnorm"])
 
 
 @FEW

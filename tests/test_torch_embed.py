@@ -52,7 +52,7 @@ def test_gradcheck_float64(name):
         inputs, params = _torch_sample(sample)
         if not sample.gradcheck or not any(x is not None and x.requires_grad for x in inputs):
             continue  # (not gradcheck: infinities or NaN)
-        if name == "maxpool2x2":  # distinct values: no tie within half a step of gradcheck's eps
+        if name == "max_pool2x2":  # distinct values: no tie within half a step of gradcheck's eps
             assert all(len(np.unique(x.detach().numpy())) == x.numel() for x in inputs)
         def f(*xs, params=params):
             return pt.apply_op(name, *xs, **params)
@@ -226,7 +226,7 @@ def test_the_pycnn_profiler_sees_ops_called_from_torch():
     with pycnn.profile() as prof:
         pt.max_pool2x2(x).sum().backward()
     phases = {(op, phase) for (op, _, _, phase) in prof.calls}
-    assert {("maxpool2x2", "forward"), ("maxpool2x2", "backward")} <= phases
+    assert {("max_pool2x2", "forward"), ("max_pool2x2", "backward")} <= phases
 
 
 def test_numbers_and_arrays_as_inputs():

@@ -273,9 +273,9 @@ TORCH_ARGS = {op.name: frontend.TorchArgs(aliases={twin: name for name, twin in 
 TORCH_ARGS |= {
     "prelu": frontend.TorchArgs(aliases={"num_parameters": "channels", "init": "initial_slope"},
                                 defaults={"channels": 1}),
-    "maxpool2x2": frontend.TorchArgs(fixed={**_POOL, "dilation": (1, (1, (1, 1))), "return_indices": (False, (False,)),
+    "max_pool2x2": frontend.TorchArgs(fixed={**_POOL, "dilation": (1, (1, (1, 1))), "return_indices": (False, (False,)),
                                             "ceil_mode": (False, (False,))}),
-    "avgpool2x2": frontend.TorchArgs(fixed={**_POOL, "ceil_mode": (False, (False,)),
+    "avg_pool2x2": frontend.TorchArgs(fixed={**_POOL, "ceil_mode": (False, (False,)),
                                             "count_include_pad": (True, (True, False)),  # no padding: the same
                                             "divisor_override": (None, (None,))}),
 }

@@ -80,8 +80,8 @@ def _maxout_shape(x_shape, tensors, settings):
 _ACT = (("activation", "str", "relu"), ("slope", "float", 0.01), ("alpha", "float", 1.0))
 _BN = (("training", "bool", True), ("momentum", "float", 0.1), ("eps", "float", 1e-5))
 _SCHEMA_TYPES = {float: "float", int: "int", bool: "bool"}
-_SHAPES = {"maxpool2x2": lambda x_shape, t, s: pooled_shape(x_shape),
-           "avgpool2x2": lambda x_shape, t, s: pooled_shape(x_shape), "maxout": _maxout_shape}
+_SHAPES = {"max_pool2x2": lambda x_shape, t, s: pooled_shape(x_shape),
+           "avg_pool2x2": lambda x_shape, t, s: pooled_shape(x_shape), "maxout": _maxout_shape}
 
 
 def _api_spec(op) -> OpSpec:

@@ -207,8 +207,8 @@ def load() -> None:
     # the winners are uint8 (0..k-1): more than 256 pieces are refused
     cpp.register("maxout", *winner_pair(C.maxout_forward, C.maxout_backward, np.uint8, activations.maxout_shape,
                                         lambda pieces=2: (int(pieces),)), refuses=_maxout_refuses)
-    cpp.register("maxpool2x2", *winner_pair(C.maxpool2x2_forward, C.maxpool2x2_backward, np.uint8, pool.pooled_shape))
-    cpp.register("avgpool2x2", *shape_map_pair(C.avgpool2x2_forward, C.avgpool2x2_backward, pool.pooled_shape))
+    cpp.register("max_pool2x2", *winner_pair(C.maxpool2x2_forward, C.maxpool2x2_backward, np.uint8, pool.pooled_shape))
+    cpp.register("avg_pool2x2", *shape_map_pair(C.avgpool2x2_forward, C.avgpool2x2_backward, pool.pooled_shape))
     cpp.register("dropout", *dropout_pair(C.dropout_forward, C.dropout_backward))
     cpp.register("batchnorm", *_batchnorm(C))
     cpp.register("batchnorm_act", *_batchnorm_act(C))

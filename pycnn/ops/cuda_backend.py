@@ -383,9 +383,9 @@ def load() -> None:
     cuda.register("prelu", *_backend.prelu_pair(K.act.prelu_forward, K.act.prelu_backward, skips_none=True))
     cuda.register("maxout", *_backend.winner_pair(K.act.maxout_forward, K.act.maxout_backward, np.int32,
                                                   activations.maxout_shape))
-    cuda.register("maxpool2x2", *_backend.winner_pair(K.pool.maxpool2x2_forward, K.pool.maxpool2x2_backward,
+    cuda.register("max_pool2x2", *_backend.winner_pair(K.pool.maxpool2x2_forward, K.pool.maxpool2x2_backward,
                                                       np.int8, pool.pooled_shape))
-    cuda.register("avgpool2x2", *_backend.shape_map_pair(K.pool.avgpool2x2_forward, K.pool.avgpool2x2_backward,
+    cuda.register("avg_pool2x2", *_backend.shape_map_pair(K.pool.avgpool2x2_forward, K.pool.avgpool2x2_backward,
                                                          pool.pooled_shape))
     cuda.register("dropout", *_backend.dropout_pair(dropout_apply, dropout_apply))
     cuda.register("batchnorm", *_batchnorm(K, fused=False))

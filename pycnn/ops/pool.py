@@ -104,12 +104,12 @@ def _torch_pool(name):
     return pool
 
 
-declare("maxpool2x2", forward=maxpool2x2_forward, backward=maxpool2x2_backward, check=_check_pool,
+declare("max_pool2x2", forward=maxpool2x2_forward, backward=maxpool2x2_backward, check=_check_pool,
         flops=_pool_flops, bytes=_maxpool_bytes, backward_bytes=_maxpool_bytes, samples=_pool_samples,
         torch=_torch_pool("max_pool2d"), bench=map_bench(),
         api=Api("max_pool2x2", "MaxPool2", "2x2 max pooling, stride 2: (N, C, H, W) -> (N, C, H//2, W//2); the "
                 "first maximum of a window wins ties."))
-declare("avgpool2x2", forward=avgpool2x2_forward, backward=avgpool2x2_backward, check=_check_pool,
+declare("avg_pool2x2", forward=avgpool2x2_forward, backward=avgpool2x2_backward, check=_check_pool,
         flops=_pool_flops, bytes=_pool_bytes, backward_bytes=_pool_bytes, samples=_pool_samples,
         torch=_torch_pool("avg_pool2d"), bench=map_bench(),
         api=Api("avg_pool2x2", "AvgPool2", "2x2 average pooling, stride 2: (N, C, H, W) -> (N, C, H//2, W//2)."))
