@@ -4,6 +4,7 @@ torch.multiprocessing's spawn can import it)."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 
@@ -64,6 +65,9 @@ def ddp_worker(rank: int, world_size: int, port: int, result_path: str) -> None:
         dist.barrier()  # no rank leaves while another still talks to it (gloo aborts a process then)
     finally:
         dist.destroy_process_group()
+    # leave without the interpreter's teardown, where a gloo thread still joinable at exit
+    # aborted a worker now and then (SIGABRT, "terminate called without an active exception")
+    os._exit(0)
 
 
 def ddp_batch():
