@@ -80,11 +80,24 @@ def make_function(op, apply_op: Callable, draw_seed: bool = True) -> Callable:
     (which draws a seed of None itself unless ``draw_seed``)."""
     signature = _signature(op)
     has_weight = op.api.weight is not None
+    names = tuple(signature.parameters)
+    known = frozenset(names)
+    defaults = {p.name: p.default for p in signature.parameters.values() if p.default is not p.empty}
 
     def function(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        params = dict(bound.arguments)
+        # the arguments by name, as signature.bind would give them (which is slower per call,
+        # so it runs only to raise its TypeError for a call that does not fit)
+        params = dict(zip(names, args))
+        if kwargs:
+            params.update(kwargs)
+            if len(params) != len(args) + len(kwargs) or not known.issuperset(kwargs):
+                signature.bind(*args, **kwargs)
+        if len(args) > len(names):
+            signature.bind(*args, **kwargs)
+        if len(params) < len(names):
+            params = {**defaults, **params}
+            if len(params) < len(names):
+                signature.bind(*args, **kwargs)
         inputs = [params.pop("x")] + ([params.pop("weight")] if has_weight else [])
         if "training" in params:
             check_training(params["training"])
