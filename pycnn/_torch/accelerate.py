@@ -14,7 +14,9 @@ It walks the model and swaps, in place, every module that one of pycnn's ops com
     MaxPool2d / AvgPool2d, kernel 2, stride 2,          MaxPool2 / AvgPool2
       padding 0, no ceil_mode or dilation
 
-and leaves everything else as it is (the report says why).  What a user holds stays valid:
+and leaves everything else as it is (the report says why).  Speed: today an accelerated
+torchvision model is slower than torch (small maps with wide channels and batch 1 are slow
+in pycnn's conv; README, bench/accelerate.py): measure before adopting it.  What a user holds stays valid:
 the Parameters and buffers are the same objects under the same state_dict keys (an optimizer
 made before keeps working), and the hooks, pre-hooks and train/eval mode of every swapped
 module go with it.  torch's RReLU is left: pycnn's rrelu draws a slope 1/U(lower, upper) per
