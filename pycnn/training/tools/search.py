@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from pycnn.training.config import Config, ConfigError
+from pycnn.training.pipeline import split_data
 from pycnn.training.rundir import make_writable_dir
 from pycnn.training.tools import plots, raytune
 from pycnn.training.tools import trial as trials
@@ -350,7 +351,6 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
 
 
 def score_test(checkpoint) -> dict:
-    from pycnn.training.pipeline import split_data
 
     predictor = trials.load_predictor(checkpoint)
     splits = split_data(predictor.config)
