@@ -351,7 +351,6 @@ def finish(spec: SearchSpec, specs: list, run_dir: Path, warnings: list, final_w
 
 
 def score_test(checkpoint) -> dict:
-
     predictor = trials.load_predictor(checkpoint)
     splits = split_data(predictor.config)
     probs = predictor.probabilities(splits.test_x)
