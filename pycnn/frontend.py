@@ -40,23 +40,23 @@ def api_ops() -> list:
     return [op for op in registry.all_ops() if op.api is not None]
 
 
-def activations() -> list[str]:
-    """The names of the ops offered as a model's activation."""
-    return [op.name for op in api_ops() if op.api.activation]
-
-
 def check_training(training) -> bool:
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be True or False, got {training!r}")
     return bool(training)
 
 
+def check_positive_int(name: str, value) -> int:
+    """A layer's count (channels, features, pieces) as an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_setting(name: str, value, kind: type):
     """A layer's setting as its type: a real number, a positive integer or a bool."""
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        return int(value)
+        return check_positive_int(name, value)
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(f"{name} must be a number, got {value!r}")

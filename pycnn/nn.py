@@ -241,12 +241,6 @@ def _fused(layer, act, x, route):
     return apply_op(op, *inputs, algo=algo, route=route, **params)
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------- layers
 
 class Conv3x3(Module):
@@ -257,8 +251,8 @@ class Conv3x3(Module):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, init_scheme: str = "he",
                  algo: str = "auto", dtype=np.float32, rng=None):
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
+        self.in_channels = frontend.check_positive_int("in_channels", in_channels)
+        self.out_channels = frontend.check_positive_int("out_channels", out_channels)
         self.algo = algo
         shape = (out_channels, in_channels, 3, 3)
         self.weight = Parameter(init.initialise(init_scheme, shape, dtype=dtype, rng=rng))
@@ -278,8 +272,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init_scheme: str = "he",
                  dtype=np.float32, rng=None):
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = frontend.check_positive_int("in_features", in_features)
+        self.out_features = frontend.check_positive_int("out_features", out_features)
         self.weight = Parameter(init.initialise(init_scheme, (out_features, in_features), dtype=dtype, rng=rng))
         self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None
 
@@ -309,7 +303,7 @@ class BatchNorm(Module):
 
     def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5, dtype=np.float32):
         super().__init__()
-        channels = _check_positive_int("channels", channels)
+        channels = frontend.check_positive_int("channels", channels)
         dtype = init.float_dtype(dtype)
         self.momentum, self.eps = momentum, eps
         self.weight = Parameter(np.ones(channels, dtype))

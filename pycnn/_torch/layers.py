@@ -96,12 +96,6 @@ def _require(layer: str, name: str, value, accepted: tuple):
     return value
 
 
-def _positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _float_dtype(dtype):
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in _DTYPES:
@@ -126,8 +120,10 @@ class Conv3x3(torch.nn.Conv2d):
         _require(name, "dilation", dilation, (1, (1, 1)))
         _require(name, "groups", groups, (1,))
         _require(name, "padding_mode", padding_mode, ("zeros",))
-        super().__init__(_positive_int("in_channels", in_channels), _positive_int("out_channels", out_channels), 3,
-                         padding=padding, bias=bias, device=device, dtype=_float_dtype(dtype))
+        in_channels = frontend.check_positive_int("in_channels", in_channels)
+        out_channels = frontend.check_positive_int("out_channels", out_channels)
+        super().__init__(in_channels, out_channels, 3, padding=padding, bias=bias, device=device,
+                         dtype=_float_dtype(dtype))
         self.algo = algo
         if init_scheme is not None:
             self._initialise(init_scheme, rng)
